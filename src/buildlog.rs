@@ -1,0 +1,602 @@
+//! Build logs: one capped, append-only NDJSON file per build under `state_dir/logs/`.
+//!
+//! Each line of the file is exactly the line object the logs API returns,
+//! `{"n":0,"ts":"…","stream":"stdout","line":"…"}`, so serving a page is reading lines, not
+//! re-encoding them. Logs live in plain files rather than sled: bulk text would inflate sled's
+//! space amplification and crowd its page cache, and a file can be read while it grows.
+//!
+//! Output is cut into lines of at most [`MAX_LINE_BYTES`]: one unterminated 1 GB "line" becomes
+//! many 64 KiB lines instead of a 1 GB allocation. Bytes that are not UTF-8 are replaced with
+//! U+FFFD. Once the file would pass `max_log_bytes`, one `system` line says so, and everything
+//! after is dropped, while the build keeps running and its pipes keep being drained so it never
+//! blocks on a full pipe.
+//!
+//! One writer thread per build owns the file ([`LogWriter`]); readers (the API, followers) open
+//! the file themselves and only ever consume complete lines, so a half-written line is never
+//! served.
+
+use std::fs::File;
+use std::io::{BufRead as _, BufReader, BufWriter, Seek as _, SeekFrom, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+
+use crate::model::{BuildId, Timestamp};
+
+/// Longest line kept as one; longer output is split.
+pub const MAX_LINE_BYTES: usize = 64 * 1024;
+
+/// Where a line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    /// The command's standard output.
+    Stdout,
+    /// The command's standard error.
+    Stderr,
+    /// deployhook itself (checkout, cancel, timeout, truncation).
+    System,
+}
+
+/// The path of a build's log file.
+pub fn log_path(state_dir: &Path, id: BuildId) -> PathBuf {
+    state_dir.join("logs").join(format!("{id}.log"))
+}
+
+#[derive(Serialize)]
+struct LineRecord<'a> {
+    n: u64,
+    ts: String,
+    stream: Stream,
+    line: &'a str,
+}
+
+/// Counters shared between the writer and readers of a live log.
+#[derive(Debug, Default)]
+pub struct LogStats {
+    /// Lines written.
+    pub lines: AtomicU64,
+    /// Bytes in the file.
+    pub bytes: AtomicU64,
+    /// Whether output has been dropped at the cap.
+    pub truncated: AtomicBool,
+}
+
+/// A message to the writer thread.
+#[derive(Debug)]
+pub enum LogMsg {
+    /// One line of output (already cut to at most [`MAX_LINE_BYTES`]).
+    Line(Stream, Vec<u8>),
+}
+
+/// The sending side of a build log: cheap to clone, used by the pipe readers and the runner.
+#[derive(Clone)]
+pub struct LogSender {
+    tx: mpsc::Sender<LogMsg>,
+    stats: Arc<LogStats>,
+}
+
+impl LogSender {
+    /// Queues a line; waits while the writer is behind (backpressure bounds memory).
+    pub async fn line(&self, stream: Stream, bytes: Vec<u8>) {
+        if self.stats.truncated.load(Ordering::Relaxed) && stream != Stream::System {
+            // Past the cap: drop here, without even a channel hop.
+            return;
+        }
+        let _ = self.tx.send(LogMsg::Line(stream, bytes)).await;
+    }
+
+    /// Queues a `system` line.
+    pub async fn system(&self, text: impl Into<String>) {
+        self.line(Stream::System, text.into().into_bytes()).await;
+    }
+
+    /// Whether output is being dropped.
+    pub fn truncated(&self) -> bool {
+        self.stats.truncated.load(Ordering::Relaxed)
+    }
+}
+
+/// Final figures of a finished log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LogSummary {
+    /// Lines in the file.
+    pub lines: u64,
+    /// Bytes in the file.
+    pub bytes: u64,
+    /// Whether output was dropped.
+    pub truncated: bool,
+}
+
+/// A live log: the writer thread's handle plus what followers watch.
+pub struct LogWriter {
+    thread: Option<std::thread::JoinHandle<LogSummary>>,
+    /// Number of complete lines in the file; followers wait on changes.
+    pub lines: watch::Receiver<u64>,
+    /// Shared counters.
+    pub stats: Arc<LogStats>,
+}
+
+impl LogWriter {
+    /// Creates (or appends to) the log file and starts its writer thread.
+    pub fn create(path: &Path, max_bytes: u64) -> std::io::Result<(LogWriter, LogSender)> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)?;
+        let existing = file.metadata()?.len();
+        let existing_lines = if existing > 0 { count_lines(path)? } else { 0 };
+        let stats = Arc::new(LogStats::default());
+        stats.lines.store(existing_lines, Ordering::Relaxed);
+        stats.bytes.store(existing, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(256);
+        let (lines_tx, lines_rx) = watch::channel(existing_lines);
+        let thread_stats = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("deployhook-log".into())
+            .spawn(move || write_loop(file, rx, lines_tx, thread_stats, max_bytes))?;
+        Ok((
+            LogWriter {
+                thread: Some(thread),
+                lines: lines_rx,
+                stats: stats.clone(),
+            },
+            LogSender { tx, stats },
+        ))
+    }
+
+    /// Waits until every sender is dropped and the file is complete; returns its figures.
+    pub async fn finish(mut self) -> LogSummary {
+        let Some(thread) = self.thread.take() else {
+            return LogSummary::default();
+        };
+        tokio::task::spawn_blocking(move || thread.join().unwrap_or_default())
+            .await
+            .unwrap_or_default()
+    }
+}
+
+fn write_loop(
+    file: File,
+    mut rx: mpsc::Receiver<LogMsg>,
+    lines_tx: watch::Sender<u64>,
+    stats: Arc<LogStats>,
+    max_bytes: u64,
+) -> LogSummary {
+    let mut out = BufWriter::with_capacity(64 * 1024, file);
+    let mut n = stats.lines.load(Ordering::Relaxed);
+    let mut bytes = stats.bytes.load(Ordering::Relaxed);
+    let mut truncated = false;
+    let mut failed = false;
+    let mut buf = Vec::with_capacity(MAX_LINE_BYTES + 256);
+    while let Some(first) = rx.blocking_recv() {
+        let mut next = Some(first);
+        while let Some(LogMsg::Line(stream, raw)) = next.take() {
+            if !(truncated && stream != Stream::System || failed) {
+                let text = String::from_utf8_lossy(&raw);
+                buf.clear();
+                encode_line(&mut buf, n, stream, &text);
+                let room = max_bytes.saturating_sub(bytes);
+                if stream != Stream::System
+                    && !truncated
+                    && buf.len() as u64 + TRUNCATION_RESERVE > room
+                {
+                    truncated = true;
+                    stats.truncated.store(true, Ordering::Relaxed);
+                    buf.clear();
+                    let note = format!(
+                        "log truncated: it reached max_log_bytes ({max_bytes} bytes); further output is discarded while the build runs"
+                    );
+                    encode_line(&mut buf, n, Stream::System, &note);
+                }
+                if out.write_all(&buf).is_ok() {
+                    n += 1;
+                    bytes += buf.len() as u64;
+                } else {
+                    // Disk trouble: stop writing rather than spin; the build goes on.
+                    failed = true;
+                }
+            }
+            next = rx.try_recv().ok();
+        }
+        // The channel is empty for now: make what we have visible to readers.
+        if out.flush().is_err() {
+            failed = true;
+        }
+        stats.lines.store(n, Ordering::Relaxed);
+        stats.bytes.store(bytes, Ordering::Relaxed);
+        lines_tx.send_replace(n);
+    }
+    let _ = out.flush();
+    let _ = out.get_ref().sync_data();
+    stats.lines.store(n, Ordering::Relaxed);
+    stats.bytes.store(bytes, Ordering::Relaxed);
+    lines_tx.send_replace(n);
+    LogSummary {
+        lines: n,
+        bytes,
+        truncated,
+    }
+}
+
+/// Room kept below the cap for the truncation notice itself and a few system lines after it
+/// (cancel, timeout), so they are never lost to the cap.
+const TRUNCATION_RESERVE: u64 = 2048;
+
+fn encode_line(buf: &mut Vec<u8>, n: u64, stream: Stream, line: &str) {
+    let rec = LineRecord {
+        n,
+        ts: Timestamp::now().rfc3339(),
+        stream,
+        line,
+    };
+    // Serializing a struct of strings and numbers into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *buf, &rec);
+    buf.push(b'\n');
+}
+
+/// Appends one `system` line to a log that no writer owns (startup recovery). Returns the
+/// file's new figures.
+pub fn append_system_line(path: &Path, text: &str) -> std::io::Result<LogSummary> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let n = if path.exists() { count_lines(path)? } else { 0 };
+    let mut buf = Vec::new();
+    encode_line(&mut buf, n, Stream::System, text);
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    f.write_all(&buf)?;
+    f.sync_data()?;
+    Ok(LogSummary {
+        lines: n + 1,
+        bytes: f.metadata()?.len(),
+        truncated: false,
+    })
+}
+
+fn count_lines(path: &Path) -> std::io::Result<u64> {
+    let mut r = BufReader::new(File::open(path)?);
+    let mut n = 0;
+    loop {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(n);
+        }
+        n += buf.iter().filter(|b| **b == b'\n').count() as u64;
+        let len = buf.len();
+        r.consume(len);
+    }
+}
+
+/// Splits a byte stream into lines of at most [`MAX_LINE_BYTES`], without ever holding more
+/// than that plus one read.
+#[derive(Debug, Default)]
+pub struct LineSplitter {
+    pending: Vec<u8>,
+}
+
+impl LineSplitter {
+    /// Feeds bytes; calls `emit` for each complete (or over-long) line, without its newline.
+    pub fn feed(&mut self, mut data: &[u8], mut emit: impl FnMut(Vec<u8>)) {
+        while !data.is_empty() {
+            let room = MAX_LINE_BYTES - self.pending.len();
+            let window = &data[..data.len().min(room + 1)];
+            if let Some(i) = window.iter().position(|b| *b == b'\n') {
+                self.pending.extend_from_slice(&data[..i]);
+                let mut line = std::mem::take(&mut self.pending);
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                emit(line);
+                data = &data[i + 1..];
+            } else if data.len() < room {
+                self.pending.extend_from_slice(data);
+                return;
+            } else {
+                // No newline within the limit: cut at a UTF-8 boundary near it.
+                self.pending.extend_from_slice(&data[..room]);
+                data = &data[room..];
+                let cut = utf8_cut(&self.pending);
+                let rest = self.pending.split_off(cut);
+                emit(std::mem::replace(&mut self.pending, rest));
+            }
+        }
+    }
+
+    /// Emits whatever is left at end of stream.
+    pub fn finish(&mut self, mut emit: impl FnMut(Vec<u8>)) {
+        if !self.pending.is_empty() {
+            emit(std::mem::take(&mut self.pending));
+        }
+    }
+}
+
+/// Where to cut `buf` so that a multi-byte UTF-8 character is not split (at most 3 bytes
+/// earlier than its end; the end itself when the tail is not UTF-8 anyway).
+fn utf8_cut(buf: &[u8]) -> usize {
+    let len = buf.len();
+    // The start of the last character: at most three continuation bytes back.
+    let Some(start) = (len.saturating_sub(4)..len)
+        .rev()
+        .find(|&i| buf[i] & 0xC0 != 0x80)
+    else {
+        return len;
+    };
+    let need = match buf[start] {
+        b if b < 0x80 => 1,
+        b if b & 0xE0 == 0xC0 => 2,
+        b if b & 0xF0 == 0xE0 => 3,
+        b if b & 0xF8 == 0xF0 => 4,
+        _ => return len,
+    };
+    if len - start >= need || start == 0 {
+        len
+    } else {
+        start
+    }
+}
+
+/// A page of log lines read from a file.
+#[derive(Debug, Default)]
+pub struct LogPage {
+    /// Raw NDJSON lines (each a JSON object, without the newline).
+    pub lines: Vec<String>,
+    /// Line number to continue from.
+    pub next_cursor: u64,
+    /// Whether the page reached the end of the complete lines in the file.
+    pub at_end: bool,
+}
+
+/// Reads up to `max_lines` complete lines starting at line `cursor`, and at most about
+/// `max_bytes` of them (at least one line is returned if there is one).
+pub fn read_page(
+    path: &Path,
+    cursor: u64,
+    max_lines: usize,
+    max_bytes: usize,
+) -> std::io::Result<LogPage> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(LogPage {
+                lines: Vec::new(),
+                next_cursor: cursor,
+                at_end: true,
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    let mut r = BufReader::with_capacity(64 * 1024, file);
+    let mut n = 0u64;
+    // Skip `cursor` lines.
+    while n < cursor {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(LogPage {
+                lines: Vec::new(),
+                next_cursor: n,
+                at_end: true,
+            });
+        }
+        let mut consumed = buf.len();
+        for (i, b) in buf.iter().enumerate() {
+            if *b == b'\n' {
+                n += 1;
+                if n == cursor {
+                    consumed = i + 1;
+                    break;
+                }
+            }
+        }
+        r.consume(consumed);
+    }
+    let mut lines = Vec::new();
+    let mut total = 0usize;
+    let mut line = Vec::new();
+    let mut at_end = false;
+    while lines.len() < max_lines && (total < max_bytes || lines.is_empty()) {
+        line.clear();
+        let got = r.read_until(b'\n', &mut line)?;
+        if got == 0 || line.last() != Some(&b'\n') {
+            // End of file, or a line still being written: stop before it.
+            at_end = true;
+            break;
+        }
+        line.pop();
+        total += line.len();
+        lines.push(String::from_utf8_lossy(&line).into_owned());
+        n += 1;
+    }
+    if !at_end && r.fill_buf()?.is_empty() {
+        at_end = true;
+    }
+    Ok(LogPage {
+        lines,
+        next_cursor: n,
+        at_end,
+    })
+}
+
+/// Byte offset just past line `cursor - 1` (used by followers to avoid rescanning).
+pub fn offset_of_line(path: &Path, cursor: u64) -> std::io::Result<u64> {
+    let mut r = BufReader::new(File::open(path)?);
+    let mut n = 0;
+    let mut off = 0u64;
+    while n < cursor {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            break;
+        }
+        let mut consumed = buf.len();
+        for (i, b) in buf.iter().enumerate() {
+            if *b == b'\n' {
+                n += 1;
+                if n == cursor {
+                    consumed = i + 1;
+                    break;
+                }
+            }
+        }
+        off += consumed as u64;
+        r.consume(consumed);
+    }
+    Ok(off)
+}
+
+/// Reads complete lines from byte `offset`; returns them and the new offset.
+pub fn read_from_offset(
+    path: &Path,
+    offset: u64,
+    max_bytes: usize,
+) -> std::io::Result<(Vec<String>, u64)> {
+    let mut f = File::open(path)?;
+    f.seek(SeekFrom::Start(offset))?;
+    let mut r = BufReader::with_capacity(64 * 1024, f);
+    let mut lines = Vec::new();
+    let mut off = offset;
+    let mut total = 0usize;
+    let mut line = Vec::new();
+    while total < max_bytes {
+        line.clear();
+        let got = r.read_until(b'\n', &mut line)?;
+        if got == 0 || line.last() != Some(&b'\n') {
+            break;
+        }
+        off += got as u64;
+        line.pop();
+        total += line.len();
+        lines.push(String::from_utf8_lossy(&line).into_owned());
+    }
+    Ok((lines, off))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split_all(chunks: &[&[u8]]) -> Vec<Vec<u8>> {
+        let mut s = LineSplitter::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            s.feed(c, |l| out.push(l));
+        }
+        s.finish(|l| out.push(l));
+        out
+    }
+
+    #[test]
+    fn splits_on_newlines_across_reads() {
+        let out = split_all(&[b"ab", b"c\nde", b"f\r\n\ng"]);
+        assert_eq!(
+            out,
+            vec![
+                b"abc".to_vec(),
+                b"def".to_vec(),
+                b"".to_vec(),
+                b"g".to_vec()
+            ]
+        );
+    }
+
+    #[test]
+    fn long_lines_are_cut_at_64k() {
+        let big = vec![b'x'; MAX_LINE_BYTES * 2 + 10];
+        let out = split_all(&[&big, b"\n"]);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[0].len(), MAX_LINE_BYTES);
+        assert_eq!(out[1].len(), MAX_LINE_BYTES);
+        assert_eq!(out[2].len(), 10);
+    }
+
+    #[test]
+    fn cuts_do_not_split_utf8_characters() {
+        let mut data = vec![b'x'; MAX_LINE_BYTES - 1];
+        data.extend_from_slice("é".as_bytes()); // 2 bytes straddling the limit
+        data.extend_from_slice(b"yz");
+        let out = split_all(&[&data]);
+        assert_eq!(out[0].len(), MAX_LINE_BYTES - 1);
+        assert_eq!(out[1], "éyz".as_bytes());
+        for l in &out {
+            assert!(std::str::from_utf8(l).is_ok());
+        }
+    }
+
+    #[test]
+    fn line_exactly_at_the_limit_with_newline_is_one_line() {
+        let mut data = vec![b'x'; MAX_LINE_BYTES];
+        data.push(b'\n');
+        let out = split_all(&[&data]);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].len(), MAX_LINE_BYTES);
+    }
+
+    #[tokio::test]
+    async fn writer_numbers_lines_and_caps_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs/x.log");
+        let (w, s) = LogWriter::create(&path, 4096).unwrap();
+        s.line(Stream::Stdout, b"hello".to_vec()).await;
+        s.line(Stream::Stderr, vec![0xff, b'a']).await;
+        for _ in 0..100 {
+            s.line(Stream::Stdout, vec![b'y'; 100]).await;
+        }
+        s.system("cancelled").await;
+        drop(s);
+        let sum = w.finish().await;
+        assert!(sum.truncated);
+        assert!(sum.bytes <= 4096, "{}", sum.bytes);
+        let page = read_page(&path, 0, 1000, 1 << 20).unwrap();
+        assert_eq!(page.lines.len() as u64, sum.lines);
+        let first: serde_json::Value = serde_json::from_str(&page.lines[0]).unwrap();
+        assert_eq!(first["n"], 0);
+        assert_eq!(first["stream"], "stdout");
+        assert_eq!(first["line"], "hello");
+        let second: serde_json::Value = serde_json::from_str(&page.lines[1]).unwrap();
+        assert_eq!(second["line"], "\u{fffd}a");
+        let notes: Vec<serde_json::Value> = page
+            .lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .filter(|v: &serde_json::Value| v["stream"] == "system")
+            .collect();
+        assert_eq!(notes.len(), 2);
+        assert!(
+            notes[0]["line"]
+                .as_str()
+                .unwrap()
+                .starts_with("log truncated")
+        );
+        assert_eq!(notes[1]["line"], "cancelled");
+        // Numbers are contiguous.
+        for (i, l) in page.lines.iter().enumerate() {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(v["n"], i as u64);
+        }
+        // Paging.
+        let p2 = read_page(&path, 2, 3, 1 << 20).unwrap();
+        assert_eq!(p2.lines.len(), 3);
+        assert_eq!(p2.next_cursor, 5);
+        let off = offset_of_line(&path, 2).unwrap();
+        let (lines, _) = read_from_offset(&path, off, 1 << 20).unwrap();
+        assert_eq!(lines[0], page.lines[2]);
+    }
+
+    #[test]
+    fn partial_last_line_is_not_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.log");
+        std::fs::write(&path, "{\"n\":0}\n{\"n\":1").unwrap();
+        let page = read_page(&path, 0, 10, 1 << 20).unwrap();
+        assert_eq!(page.lines, vec!["{\"n\":0}".to_string()]);
+        assert_eq!(page.next_cursor, 1);
+    }
+}

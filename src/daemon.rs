@@ -1,0 +1,223 @@
+//! `deployhook serve`: wires config, store, queue and HTTP together and runs the daemon's life:
+//! start-up in a safe order, SIGHUP reloads, and a shutdown with deadlines.
+//!
+//! Start-up order matters: the config is validated first (nothing is touched for a bad
+//! config), then the state dir is locked (a second daemon stops here, at once), then the
+//! admin token, then signal handlers, then queue recovery, and only then is the listener
+//! bound — so no request is answered before the daemon can honour it, and no signal arrives
+//! before its handler.
+
+use std::io::IsTerminal as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::RwLock;
+
+use crate::config::{Config, ConfigError, SharedConfig};
+use crate::http::{self, AppState};
+use crate::model::Timestamp;
+use crate::queue::Queue;
+use crate::runner::RunSettings;
+use crate::shutdown::{self, Phase, SignalEvent, Signals};
+use crate::store::{Store, StoreError};
+use crate::token::{AdminToken, TokenError};
+
+/// Why the daemon could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The config is invalid.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// The state dir is unusable or in use.
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    /// The admin token file is unusable.
+    #[error("{0}")]
+    Token(#[from] TokenError),
+    /// The listen address cannot be bound.
+    #[error("cannot listen on {addr}: {source} (is another process using the port?)")]
+    Listen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Signal handlers could not be installed.
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    /// The database failed while running; systemd should restart the daemon.
+    #[error("stopping after a database failure: {0}")]
+    Fatal(String),
+}
+
+/// Most connections the server keeps open at once (further ones wait in the kernel backlog).
+const MAX_CONNECTIONS: usize = 16384;
+
+fn init_tracing(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
+}
+
+/// Raises the open-file limit to its hard maximum (each connection and each build's pipes
+/// take descriptors; the default soft limit of 1024 is easy to exhaust). Returns the limit.
+fn raise_nofile_limit() -> u64 {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                hard
+            } else {
+                soft
+            }
+        }
+        Err(_) => 1024,
+    }
+}
+
+/// Runs the daemon until SIGTERM/SIGINT (or a fatal database error).
+pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
+    let config = Config::load(config_path)?;
+    init_tracing(&config.server.log_level);
+    let nofile = raise_nofile_limit();
+    let max_connections = MAX_CONNECTIONS.min((nofile.saturating_sub(256) as usize).max(64));
+
+    let store = Store::open(&config.server.state_dir)?;
+    let (admin, created) = AdminToken::load_or_create(&config.api.token_file)?;
+    if created {
+        tracing::info!(
+            "generated an admin token into {} (mode 0600); client commands read it from there",
+            config.api.token_file.display()
+        );
+    }
+    let mut signals = Signals::install().map_err(DaemonError::Signals)?;
+
+    let settings = RunSettings::from_env(
+        &config.server.state_dir,
+        config.server.kill_grace,
+        config.server.max_log_bytes,
+    );
+    let listen = config.server.listen;
+    let shared = Arc::new(SharedConfig::new(config));
+    let queue = Queue::start(store.clone(), shared.clone(), settings)?;
+    let state = Arc::new(AppState {
+        config: shared.clone(),
+        store: store.clone(),
+        queue: queue.clone(),
+        admin: RwLock::new(admin),
+        shutting_down: AtomicBool::new(false),
+        max_connections,
+    });
+
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: listen,
+            source,
+        })?;
+    let local = listener.local_addr().unwrap_or(listen);
+    tracing::info!("listening on {local}");
+
+    let (trigger, watch) = shutdown::channel();
+    let server = tokio::spawn(http::serve(listener, state.clone(), watch));
+    let pruner = tokio::spawn(prune_deliveries(store.clone()));
+
+    let mut health = tokio::time::interval(Duration::from_secs(1));
+    let mut fatal = None;
+    loop {
+        tokio::select! {
+            ev = signals.next() => match ev {
+                SignalEvent::Reload => reload(config_path, &shared, &state).await,
+                SignalEvent::Stop(name) => {
+                    tracing::info!("{name} received: shutting down");
+                    break;
+                }
+            },
+            _ = health.tick() => {
+                if store.has_failed() {
+                    tracing::error!("the database failed; stopping so that the service manager can restart deployhook");
+                    fatal = Some("the database reported an error".to_owned());
+                    break;
+                }
+            }
+        }
+    }
+
+    state.shutting_down.store(true, Ordering::SeqCst);
+    trigger.set(Phase::Draining);
+    let grace = shared.get().server.shutdown_timeout;
+    tokio::select! {
+        _ = queue.shutdown(grace) => {}
+        ev = signals.next() => {
+            if let SignalEvent::Stop(name) = ev {
+                tracing::warn!("{name} received again: interrupting builds now");
+            }
+            queue.shutdown(Duration::ZERO).await;
+        }
+    }
+    trigger.set(Phase::Closing);
+    let _ = tokio::time::timeout(http::CLOSE_DEADLINE + Duration::from_secs(1), server).await;
+    pruner.abort();
+    store.flush_blocking()?;
+    store.close();
+    tracing::info!("stopped");
+    match fatal {
+        Some(f) => Err(DaemonError::Fatal(f)),
+        None => Ok(()),
+    }
+}
+
+/// SIGHUP: re-read the config; keep the old one if the new one is invalid. Builds in flight
+/// keep the settings they started with.
+async fn reload(path: &Path, shared: &SharedConfig, state: &AppState) {
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("config reload rejected, the old config stays in force: {e}");
+            return;
+        }
+    };
+    let old = shared.get();
+    if new.server.listen != old.server.listen {
+        tracing::warn!(
+            "server.listen changed to {}; it takes effect at the next restart",
+            new.server.listen
+        );
+    }
+    if new.server.state_dir != old.server.state_dir {
+        tracing::warn!("server.state_dir changed; it takes effect at the next restart");
+    }
+    match AdminToken::read(&new.api.token_file) {
+        Ok(t) => *state.admin.write().await = AdminToken::from_secret(&t),
+        Err(e) => tracing::warn!("admin token not reloaded, the old one stays in force: {e}"),
+    }
+    let projects = new.projects.len();
+    shared.replace(new);
+    tracing::info!(projects, "config reloaded");
+    state.queue.schedule();
+}
+
+/// Forgets Git delivery ids older than the replay window, hourly.
+async fn prune_deliveries(store: Store) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tick.tick().await;
+        let before =
+            Timestamp(Timestamp::now().0 - http::public::DELIVERY_WINDOW.as_micros() as i64);
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.prune_deliveries(before)).await {
+            Ok(Ok(n)) if n > 0 => tracing::debug!("forgot {n} old Git deliveries"),
+            Ok(Err(e)) => tracing::error!("cannot prune Git deliveries: {e}"),
+            _ => {}
+        }
+    }
+}

@@ -1,0 +1,438 @@
+//! Admin API (SPEC §4.2). The bearer token is checked before any of these run.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::BodyExt as _;
+use hyper::body::{Frame, Incoming};
+use serde_json::{Map, Value, json};
+
+use super::envelope::{self, ApiError, Body};
+use super::{AppState, query_pairs, read_body};
+use crate::buildlog;
+use crate::config::ProjectConfig;
+use crate::model::{
+    BuildId, Hook, HookId, StatusFilter, Timestamp, Trigger, TriggerSource, validate_hook_name,
+};
+use crate::queue::{CancelError, TriggerRequest};
+use crate::store::{self, HookInsert};
+use crate::token::HookToken;
+
+/// Most log lines one page returns.
+const LOG_PAGE_LINES: usize = 1000;
+/// About the most bytes of log one page returns.
+const LOG_PAGE_BYTES: usize = 1024 * 1024;
+
+fn project(state: &AppState, name: &str) -> Result<Arc<ProjectConfig>, ApiError> {
+    state.config.get().project(name).cloned().ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "project {:?} is not configured",
+            crate::model::clip(name, 80)
+        ))
+    })
+}
+
+/// Parses a JSON object body that may only have `allowed` fields; an empty body is `{}`.
+fn json_object(body: &Bytes, allowed: &[&str]) -> Result<Map<String, Value>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("body is not valid JSON: {e}")))?;
+    let Value::Object(m) = v else {
+        return Err(ApiError::BadRequest("body must be a JSON object".into()));
+    };
+    if let Some(k) = m.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(ApiError::BadRequest(format!(
+            "unknown field {:?} (allowed: {})",
+            crate::model::clip(k, 40),
+            allowed.join(", ")
+        )));
+    }
+    Ok(m)
+}
+
+fn string_field(m: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
+    match m.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ApiError::BadRequest(format!(
+            "field {key:?} must be a string"
+        ))),
+    }
+}
+
+/// `GET /api/projects`.
+pub fn projects(state: &AppState) -> Result<Response<Body>, ApiError> {
+    let config = state.config.get();
+    let mut out = Vec::new();
+    for p in config.projects.values() {
+        let (queued, running) = state.queue.project_status(p.name.as_str());
+        let last = state.store.list_builds(p.name.as_str(), None, 1, None)?;
+        out.push(json!({
+            "name": p.name.as_str(),
+            "branches": p.branches.iter().map(|b| b.as_str()).collect::<Vec<_>>(),
+            "queued": queued,
+            "running_build_uuid": running.map(|id| id.to_string()),
+            "last_build": last.builds.first().map(|b| b.to_json()),
+        }));
+    }
+    Ok(envelope::ok(StatusCode::OK, Value::Array(out)))
+}
+
+/// `GET /api/projects/{p}/hooks`.
+pub fn list_hooks(state: &AppState, p: &str) -> Result<Response<Body>, ApiError> {
+    let p = project(state, p)?;
+    let hooks = state.store.hooks(Some(p.name.as_str()))?;
+    Ok(envelope::ok(
+        StatusCode::OK,
+        Value::Array(hooks.iter().map(Hook::to_json).collect()),
+    ))
+}
+
+fn hook_with_url(state: &AppState, hook: &Hook, token: &HookToken) -> Value {
+    let mut v = hook.to_json();
+    if let Value::Object(m) = &mut v {
+        let base = state.config.get().server.public_url.clone();
+        m.insert(
+            "url".into(),
+            Value::String(format!("{base}/hooks/{}", token.expose())),
+        );
+    }
+    v
+}
+
+/// `POST /api/projects/{p}/hooks` → 201 with the hook and its URL (shown only here).
+pub async fn create_hook(
+    state: &AppState,
+    p: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let p = project(state, p)?;
+    let body = read_body(req, state.config.get().server.max_body_bytes).await?;
+    let m = json_object(&body, &["name", "branch"])?;
+    let name = string_field(&m, "name")?
+        .ok_or_else(|| ApiError::BadRequest("field \"name\" is required".into()))?;
+    validate_hook_name(&name).map_err(|e| ApiError::BadRequest(format!("field \"name\": {e}")))?;
+    let branch = match string_field(&m, "branch")? {
+        Some(b) => b,
+        None => p.branches[0].as_str().to_owned(),
+    };
+    if !p.has_branch(&branch) {
+        return Err(ApiError::BadRequest(format!(
+            "field \"branch\": {:?} is not one of project {}'s branches ({})",
+            crate::model::clip(&branch, 80),
+            p.name,
+            p.branches
+                .iter()
+                .map(|b| b.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+    let token = HookToken::generate().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let hook = Hook {
+        id: HookId::new(),
+        project: p.name.as_str().to_owned(),
+        name,
+        branch,
+        token_hash: token.hash().0,
+        created_on: Timestamp::now(),
+        last_triggered_on: None,
+        trigger_count: 0,
+    };
+    match state.store.insert_hook(&hook)? {
+        HookInsert::Created => {}
+        HookInsert::NameTaken => {
+            return Err(ApiError::BadRequest(format!(
+                "field \"name\": project {} already has a hook named {:?}",
+                p.name, hook.name
+            )));
+        }
+    }
+    state.store.durable().await?;
+    tracing::info!(project = %hook.project, hook = %hook.id, name = %hook.name, "hook created");
+    Ok(envelope::ok(
+        StatusCode::CREATED,
+        hook_with_url(state, &hook, &token),
+    ))
+}
+
+fn hook_id(id: &str) -> Result<HookId, ApiError> {
+    HookId::parse(id).ok_or_else(|| ApiError::NotFound("no hook with that id".into()))
+}
+
+/// `DELETE /api/projects/{p}/hooks/{id}`.
+pub async fn delete_hook(state: &AppState, p: &str, id: &str) -> Result<Response<Body>, ApiError> {
+    let p = project(state, p)?;
+    let id = hook_id(id)?;
+    let hook = state
+        .store
+        .delete_hook(p.name.as_str(), id)?
+        .ok_or_else(|| ApiError::NotFound("no hook with that id in this project".into()))?;
+    state.store.durable().await?;
+    tracing::info!(project = %hook.project, hook = %hook.id, "hook deleted");
+    Ok(envelope::ok(StatusCode::OK, hook.to_json()))
+}
+
+/// `POST /api/projects/{p}/hooks/{id}/rotate`.
+pub async fn rotate_hook(state: &AppState, p: &str, id: &str) -> Result<Response<Body>, ApiError> {
+    let p = project(state, p)?;
+    let id = hook_id(id)?;
+    let token = HookToken::generate().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let hook = state
+        .store
+        .rotate_hook(p.name.as_str(), id, &token.hash())?
+        .ok_or_else(|| ApiError::NotFound("no hook with that id in this project".into()))?;
+    state.store.durable().await?;
+    tracing::info!(project = %hook.project, hook = %hook.id, "hook token rotated");
+    Ok(envelope::ok(
+        StatusCode::OK,
+        hook_with_url(state, &hook, &token),
+    ))
+}
+
+/// `POST /api/projects/{p}/builds`: a trigger with source `api`. The branch defaults to the
+/// project's first one.
+pub async fn trigger_build(
+    state: &AppState,
+    p: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    if state.is_shutting_down() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let p = project(state, p)?;
+    let body = read_body(req, state.config.get().server.max_body_bytes).await?;
+    let m = json_object(&body, &["branch"])?;
+    let branch = match string_field(&m, "branch")? {
+        Some(b) => b,
+        None => p.branches[0].as_str().to_owned(),
+    };
+    let t = state
+        .queue
+        .trigger(TriggerRequest {
+            project: p.name.as_str().to_owned(),
+            branch,
+            trigger: Trigger {
+                source: TriggerSource::Api,
+                hook: None,
+            },
+            requested_commit: None,
+            payload: None,
+        })
+        .await?;
+    Ok(envelope::ok(
+        StatusCode::OK,
+        t.build.to_trigger_json(t.already_exists),
+    ))
+}
+
+/// `GET /api/projects/{p}/builds?status=&limit=&cursor=`.
+pub fn list_builds(
+    state: &AppState,
+    p: &str,
+    query: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    let p = project(state, p)?;
+    let mut filter = None;
+    let mut limit = 20usize;
+    let mut cursor = None;
+    for (k, v) in query_pairs(query) {
+        match k {
+            "status" if !v.is_empty() => {
+                filter = Some(StatusFilter::parse(v).ok_or_else(|| {
+                    ApiError::BadRequest(
+                        "status must be queued, initializing, running or stopped".into(),
+                    )
+                })?);
+            }
+            "limit" if !v.is_empty() => {
+                limit = v
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=100).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::BadRequest("limit must be a number from 1 to 100".into())
+                    })?;
+            }
+            "cursor" if !v.is_empty() => {
+                cursor = Some(store::decode_cursor(v).ok_or_else(|| {
+                    ApiError::BadRequest("cursor is not one this API returned".into())
+                })?);
+            }
+            _ => {}
+        }
+    }
+    let page = state
+        .store
+        .list_builds(p.name.as_str(), filter, limit, cursor)?;
+    Ok(envelope::ok_with_info(
+        Value::Array(page.builds.iter().map(|b| b.to_json()).collect()),
+        json!({"next_cursor": page.next_cursor}),
+    ))
+}
+
+fn build_id(id: &str) -> Result<BuildId, ApiError> {
+    BuildId::parse(id).ok_or_else(|| ApiError::NotFound("no build with that id".into()))
+}
+
+/// `GET /api/builds/{uuid}`.
+pub fn get_build(state: &AppState, id: &str) -> Result<Response<Body>, ApiError> {
+    let id = build_id(id)?;
+    let b = state
+        .store
+        .build(id)?
+        .ok_or_else(|| ApiError::NotFound("no build with that id".into()))?;
+    Ok(envelope::ok(StatusCode::OK, b.to_json()))
+}
+
+/// `POST /api/builds/{uuid}/cancel`.
+pub async fn cancel_build(state: &AppState, id: &str) -> Result<Response<Body>, ApiError> {
+    let id = build_id(id)?;
+    match state.queue.cancel(id).await {
+        Ok(b) => Ok(envelope::ok(StatusCode::OK, b.to_json())),
+        Err(CancelError::NotFound) => Err(ApiError::NotFound("no build with that id".into())),
+        Err(e @ CancelError::AlreadyStopped(_)) => Err(ApiError::Conflict(e.to_string())),
+        Err(CancelError::Store(e)) => Err(e.into()),
+    }
+}
+
+/// `GET /api/builds/{uuid}/logs?cursor=N[&follow=true]`.
+pub async fn build_logs(
+    state: &Arc<AppState>,
+    id: &str,
+    query: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    let id = build_id(id)?;
+    let mut cursor = 0u64;
+    let mut follow = false;
+    for (k, v) in query_pairs(query) {
+        match k {
+            "cursor" if !v.is_empty() => {
+                cursor = v
+                    .parse()
+                    .map_err(|_| ApiError::BadRequest("cursor must be a line number".into()))?;
+            }
+            "follow" => {
+                follow = match v {
+                    "" | "true" | "1" => true,
+                    "false" | "0" => false,
+                    _ => return Err(ApiError::BadRequest("follow must be true or false".into())),
+                }
+            }
+            _ => {}
+        }
+    }
+    // Checked before reading: a build that is not live has a complete log file.
+    let live = state.queue.is_live(id);
+    let build = state
+        .store
+        .build(id)?
+        .ok_or_else(|| ApiError::NotFound("no build with that id".into()))?;
+    let path = buildlog::log_path(state.store.state_dir(), id);
+    if follow {
+        return Ok(follow_response(state.clone(), id, path, cursor));
+    }
+    let p = path.clone();
+    let page = tokio::task::spawn_blocking(move || {
+        buildlog::read_page(&p, cursor, LOG_PAGE_LINES, LOG_PAGE_BYTES)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(|e| ApiError::Internal(format!("cannot read the build log: {e}")))?;
+    let truncated = match state.queue.live_log(id) {
+        Some(l) => l.stats.truncated.load(std::sync::atomic::Ordering::Relaxed),
+        None => build.log_truncated,
+    };
+    let done = !live && page.at_end;
+    // The lines are already JSON objects: splice them in rather than re-encoding.
+    let mut body =
+        String::with_capacity(page.lines.iter().map(|l| l.len() + 1).sum::<usize>() + 160);
+    body.push_str(r#"{"success":true,"errors":[],"messages":[],"result":{"lines":["#);
+    body.push_str(&page.lines.join(","));
+    body.push_str(&format!(
+        r#"],"next_cursor":{},"done":{done},"truncated":{truncated}}}}}"#,
+        page.next_cursor
+    ));
+    body.push('\n');
+    Ok(envelope::raw_json(StatusCode::OK, Bytes::from(body)))
+}
+
+/// Streams NDJSON lines from `cursor` on until the build stops and its log is read to the end.
+fn follow_response(
+    state: Arc<AppState>,
+    id: BuildId,
+    path: std::path::PathBuf,
+    cursor: u64,
+) -> Response<Body> {
+    let (mut tx, body) =
+        http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(8);
+    tokio::spawn(async move {
+        let p = path.clone();
+        let mut offset =
+            match tokio::task::spawn_blocking(move || buildlog::offset_of_line(&p, cursor)).await {
+                Ok(Ok(o)) => o,
+                _ => 0,
+            };
+        loop {
+            let live = state.queue.is_live(id);
+            let watch = state.queue.live_log(id).map(|l| l.lines);
+            let done = state.queue.done_watch(id);
+            let p = path.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                buildlog::read_from_offset(&p, offset, 256 * 1024)
+            })
+            .await;
+            let (lines, next) = match read {
+                Ok(Ok(x)) => x,
+                // No file yet (queued build): nothing to send.
+                _ => (Vec::new(), offset),
+            };
+            offset = next;
+            if !lines.is_empty() {
+                let mut chunk = lines.join("\n");
+                chunk.push('\n');
+                if tx.send(Frame::data(Bytes::from(chunk))).await.is_err() {
+                    return; // The client went away.
+                }
+                continue;
+            }
+            if !live {
+                return; // Stopped and read to the end.
+            }
+            // Wait for more lines, the end of the build, or a periodic re-check.
+            let wait_lines = async {
+                match watch {
+                    Some(mut w) => {
+                        let _ = w.changed().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let wait_done = async {
+                match done {
+                    Some(mut d) => {
+                        let _ = d.wait_for(|d| *d).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = wait_lines => {}
+                _ = wait_done => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    });
+    let mut r = Response::new(body.boxed());
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}

@@ -1,0 +1,211 @@
+//! Public endpoints (SPEC §4.1): deploy hooks, Git push webhooks, health.
+//!
+//! Neither hooks nor Git webhooks carry the admin token: a hook's token is its URL, a Git
+//! webhook is authenticated by its signature. Every unknown, malformed, deleted or rotated
+//! hook token gets the same 404 body ([`ApiError::HookNotFound`]), so probing reveals nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde_json::json;
+
+use super::envelope::{self, ApiError, Body};
+use super::{AppState, read_body};
+use crate::git::{self, Decision};
+use crate::model::{BuildId, Timestamp, Trigger, TriggerSource};
+use crate::queue::{TriggerError, TriggerRequest, Triggered};
+use crate::store::DeliverySeen;
+use crate::token::{HookToken, TokenHash};
+
+/// How long Git delivery ids are remembered (SPEC §4.1).
+pub const DELIVERY_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// `GET /healthz`.
+pub fn healthz(state: &AppState) -> Result<Response<Body>, ApiError> {
+    if state.is_shutting_down() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let (queued, running) = state.queue.counts();
+    Ok(envelope::ok(
+        StatusCode::OK,
+        json!({"status": "ok", "queued": queued, "running": running}),
+    ))
+}
+
+impl From<TriggerError> for ApiError {
+    fn from(e: TriggerError) -> Self {
+        match e {
+            TriggerError::UnknownProject(p) => {
+                ApiError::NotFound(format!("project {p:?} is not configured"))
+            }
+            e @ TriggerError::BranchNotAllowed { .. } => ApiError::BadRequest(e.to_string()),
+            TriggerError::RateLimited { retry_after_secs } => {
+                ApiError::RateLimited(retry_after_secs)
+            }
+            TriggerError::ShuttingDown => ApiError::ShuttingDown,
+            TriggerError::Store(e) => e.into(),
+        }
+    }
+}
+
+fn triggered(t: &Triggered) -> Response<Body> {
+    envelope::ok(StatusCode::OK, t.build.to_trigger_json(t.already_exists))
+}
+
+/// `POST /hooks/{token}`.
+pub async fn fire_hook(
+    state: &Arc<AppState>,
+    token: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    if state.is_shutting_down() {
+        return Err(ApiError::ShuttingDown);
+    }
+    if !HookToken::is_well_formed(token) {
+        return Err(ApiError::HookNotFound);
+    }
+    let hook = state
+        .store
+        .hook_by_token(&TokenHash::of(token))?
+        .ok_or(ApiError::HookNotFound)?;
+    let max = state.config.get().server.max_body_bytes;
+    let body = read_body(req, max).await?;
+    let result = state
+        .queue
+        .trigger(TriggerRequest {
+            project: hook.project.clone(),
+            branch: hook.branch.clone(),
+            trigger: Trigger {
+                source: TriggerSource::DeployHook,
+                hook: Some((hook.id, hook.name.clone())),
+            },
+            requested_commit: None,
+            payload: (!body.is_empty()).then_some(body),
+        })
+        .await;
+    let t = match result {
+        Ok(t) => t,
+        Err(TriggerError::UnknownProject(p)) => {
+            return Err(ApiError::NotFound(format!(
+                "this hook's project {p:?} is no longer in the config"
+            )));
+        }
+        Err(TriggerError::BranchNotAllowed {
+            branch, project, ..
+        }) => {
+            return Err(ApiError::Conflict(format!(
+                "this hook's branch {branch:?} is no longer one of project {project}'s branches"
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    state.store.record_hook_fired(hook.id, Timestamp::now())?;
+    Ok(triggered(&t))
+}
+
+/// `POST /git/{project}`: see `crate::git` for signatures and event rules.
+pub async fn git_push(
+    state: &Arc<AppState>,
+    project: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let config = state.config.get();
+    let not_found = || {
+        ApiError::NotFound(format!(
+            "no Git webhook for project {:?}",
+            crate::model::clip(project, 80)
+        ))
+    };
+    let p = config.project(project).cloned().ok_or_else(not_found)?;
+    let secret = p.git_secret.clone().ok_or_else(not_found)?;
+    let headers = req.headers().clone();
+    let body = read_body(req, config.server.max_body_bytes).await?;
+    if git::verify(&headers, &body, &secret).is_err() {
+        return Err(ApiError::BadSignature);
+    }
+    if state.is_shutting_down() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let decision =
+        git::decide(&headers, &body, &p.branches).map_err(|e| ApiError::BadRequest(e.0))?;
+    let (branch, after) = match decision {
+        Decision::Ping => return Ok(envelope::ok(StatusCode::OK, json!({"event": "ping"}))),
+        Decision::Ignore(why) => {
+            return Ok(envelope::ok_with_messages(
+                StatusCode::ACCEPTED,
+                serde_json::Value::Null,
+                &[why],
+            ));
+        }
+        Decision::Build { branch, after } => (branch, after),
+    };
+    let delivery = git::delivery_id(&headers);
+    if let Some(d) = &delivery {
+        let now = Timestamp::now();
+        let window_start = Timestamp(now.0 - DELIVERY_WINDOW.as_micros() as i64);
+        match state
+            .store
+            .reserve_delivery(project, d, now, window_start)?
+        {
+            DeliverySeen::New => {}
+            DeliverySeen::Built(id) => return replayed(state, id),
+            DeliverySeen::InFlight => {
+                // The original is being handled right now: wait for its build.
+                for _ in 0..50 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    if let Some(id) = state.store.delivery_build(project, d)? {
+                        return replayed(state, id);
+                    }
+                }
+                return Err(ApiError::Conflict(
+                    "this delivery is already being processed".into(),
+                ));
+            }
+        }
+    }
+    let result = state
+        .queue
+        .trigger(TriggerRequest {
+            project: project.to_owned(),
+            branch,
+            trigger: Trigger {
+                source: TriggerSource::GitPush,
+                hook: None,
+            },
+            requested_commit: Some(after),
+            payload: Some(body),
+        })
+        .await;
+    match (result, &delivery) {
+        (Ok(t), Some(d)) => {
+            state
+                .store
+                .complete_delivery(project, d, t.build.id, Timestamp::now())?;
+            state.store.durable().await?;
+            Ok(triggered(&t))
+        }
+        (Ok(t), None) => Ok(triggered(&t)),
+        (Err(e), d) => {
+            if let Some(d) = d {
+                state.store.release_delivery(project, d)?;
+            }
+            Err(e.into())
+        }
+    }
+}
+
+fn replayed(state: &AppState, id: BuildId) -> Result<Response<Body>, ApiError> {
+    match state.store.build(id)? {
+        Some(b) => Ok(envelope::ok(StatusCode::OK, b.to_trigger_json(true))),
+        // Pruned since: the delivery was handled; say so without building again.
+        None => Ok(envelope::ok_with_messages(
+            StatusCode::OK,
+            serde_json::Value::Null,
+            &[format!(
+                "delivery already handled by build {id}, which has since been pruned"
+            )],
+        )),
+    }
+}

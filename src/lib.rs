@@ -1,0 +1,38 @@
+//! deployhook: a single-binary, self-hosted deploy-hook daemon.
+//!
+//! It gives each project unguessable trigger URLs, accepts signed push webhooks from Git hosts,
+//! and runs the project's build command as a supervised child process: queued, deduplicated,
+//! cancellable, logged, and remembered across restarts in an embedded sled database. The
+//! external contract (CLI, config, HTTP, JSON) is `SPEC.md`; the README explains it for users.
+//!
+//! # Layout
+//! - [`cli`]: clap definitions, exit codes, and the HTTP client behind the client commands.
+//! - [`daemon`]: `deployhook serve`: start-up order, SIGHUP reload, shutdown with deadlines.
+//! - [`config`]: raw TOML mirror → validated [`config::Config`]; the shared, reloadable handle.
+//! - [`model`]: builds, hooks, phases, outcomes, trigger sources, and their JSON shapes.
+//! - [`token`]: hook tokens, the admin token, Git secrets: generation, hashing, constant-time checks.
+//! - [`store`]: the only module that touches sled: trees, bincode records, batched durability.
+//! - [`queue`]: the build state machine: trigger, dedupe, supersede, cancel, schedule, recovery.
+//! - [`runner`]: one build: checkout, spawn under a supervisor, logs, timeout, stop, outcome.
+//! - [`supervisor`]: the hidden per-process supervisor mode that makes builds die with the daemon.
+//! - [`buildlog`]: capped append-only NDJSON log files, line splitting, paging.
+//! - [`git`]: Git-host webhook signatures and push-event parsing (pure).
+//! - [`http`]: accept loop and hardening; `api` (admin), `public` (hooks, Git, health), `envelope`.
+//! - [`shutdown`]: signals and the shutdown phases.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod buildlog;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod git;
+pub mod http;
+pub mod model;
+pub mod queue;
+pub mod runner;
+pub mod shutdown;
+pub mod store;
+pub mod supervisor;
+pub mod token;

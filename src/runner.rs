@@ -1,0 +1,815 @@
+//! One build, from leaving the queue to stopped: checkout, spawn, logs, timeout, kill.
+//!
+//! Every child process of a build (each git step and the build command) runs under its own
+//! supervisor process (see `crate::supervisor` for why and how); this module is the daemon's
+//! side of that: it starts the supervisor with the exact environment of SPEC §2, reads the
+//! child's stdout/stderr into the build log, relays stop requests (cancel, supersede,
+//! timeout, shutdown) and decides the outcome.
+//!
+//! Stopping is always: SIGTERM to the process group, SIGKILL to everything after `kill_grace`
+//! (done by the supervisor, which owns the group). If the supervisor itself stops answering,
+//! the runner escalates on its own: `K` to the supervisor, then SIGKILL to the supervisor and
+//! to the build's process group.
+//!
+//! Output is read until EOF, but never longer than [`DRAIN_DEADLINE`] after the main process
+//! exited: a descendant that escaped the supervisor's kill (uninterruptible sleep, say) must not
+//! keep the build — and its project — busy.
+//!
+//! Workspaces: with `repo`, a bare mirror per project lives in `state_dir/mirrors/` (so each
+//! fetch is incremental) and each build gets a fresh clone in `state_dir/workspaces/<uuid>`
+//! sharing the mirror's objects, removed when the build stops. Git is run as a plain argv, the
+//! branch always after `--` or inside a `refs/heads/` refspec, never through a shell.
+
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{
+    AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWriteExt as _, BufReader,
+};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::buildlog::{self, LineSplitter, LogSender, LogWriter, Stream};
+use crate::config::{ProjectConfig, Source};
+use crate::model::{Build, CancelReason, Outcome};
+use crate::queue::{LiveLog, Queue, Start, StopReason};
+use crate::supervisor;
+
+/// How long output is still read after the main process exited.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Extra time the supervisor gets beyond the kill grace before the runner escalates itself.
+const SUPERVISOR_SLACK: Duration = Duration::from_secs(3);
+
+/// Settings fixed for the daemon's lifetime.
+#[derive(Debug, Clone)]
+pub struct RunSettings {
+    /// The state dir (mirrors, workspaces, payloads, logs).
+    pub state_dir: PathBuf,
+    /// `PATH`, `HOME`, `USER`, `LANG` as the daemon has them.
+    pub base_env: Vec<(String, String)>,
+    /// The binary to re-execute as supervisor.
+    pub exe: PathBuf,
+    /// Time between SIGTERM and SIGKILL (from the config at start).
+    pub kill_grace: Duration,
+    /// Per-build log cap (from the config at start).
+    pub max_log_bytes: u64,
+}
+
+impl RunSettings {
+    /// Settings from the daemon's own environment. `PATH` falls back to a standard one when
+    /// the daemon has none; the others are passed only when set.
+    pub fn from_env(state_dir: &Path, kill_grace: Duration, max_log_bytes: u64) -> Self {
+        let mut base_env = Vec::new();
+        for key in ["PATH", "HOME", "USER", "LANG"] {
+            match std::env::var(key) {
+                Ok(v) => base_env.push((key.to_owned(), v)),
+                Err(_) if key == "PATH" => {
+                    base_env.push((key.into(), "/usr/local/bin:/usr/bin:/bin".into()))
+                }
+                Err(_) => {}
+            }
+        }
+        // /proc/self/exe is the running image even if the file on disk was replaced by an
+        // upgrade, so supervisor and daemon always speak the same protocol.
+        let exe = if Path::new("/proc/self/exe").exists() {
+            PathBuf::from("/proc/self/exe")
+        } else {
+            std::env::current_exe().unwrap_or_else(|_| PathBuf::from("deployhook"))
+        };
+        Self {
+            state_dir: state_dir.to_path_buf(),
+            base_env,
+            exe,
+            kill_grace,
+            max_log_bytes,
+        }
+    }
+}
+
+fn workspace_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("workspaces")
+}
+
+fn payload_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("payloads")
+}
+
+/// Removes workspaces and payload files left by builds of a previous run (none is live at
+/// startup).
+pub fn clean_leftovers(state_dir: &Path) {
+    for dir in [workspace_dir(state_dir), payload_dir(state_dir)] {
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                let p = e.path();
+                let _ = if p.is_dir() {
+                    std::fs::remove_dir_all(&p)
+                } else {
+                    std::fs::remove_file(&p)
+                };
+            }
+        }
+    }
+}
+
+/// Hides the user-info part of a URL (`https://user:token@host/…`) so that credentials in a
+/// `repo` URL never reach a log.
+pub fn redact_url(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let end = rest.find('/').unwrap_or(rest.len());
+        if let Some(at) = rest[..end].rfind('@') {
+            return format!("{scheme}://***@{}", &rest[at + 1..]);
+        }
+    }
+    url.to_owned()
+}
+
+/// Where a pipe's bytes go.
+#[derive(Clone)]
+enum Sink {
+    /// Into the build log, as lines of this stream.
+    Log(LogSender, Stream),
+    /// Into memory (first 64 KiB), e.g. `git rev-parse`'s answer.
+    Capture(Arc<Mutex<Vec<u8>>>),
+}
+
+/// How a supervised process ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum MainStatus {
+    Exited(i32),
+    Signaled(i32),
+    SpawnError(String),
+    /// The supervisor vanished without a report.
+    Lost,
+}
+
+/// The end of one supervised step.
+#[derive(Debug)]
+struct StepEnd {
+    status: MainStatus,
+    /// Set when the step was stopped on request or by the timeout.
+    stopped: Option<StopReason>,
+}
+
+impl StepEnd {
+    fn ok(&self) -> bool {
+        self.stopped.is_none() && self.status == MainStatus::Exited(0)
+    }
+}
+
+/// Everything a step needs besides its argv.
+struct Ctx<'a> {
+    settings: &'a RunSettings,
+    log: &'a LogSender,
+    stop: &'a mut watch::Receiver<Option<StopReason>>,
+    /// Whether the stop channel is still open (closed once the build is no longer live).
+    stop_open: bool,
+    deadline: Instant,
+    timeout: Duration,
+    /// A stop reason already acted upon; later steps are not started.
+    stopped: Option<StopReason>,
+}
+
+impl Ctx<'_> {
+    fn pending_stop(&mut self) -> Option<StopReason> {
+        if self.stopped.is_none() {
+            self.stopped = *self.stop.borrow();
+            if self.stopped.is_none() && Instant::now() >= self.deadline {
+                self.stopped = Some(StopReason::Timeout);
+            }
+        }
+        self.stopped
+    }
+}
+
+/// Runs one build to its end and reports it to the queue. Never panics on bad input; every
+/// failure becomes outcome `fail` with a `system` line saying why.
+pub async fn run(queue: Queue, settings: RunSettings, start: Start) {
+    let build = start.build;
+    let id = build.id;
+    let started = Instant::now();
+    let log_path = buildlog::log_path(&settings.state_dir, id);
+    let (writer, log) = match LogWriter::create(&log_path, settings.max_log_bytes) {
+        Ok(x) => x,
+        Err(e) => {
+            tracing::error!(build = %id, "cannot create the build log {}: {e}", log_path.display());
+            queue.finish(id, Outcome::Fail, None, buildlog::LogSummary::default());
+            return;
+        }
+    };
+    queue.set_log(
+        id,
+        LiveLog {
+            lines: writer.lines.clone(),
+            stats: writer.stats.clone(),
+        },
+    );
+    let timeout = start
+        .project
+        .as_ref()
+        .map_or(Duration::from_secs(3600), |p| p.timeout);
+    let mut stop = start.stop;
+    let mut ctx = Ctx {
+        settings: &settings,
+        log: &log,
+        stop: &mut stop,
+        stop_open: true,
+        deadline: started + timeout,
+        timeout,
+        stopped: None,
+    };
+    let workspace = workspace_dir(&settings.state_dir).join(id.to_string());
+    let payload = payload_dir(&settings.state_dir).join(id.to_string());
+    let (outcome, exit_code) = execute(
+        &queue,
+        &mut ctx,
+        &build,
+        start.project.as_deref(),
+        &workspace,
+        &payload,
+    )
+    .await;
+    drop(log);
+    let summary = writer.finish().await;
+    let ws = workspace.clone();
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = std::fs::remove_dir_all(&ws);
+        let _ = std::fs::remove_file(&payload);
+    })
+    .await;
+    queue.finish(id, outcome, exit_code, summary);
+}
+
+async fn execute(
+    queue: &Queue,
+    ctx: &mut Ctx<'_>,
+    build: &Build,
+    project: Option<&ProjectConfig>,
+    workspace: &Path,
+    payload_path: &Path,
+) -> (Outcome, Option<i32>) {
+    let id = build.id;
+    let Some(project) = project else {
+        ctx.log
+            .system(format!(
+                "project {} is no longer in the config; nothing was run",
+                build.project
+            ))
+            .await;
+        return (Outcome::Fail, None);
+    };
+    if !project.has_branch(&build.branch) {
+        ctx.log
+            .system(format!(
+                "branch {} is no longer one of project {}'s branches; nothing was run",
+                build.branch, build.project
+            ))
+            .await;
+        return (Outcome::Fail, None);
+    }
+    let mut env = ctx.settings.base_env.clone();
+    env.push(("GIT_TERMINAL_PROMPT".into(), "0".into()));
+    let git_env = env;
+
+    let (workdir, commit) = match &project.source {
+        Source::Workdir(dir) => {
+            queue.resolve(id, None);
+            (dir.clone(), None)
+        }
+        Source::Repo(url) => match checkout(queue, ctx, build, url, &git_env, workspace).await {
+            Ok(sha) => (workspace.to_path_buf(), Some(sha)),
+            Err(end) => return end,
+        },
+    };
+
+    let payload_env = if build.has_payload {
+        match write_payload(queue, build, payload_path).await {
+            Ok(()) => payload_path.to_string_lossy().into_owned(),
+            Err(e) => {
+                ctx.log
+                    .system(format!("cannot write the payload file: {e}"))
+                    .await;
+                return (Outcome::Fail, None);
+            }
+        }
+    } else {
+        String::new()
+    };
+
+    let mut env = ctx.settings.base_env.clone();
+    env.extend(project.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let hook_name = build
+        .trigger
+        .hook
+        .as_ref()
+        .map(|(_, n)| n.clone())
+        .unwrap_or_default();
+    env.extend([
+        ("DEPLOYHOOK_BUILD_UUID".to_owned(), id.to_string()),
+        ("DEPLOYHOOK_PROJECT".to_owned(), build.project.clone()),
+        ("DEPLOYHOOK_BRANCH".to_owned(), build.branch.clone()),
+        (
+            "DEPLOYHOOK_COMMIT".to_owned(),
+            commit.clone().unwrap_or_default(),
+        ),
+        (
+            "DEPLOYHOOK_TRIGGER".to_owned(),
+            build.trigger.source.as_str().to_owned(),
+        ),
+        ("DEPLOYHOOK_HOOK_NAME".to_owned(), hook_name),
+        ("DEPLOYHOOK_PAYLOAD".to_owned(), payload_env),
+    ]);
+
+    if let Some(r) = ctx.pending_stop() {
+        note_stop(ctx, r).await;
+        return (r.outcome(), None);
+    }
+    queue.mark_running(id);
+    let argv: Vec<OsString> = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        project.command.clone().into(),
+    ];
+    let out = Sink::Log(ctx.log.clone(), Stream::Stdout);
+    let err = Sink::Log(ctx.log.clone(), Stream::Stderr);
+    let end = step(ctx, argv, &workdir, &env, out, err).await;
+    let exit_code = match end.status {
+        MainStatus::Exited(c) => Some(c),
+        _ => None,
+    };
+    let outcome = match (end.stopped, &end.status) {
+        (Some(r), _) => r.outcome(),
+        (None, MainStatus::Exited(0)) => Outcome::Success,
+        (None, _) => Outcome::Fail,
+    };
+    let summary = match &end.status {
+        MainStatus::Exited(c) => format!("the command exited with code {c}"),
+        MainStatus::Signaled(s) => format!("the command was killed by signal {s}"),
+        MainStatus::SpawnError(m) => format!("the command could not start: {m}"),
+        MainStatus::Lost => "the build's supervisor vanished; its processes were killed".to_owned(),
+    };
+    ctx.log
+        .system(format!("{summary}; outcome {}", outcome.as_str()))
+        .await;
+    (outcome, exit_code)
+}
+
+/// Fetches the branch into the project's mirror, resolves its head (again if a trigger
+/// joined meanwhile), and checks it out into a fresh workspace. Returns the full SHA.
+async fn checkout(
+    queue: &Queue,
+    ctx: &mut Ctx<'_>,
+    build: &Build,
+    url: &str,
+    env: &[(String, String)],
+    workspace: &Path,
+) -> Result<String, (Outcome, Option<i32>)> {
+    let mirrors = ctx.settings.state_dir.join("mirrors");
+    let mirror = mirrors.join(format!("{}.git", build.project));
+    let sys = |log: &LogSender| Sink::Log(log.clone(), Stream::System);
+    if let Err(e) = tokio::fs::create_dir_all(&mirrors).await {
+        ctx.log
+            .system(format!("cannot create {}: {e}", mirrors.display()))
+            .await;
+        return Err((Outcome::Fail, None));
+    }
+    if !mirror.join("HEAD").exists() {
+        let argv = git_argv(&["init", "--quiet", "--bare", "--"], &[mirror.as_os_str()]);
+        let end = step(ctx, argv, &mirrors, env, sys(ctx.log), sys(ctx.log)).await;
+        if !end.ok() {
+            return Err(step_failed(ctx, "git init", &end).await);
+        }
+    }
+    let git_dir = format!("--git-dir={}", mirror.display());
+    let refspec = format!("+refs/heads/{0}:refs/heads/{0}", build.branch);
+    let sha = loop {
+        queue.begin_fetch(build.id);
+        ctx.log
+            .system(format!(
+                "fetching branch {} from {}",
+                build.branch,
+                redact_url(url)
+            ))
+            .await;
+        let argv = git_argv(
+            &[
+                &git_dir,
+                "fetch",
+                "--quiet",
+                "--no-tags",
+                "--no-write-fetch-head",
+                "--",
+            ],
+            &[url.as_ref(), refspec.as_ref()],
+        );
+        let end = step(ctx, argv, &mirrors, env, sys(ctx.log), sys(ctx.log)).await;
+        if !end.ok() {
+            return Err(step_failed(ctx, "git fetch", &end).await);
+        }
+        let captured = Arc::new(Mutex::new(Vec::new()));
+        let rev = format!("refs/heads/{}^{{commit}}", build.branch);
+        let argv = git_argv(
+            &[&git_dir, "rev-parse", "--verify", "--quiet"],
+            &[rev.as_ref()],
+        );
+        let end = step(
+            ctx,
+            argv,
+            &mirrors,
+            env,
+            Sink::Capture(captured.clone()),
+            sys(ctx.log),
+        )
+        .await;
+        if !end.ok() {
+            return Err(step_failed(ctx, "git rev-parse", &end).await);
+        }
+        let sha = captured
+            .lock()
+            .map(|v| String::from_utf8_lossy(&v).trim().to_owned())
+            .unwrap_or_default();
+        if sha.len() < 40 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+            ctx.log
+                .system(format!(
+                    "git rev-parse gave no commit for branch {}",
+                    build.branch
+                ))
+                .await;
+            return Err((Outcome::Fail, None));
+        }
+        if queue.resolve(build.id, Some(sha.clone())) {
+            break sha;
+        }
+        ctx.log
+            .system(
+                "another trigger arrived during the fetch; fetching again so that it is included",
+            )
+            .await;
+    };
+    ctx.log.system(format!("checking out {sha}")).await;
+    let _ = tokio::fs::remove_dir_all(workspace).await;
+    if let Some(parent) = workspace.parent()
+        && let Err(e) = tokio::fs::create_dir_all(parent).await
+    {
+        ctx.log
+            .system(format!("cannot create {}: {e}", parent.display()))
+            .await;
+        return Err((Outcome::Fail, None));
+    }
+    let argv = git_argv(
+        &["clone", "--quiet", "--shared", "--no-checkout", "--"],
+        &[mirror.as_os_str(), workspace.as_os_str()],
+    );
+    let end = step(ctx, argv, &mirrors, env, sys(ctx.log), sys(ctx.log)).await;
+    if !end.ok() {
+        return Err(step_failed(ctx, "git clone", &end).await);
+    }
+    let argv = git_argv(
+        &[
+            "-c",
+            "advice.detachedHead=false",
+            "checkout",
+            "--quiet",
+            "--detach",
+        ],
+        &[sha.as_ref()],
+    );
+    let end = step(ctx, argv, workspace, env, sys(ctx.log), sys(ctx.log)).await;
+    if !end.ok() {
+        return Err(step_failed(ctx, "git checkout", &end).await);
+    }
+    Ok(sha)
+}
+
+fn git_argv(args: &[&str], more: &[&std::ffi::OsStr]) -> Vec<OsString> {
+    let mut v: Vec<OsString> = vec!["git".into()];
+    v.extend(args.iter().map(OsString::from));
+    v.extend(more.iter().map(|s| s.to_os_string()));
+    v
+}
+
+async fn step_failed(ctx: &mut Ctx<'_>, what: &str, end: &StepEnd) -> (Outcome, Option<i32>) {
+    if let Some(r) = end.stopped {
+        return (r.outcome(), None);
+    }
+    let why = match &end.status {
+        MainStatus::Exited(c) => format!("exited with code {c}"),
+        MainStatus::Signaled(s) => format!("was killed by signal {s}"),
+        MainStatus::SpawnError(m) => format!("could not start: {m}"),
+        MainStatus::Lost => "lost its supervisor".to_owned(),
+    };
+    ctx.log
+        .system(format!("{what} {why}; the build fails"))
+        .await;
+    (Outcome::Fail, None)
+}
+
+async fn write_payload(queue: &Queue, build: &Build, path: &Path) -> std::io::Result<()> {
+    let store = queue.store().clone();
+    let id = build.id;
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let body = store
+            .payload(id)
+            .map_err(std::io::Error::other)?
+            .unwrap_or_default();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        f.write_all(&body)
+    })
+    .await
+    .map_err(std::io::Error::other)?
+}
+
+async fn note_stop(ctx: &mut Ctx<'_>, r: StopReason) {
+    let text = match r {
+        StopReason::Cancel(CancelReason::Api) => {
+            "cancelled through the API; stopping the build".to_owned()
+        }
+        StopReason::Cancel(CancelReason::Superseded) => {
+            "superseded by a newer build of this branch; stopping the build".to_owned()
+        }
+        StopReason::Timeout => format!(
+            "timed out after {}; stopping the build",
+            humantime::format_duration(ctx.timeout)
+        ),
+        StopReason::Shutdown => {
+            "interrupted: deployhook is shutting down; stopping the build".to_owned()
+        }
+    };
+    ctx.log.system(text).await;
+}
+
+/// One line the supervisor reported.
+#[derive(Debug, PartialEq, Eq)]
+enum Report {
+    Pid(i32),
+    Exit(i32),
+    Signal(i32),
+    SpawnError(String),
+    Done,
+}
+
+fn parse_report(line: &str) -> Option<Report> {
+    let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+    Some(match word {
+        "pid" => Report::Pid(rest.parse().ok()?),
+        "exit" => Report::Exit(rest.parse().ok()?),
+        "signal" => Report::Signal(rest.parse().ok()?),
+        "spawn-error" => Report::SpawnError(rest.to_owned()),
+        "done" => Report::Done,
+        _ => return None,
+    })
+}
+
+/// Runs one argv under a supervisor to its end, relaying stops and the timeout.
+async fn step(
+    ctx: &mut Ctx<'_>,
+    argv: Vec<OsString>,
+    workdir: &Path,
+    env: &[(String, String)],
+    out: Sink,
+    err: Sink,
+) -> StepEnd {
+    if let Some(r) = ctx.pending_stop() {
+        note_stop(ctx, r).await;
+        return StepEnd {
+            status: MainStatus::SpawnError("not started: the build is stopping".into()),
+            stopped: Some(r),
+        };
+    }
+    let args = supervisor::Args {
+        grace: ctx.settings.kill_grace,
+        workdir: workdir.to_path_buf(),
+        argv,
+    };
+    let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
+        Ok(p) => p,
+        Err(e) => {
+            return StepEnd {
+                status: MainStatus::SpawnError(format!("cannot create a socket pair: {e}")),
+                stopped: None,
+            };
+        }
+    };
+    let mut cmd = tokio::process::Command::new(&ctx.settings.exe);
+    cmd.arg(supervisor::MODE_ARG)
+        .args(args.to_argv())
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::from(OwnedFd::from(theirs)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let spawned = cmd.spawn();
+    // Drop the command and with it our copy of the supervisor's end of the socket.
+    drop(cmd);
+    let mut child = match spawned {
+        Ok(c) => c,
+        Err(e) => {
+            return StepEnd {
+                status: MainStatus::SpawnError(format!("cannot start the supervisor: {e}")),
+                stopped: None,
+            };
+        }
+    };
+    let ctl = ours
+        .set_nonblocking(true)
+        .and_then(|()| tokio::net::UnixStream::from_std(ours));
+    let ctl = match ctl {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = child.kill().await;
+            return StepEnd {
+                status: MainStatus::SpawnError(format!("cannot watch the supervisor: {e}")),
+                stopped: None,
+            };
+        }
+    };
+    let (rd, mut wr) = ctl.into_split();
+    let mut reports = BufReader::new(rd).lines();
+    let readers = [
+        child.stdout.take().map(|p| tokio::spawn(read_pipe(p, out))),
+        child.stderr.take().map(|p| tokio::spawn(read_pipe(p, err))),
+    ];
+
+    let mut status: Option<MainStatus> = None;
+    let mut pgid: Option<nix::unistd::Pid> = None;
+    let mut exited_at: Option<Instant> = None;
+    let mut stopped: Option<StopReason> = None;
+    let mut escalate: Option<(Instant, u8)> = None;
+    let far = Instant::now() + Duration::from_secs(10 * 365 * 24 * 3600);
+    loop {
+        let escalate_at = escalate.map_or(far, |(t, _)| t);
+        tokio::select! {
+            line = reports.next_line() => match line.ok().flatten().as_deref().and_then(parse_report) {
+                Some(Report::Pid(p)) => pgid = Some(nix::unistd::Pid::from_raw(p)),
+                Some(Report::Exit(c)) => { status = Some(MainStatus::Exited(c)); exited_at = Some(Instant::now()); }
+                Some(Report::Signal(s)) => { status = Some(MainStatus::Signaled(s)); exited_at = Some(Instant::now()); }
+                Some(Report::SpawnError(m)) => { status = Some(MainStatus::SpawnError(m)); exited_at = Some(Instant::now()); }
+                Some(Report::Done) => break,
+                None => {
+                    // EOF or garbage: the supervisor is gone. Make sure its group is too.
+                    if let Some(g) = pgid {
+                        let _ = nix::sys::signal::killpg(g, nix::sys::signal::Signal::SIGKILL);
+                    }
+                    break;
+                }
+            },
+            changed = ctx.stop.changed(), if ctx.stop_open && stopped.is_none() => {
+                if changed.is_err() {
+                    ctx.stop_open = false;
+                } else if let Some(r) = *ctx.stop.borrow_and_update() {
+                    stopped = Some(r);
+                }
+                if let Some(r) = stopped {
+                    note_stop(ctx, r).await;
+                    let _ = wr.write_all(b"T").await;
+                    escalate = Some((Instant::now() + ctx.settings.kill_grace + SUPERVISOR_SLACK, 0));
+                }
+            }
+            _ = tokio::time::sleep_until(ctx.deadline), if stopped.is_none() => {
+                stopped = Some(StopReason::Timeout);
+                note_stop(ctx, StopReason::Timeout).await;
+                let _ = wr.write_all(b"T").await;
+                escalate = Some((Instant::now() + ctx.settings.kill_grace + SUPERVISOR_SLACK, 0));
+            }
+            _ = tokio::time::sleep_until(escalate_at), if escalate.is_some() => {
+                match escalate {
+                    Some((_, 0)) => {
+                        tracing::warn!("a supervisor did not finish within the kill grace; sending it K");
+                        let _ = wr.write_all(b"K").await;
+                        escalate = Some((Instant::now() + SUPERVISOR_SLACK, 1));
+                    }
+                    _ => {
+                        tracing::error!("a supervisor does not answer; killing it and its build's process group");
+                        let _ = child.start_kill();
+                        if let Some(g) = pgid {
+                            let _ = nix::sys::signal::killpg(g, nix::sys::signal::Signal::SIGKILL);
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    if stopped.is_none() {
+        stopped = ctx.stopped.or(*ctx.stop.borrow());
+    }
+    if let Some(r) = stopped {
+        ctx.stopped = Some(r);
+    }
+    // Read what is left of the output, but not forever (see the module doc).
+    let drain_until = exited_at.unwrap_or_else(Instant::now) + DRAIN_DEADLINE;
+    let mut cut = false;
+    for r in readers.into_iter().flatten() {
+        let abort = r.abort_handle();
+        if tokio::time::timeout_at(drain_until, r).await.is_err() {
+            abort.abort();
+            cut = true;
+        }
+    }
+    if cut {
+        ctx.log
+            .system(
+                "stopped reading output: a background process still holds the build's output pipe",
+            )
+            .await;
+    }
+    drop(wr);
+    if tokio::time::timeout(Duration::from_secs(2), child.wait())
+        .await
+        .is_err()
+    {
+        let _ = child.kill().await;
+    }
+    StepEnd {
+        status: status.unwrap_or(MainStatus::Lost),
+        stopped,
+    }
+}
+
+async fn read_pipe(mut pipe: impl AsyncRead + Unpin, sink: Sink) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut splitter = LineSplitter::default();
+    let mut lines = Vec::new();
+    loop {
+        let n = match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        match &sink {
+            Sink::Log(log, stream) => {
+                if log.truncated() {
+                    // Past the cap: keep draining so the build never blocks, keep nothing.
+                    continue;
+                }
+                splitter.feed(&buf[..n], |l| lines.push(l));
+                for l in lines.drain(..) {
+                    log.line(*stream, l).await;
+                }
+            }
+            Sink::Capture(v) => {
+                if let Ok(mut v) = v.lock() {
+                    let room = (64 * 1024usize).saturating_sub(v.len());
+                    v.extend_from_slice(&buf[..n.min(room)]);
+                }
+            }
+        }
+    }
+    if let Sink::Log(log, stream) = &sink {
+        splitter.finish(|l| lines.push(l));
+        for l in lines.drain(..) {
+            log.line(*stream, l).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_parse() {
+        assert_eq!(parse_report("pid 42"), Some(Report::Pid(42)));
+        assert_eq!(parse_report("exit 3"), Some(Report::Exit(3)));
+        assert_eq!(parse_report("signal 9"), Some(Report::Signal(9)));
+        assert_eq!(
+            parse_report("spawn-error no such file"),
+            Some(Report::SpawnError("no such file".into()))
+        );
+        assert_eq!(parse_report("done"), Some(Report::Done));
+        assert_eq!(parse_report("exit x"), None);
+        assert_eq!(parse_report("bogus"), None);
+    }
+
+    #[test]
+    fn credentials_in_urls_are_redacted() {
+        assert_eq!(
+            redact_url("https://user:tok@github.com/a/b.git"),
+            "https://***@github.com/a/b.git"
+        );
+        assert_eq!(
+            redact_url("https://github.com/a/b.git"),
+            "https://github.com/a/b.git"
+        );
+        assert_eq!(
+            redact_url("git@github.com:a/b.git"),
+            "git@github.com:a/b.git"
+        );
+        assert_eq!(redact_url("/srv/repo.git"), "/srv/repo.git");
+    }
+}

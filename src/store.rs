@@ -1,0 +1,937 @@
+//! The embedded database: the only module that touches sled.
+//!
+//! # Trees
+//! | tree | key | value |
+//! |---|---|---|
+//! | `hooks` | hook id (16 bytes) | [`Hook`] |
+//! | `hook_tokens` | SHA-256 of the token (32) | hook id |
+//! | `hook_names` | project `\0` name | hook id (keeps names unique per project) |
+//! | `builds` | build id (16) | [`Build`] |
+//! | `build_index` | project `\0` seq (u64 BE) build id | empty: newest-first listing |
+//! | `payloads` | build id | the request body for `DEPLOYHOOK_PAYLOAD` |
+//! | `deliveries` | project `\0` delivery id | seen-at (i64 BE) + build id: Git replay guard |
+//!
+//! Values are bincode (serde, standard config) behind a one-byte format version, so a future
+//! format can be told apart from this one instead of being misread.
+//!
+//! # Durability
+//! Writes land in sled's page cache; sled itself only flushes every 500 ms. Whatever must
+//! survive a `kill -9` once acknowledged (new builds, hooks, cancels) is followed by
+//! [`Store::durable`], which hands the wait to one flusher thread. That thread batches every
+//! waiter that arrived during the previous flush into a single `Db::flush`. Nobody else calls
+//! `flush`: sled 0.34.7's `flush_async` deadlocks when several run at once (sled #1308, #1241),
+//! and one flush per batch is also the fastest way to acknowledge many requests.
+//!
+//! Status transitions that are not acknowledged to anyone (initializing, running, log counts)
+//! are not flushed explicitly; a crash loses at most sled's last 500 ms of them, and startup
+//! recovery marks such builds `interrupted` anyway.
+//!
+//! # Failure
+//! sled's I/O errors are sticky (a failed write poisons the database), so every error here is
+//! reported as [`StoreError::Db`] and the daemon treats it as fatal: it answers 503 and exits
+//! non-zero so that systemd restarts it once the disk has space again.
+//!
+//! # Exclusive use
+//! [`Store::open`] takes an exclusive `flock` on `state_dir/lock` before opening sled, so a
+//! second daemon on the same state dir fails at once with a clear message instead of waiting
+//! or corrupting anything. The lock is released by the kernel when the process dies.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sled::Transactional as _;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+use tokio::sync::oneshot;
+
+use crate::model::{Build, BuildId, Hook, HookId, StatusFilter, Timestamp};
+use crate::token::TokenHash;
+
+/// Format version of every record; bump it when a record's shape changes.
+const FORMAT_V1: u8 = 1;
+
+/// sled's page cache. Its default of 1 GiB is far too much for a small VPS, and sled cannot see
+/// a cgroup v2 `MemoryMax`, so it is set explicitly and small.
+pub const CACHE_CAPACITY_BYTES: u64 = 32 * 1024 * 1024;
+
+/// Errors from the store.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// Another process holds the state dir.
+    #[error(
+        "state dir {0} is in use by another deployhook (stop it first, or point this one at another state_dir)"
+    )]
+    InUse(PathBuf),
+    /// The state dir cannot be created or locked.
+    #[error("cannot use state dir {path}: {message}")]
+    StateDir {
+        /// The state dir.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
+    /// sled failed. Fatal: the daemon stops so that systemd can restart it.
+    #[error("database error: {0}")]
+    Db(String),
+    /// A record could not be decoded.
+    #[error("database record is corrupt or from a newer deployhook: {0}")]
+    Corrupt(String),
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Db(e.to_string())
+    }
+}
+
+/// Result of a hook creation attempt.
+#[derive(Debug)]
+pub enum HookInsert {
+    /// Created.
+    Created,
+    /// The project already has a hook of that name.
+    NameTaken,
+}
+
+/// What [`Store::reserve_delivery`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliverySeen {
+    /// Not seen (within the window): reserved for the caller.
+    New,
+    /// Seen, and being handled right now by another request.
+    InFlight,
+    /// Seen, and it triggered this build.
+    Built(BuildId),
+}
+
+/// A page of builds, newest first.
+#[derive(Debug)]
+pub struct BuildPage {
+    /// The builds.
+    pub builds: Vec<Build>,
+    /// Cursor for the next page, if there may be one.
+    pub next_cursor: Option<String>,
+}
+
+/// Handle to the database; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    hooks: sled::Tree,
+    hook_tokens: sled::Tree,
+    hook_names: sled::Tree,
+    builds: sled::Tree,
+    build_index: sled::Tree,
+    payloads: sled::Tree,
+    deliveries: sled::Tree,
+    flush_tx: std::sync::Mutex<Option<mpsc::Sender<FlushWaiter>>>,
+    /// The flush thread, joined on drop so that its handle on the database is gone before the
+    /// state dir lock is released.
+    flush_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set after the first sled error: sled's errors are sticky, nothing written after one is
+    /// trustworthy.
+    failed: AtomicBool,
+    state_dir: PathBuf,
+    /// Held for the life of the store; dropping it releases the state dir.
+    _lock: Flock<File>,
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
+    let mut out = vec![FORMAT_V1];
+    let body = bincode::serde::encode_to_vec(v, bincode::config::standard())
+        .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    out.extend_from_slice(&body);
+    Ok(out)
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    match bytes.split_first() {
+        Some((&FORMAT_V1, rest)) => {
+            bincode::serde::decode_from_slice(rest, bincode::config::standard())
+                .map(|(v, _)| v)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))
+        }
+        Some((v, _)) => Err(StoreError::Corrupt(format!(
+            "unknown record format version {v}"
+        ))),
+        None => Err(StoreError::Corrupt("empty record".into())),
+    }
+}
+
+fn index_prefix(project: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(project.len() + 1 + 24);
+    k.extend_from_slice(project.as_bytes());
+    k.push(0);
+    k
+}
+
+fn index_key(b: &Build) -> Vec<u8> {
+    let mut k = index_prefix(&b.project);
+    k.extend_from_slice(&b.seq.to_be_bytes());
+    k.extend_from_slice(b.id.as_bytes());
+    k
+}
+
+fn name_key(project: &str, name: &str) -> Vec<u8> {
+    let mut k = index_prefix(project);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// Encodes the position after which a listing continues: seq and id, as hex.
+fn encode_cursor(b: &Build) -> String {
+    let mut s = format!("{:016x}", b.seq);
+    for byte in b.id.as_bytes() {
+        s.push_str(&format!("{byte:02x}"));
+    }
+    s
+}
+
+/// Decodes a cursor of [`encode_cursor`]; `None` when it is not one.
+pub fn decode_cursor(s: &str) -> Option<[u8; 24]> {
+    if s.len() != 48
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        return None;
+    }
+    let mut out = [0u8; 24];
+    for (i, chunk) in s.as_bytes().chunks(2).enumerate() {
+        let hex = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(hex, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// Someone waiting for the next flush.
+type FlushWaiter = oneshot::Sender<Result<(), StoreError>>;
+
+type TxResult<T> = Result<T, TransactionError<StoreError>>;
+
+fn tx_err(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => e.into(),
+    }
+}
+
+fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
+    ConflictableTransactionError::Abort(e)
+}
+
+impl Store {
+    /// Opens (creating if needed) the database under `state_dir`, locking the dir first.
+    pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+        let dir_err = |message: String| StoreError::StateDir {
+            path: state_dir.to_path_buf(),
+            message,
+        };
+        std::fs::create_dir_all(state_dir).map_err(|e| dir_err(e.to_string()))?;
+        let lock_file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(state_dir.join("lock"))
+            .map_err(|e| dir_err(format!("cannot open the lock file: {e}")))?;
+        let lock = match Flock::lock(lock_file, FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                return Err(StoreError::InUse(state_dir.to_path_buf()));
+            }
+            Err((_, e)) => return Err(dir_err(format!("cannot lock: {e}"))),
+        };
+        let db = sled::Config::new()
+            .path(state_dir.join("db"))
+            .cache_capacity(CACHE_CAPACITY_BYTES)
+            .open()?;
+        let tree = |name: &str| db.open_tree(name);
+        let inner = Inner {
+            hooks: tree("hooks")?,
+            hook_tokens: tree("hook_tokens")?,
+            hook_names: tree("hook_names")?,
+            builds: tree("builds")?,
+            build_index: tree("build_index")?,
+            payloads: tree("payloads")?,
+            deliveries: tree("deliveries")?,
+            flush_tx: std::sync::Mutex::new(None),
+            flush_thread: std::sync::Mutex::new(None),
+            failed: AtomicBool::new(false),
+            state_dir: state_dir.to_path_buf(),
+            db: db.clone(),
+            _lock: lock,
+        };
+        let (tx, rx) = mpsc::channel::<FlushWaiter>();
+        let handle = std::thread::Builder::new()
+            .name("deployhook-flush".into())
+            .spawn(move || flusher(db, rx))
+            .map_err(|e| dir_err(format!("cannot start the flush thread: {e}")))?;
+        if let Ok(mut slot) = inner.flush_tx.lock() {
+            *slot = Some(tx);
+        }
+        if let Ok(mut slot) = inner.flush_thread.lock() {
+            *slot = Some(handle);
+        }
+        Ok(Store {
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// The state dir this store lives in.
+    pub fn state_dir(&self) -> &Path {
+        &self.inner.state_dir
+    }
+
+    /// Whether a database error has happened (the daemon must stop).
+    pub fn has_failed(&self) -> bool {
+        self.inner.failed.load(Ordering::SeqCst)
+    }
+
+    fn check<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(StoreError::Db(_)) = &r {
+            self.inner.failed.store(true, Ordering::SeqCst);
+        }
+        r
+    }
+
+    /// Waits until everything written so far is on disk. See the module doc.
+    pub async fn durable(&self) -> Result<(), StoreError> {
+        if self.has_failed() {
+            return Err(StoreError::Db(
+                "the database failed earlier; restart deployhook".into(),
+            ));
+        }
+        let (tx, rx) = oneshot::channel();
+        let sent = match self.inner.flush_tx.lock() {
+            Ok(slot) => slot.as_ref().is_some_and(|s| s.send(tx).is_ok()),
+            Err(_) => false,
+        };
+        if !sent {
+            return Err(StoreError::Db("the flush thread has stopped".into()));
+        }
+        let r = match rx.await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Db("the flush thread has stopped".into())),
+        };
+        self.check(r)
+    }
+
+    /// Flushes synchronously (shutdown).
+    pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        let r = self.inner.db.flush().map(|_| ()).map_err(StoreError::from);
+        self.check(r)
+    }
+
+    /// Stops the flush thread (after a final flush). Later `durable` calls fail.
+    pub fn close(&self) {
+        if let Ok(mut slot) = self.inner.flush_tx.lock() {
+            slot.take();
+        }
+    }
+
+    // ---- hooks --------------------------------------------------------------------------
+
+    /// Inserts a new hook, unless its name is taken in its project.
+    pub fn insert_hook(&self, hook: &Hook) -> Result<HookInsert, StoreError> {
+        let value = encode(hook)?;
+        let nkey = name_key(&hook.project, &hook.name);
+        let i = &self.inner;
+        let r: TxResult<HookInsert> =
+            (&i.hooks, &i.hook_tokens, &i.hook_names).transaction(|(hooks, tokens, names)| {
+                if names.get(&nkey)?.is_some() {
+                    return Ok(HookInsert::NameTaken);
+                }
+                names.insert(nkey.as_slice(), hook.id.as_bytes())?;
+                tokens.insert(&hook.token_hash[..], hook.id.as_bytes())?;
+                hooks.insert(hook.id.as_bytes(), value.as_slice())?;
+                Ok(HookInsert::Created)
+            });
+        self.check(r.map_err(tx_err))
+    }
+
+    /// One hook by id.
+    pub fn hook(&self, id: HookId) -> Result<Option<Hook>, StoreError> {
+        let r = match self.inner.hooks.get(id.as_bytes()) {
+            Ok(Some(v)) => decode(&v).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.into()),
+        };
+        self.check(r)
+    }
+
+    /// The hook a presented token belongs to, looked up by the token's hash.
+    pub fn hook_by_token(&self, hash: &TokenHash) -> Result<Option<Hook>, StoreError> {
+        let id = match self.inner.hook_tokens.get(hash.0) {
+            Ok(Some(id)) => id,
+            Ok(None) => return Ok(None),
+            Err(e) => return self.check(Err(e.into())),
+        };
+        let Ok(bytes) = <[u8; 16]>::try_from(id.as_ref()) else {
+            return Err(StoreError::Corrupt("hook token index entry".into()));
+        };
+        let hook = self.hook(HookId(uuid::Uuid::from_bytes(bytes)))?;
+        // A stale index entry (should not happen: both are written in one transaction) must
+        // never let an old token through.
+        Ok(hook.filter(|h| h.token_hash == hash.0))
+    }
+
+    /// Every hook of a project (or of all projects), oldest first.
+    pub fn hooks(&self, project: Option<&str>) -> Result<Vec<Hook>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.hooks.iter() {
+            let (_, v) = self.check(item.map_err(StoreError::from))?;
+            let h: Hook = decode(&v)?;
+            if project.is_none_or(|p| h.project == p) {
+                out.push(h);
+            }
+        }
+        out.sort_by_key(|h| (h.created_on, h.id));
+        Ok(out)
+    }
+
+    /// Deletes a hook of a project. Returns it, or `None` if there was none.
+    pub fn delete_hook(&self, project: &str, id: HookId) -> Result<Option<Hook>, StoreError> {
+        let i = &self.inner;
+        let r: TxResult<Option<Hook>> =
+            (&i.hooks, &i.hook_tokens, &i.hook_names).transaction(|(hooks, tokens, names)| {
+                let Some(v) = hooks.get(id.as_bytes())? else {
+                    return Ok(None);
+                };
+                let h: Hook = decode(&v).map_err(abort)?;
+                if h.project != project {
+                    return Ok(None);
+                }
+                hooks.remove(id.as_bytes())?;
+                tokens.remove(&h.token_hash[..])?;
+                names.remove(name_key(&h.project, &h.name))?;
+                Ok(Some(h))
+            });
+        self.check(r.map_err(tx_err))
+    }
+
+    /// Replaces a hook's token hash; the old token stops matching in the same transaction.
+    pub fn rotate_hook(
+        &self,
+        project: &str,
+        id: HookId,
+        new_hash: &TokenHash,
+    ) -> Result<Option<Hook>, StoreError> {
+        let i = &self.inner;
+        let r: TxResult<Option<Hook>> =
+            (&i.hooks, &i.hook_tokens).transaction(|(hooks, tokens)| {
+                let Some(v) = hooks.get(id.as_bytes())? else {
+                    return Ok(None);
+                };
+                let mut h: Hook = decode(&v).map_err(abort)?;
+                if h.project != project {
+                    return Ok(None);
+                }
+                tokens.remove(&h.token_hash[..])?;
+                h.token_hash = new_hash.0;
+                tokens.insert(&h.token_hash[..], id.as_bytes())?;
+                hooks.insert(id.as_bytes(), encode(&h).map_err(abort)?)?;
+                Ok(Some(h))
+            });
+        self.check(r.map_err(tx_err))
+    }
+
+    /// Counts a firing of a hook. A hook deleted meanwhile is left deleted.
+    pub fn record_hook_fired(&self, id: HookId, at: Timestamp) -> Result<(), StoreError> {
+        let r = self.inner.hooks.update_and_fetch(id.as_bytes(), |old| {
+            let old = old?;
+            let mut h: Hook = decode(old).ok()?;
+            h.last_triggered_on = Some(at);
+            h.trigger_count += 1;
+            encode(&h).ok()
+        });
+        self.check(r.map(|_| ()).map_err(StoreError::from))
+    }
+
+    // ---- builds -------------------------------------------------------------------------
+
+    /// Inserts a new build, its index entry and its payload in one transaction.
+    pub fn insert_build(&self, build: &Build, payload: Option<&[u8]>) -> Result<(), StoreError> {
+        let value = encode(build)?;
+        let ikey = index_key(build);
+        let i = &self.inner;
+        let r: TxResult<()> =
+            (&i.builds, &i.build_index, &i.payloads).transaction(|(builds, index, payloads)| {
+                builds.insert(build.id.as_bytes(), value.as_slice())?;
+                index.insert(ikey.as_slice(), &[] as &[u8])?;
+                if let Some(p) = payload {
+                    payloads.insert(build.id.as_bytes(), p)?;
+                }
+                Ok(())
+            });
+        self.check(r.map_err(tx_err))
+    }
+
+    /// Overwrites an existing build record.
+    pub fn put_build(&self, build: &Build) -> Result<(), StoreError> {
+        let value = encode(build)?;
+        let r = self.inner.builds.insert(build.id.as_bytes(), value);
+        self.check(r.map(|_| ()).map_err(StoreError::from))
+    }
+
+    /// One build.
+    pub fn build(&self, id: BuildId) -> Result<Option<Build>, StoreError> {
+        let r = match self.inner.builds.get(id.as_bytes()) {
+            Ok(Some(v)) => decode(&v).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.into()),
+        };
+        self.check(r)
+    }
+
+    /// The stored request body of a build.
+    pub fn payload(&self, id: BuildId) -> Result<Option<Vec<u8>>, StoreError> {
+        let r = self
+            .inner
+            .payloads
+            .get(id.as_bytes())
+            .map(|v| v.map(|v| v.to_vec()));
+        self.check(r.map_err(StoreError::from))
+    }
+
+    /// Every build (startup recovery).
+    pub fn all_builds(&self) -> Result<Vec<Build>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.builds.iter() {
+            let (_, v) = self.check(item.map_err(StoreError::from))?;
+            out.push(decode(&v)?);
+        }
+        Ok(out)
+    }
+
+    /// A page of a project's builds, newest first, optionally filtered by status, continuing
+    /// after `cursor` (from a previous page).
+    pub fn list_builds(
+        &self,
+        project: &str,
+        filter: Option<StatusFilter>,
+        limit: usize,
+        cursor: Option<[u8; 24]>,
+    ) -> Result<BuildPage, StoreError> {
+        let prefix = index_prefix(project);
+        let mut end = prefix.clone();
+        match cursor {
+            Some(c) => end.extend_from_slice(&c),
+            None => {
+                // Just past every key of the project: the byte after the separator.
+                end.pop();
+                end.push(1);
+            }
+        }
+        let mut builds = Vec::new();
+        let mut last: Option<Build> = None;
+        let mut more = false;
+        for item in self
+            .inner
+            .build_index
+            .range(prefix.as_slice()..end.as_slice())
+            .rev()
+        {
+            let (k, _) = self.check(item.map_err(StoreError::from))?;
+            let Some(id_bytes) = k
+                .get(k.len().saturating_sub(16)..)
+                .and_then(|s| <[u8; 16]>::try_from(s).ok())
+            else {
+                continue;
+            };
+            let Some(b) = self.build(BuildId(uuid::Uuid::from_bytes(id_bytes)))? else {
+                continue;
+            };
+            if builds.len() == limit {
+                more = true;
+                break;
+            }
+            last = Some(b.clone());
+            if filter.is_none_or(|f| f.matches(b.phase)) {
+                builds.push(b);
+            }
+        }
+        let next_cursor = if more {
+            last.as_ref().map(encode_cursor)
+        } else {
+            None
+        };
+        Ok(BuildPage {
+            builds,
+            next_cursor,
+        })
+    }
+
+    /// Ids of a project's builds, newest first.
+    pub fn project_build_ids(&self, project: &str) -> Result<Vec<BuildId>, StoreError> {
+        let mut out = Vec::new();
+        for item in self
+            .inner
+            .build_index
+            .scan_prefix(index_prefix(project))
+            .rev()
+        {
+            let (k, _) = self.check(item.map_err(StoreError::from))?;
+            if let Some(id) = k
+                .get(k.len().saturating_sub(16)..)
+                .and_then(|s| <[u8; 16]>::try_from(s).ok())
+            {
+                out.push(BuildId(uuid::Uuid::from_bytes(id)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes a build, its index entry and its payload. Returns whether it existed.
+    pub fn delete_build(&self, id: BuildId) -> Result<bool, StoreError> {
+        let Some(b) = self.build(id)? else {
+            return Ok(false);
+        };
+        let ikey = index_key(&b);
+        let i = &self.inner;
+        let r: TxResult<()> =
+            (&i.builds, &i.build_index, &i.payloads).transaction(|(builds, index, payloads)| {
+                builds.remove(id.as_bytes())?;
+                index.remove(ikey.as_slice())?;
+                payloads.remove(id.as_bytes())?;
+                Ok(())
+            });
+        self.check(r.map_err(tx_err))?;
+        Ok(true)
+    }
+
+    // ---- Git deliveries -----------------------------------------------------------------
+
+    /// Claims a Git delivery id for this project before it is acted on, so that a replay —
+    /// even one racing the original — never builds twice. A record older than `window_start`
+    /// does not count (SPEC keeps deliveries 7 days) and is taken over.
+    pub fn reserve_delivery(
+        &self,
+        project: &str,
+        delivery: &str,
+        now: Timestamp,
+        window_start: Timestamp,
+    ) -> Result<DeliverySeen, StoreError> {
+        let key = name_key(project, delivery);
+        let mut fresh = now.0.to_be_bytes().to_vec();
+        fresh.extend_from_slice(&[0u8; 16]);
+        for _ in 0..16 {
+            let current = self.check(self.inner.deliveries.get(&key).map_err(StoreError::from))?;
+            if let Some(v) = &current
+                && delivery_time(v).is_some_and(|t| t >= window_start)
+            {
+                return Ok(match delivery_build(v) {
+                    Some(id) if !id.0.is_nil() => DeliverySeen::Built(id),
+                    _ => DeliverySeen::InFlight,
+                });
+            }
+            let r = self
+                .inner
+                .deliveries
+                .compare_and_swap(&key, current, Some(fresh.clone()));
+            if self.check(r.map_err(StoreError::from))?.is_ok() {
+                return Ok(DeliverySeen::New);
+            }
+        }
+        Ok(DeliverySeen::InFlight)
+    }
+
+    /// Records the build a reserved delivery created or joined.
+    pub fn complete_delivery(
+        &self,
+        project: &str,
+        delivery: &str,
+        build: BuildId,
+        at: Timestamp,
+    ) -> Result<(), StoreError> {
+        let mut value = at.0.to_be_bytes().to_vec();
+        value.extend_from_slice(build.as_bytes());
+        let r = self
+            .inner
+            .deliveries
+            .insert(name_key(project, delivery), value);
+        self.check(r.map(|_| ()).map_err(StoreError::from))
+    }
+
+    /// Drops a reservation whose delivery built nothing (refused or ignored), so a redelivery
+    /// is handled afresh.
+    pub fn release_delivery(&self, project: &str, delivery: &str) -> Result<(), StoreError> {
+        let r = self.inner.deliveries.remove(name_key(project, delivery));
+        self.check(r.map(|_| ()).map_err(StoreError::from))
+    }
+
+    /// The build a delivery is recorded with (`None` when unknown or still in flight).
+    pub fn delivery_build(
+        &self,
+        project: &str,
+        delivery: &str,
+    ) -> Result<Option<BuildId>, StoreError> {
+        let r = self.inner.deliveries.get(name_key(project, delivery));
+        let v = self.check(r.map_err(StoreError::from))?;
+        Ok(v.and_then(|v| delivery_build(&v))
+            .filter(|id| !id.0.is_nil()))
+    }
+
+    /// Forgets deliveries seen before `before`. Returns how many were removed.
+    pub fn prune_deliveries(&self, before: Timestamp) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for item in self.inner.deliveries.iter() {
+            let (k, v) = self.check(item.map_err(StoreError::from))?;
+            if delivery_time(&v).is_none_or(|t| t < before) {
+                self.check(self.inner.deliveries.remove(k).map_err(StoreError::from))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Ok(mut slot) = self.flush_tx.lock() {
+            slot.take();
+        }
+        if let Some(h) = self.flush_thread.lock().ok().and_then(|mut s| s.take()) {
+            let _ = h.join();
+        }
+    }
+}
+
+fn delivery_time(v: &[u8]) -> Option<Timestamp> {
+    Some(Timestamp(i64::from_be_bytes(v.get(..8)?.try_into().ok()?)))
+}
+
+fn delivery_build(v: &[u8]) -> Option<BuildId> {
+    Some(BuildId(uuid::Uuid::from_bytes(
+        v.get(8..24)?.try_into().ok()?,
+    )))
+}
+
+/// The flush thread: batches every waiter that arrived during the previous flush.
+fn flusher(db: sled::Db, rx: mpsc::Receiver<FlushWaiter>) {
+    while let Ok(first) = rx.recv() {
+        let mut waiters = vec![first];
+        while let Ok(w) = rx.try_recv() {
+            waiters.push(w);
+        }
+        let r = db.flush().map(|_| ()).map_err(StoreError::from);
+        for w in waiters {
+            let _ = w.send(r.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Phase, Trigger, TriggerSource};
+
+    fn build(project: &str, seq: u64) -> Build {
+        Build::new_queued(
+            seq,
+            project,
+            "main",
+            Trigger {
+                source: TriggerSource::Api,
+                hook: None,
+            },
+            None,
+            false,
+        )
+    }
+
+    fn hook(project: &str, name: &str, token: &str) -> Hook {
+        Hook {
+            id: HookId::new(),
+            project: project.into(),
+            name: name.into(),
+            branch: "main".into(),
+            token_hash: TokenHash::of(token).0,
+            created_on: Timestamp::now(),
+            last_triggered_on: None,
+            trigger_count: 0,
+        }
+    }
+
+    #[test]
+    fn a_second_open_of_the_same_state_dir_fails_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let _first = Store::open(dir.path()).unwrap();
+        match Store::open(dir.path()) {
+            Err(StoreError::InUse(p)) => assert_eq!(p, dir.path()),
+            other => panic!("expected InUse, got {:?}", other.err()),
+        }
+    }
+
+    #[test]
+    fn records_round_trip_with_a_version_byte() {
+        let b = build("site", 7);
+        let bytes = encode(&b).unwrap();
+        assert_eq!(bytes[0], FORMAT_V1);
+        assert_eq!(decode::<Build>(&bytes).unwrap(), b);
+        let mut future = bytes.clone();
+        future[0] = 9;
+        assert!(matches!(
+            decode::<Build>(&future),
+            Err(StoreError::Corrupt(_))
+        ));
+        assert!(matches!(decode::<Build>(&[]), Err(StoreError::Corrupt(_))));
+    }
+
+    #[tokio::test]
+    async fn hooks_by_token_rotate_and_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let h = hook("site", "cms", "dh_a");
+        assert!(matches!(s.insert_hook(&h).unwrap(), HookInsert::Created));
+        assert!(matches!(
+            s.insert_hook(&hook("site", "cms", "dh_b")).unwrap(),
+            HookInsert::NameTaken
+        ));
+        assert!(matches!(
+            s.insert_hook(&hook("other", "cms", "dh_c")).unwrap(),
+            HookInsert::Created
+        ));
+        assert_eq!(
+            s.hook_by_token(&TokenHash::of("dh_a")).unwrap().unwrap().id,
+            h.id
+        );
+        assert!(s.hook_by_token(&TokenHash::of("dh_b")).unwrap().is_none());
+        assert!(
+            s.rotate_hook("other", h.id, &TokenHash::of("dh_x"))
+                .unwrap()
+                .is_none()
+        );
+        s.rotate_hook("site", h.id, &TokenHash::of("dh_new"))
+            .unwrap()
+            .unwrap();
+        assert!(s.hook_by_token(&TokenHash::of("dh_a")).unwrap().is_none());
+        assert_eq!(
+            s.hook_by_token(&TokenHash::of("dh_new"))
+                .unwrap()
+                .unwrap()
+                .id,
+            h.id
+        );
+        s.record_hook_fired(h.id, Timestamp(5)).unwrap();
+        let fired = s.hook(h.id).unwrap().unwrap();
+        assert_eq!(
+            (fired.trigger_count, fired.last_triggered_on),
+            (1, Some(Timestamp(5)))
+        );
+        assert_eq!(s.hooks(Some("site")).unwrap().len(), 1);
+        assert_eq!(s.hooks(None).unwrap().len(), 2);
+        assert!(s.delete_hook("site", h.id).unwrap().is_some());
+        assert!(s.hook_by_token(&TokenHash::of("dh_new")).unwrap().is_none());
+        // The name is free again.
+        assert!(matches!(
+            s.insert_hook(&hook("site", "cms", "dh_d")).unwrap(),
+            HookInsert::Created
+        ));
+        s.durable().await.unwrap();
+    }
+
+    #[test]
+    fn builds_list_newest_first_with_cursor_and_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let mut ids = Vec::new();
+        for seq in 1..=5 {
+            let mut b = build("site", seq);
+            if seq % 2 == 0 {
+                b.phase = Phase::Stopped(crate::model::Outcome::Success);
+            }
+            s.insert_build(&b, None).unwrap();
+            ids.push(b.id);
+        }
+        s.insert_build(&build("site-2", 6), None).unwrap();
+        let p1 = s.list_builds("site", None, 2, None).unwrap();
+        assert_eq!(
+            p1.builds.iter().map(|b| b.id).collect::<Vec<_>>(),
+            vec![ids[4], ids[3]]
+        );
+        let c = decode_cursor(p1.next_cursor.as_deref().unwrap()).unwrap();
+        let p2 = s.list_builds("site", None, 2, Some(c)).unwrap();
+        assert_eq!(
+            p2.builds.iter().map(|b| b.id).collect::<Vec<_>>(),
+            vec![ids[2], ids[1]]
+        );
+        let c = decode_cursor(p2.next_cursor.as_deref().unwrap()).unwrap();
+        let p3 = s.list_builds("site", None, 2, Some(c)).unwrap();
+        assert_eq!(
+            p3.builds.iter().map(|b| b.id).collect::<Vec<_>>(),
+            vec![ids[0]]
+        );
+        assert!(p3.next_cursor.is_none());
+        let stopped = s
+            .list_builds("site", Some(StatusFilter::Stopped), 10, None)
+            .unwrap();
+        assert_eq!(stopped.builds.len(), 2);
+        assert_eq!(s.project_build_ids("site").unwrap().len(), 5);
+        assert!(s.delete_build(ids[0]).unwrap());
+        assert_eq!(s.project_build_ids("site").unwrap().len(), 4);
+        assert!(decode_cursor("zz").is_none());
+    }
+
+    #[test]
+    fn deliveries_are_remembered_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let a = BuildId::new();
+        let t = Timestamp(1_000);
+        assert_eq!(
+            s.reserve_delivery("site", "d1", t, Timestamp(0)).unwrap(),
+            DeliverySeen::New
+        );
+        assert_eq!(
+            s.reserve_delivery("site", "d1", t, Timestamp(0)).unwrap(),
+            DeliverySeen::InFlight
+        );
+        s.complete_delivery("site", "d1", a, t).unwrap();
+        assert_eq!(
+            s.reserve_delivery("site", "d1", t, Timestamp(0)).unwrap(),
+            DeliverySeen::Built(a)
+        );
+        assert_eq!(s.delivery_build("site", "d1").unwrap(), Some(a));
+        // Another project's delivery ids are its own.
+        assert_eq!(
+            s.reserve_delivery("other", "d1", t, Timestamp(0)).unwrap(),
+            DeliverySeen::New
+        );
+        s.release_delivery("other", "d1").unwrap();
+        assert_eq!(
+            s.reserve_delivery("other", "d1", t, Timestamp(0)).unwrap(),
+            DeliverySeen::New
+        );
+        // Outside the window it counts as new.
+        assert_eq!(
+            s.reserve_delivery("site", "d1", Timestamp(9_000), Timestamp(2_000))
+                .unwrap(),
+            DeliverySeen::New
+        );
+        assert_eq!(s.prune_deliveries(Timestamp(5_000)).unwrap(), 1);
+        assert_eq!(s.delivery_build("other", "d1").unwrap(), None);
+    }
+
+    #[test]
+    fn data_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = build("site", 1);
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.insert_build(&b, Some(b"payload")).unwrap();
+            s.flush_blocking().unwrap();
+            s.close();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.build(b.id).unwrap().unwrap(), b);
+        assert_eq!(s.payload(b.id).unwrap().unwrap(), b"payload");
+    }
+}
