@@ -196,6 +196,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Base of printed hook URLs, without a trailing slash.
     pub public_url: String,
+    /// Whether `public_url` was left out (then it follows the address actually bound, which
+    /// differs from `listen` when that says port 0).
+    pub public_url_is_default: bool,
     /// sled database, build logs, payloads and workspaces.
     pub state_dir: PathBuf,
     /// Larger request bodies get 413.
@@ -742,6 +745,7 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path) -> Result<Config, Config
         path: ctx.file.to_path_buf(),
         server: ServerConfig {
             listen,
+            public_url_is_default: s.public_url.is_none(),
             public_url,
             state_dir,
             max_body_bytes,

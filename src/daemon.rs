@@ -109,15 +109,6 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let listen = config.server.listen;
     let shared = Arc::new(SharedConfig::new(config));
     let queue = Queue::start(store.clone(), shared.clone(), settings)?;
-    let state = Arc::new(AppState {
-        config: shared.clone(),
-        store: store.clone(),
-        queue: queue.clone(),
-        admin: RwLock::new(admin),
-        shutting_down: AtomicBool::new(false),
-        max_connections,
-    });
-
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|source| DaemonError::Listen {
@@ -125,6 +116,15 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             source,
         })?;
     let local = listener.local_addr().unwrap_or(listen);
+    let state = Arc::new(AppState {
+        config: shared.clone(),
+        store: store.clone(),
+        queue: queue.clone(),
+        admin: RwLock::new(admin),
+        shutting_down: AtomicBool::new(false),
+        max_connections,
+        local_addr: local,
+    });
     tracing::info!("listening on {local}");
 
     let (trigger, watch) = shutdown::channel();

@@ -95,7 +95,7 @@ pub fn list_hooks(state: &AppState, p: &str) -> Result<Response<Body>, ApiError>
 fn hook_with_url(state: &AppState, hook: &Hook, token: &HookToken) -> Value {
     let mut v = hook.to_json();
     if let Value::Object(m) = &mut v {
-        let base = state.config.get().server.public_url.clone();
+        let base = state.public_url();
         m.insert(
             "url".into(),
             Value::String(format!("{base}/hooks/{}", token.expose())),

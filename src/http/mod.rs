@@ -67,9 +67,25 @@ pub struct AppState {
     pub shutting_down: AtomicBool,
     /// Most connections open at once.
     pub max_connections: usize,
+    /// The address the listener is bound to.
+    pub local_addr: std::net::SocketAddr,
 }
 
 impl AppState {
+    /// Base of hook URLs: `public_url`, or when that is left out, the address bound.
+    pub fn public_url(&self) -> String {
+        let config = self.config.get();
+        if config.server.public_url_is_default {
+            let mut a = self.local_addr;
+            if a.ip().is_unspecified() {
+                a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{a}")
+        } else {
+            config.server.public_url.clone()
+        }
+    }
+
     /// Whether shutdown has begun.
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)

@@ -1,0 +1,159 @@
+//! Hostile HTTP clients (../shared/HOSTILE.md, HTTP items).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+fn daemon() -> (Daemon, tempfile::TempDir) {
+    let wd = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&workdir_project("site", wd.path(), "true", ""));
+    (d, wd)
+}
+
+fn healthy(d: &Daemon) {
+    assert_eq!(request(d.addr, "GET", "/healthz", &[], b"").status, 200);
+}
+
+/// Reads until EOF or error; returns what arrived and how long it took.
+fn read_all(mut s: TcpStream, limit: Duration) -> (Vec<u8>, Duration) {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let start = Instant::now();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    (buf, start.elapsed())
+}
+
+#[test]
+fn slowloris_and_silent_connections_are_closed_at_the_header_timeout() {
+    let (d, _wd) = daemon();
+    // hyper ignores header_read_timeout without a timer: this proves the timer is there.
+    let mut trickle = TcpStream::connect(d.addr).unwrap();
+    trickle
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let silent = TcpStream::connect(d.addr).unwrap();
+    let (_, waited) = read_all(silent, Duration::from_secs(30));
+    assert!(
+        waited < Duration::from_secs(25),
+        "silent connection kept open {waited:?}"
+    );
+    // Keep trickling one header line a second: still cut off, as the whole head is bounded.
+    let start = Instant::now();
+    let mut closed = false;
+    while start.elapsed() < Duration::from_secs(25) {
+        if trickle.write_all(b"X-Slow: 1\r\n").is_err() {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(closed, "trickled headers kept the connection open");
+    healthy(&d);
+}
+
+#[test]
+fn garbage_and_smuggling_attempts_get_400_or_a_closed_connection() {
+    let (d, _wd) = daemon();
+    let cases: [&[u8]; 5] = [
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage-tls-hello\r\n\r\n",
+        b"POST /hooks/dh_x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"POST /hooks/dh_x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n  continued\r\n\r\n",
+        b"GET /he\x00althz HTTP/1.1\r\nHost: x\r\n\r\n",
+    ];
+    for c in cases {
+        let mut s = TcpStream::connect(d.addr).unwrap();
+        s.write_all(c).unwrap();
+        let (buf, _) = read_all(s, Duration::from_secs(15));
+        if !buf.is_empty() {
+            let text = String::from_utf8_lossy(&buf);
+            // Never a second response: the trailing GET must not be served.
+            assert_eq!(
+                text.matches("HTTP/1.1 ").count(),
+                1,
+                "two responses: request smuggled: {text}"
+            );
+            if c.windows(18)
+                .any(|w| w.eq_ignore_ascii_case(b"Transfer-Encoding:"))
+            {
+                // hyper resolves Content-Length + Transfer-Encoding as RFC 9112 says: the
+                // chunked framing wins and the connection is closed after the response.
+                assert!(
+                    text.to_ascii_lowercase().contains("connection: close"),
+                    "{text}"
+                );
+            } else {
+                assert!(
+                    text.starts_with("HTTP/1.1 400"),
+                    "{:?} → {text}",
+                    String::from_utf8_lossy(c)
+                );
+            }
+        }
+    }
+    healthy(&d);
+}
+
+#[test]
+fn too_many_or_too_large_headers_are_refused() {
+    let (d, _wd) = daemon();
+    let mut req = String::from("GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for i in 0..150 {
+        req.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    req.push_str("\r\n");
+    let r = raw(d.addr, req.as_bytes());
+    assert!(r.status == 431 || r.status == 400, "{}", r.status);
+    let big = format!(
+        "GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(200_000)
+    );
+    let mut s = TcpStream::connect(d.addr).unwrap();
+    let _ = s.write_all(big.as_bytes());
+    let (buf, _) = read_all(s, Duration::from_secs(15));
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 431") || text.starts_with("HTTP/1.1 400"),
+        "{text}"
+    );
+    healthy(&d);
+}
+
+#[test]
+fn odd_paths_get_4xx() {
+    let (d, _wd) = daemon();
+    for path in [
+        "/hooks/../api/projects".to_string(),
+        "/api/projects/..%2f..%2fetc/hooks".to_string(),
+        "/hooks/%2e%2e%2fx".to_string(),
+        format!("/hooks/{}", "x".repeat(5000)),
+        format!("/api/projects/{}/builds", "p".repeat(5000)),
+        "/api/builds/../../etc/passwd".to_string(),
+    ] {
+        let auth = format!("Bearer {}", d.token);
+        let r = request(d.addr, "GET", &path, &[("Authorization", &auth)], b"");
+        assert!((400..500).contains(&r.status), "{path}: {}", r.status);
+    }
+    healthy(&d);
+}
+
+#[test]
+fn a_trickled_body_times_out_and_frees_the_connection() {
+    let (d, _wd) = daemon();
+    let (_, path) = d.create_hook("site", "cms", "main");
+    let mut s = TcpStream::connect(d.addr).unwrap();
+    s.write_all(
+        format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc").as_bytes(),
+    )
+    .unwrap();
+    let (buf, waited) = read_all(s, Duration::from_secs(60));
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+    assert!(waited < Duration::from_secs(50), "{waited:?}");
+    healthy(&d);
+}
