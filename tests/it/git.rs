@@ -163,7 +163,8 @@ fn bad_signatures_are_refused_before_parsing() {
     let reserialised =
         serde_json::to_vec_pretty(&serde_json::from_slice::<Value>(&body).unwrap()).unwrap();
     let sha1 = "sha1=0123456789abcdef0123456789abcdef01234567".to_string();
-    let cases: Vec<(Vec<(&str, &str)>, &[u8])> = vec![
+    type Case<'a> = (Vec<(&'a str, &'a str)>, &'a [u8]);
+    let cases: Vec<Case> = vec![
         (vec![("X-GitHub-Event", "push")], &body),
         (
             vec![("X-GitHub-Event", "push"), ("X-Hub-Signature-256", &wrong)],
