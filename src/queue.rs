@@ -338,6 +338,7 @@ impl Queue {
         }
         store.flush_blocking()?;
         runner::clean_leftovers(store.state_dir());
+        settings.pool.refill();
         let q = Queue {
             inner: Arc::new(Inner {
                 store,
@@ -458,6 +459,10 @@ impl Queue {
     pub fn schedule(&self) {
         let starts = {
             let mut st = self.lock();
+            if !st.accepting {
+                // Shutting down: what is queued stays queued for the next start.
+                return;
+            }
             let config = self.inner.config.get();
             let max = config.server.max_concurrent_builds;
             let mut starts = Vec::new();

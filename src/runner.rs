@@ -20,7 +20,6 @@
 //! sharing the mirror's objects, removed when the build stops. Git is run as a plain argv, the
 //! branch always after `--` or inside a `refs/heads/` refspec, never through a shell.
 
-use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -52,8 +51,8 @@ pub struct RunSettings {
     pub state_dir: PathBuf,
     /// `PATH`, `HOME`, `USER`, `LANG` as the daemon has them.
     pub base_env: Vec<(String, String)>,
-    /// The binary to re-execute as supervisor.
-    pub exe: PathBuf,
+    /// Supervisors, started ahead of need.
+    pub pool: Arc<SupervisorPool>,
     /// Time between SIGTERM and SIGKILL (from the config at start).
     pub kill_grace: Duration,
     /// Per-build log cap (from the config at start).
@@ -81,13 +80,81 @@ impl RunSettings {
         } else {
             std::env::current_exe().unwrap_or_else(|_| PathBuf::from("deployhook"))
         };
+        let pool = Arc::new(SupervisorPool {
+            exe,
+            warm: tokio::sync::Mutex::new(None),
+        });
         Self {
             state_dir: state_dir.to_path_buf(),
             base_env,
-            exe,
+            pool,
             kill_grace,
             max_log_bytes,
         }
+    }
+}
+
+/// A supervisor that has been started and waits for its job.
+type Warm = (tokio::process::Child, tokio::net::UnixStream);
+
+/// Keeps one supervisor started ahead of need, so that starting a build costs a socket write
+/// instead of an exec of this (large) binary: the exec, the dynamic loading and the
+/// supervisor's own set-up happen between builds, not between a trigger and its command.
+/// A warm supervisor has an empty environment and no job; if the daemon dies it reads EOF and
+/// exits, having nothing to kill.
+pub struct SupervisorPool {
+    exe: PathBuf,
+    warm: tokio::sync::Mutex<Option<Warm>>,
+}
+
+impl std::fmt::Debug for SupervisorPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SupervisorPool")
+            .field("exe", &self.exe)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SupervisorPool {
+    fn spawn(&self) -> std::io::Result<Warm> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        let mut cmd = tokio::process::Command::new(&self.exe);
+        cmd.arg(supervisor::MODE_ARG)
+            .env_clear()
+            .current_dir("/")
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        let child = cmd.spawn()?;
+        // Dropping the command drops our copy of the supervisor's end of the socket.
+        drop(cmd);
+        ours.set_nonblocking(true)?;
+        Ok((child, tokio::net::UnixStream::from_std(ours)?))
+    }
+
+    /// A supervisor waiting for its job: the warm one if it is still alive, else a new one.
+    async fn take(&self) -> std::io::Result<Warm> {
+        if let Some((mut child, ctl)) = self.warm.lock().await.take()
+            && matches!(child.try_wait(), Ok(None))
+        {
+            return Ok((child, ctl));
+        }
+        self.spawn()
+    }
+
+    /// Starts a warm supervisor in the background if there is none.
+    pub fn refill(self: &Arc<Self>) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let mut slot = pool.warm.lock().await;
+            if slot.is_none() {
+                match pool.spawn() {
+                    Ok(w) => *slot = Some(w),
+                    Err(e) => tracing::warn!("cannot start a spare supervisor: {e}"),
+                }
+            }
+        });
     }
 }
 
@@ -329,11 +396,7 @@ async fn execute(
         return (r.outcome(), None);
     }
     queue.mark_running(id);
-    let argv: Vec<OsString> = vec![
-        "/bin/sh".into(),
-        "-c".into(),
-        project.command.clone().into(),
-    ];
+    let argv: Vec<String> = vec!["/bin/sh".into(), "-c".into(), project.command.clone()];
     let out = Sink::Log(ctx.log.clone(), Stream::Stdout);
     let err = Sink::Log(ctx.log.clone(), Stream::Stderr);
     let end = step(ctx, argv, &workdir, &env, out, err).await;
@@ -378,7 +441,7 @@ async fn checkout(
         return Err((Outcome::Fail, None));
     }
     if !mirror.join("HEAD").exists() {
-        let argv = git_argv(&["init", "--quiet", "--bare", "--"], &[mirror.as_os_str()]);
+        let argv = git_argv(&["init", "--quiet", "--bare", "--"], &[mirror.as_path()]);
         let end = step(ctx, argv, &mirrors, env, sys(ctx.log), sys(ctx.log)).await;
         if !end.ok() {
             return Err(step_failed(ctx, "git init", &end).await);
@@ -404,7 +467,7 @@ async fn checkout(
                 "--no-write-fetch-head",
                 "--",
             ],
-            &[url.as_ref(), refspec.as_ref()],
+            &[Path::new(url), Path::new(&refspec)],
         );
         let end = step(ctx, argv, &mirrors, env, sys(ctx.log), sys(ctx.log)).await;
         if !end.ok() {
@@ -414,7 +477,7 @@ async fn checkout(
         let rev = format!("refs/heads/{}^{{commit}}", build.branch);
         let argv = git_argv(
             &[&git_dir, "rev-parse", "--verify", "--quiet"],
-            &[rev.as_ref()],
+            &[Path::new(&rev)],
         );
         let end = step(
             ctx,
@@ -462,7 +525,7 @@ async fn checkout(
     }
     let argv = git_argv(
         &["clone", "--quiet", "--shared", "--no-checkout", "--"],
-        &[mirror.as_os_str(), workspace.as_os_str()],
+        &[mirror.as_path(), workspace],
     );
     let end = step(ctx, argv, &mirrors, env, sys(ctx.log), sys(ctx.log)).await;
     if !end.ok() {
@@ -476,7 +539,7 @@ async fn checkout(
             "--quiet",
             "--detach",
         ],
-        &[sha.as_ref()],
+        &[Path::new(&sha)],
     );
     let end = step(ctx, argv, workspace, env, sys(ctx.log), sys(ctx.log)).await;
     if !end.ok() {
@@ -485,10 +548,11 @@ async fn checkout(
     Ok(sha)
 }
 
-fn git_argv(args: &[&str], more: &[&std::ffi::OsStr]) -> Vec<OsString> {
-    let mut v: Vec<OsString> = vec!["git".into()];
-    v.extend(args.iter().map(OsString::from));
-    v.extend(more.iter().map(|s| s.to_os_string()));
+fn git_argv(args: &[&str], more: &[&Path]) -> Vec<String> {
+    let mut v: Vec<String> = vec!["git".into()];
+    v.extend(args.iter().map(|s| (*s).to_owned()));
+    // Paths here are state_dir paths or the config's repo: UTF-8, as TOML strings are.
+    v.extend(more.iter().map(|p| p.to_string_lossy().into_owned()));
     v
 }
 
@@ -578,7 +642,7 @@ fn parse_report(line: &str) -> Option<Report> {
 /// Runs one argv under a supervisor to its end, relaying stops and the timeout.
 async fn step(
     ctx: &mut Ctx<'_>,
-    argv: Vec<OsString>,
+    argv: Vec<String>,
     workdir: &Path,
     env: &[(String, String)],
     out: Sink,
@@ -591,34 +655,14 @@ async fn step(
             stopped: Some(r),
         };
     }
-    let args = supervisor::Args {
-        grace: ctx.settings.kill_grace,
-        workdir: workdir.to_path_buf(),
+    let job = supervisor::Job {
+        grace_ms: u64::try_from(ctx.settings.kill_grace.as_millis()).unwrap_or(u64::MAX),
+        workdir: workdir.to_string_lossy().into_owned(),
         argv,
+        env: env.to_vec(),
     };
-    let (ours, theirs) = match std::os::unix::net::UnixStream::pair() {
-        Ok(p) => p,
-        Err(e) => {
-            return StepEnd {
-                status: MainStatus::SpawnError(format!("cannot create a socket pair: {e}")),
-                stopped: None,
-            };
-        }
-    };
-    let mut cmd = tokio::process::Command::new(&ctx.settings.exe);
-    cmd.arg(supervisor::MODE_ARG)
-        .args(args.to_argv())
-        .env_clear()
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdin(Stdio::from(OwnedFd::from(theirs)))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let spawned = cmd.spawn();
-    // Drop the command and with it our copy of the supervisor's end of the socket.
-    drop(cmd);
-    let mut child = match spawned {
-        Ok(c) => c,
+    let (mut child, ctl) = match ctx.settings.pool.take().await {
+        Ok(x) => x,
         Err(e) => {
             return StepEnd {
                 status: MainStatus::SpawnError(format!("cannot start the supervisor: {e}")),
@@ -626,20 +670,15 @@ async fn step(
             };
         }
     };
-    let ctl = ours
-        .set_nonblocking(true)
-        .and_then(|()| tokio::net::UnixStream::from_std(ours));
-    let ctl = match ctl {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = child.kill().await;
-            return StepEnd {
-                status: MainStatus::SpawnError(format!("cannot watch the supervisor: {e}")),
-                stopped: None,
-            };
-        }
-    };
+    ctx.settings.pool.refill();
     let (rd, mut wr) = ctl.into_split();
+    if let Err(e) = wr.write_all(&job.to_line()).await {
+        let _ = child.kill().await;
+        return StepEnd {
+            status: MainStatus::SpawnError(format!("cannot hand the job to the supervisor: {e}")),
+            stopped: None,
+        };
+    }
     let mut reports = BufReader::new(rd).lines();
     let readers = [
         child.stdout.take().map(|p| tokio::spawn(read_pipe(p, out))),
@@ -657,9 +696,9 @@ async fn step(
         tokio::select! {
             line = reports.next_line() => match line.ok().flatten().as_deref().and_then(parse_report) {
                 Some(Report::Pid(p)) => pgid = Some(nix::unistd::Pid::from_raw(p)),
-                Some(Report::Exit(c)) => { status = Some(MainStatus::Exited(c)); exited_at = Some(Instant::now()); }
-                Some(Report::Signal(s)) => { status = Some(MainStatus::Signaled(s)); exited_at = Some(Instant::now()); }
-                Some(Report::SpawnError(m)) => { status = Some(MainStatus::SpawnError(m)); exited_at = Some(Instant::now()); }
+                Some(Report::Exit(c)) => main_ended(&mut status, &mut exited_at, &mut escalate, MainStatus::Exited(c)),
+                Some(Report::Signal(s)) => main_ended(&mut status, &mut exited_at, &mut escalate, MainStatus::Signaled(s)),
+                Some(Report::SpawnError(m)) => main_ended(&mut status, &mut exited_at, &mut escalate, MainStatus::SpawnError(m)),
                 Some(Report::Done) => break,
                 None => {
                     // EOF or garbage: the supervisor is gone. Make sure its group is too.
@@ -739,6 +778,24 @@ async fn step(
     StepEnd {
         status: status.unwrap_or(MainStatus::Lost),
         stopped,
+    }
+}
+
+/// Records the end of the main process. The supervisor now kills and reaps what is left and
+/// says `done`; if that does not come (a descendant stuck in uninterruptible sleep keeps
+/// `waitpid` waiting), the runner gives up on it after the drain deadline and some slack.
+fn main_ended(
+    status: &mut Option<MainStatus>,
+    exited_at: &mut Option<Instant>,
+    escalate: &mut Option<(Instant, u8)>,
+    st: MainStatus,
+) {
+    let now = Instant::now();
+    *status = Some(st);
+    *exited_at = Some(now);
+    let give_up = now + DRAIN_DEADLINE + SUPERVISOR_SLACK;
+    if escalate.is_none_or(|(t, _)| t > give_up) {
+        *escalate = Some((give_up, 1));
     }
 }
 

@@ -37,21 +37,28 @@
 //! process the supervisor could not kill (e.g. stuck in uninterruptible sleep).
 //!
 //! # Protocol
-//! Daemon → supervisor, one byte each: `T` (SIGTERM the group now, SIGKILL everything after the
-//! grace period), `K` (SIGKILL everything now); EOF means the same as `K`.
+//! The supervisor is started with no arguments besides [`MODE_ARG`] and an empty environment,
+//! and waits for its [`Job`]: one line of JSON on the socket (argv, environment, working
+//! directory, kill grace). So a supervisor can be started ahead of time and kept warm: the
+//! exec of this binary then happens before the trigger, not after it (see
+//! `crate::runner::SupervisorPool`). EOF before a job: exit quietly.
+//!
+//! Daemon → supervisor after the job, one byte each: `T` (SIGTERM the group now, SIGKILL
+//! everything after the grace period), `K` (SIGKILL everything now); EOF means the same as `K`.
 //! Supervisor → daemon, one line each: `pid N`, then `exit CODE` or `signal N` when the main
 //! process ends (or `spawn-error MESSAGE`), then `done` when every descendant is reaped.
 
 use std::ffi::OsString;
-use std::io::{Read as _, Write as _};
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::os::fd::AsFd as _;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt as _;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use nix::errno::Errno;
 use nix::sys::signal::{SigSet, Signal, kill, killpg};
@@ -64,46 +71,36 @@ pub const MODE_ARG: &str = "__supervise";
 /// `oom_score_adj` given to builds (the daemon keeps its own, lower one).
 pub const BUILD_OOM_SCORE_ADJ: &str = "500";
 
-/// What the supervisor was asked to run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Args {
-    /// Time between SIGTERM and SIGKILL after a `T`.
-    pub grace: Duration,
+/// What a supervisor is asked to run. Sent as one JSON line, so every field must be UTF-8
+/// (config values and paths derived from them are).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    /// Time between SIGTERM and SIGKILL after a `T`, in milliseconds.
+    pub grace_ms: u64,
     /// Working directory of the command.
-    pub workdir: PathBuf,
+    pub workdir: String,
     /// The command's argv (not a shell string).
-    pub argv: Vec<OsString>,
+    pub argv: Vec<String>,
+    /// The command's whole environment (nothing else is inherited).
+    pub env: Vec<(String, String)>,
 }
 
-impl Args {
-    /// The arguments to pass after [`MODE_ARG`].
-    pub fn to_argv(&self) -> Vec<OsString> {
-        let mut v: Vec<OsString> = vec![
-            self.grace.as_millis().to_string().into(),
-            self.workdir.clone().into_os_string(),
-            "--".into(),
-        ];
-        v.extend(self.argv.iter().cloned());
+impl Job {
+    /// The job as the line the supervisor reads.
+    pub fn to_line(&self) -> Vec<u8> {
+        // A struct of strings and numbers always serializes.
+        let mut v = serde_json::to_vec(self).unwrap_or_default();
+        v.push(b'\n');
         v
     }
 
-    /// Parses what [`Args::to_argv`] produced.
-    pub fn parse(args: &[OsString]) -> Result<Args, String> {
-        let [grace, workdir, sep, argv @ ..] = args else {
-            return Err("usage: deployhook __supervise GRACE_MS WORKDIR -- ARGV...".into());
-        };
-        let grace = grace
-            .to_str()
-            .and_then(|s| s.parse::<u64>().ok())
-            .ok_or("GRACE_MS must be a number")?;
-        if sep != "--" || argv.is_empty() {
-            return Err("expected -- and a command".into());
+    /// Parses a job line.
+    pub fn parse(line: &str) -> Result<Job, String> {
+        let job: Job = serde_json::from_str(line).map_err(|e| format!("bad job: {e}"))?;
+        if job.argv.is_empty() {
+            return Err("bad job: empty argv".into());
         }
-        Ok(Args {
-            grace: Duration::from_millis(grace),
-            workdir: PathBuf::from(workdir),
-            argv: argv.to_vec(),
-        })
+        Ok(job)
     }
 }
 
@@ -133,13 +130,10 @@ impl Shared {
 
 /// Entry point of the hidden mode; returns the process exit code.
 pub fn main(args: &[OsString]) -> i32 {
-    let args = match Args::parse(args) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("deployhook supervisor: {e}");
-            return 2;
-        }
-    };
+    if !args.is_empty() {
+        eprintln!("deployhook supervisor: takes no arguments; the job comes over stdin");
+        return 2;
+    }
     let mut blocked = SigSet::empty();
     for s in [
         Signal::SIGINT,
@@ -178,13 +172,30 @@ pub fn main(args: &[OsString]) -> i32 {
     let mut say = |line: &str| {
         let _ = report.write_all(format!("{line}\n").as_bytes());
     };
-
     let _ = nix::sys::prctl::set_child_subreaper(true);
     let _ = std::fs::write("/proc/self/oom_score_adj", BUILD_OOM_SCORE_ADJ);
 
-    let mut cmd = Command::new(&args.argv[0]);
-    cmd.args(&args.argv[1..])
-        .current_dir(&args.workdir)
+    // Everything above ran before the job is known (possibly long before: a warm supervisor).
+    let mut ctl = BufReader::new(ctl);
+    let mut line = String::new();
+    match ctl.read_line(&mut line) {
+        Ok(0) | Err(_) => return 0, // The daemon went away or no longer needs us.
+        Ok(_) => {}
+    }
+    let job = match Job::parse(line.trim_end()) {
+        Ok(j) => j,
+        Err(e) => {
+            say(&format!("spawn-error {e}"));
+            say("done");
+            return 0;
+        }
+    };
+
+    let mut cmd = Command::new(&job.argv[0]);
+    cmd.args(&job.argv[1..])
+        .env_clear()
+        .envs(job.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&job.workdir)
         .stdin(Stdio::null())
         .stdout(Stdio::from(out))
         .stderr(Stdio::from(err))
@@ -192,10 +203,7 @@ pub fn main(args: &[OsString]) -> i32 {
     let child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            say(&format!(
-                "spawn-error cannot start {}: {e}",
-                args.argv[0].to_string_lossy()
-            ));
+            say(&format!("spawn-error cannot start {}: {e}", job.argv[0]));
             say("done");
             return 0;
         }
@@ -212,7 +220,7 @@ pub fn main(args: &[OsString]) -> i32 {
     say(&format!("pid {main_pid}"));
 
     let ctl_shared = shared.clone();
-    let grace = args.grace;
+    let grace = Duration::from_millis(job.grace_ms);
     let _ = std::thread::Builder::new()
         .name("control".into())
         .spawn(move || control_loop(ctl, ctl_shared, grace));
@@ -240,7 +248,7 @@ pub fn main(args: &[OsString]) -> i32 {
     0
 }
 
-fn control_loop(mut ctl: UnixStream, shared: Arc<Shared>, grace: Duration) {
+fn control_loop(mut ctl: BufReader<UnixStream>, shared: Arc<Shared>, grace: Duration) {
     let mut buf = [0u8; 64];
     loop {
         match ctl.read(&mut buf) {
@@ -340,15 +348,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn args_round_trip() {
-        let a = Args {
-            grace: Duration::from_millis(1500),
+    fn jobs_round_trip() {
+        let j = Job {
+            grace_ms: 1500,
             workdir: "/srv/x".into(),
-            argv: vec!["/bin/sh".into(), "-c".into(), "echo -- hi".into()],
+            argv: vec!["/bin/sh".into(), "-c".into(), "echo \"-- hi\"\nnext".into()],
+            env: vec![("A".into(), "b=c".into())],
         };
-        assert_eq!(Args::parse(&a.to_argv()).unwrap(), a);
-        assert!(Args::parse(&["x".into()]).is_err());
-        assert!(Args::parse(&["10".into(), "/".into(), "--".into()]).is_err());
-        assert!(Args::parse(&["ten".into(), "/".into(), "--".into(), "true".into()]).is_err());
+        let line = j.to_line();
+        assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1, "one line");
+        assert_eq!(
+            Job::parse(std::str::from_utf8(&line).unwrap().trim_end()).unwrap(),
+            j
+        );
+        assert!(Job::parse("{}").is_err());
+        assert!(Job::parse(r#"{"grace_ms":1,"workdir":"/","argv":[],"env":[]}"#).is_err());
     }
 }
