@@ -715,3 +715,37 @@ fn git_push_during_a_running_build_supersedes_it() {
             .any(|b| b["commit"] == last.as_str() && b["build_outcome"] == "success")
     });
 }
+
+/// Peak resident memory of a process, in KiB.
+fn vm_hwm_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn huge_output_leaves_the_daemons_memory_flat() {
+    let wd = tempfile::tempdir().unwrap();
+    // 300 MB: first one unterminated line of NUL bytes (the worst case for JSON escaping),
+    // then many short lines.
+    let cmd = "head -c 200000000 /dev/zero; yes | head -c 100000000; echo end";
+    let d = Daemon::start(&workdir_project("site", wd.path(), cmd, ""));
+    let before = vm_hwm_kib(d.pid());
+    let id = d.trigger("site", "main")["build_uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let b = d.wait_status(&id, "stopped", 120);
+    assert_eq!(b["build_outcome"], "success");
+    let after = vm_hwm_kib(d.pid());
+    assert!(
+        after.saturating_sub(before) < 64 * 1024,
+        "peak RSS grew from {before} KiB to {after} KiB"
+    );
+    let r = d.api("GET", &format!("/api/builds/{id}/logs"), None).json();
+    assert_eq!(r["result"]["truncated"], true);
+}
