@@ -273,6 +273,15 @@ impl State {
     }
 }
 
+/// How a build's source was resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// No repo: the command runs in the project's workdir as it is.
+    Workdir,
+    /// This commit was fetched and is about to be checked out.
+    Fetched(String),
+}
+
 /// What a started build's runner is handed.
 pub struct Start {
     /// The build as it left the queue.
@@ -650,17 +659,22 @@ impl Queue {
         }
     }
 
-    /// The source is resolved (commit SHA for repo projects). Returns false when a trigger
-    /// joined during the fetch: the runner must fetch again so that trigger's commit is in.
-    pub(crate) fn resolve(&self, id: BuildId, commit: Option<String>) -> bool {
+    /// The build's source is resolved. A fetched commit counts only if no trigger joined while
+    /// the fetch ran: then this returns false and the runner must fetch again, so that the
+    /// trigger's commit is in. A workdir build has nothing to fetch and always resolves.
+    pub(crate) fn resolve(&self, id: BuildId, source: Resolution) -> bool {
         let mut st = self.lock();
         let Some(l) = st.live.get_mut(&id) else {
             return true;
         };
-        if l.joined_during_fetch {
-            l.joined_during_fetch = false;
-            return false;
-        }
+        let commit = match source {
+            Resolution::Workdir => None,
+            Resolution::Fetched(_) if l.joined_during_fetch => {
+                l.joined_during_fetch = false;
+                return false;
+            }
+            Resolution::Fetched(sha) => Some(sha),
+        };
         l.resolved = true;
         l.build.commit = commit;
         if let Err(e) = self.inner.store.put_build(&l.build) {

@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use crate::buildlog::{self, LineSplitter, LogSender, LogWriter, Stream};
 use crate::config::{ProjectConfig, Source};
 use crate::model::{Build, CancelReason, Outcome};
-use crate::queue::{LiveLog, Queue, Start, StopReason};
+use crate::queue::{LiveLog, Queue, Resolution, Start, StopReason};
 use crate::supervisor;
 
 /// How long output is still read after the main process exited.
@@ -344,7 +344,7 @@ async fn execute(
 
     let (workdir, commit) = match &project.source {
         Source::Workdir(dir) => {
-            queue.resolve(id, None);
+            queue.resolve(id, Resolution::Workdir);
             (dir.clone(), None)
         }
         Source::Repo(url) => match checkout(queue, ctx, build, url, &git_env, workspace).await {
@@ -504,7 +504,7 @@ async fn checkout(
                 .await;
             return Err((Outcome::Fail, None));
         }
-        if queue.resolve(build.id, Some(sha.clone())) {
+        if queue.resolve(build.id, Resolution::Fetched(sha.clone())) {
             break sha;
         }
         ctx.log

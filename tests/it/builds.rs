@@ -749,3 +749,64 @@ fn huge_output_leaves_the_daemons_memory_flat() {
     let r = d.api("GET", &format!("/api/builds/{id}/logs"), None).json();
     assert_eq!(r["result"]["truncated"], true);
 }
+
+/// Regression: a workdir build joined by a trigger while it was initializing stayed "pending"
+/// for its whole run, so every later trigger joined the running build and was lost.
+#[test]
+fn a_trigger_after_a_burst_is_not_absorbed_by_the_running_build() {
+    let wd = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&workdir_project(
+        "site",
+        wd.path(),
+        "sleep 1",
+        "cancel_superseded = false",
+    ));
+    let auth = format!("Bearer {}", d.token);
+    for _ in 0..3 {
+        let results: Vec<Value> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..40)
+                .map(|_| {
+                    let auth = auth.clone();
+                    let addr = d.addr;
+                    s.spawn(move || {
+                        let r = request(
+                            addr,
+                            "POST",
+                            "/api/projects/site/builds",
+                            &[("Authorization", &auth)],
+                            br#"{"branch":"main"}"#,
+                        );
+                        r.json()["result"].clone()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let first = results
+            .iter()
+            .find(|r| r["already_exists"] == false)
+            .unwrap()["build_uuid"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        // Wait for that build (or the one queued behind it) to run, then trigger again.
+        let running = loop {
+            let v = d
+                .api("GET", "/api/projects/site/builds?status=running", None)
+                .json();
+            if let Some(b) = v["result"].as_array().unwrap().first() {
+                break b["build_uuid"].as_str().unwrap().to_string();
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let again = d.trigger("site", "main");
+        assert_ne!(
+            again["build_uuid"].as_str().unwrap(),
+            running,
+            "a trigger joined the running build (burst first build {first})"
+        );
+        // Let everything finish before the next round.
+        let last = again["build_uuid"].as_str().unwrap().to_string();
+        d.wait_status(&last, "stopped", 30);
+    }
+}
