@@ -3,9 +3,10 @@
 //!
 //! Start-up order matters: the config is validated first (nothing is touched for a bad
 //! config), then the state dir is locked (a second daemon stops here, at once), then the
-//! admin token, then signal handlers, then queue recovery, and only then is the listener
-//! bound — so no request is answered before the daemon can honour it, and no signal arrives
-//! before its handler.
+//! admin token, then signal handlers, then the listener is bound (a taken port stops the
+//! start before any build is resumed), then the queue recovers and resumes builds, and only
+//! then does the server accept — so no request is answered before the daemon can honour it,
+//! and no signal arrives before its handler.
 
 use std::io::IsTerminal as _;
 use std::path::Path;
@@ -106,15 +107,18 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         config.server.kill_grace,
         config.server.max_log_bytes,
     );
+    // Bound before the queue recovers and starts builds: if the port is taken, nothing has
+    // been started that the failed start would then leave half-done. (Connections wait in the
+    // backlog until the server accepts.)
     let listen = config.server.listen;
-    let shared = Arc::new(SharedConfig::new(config));
-    let queue = Queue::start(store.clone(), shared.clone(), settings)?;
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|source| DaemonError::Listen {
             addr: listen,
             source,
         })?;
+    let shared = Arc::new(SharedConfig::new(config));
+    let queue = Queue::start(store.clone(), shared.clone(), settings)?;
     let local = listener.local_addr().unwrap_or(listen);
     let state = Arc::new(AppState {
         config: shared.clone(),
@@ -155,13 +159,20 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     state.shutting_down.store(true, Ordering::SeqCst);
     trigger.set(Phase::Draining);
     let grace = shared.get().server.shutdown_timeout;
-    tokio::select! {
-        _ = queue.shutdown(grace) => {}
-        ev = signals.next() => {
-            if let SignalEvent::Stop(name) = ev {
-                tracing::warn!("{name} received again: interrupting builds now");
-            }
-            queue.shutdown(Duration::ZERO).await;
+    let drain = queue.shutdown(grace);
+    tokio::pin!(drain);
+    loop {
+        tokio::select! {
+            _ = &mut drain => break,
+            ev = signals.next() => match ev {
+                // A reload (logrotate, `systemctl reload`) must not cut the drain short.
+                SignalEvent::Reload => tracing::info!("SIGHUP ignored: shutting down"),
+                SignalEvent::Stop(name) => {
+                    tracing::warn!("{name} received again: interrupting builds now");
+                    queue.shutdown(Duration::ZERO).await;
+                    break;
+                }
+            },
         }
     }
     trigger.set(Phase::Closing);

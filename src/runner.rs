@@ -124,8 +124,10 @@ impl SupervisorPool {
             .current_dir("/")
             .stdin(Stdio::from(OwnedFd::from(theirs)))
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .stderr(Stdio::piped());
+        // No kill_on_drop: should this handle ever be dropped mid-build, the socket closes
+        // and the supervisor kills the build's whole tree itself (SIGKILLing the supervisor
+        // instead could orphan the tree).
         let child = cmd.spawn()?;
         // Dropping the command drops our copy of the supervisor's end of the socket.
         drop(cmd);

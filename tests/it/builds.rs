@@ -810,3 +810,66 @@ fn a_trigger_after_a_burst_is_not_absorbed_by_the_running_build() {
         d.wait_status(&last, "stopped", 30);
     }
 }
+
+/// Regression: a SIGHUP during the shutdown drain interrupted the running builds at once.
+#[test]
+fn sighup_during_shutdown_does_not_cut_the_drain_short() {
+    let wd = tempfile::tempdir().unwrap();
+    // shutdown_timeout is 3 s in tests: a 2 s build finishes within it.
+    let mut d = Daemon::start(&workdir_project(
+        "site",
+        wd.path(),
+        "sleep 2; echo finished",
+        "",
+    ));
+    let id = d.trigger("site", "main")["build_uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.wait_status(&id, "running", 10);
+    d.signal("TERM");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    d.signal("HUP");
+    assert_eq!(d.wait_exit(30), Some(0));
+    let dir = d.dir.clone();
+    let _tmp = d._tmp.take();
+    let d2 = Daemon::spawn(&dir, &[]).unwrap();
+    assert_eq!(d2.build(&id)["build_outcome"], "success", "{}", d.logs());
+}
+
+/// Regression: `serve` resumed queued builds before binding its port, so a taken port left
+/// an acknowledged build started, then `interrupted`, never built.
+#[test]
+fn a_taken_port_does_not_consume_queued_builds() {
+    let wd = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&workdir_project("site", wd.path(), "sleep 30", ""));
+    d.trigger("site", "other");
+    let queued = d.trigger("site", "main")["build_uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let dir = d.dir.clone();
+    let _tmp = d._tmp.take();
+    d.kill9();
+    // Occupy a port and point the config at it.
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = blocker.local_addr().unwrap().port();
+    let text = std::fs::read_to_string(dir.join("deploy.toml"))
+        .unwrap()
+        .replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+    std::fs::write(dir.join("deploy.toml"), text).unwrap();
+    let (code, _, err) = cli(
+        &[
+            "serve",
+            "--config",
+            dir.join("deploy.toml").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot listen"), "{err}");
+    drop(blocker);
+    let d2 = Daemon::spawn(&dir, &[]).unwrap();
+    let b = d2.wait_status(&queued, "running", 20);
+    assert_eq!(b["build_outcome"], Value::Null);
+}
