@@ -567,7 +567,14 @@ impl Queue {
                     + runner::DRAIN_DEADLINE
                     + Duration::from_secs(2);
                 let _ = tokio::time::timeout(limit, done_rx.wait_for(|d| *d)).await;
-                self.inner.store.build(id)?.ok_or(CancelError::NotFound)
+                let b = self.inner.store.build(id)?.ok_or(CancelError::NotFound)?;
+                match b.phase {
+                    // It ended on its own (or by a timeout) before the cancel could act.
+                    Phase::Stopped(o) if o != Outcome::Cancelled => {
+                        Err(CancelError::AlreadyStopped(Box::new(b)))
+                    }
+                    _ => Ok(b),
+                }
             }
         }
     }

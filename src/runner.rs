@@ -122,6 +122,9 @@ impl SupervisorPool {
         cmd.arg(supervisor::MODE_ARG)
             .env_clear()
             .current_dir("/")
+            // Its own process group: a Ctrl-C or a signal sent to the daemon's group must not
+            // kill a supervisor and orphan a build; stopping is the daemon's decision.
+            .process_group(0)
             .stdin(Stdio::from(OwnedFd::from(theirs)))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -402,14 +405,16 @@ async fn execute(
     let out = Sink::Log(ctx.log.clone(), Stream::Stdout);
     let err = Sink::Log(ctx.log.clone(), Stream::Stderr);
     let end = step(ctx, argv, &workdir, &env, out, err).await;
-    let exit_code = match end.status {
-        MainStatus::Exited(c) => Some(c),
-        _ => None,
-    };
     let outcome = match (end.stopped, &end.status) {
         (Some(r), _) => r.outcome(),
         (None, MainStatus::Exited(0)) => Outcome::Success,
         (None, _) => Outcome::Fail,
+    };
+    // SPEC: null when the build was ended by a stop (cancel, timeout, shutdown), even if its
+    // main process caught the SIGTERM and exited by itself.
+    let exit_code = match (end.stopped, &end.status) {
+        (None, MainStatus::Exited(c)) => Some(*c),
+        _ => None,
     };
     let summary = match &end.status {
         MainStatus::Exited(c) => format!("the command exited with code {c}"),
@@ -710,7 +715,9 @@ async fn step(
                     break;
                 }
             },
-            changed = ctx.stop.changed(), if ctx.stop_open && stopped.is_none() => {
+            // Stops and the timeout act only while the main process runs: one that arrives
+            // after it ended on its own did not stop anything, and the outcome stays its own.
+            changed = ctx.stop.changed(), if ctx.stop_open && stopped.is_none() && status.is_none() => {
                 if changed.is_err() {
                     ctx.stop_open = false;
                 } else if let Some(r) = *ctx.stop.borrow_and_update() {
@@ -722,7 +729,7 @@ async fn step(
                     escalate = Some((Instant::now() + ctx.settings.kill_grace + SUPERVISOR_SLACK, 0));
                 }
             }
-            _ = tokio::time::sleep_until(ctx.deadline), if stopped.is_none() => {
+            _ = tokio::time::sleep_until(ctx.deadline), if stopped.is_none() && status.is_none() => {
                 stopped = Some(StopReason::Timeout);
                 note_stop(ctx, StopReason::Timeout).await;
                 let _ = wr.write_all(b"T").await;
@@ -746,9 +753,6 @@ async fn step(
                 }
             }
         }
-    }
-    if stopped.is_none() {
-        stopped = ctx.stopped.or(*ctx.stop.borrow());
     }
     if let Some(r) = stopped {
         ctx.stopped = Some(r);

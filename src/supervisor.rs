@@ -24,9 +24,11 @@
 //!   descendants are gone, the daemon's readers see EOF.
 //! * It raises its `oom_score_adj` before spawning (inherited by the build), so under memory
 //!   pressure the kernel kills the build, not the daemon.
-//! * It blocks SIGINT/SIGTERM/SIGHUP/SIGQUIT for itself: a Ctrl-C or a stray signal to the
-//!   daemon's group must not kill the supervisor and orphan a build; stopping is the daemon's
-//!   decision, sent over the socket. (std resets the signal mask for the command it spawns.)
+//! * It runs in its own process group (the daemon starts it so): a Ctrl-C in a terminal or a
+//!   signal sent to the daemon's group must not kill a supervisor and orphan its build;
+//!   stopping is the daemon's decision, sent over the socket. (It does not block signals
+//!   instead: a blocked mask is inherited through `exec`, and the build's shell could then
+//!   never see the SIGTERM that asks it to stop.)
 //!
 //! # The pipe-holding grandchild
 //! `cmd &` or `setsid nohup sleep 999 &` leaves a process holding the log pipe after the main
@@ -61,7 +63,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use nix::errno::Errno;
-use nix::sys::signal::{SigSet, Signal, kill, killpg};
+use nix::sys::signal::{Signal, kill, killpg};
 use nix::sys::wait::{WaitStatus, waitpid};
 use nix::unistd::Pid;
 
@@ -134,17 +136,6 @@ pub fn main(args: &[OsString]) -> i32 {
         eprintln!("deployhook supervisor: takes no arguments; the job comes over stdin");
         return 2;
     }
-    let mut blocked = SigSet::empty();
-    for s in [
-        Signal::SIGINT,
-        Signal::SIGTERM,
-        Signal::SIGHUP,
-        Signal::SIGQUIT,
-    ] {
-        blocked.add(s);
-    }
-    let _ = blocked.thread_block();
-
     // fd 0 is the control socket; 1 and 2 are the build's output pipes. Take them over and
     // point our own 0/1/2 at /dev/null so this process holds no copy of the pipes.
     let ctl = match std::io::stdin().as_fd().try_clone_to_owned() {

@@ -873,3 +873,27 @@ fn a_taken_port_does_not_consume_queued_builds() {
     let b = d2.wait_status(&queued, "running", 20);
     assert_eq!(b["build_outcome"], Value::Null);
 }
+
+#[test]
+fn a_build_that_exits_cleanly_on_sigterm_is_still_cancelled_with_a_null_exit_code() {
+    let wd = tempfile::tempdir().unwrap();
+    let cmd = "trap 'echo got TERM; exit 0' TERM; echo ready; sleep 30 & wait";
+    let d = Daemon::start(&workdir_project("site", wd.path(), cmd, ""));
+    let id = d.trigger("site", "main")["build_uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    eventually(10, "build ready", || {
+        d.log_text(&id, "stdout").contains("ready")
+    });
+    let r = d.api("POST", &format!("/api/builds/{id}/cancel"), None);
+    assert_eq!(r.status, 200);
+    let b = &r.json()["result"];
+    assert_eq!(b["build_outcome"], "cancelled");
+    assert_eq!(b["exit_code"], Value::Null);
+    assert!(
+        d.log_text(&id, "stdout").contains("got TERM"),
+        "{:?}",
+        d.log_lines(&id)
+    );
+}
