@@ -454,6 +454,21 @@ async fn checkout(
             return Err(step_failed(ctx, "git init", &end).await);
         }
     }
+    // A fetch killed by a cancel, a timeout or the daemon's death can leave `*.lock` files in
+    // the mirror, and git then refuses every later fetch. Only this build uses the mirror now
+    // (one build per project at a time), so any lock in it is stale.
+    let m = mirror.clone();
+    let removed = tokio::task::spawn_blocking(move || remove_stale_locks(&m))
+        .await
+        .unwrap_or_default();
+    for path in removed {
+        ctx.log
+            .system(format!(
+                "removed a stale git lock left by an interrupted fetch: {}",
+                path.display()
+            ))
+            .await;
+    }
     let git_dir = format!("--git-dir={}", mirror.display());
     let refspec = format!("+refs/heads/{0}:refs/heads/{0}", build.branch);
     let sha = loop {
@@ -467,6 +482,12 @@ async fn checkout(
             .await;
         let argv = git_argv(
             &[
+                // No background gc/maintenance: a detached gc would be killed with the build's
+                // tree as soon as fetch exits, leaving locks behind.
+                "-c",
+                "gc.auto=0",
+                "-c",
+                "maintenance.auto=false",
                 &git_dir,
                 "fetch",
                 "--quiet",
@@ -553,6 +574,31 @@ async fn checkout(
         return Err(step_failed(ctx, "git checkout", &end).await);
     }
     Ok(sha)
+}
+
+/// Removes `*.lock` files under a bare mirror (objects excepted: git never locks there).
+fn remove_stale_locks(mirror: &Path) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let mut todo = vec![mirror.to_path_buf()];
+    while let Some(dir) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            let Ok(kind) = e.file_type() else { continue };
+            if kind.is_dir() {
+                if path.file_name().is_some_and(|n| n != "objects") {
+                    todo.push(path);
+                }
+            } else if path.extension().is_some_and(|x| x == "lock")
+                && std::fs::remove_file(&path).is_ok()
+            {
+                removed.push(path);
+            }
+        }
+    }
+    removed
 }
 
 fn git_argv(args: &[&str], more: &[&Path]) -> Vec<String> {
@@ -857,6 +903,37 @@ mod tests {
         assert_eq!(parse_report("done"), Some(Report::Done));
         assert_eq!(parse_report("exit x"), None);
         assert_eq!(parse_report("bogus"), None);
+    }
+
+    #[test]
+    fn stale_locks_are_removed_outside_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path();
+        std::fs::create_dir_all(m.join("refs/heads/feature")).unwrap();
+        std::fs::create_dir_all(m.join("objects/pack")).unwrap();
+        for f in [
+            "packed-refs.lock",
+            "refs/heads/main.lock",
+            "refs/heads/feature/x.lock",
+            "objects/pack/keep.lock",
+            "HEAD",
+        ] {
+            std::fs::write(m.join(f), "").unwrap();
+        }
+        let mut removed: Vec<String> = remove_stale_locks(m)
+            .iter()
+            .map(|p| p.strip_prefix(m).unwrap().display().to_string())
+            .collect();
+        removed.sort();
+        assert_eq!(
+            removed,
+            vec![
+                "packed-refs.lock",
+                "refs/heads/feature/x.lock",
+                "refs/heads/main.lock"
+            ]
+        );
+        assert!(m.join("objects/pack/keep.lock").exists() && m.join("HEAD").exists());
     }
 
     #[test]

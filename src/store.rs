@@ -611,26 +611,32 @@ impl Store {
 
     /// Claims a Git delivery id for this project before it is acted on, so that a replay —
     /// even one racing the original — never builds twice. A record older than `window_start`
-    /// does not count (SPEC keeps deliveries 7 days) and is taken over.
+    /// does not count (SPEC keeps deliveries 7 days) and is taken over, as is a claim still
+    /// in flight since before `stale_before` (its request died: a crash, say).
     pub fn reserve_delivery(
         &self,
         project: &str,
         delivery: &str,
         now: Timestamp,
         window_start: Timestamp,
+        stale_before: Timestamp,
     ) -> Result<DeliverySeen, StoreError> {
         let key = name_key(project, delivery);
         let mut fresh = now.0.to_be_bytes().to_vec();
         fresh.extend_from_slice(&[0u8; 16]);
         for _ in 0..16 {
             let current = self.check(self.inner.deliveries.get(&key).map_err(StoreError::from))?;
-            if let Some(v) = &current
-                && delivery_time(v).is_some_and(|t| t >= window_start)
-            {
-                return Ok(match delivery_build(v) {
-                    Some(id) if !id.0.is_nil() => DeliverySeen::Built(id),
-                    _ => DeliverySeen::InFlight,
-                });
+            if let Some(v) = &current {
+                let at = delivery_time(v).unwrap_or(Timestamp(i64::MIN));
+                match delivery_build(v) {
+                    Some(id) if !id.0.is_nil() && at >= window_start => {
+                        return Ok(DeliverySeen::Built(id));
+                    }
+                    Some(id) if id.0.is_nil() && at >= stale_before => {
+                        return Ok(DeliverySeen::InFlight);
+                    }
+                    _ => {} // expired or stale: take it over
+                }
             }
             let r = self
                 .inner
@@ -887,36 +893,62 @@ mod tests {
         let a = BuildId::new();
         let t = Timestamp(1_000);
         assert_eq!(
-            s.reserve_delivery("site", "d1", t, Timestamp(0)).unwrap(),
+            s.reserve_delivery("site", "d1", t, Timestamp(0), Timestamp(0))
+                .unwrap(),
             DeliverySeen::New
         );
         assert_eq!(
-            s.reserve_delivery("site", "d1", t, Timestamp(0)).unwrap(),
+            s.reserve_delivery("site", "d1", t, Timestamp(0), Timestamp(0))
+                .unwrap(),
             DeliverySeen::InFlight
         );
         s.complete_delivery("site", "d1", a, t).unwrap();
         assert_eq!(
-            s.reserve_delivery("site", "d1", t, Timestamp(0)).unwrap(),
+            s.reserve_delivery("site", "d1", t, Timestamp(0), Timestamp(0))
+                .unwrap(),
             DeliverySeen::Built(a)
         );
         assert_eq!(s.delivery_build("site", "d1").unwrap(), Some(a));
         // Another project's delivery ids are its own.
         assert_eq!(
-            s.reserve_delivery("other", "d1", t, Timestamp(0)).unwrap(),
+            s.reserve_delivery("other", "d1", t, Timestamp(0), Timestamp(0))
+                .unwrap(),
             DeliverySeen::New
         );
         s.release_delivery("other", "d1").unwrap();
         assert_eq!(
-            s.reserve_delivery("other", "d1", t, Timestamp(0)).unwrap(),
+            s.reserve_delivery("other", "d1", t, Timestamp(0), Timestamp(0))
+                .unwrap(),
+            DeliverySeen::New
+        );
+        // A claim in flight for too long is stale and taken over.
+        assert_eq!(
+            s.reserve_delivery("stale", "d", Timestamp(10), Timestamp(0), Timestamp(0))
+                .unwrap(),
+            DeliverySeen::New
+        );
+        assert_eq!(
+            s.reserve_delivery("stale", "d", Timestamp(20), Timestamp(0), Timestamp(15))
+                .unwrap(),
             DeliverySeen::New
         );
         // Outside the window it counts as new.
         assert_eq!(
-            s.reserve_delivery("site", "d1", Timestamp(9_000), Timestamp(2_000))
-                .unwrap(),
+            s.reserve_delivery(
+                "site",
+                "d1",
+                Timestamp(9_000),
+                Timestamp(2_000),
+                Timestamp(0)
+            )
+            .unwrap(),
             DeliverySeen::New
         );
-        assert_eq!(s.prune_deliveries(Timestamp(5_000)).unwrap(), 1);
+        assert_eq!(
+            s.prune_deliveries(Timestamp(5_000)).unwrap(),
+            2,
+            "other/d1 and stale/d"
+        );
         assert_eq!(s.delivery_build("other", "d1").unwrap(), None);
     }
 

@@ -361,6 +361,23 @@ pub async fn build_logs(
     Ok(envelope::raw_json(StatusCode::OK, Bytes::from(body)))
 }
 
+/// A response body fed by a channel. Unlike a body that is polled only while it has data,
+/// its sender learns (`closed()`) as soon as hyper drops it, so a follower of a quiet build
+/// notices a client that went away.
+struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
 /// Streams NDJSON lines from `cursor` on until the build stops and its log is read to the end.
 fn follow_response(
     state: Arc<AppState>,
@@ -368,8 +385,8 @@ fn follow_response(
     path: std::path::PathBuf,
     cursor: u64,
 ) -> Response<Body> {
-    let (mut tx, body) =
-        http_body_util::channel::Channel::<Bytes, std::convert::Infallible>::new(8);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let body = ChannelBody(rx);
     tokio::spawn(async move {
         let p = path.clone();
         let mut offset =
@@ -395,7 +412,7 @@ fn follow_response(
             if !lines.is_empty() {
                 let mut chunk = lines.join("\n");
                 chunk.push('\n');
-                if tx.send(Frame::data(Bytes::from(chunk))).await.is_err() {
+                if tx.send(Bytes::from(chunk)).await.is_err() {
                     return; // The client went away.
                 }
                 continue;
@@ -423,6 +440,8 @@ fn follow_response(
             tokio::select! {
                 _ = wait_lines => {}
                 _ = wait_done => {}
+                // The client hung up: hyper dropped the body, stop following.
+                _ = tx.closed() => return,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         }

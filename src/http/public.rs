@@ -22,6 +22,10 @@ use crate::token::{HookToken, TokenHash};
 /// How long Git delivery ids are remembered (SPEC §4.1).
 pub const DELIVERY_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// A delivery claimed this long ago and still without a build was abandoned (the daemon
+/// crashed while handling it): a redelivery takes it over.
+const STALE_CLAIM: Duration = Duration::from_secs(60);
+
 /// `GET /healthz`.
 pub fn healthz(state: &AppState) -> Result<Response<Body>, ApiError> {
     if state.is_shutting_down() {
@@ -141,55 +145,84 @@ pub async fn git_push(
         }
         Decision::Build { branch, after } => (branch, after),
     };
-    let delivery = git::delivery_id(&headers);
-    if let Some(d) = &delivery {
-        let now = Timestamp::now();
-        let window_start = Timestamp(now.0 - DELIVERY_WINDOW.as_micros() as i64);
-        match state
-            .store
-            .reserve_delivery(project, d, now, window_start)?
-        {
-            DeliverySeen::New => {}
-            DeliverySeen::Built(id) => return replayed(state, id),
-            DeliverySeen::InFlight => {
-                // The original is being handled right now: wait for its build.
-                for _ in 0..50 {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    if let Some(id) = state.store.delivery_build(project, d)? {
-                        return replayed(state, id);
+    let request = TriggerRequest {
+        project: project.to_owned(),
+        branch,
+        trigger: Trigger {
+            source: TriggerSource::GitPush,
+            hook: None,
+        },
+        requested_commit: Some(after),
+        payload: Some(body),
+    };
+    // Claim, trigger and record run in their own task: if the Git host hangs up meanwhile
+    // (hyper then drops this handler), the delivery is still completed or released, never
+    // left claimed-but-unhandled.
+    let task = tokio::spawn(handle_push(
+        state.clone(),
+        git::delivery_id(&headers),
+        request,
+    ));
+    match task.await {
+        Ok(r) => r,
+        Err(e) => Err(ApiError::Internal(format!("push handler failed: {e}"))),
+    }
+}
+
+/// What a push's delivery id says should happen.
+enum Claim {
+    /// Not seen: build, then record the build under the id.
+    New(String),
+    /// No id: build, remember nothing.
+    Anonymous,
+}
+
+async fn handle_push(
+    state: Arc<AppState>,
+    delivery: Option<String>,
+    request: TriggerRequest,
+) -> Result<Response<Body>, ApiError> {
+    let project = request.project.clone();
+    let claim = match delivery {
+        None => Claim::Anonymous,
+        Some(d) => {
+            let now = Timestamp::now();
+            let window_start = Timestamp(now.0 - DELIVERY_WINDOW.as_micros() as i64);
+            let stale_before = Timestamp(now.0 - STALE_CLAIM.as_micros() as i64);
+            match state
+                .store
+                .reserve_delivery(&project, &d, now, window_start, stale_before)?
+            {
+                DeliverySeen::New => Claim::New(d),
+                DeliverySeen::Built(id) => return replayed(&state, id),
+                DeliverySeen::InFlight => {
+                    // The original is being handled right now: wait for its build.
+                    for _ in 0..50 {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        if let Some(id) = state.store.delivery_build(&project, &d)? {
+                            return replayed(&state, id);
+                        }
                     }
+                    return Err(ApiError::Conflict(
+                        "this delivery is already being processed".into(),
+                    ));
                 }
-                return Err(ApiError::Conflict(
-                    "this delivery is already being processed".into(),
-                ));
             }
         }
-    }
-    let result = state
-        .queue
-        .trigger(TriggerRequest {
-            project: project.to_owned(),
-            branch,
-            trigger: Trigger {
-                source: TriggerSource::GitPush,
-                hook: None,
-            },
-            requested_commit: Some(after),
-            payload: Some(body),
-        })
-        .await;
-    match (result, &delivery) {
-        (Ok(t), Some(d)) => {
+    };
+    let result = state.queue.trigger(request).await;
+    match (result, claim) {
+        (Ok(t), Claim::New(d)) => {
             state
                 .store
-                .complete_delivery(project, d, t.build.id, Timestamp::now())?;
+                .complete_delivery(&project, &d, t.build.id, Timestamp::now())?;
             state.store.durable().await?;
             Ok(triggered(&t))
         }
-        (Ok(t), None) => Ok(triggered(&t)),
-        (Err(e), d) => {
-            if let Some(d) = d {
-                state.store.release_delivery(project, d)?;
+        (Ok(t), Claim::Anonymous) => Ok(triggered(&t)),
+        (Err(e), claim) => {
+            if let Claim::New(d) = claim {
+                state.store.release_delivery(&project, &d)?;
             }
             Err(e.into())
         }

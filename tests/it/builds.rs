@@ -897,3 +897,38 @@ fn a_build_that_exits_cleanly_on_sigterm_is_still_cancelled_with_a_null_exit_cod
         d.log_lines(&id)
     );
 }
+
+#[test]
+fn a_lock_left_by_a_killed_fetch_does_not_break_the_mirror() {
+    let repo = Repo::new();
+    let cfg = format!(
+        "[projects.site]\nbranches = [\"main\"]\nrepo = \"{}\"\ncommand = \"true\"\n",
+        repo.path().display()
+    );
+    let d = Daemon::start(&cfg);
+    let id = d.trigger("site", "main")["build_uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        d.wait_status(&id, "stopped", 30)["build_outcome"],
+        "success"
+    );
+    // What a fetch SIGKILLed while updating the branch leaves behind.
+    let lock = d.dir.join("state/mirrors/site.git/refs/heads/main.lock");
+    std::fs::write(&lock, "").unwrap();
+    repo.commit("README", "after the crash\n");
+    let id = d.trigger("site", "main")["build_uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let b = d.wait_status(&id, "stopped", 30);
+    assert_eq!(
+        b["build_outcome"],
+        "success",
+        "{}",
+        d.log_text(&id, "system")
+    );
+    assert!(d.log_text(&id, "system").contains("stale git lock"));
+    assert!(!lock.exists());
+}
