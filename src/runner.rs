@@ -200,6 +200,30 @@ pub fn redact_url(url: &str) -> String {
     url.to_owned()
 }
 
+/// Hides the user-info of every URL in a line of text (`https://user:token@host` →
+/// `https://***@host`): git's own messages may echo a `repo` URL with its credentials.
+pub fn redact_credentials(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c == '/' || c.is_whitespace() || c == '\'' || c == '"')
+            .unwrap_or(tail.len());
+        match tail[..end].rfind('@') {
+            Some(at) => {
+                out.push_str("***");
+                out.push_str(&tail[at..end]);
+            }
+            None => out.push_str(&tail[..end]),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Where a pipe's bytes go.
 #[derive(Clone)]
 enum Sink {
@@ -851,6 +875,16 @@ fn main_ended(
     }
 }
 
+/// Output on the `system` stream comes from git: hide credentials in URLs it prints. The
+/// build's own output is its business and is kept as it is.
+fn scrub(stream: Stream, line: Vec<u8>) -> Vec<u8> {
+    if stream == Stream::System && line.windows(3).any(|w| w == b"://") {
+        redact_credentials(&String::from_utf8_lossy(&line)).into_bytes()
+    } else {
+        line
+    }
+}
+
 async fn read_pipe(mut pipe: impl AsyncRead + Unpin, sink: Sink) {
     let mut buf = vec![0u8; 64 * 1024];
     let mut splitter = LineSplitter::default();
@@ -868,7 +902,7 @@ async fn read_pipe(mut pipe: impl AsyncRead + Unpin, sink: Sink) {
                 }
                 splitter.feed(&buf[..n], |l| lines.push(l));
                 for l in lines.drain(..) {
-                    log.line(*stream, l).await;
+                    log.line(*stream, scrub(*stream, l)).await;
                 }
             }
             Sink::Capture(v) => {
@@ -882,7 +916,7 @@ async fn read_pipe(mut pipe: impl AsyncRead + Unpin, sink: Sink) {
     if let Sink::Log(log, stream) = &sink {
         splitter.finish(|l| lines.push(l));
         for l in lines.drain(..) {
-            log.line(*stream, l).await;
+            log.line(*stream, scrub(*stream, l)).await;
         }
     }
 }
@@ -934,6 +968,22 @@ mod tests {
             ]
         );
         assert!(m.join("objects/pack/keep.lock").exists() && m.join("HEAD").exists());
+    }
+
+    #[test]
+    fn credentials_in_git_messages_are_redacted() {
+        assert_eq!(
+            redact_credentials(
+                "fatal: unable to access 'https://bot:s3cr3t@git.example.com/a.git/': 403"
+            ),
+            "fatal: unable to access 'https://***@git.example.com/a.git/': 403"
+        );
+        assert_eq!(
+            redact_credentials("from https://github.com/a/b and ssh://git@h:22/x"),
+            "from https://github.com/a/b and ssh://***@h:22/x"
+        );
+        assert_eq!(redact_credentials("no url here"), "no url here");
+        assert_eq!(redact_credentials("trailing ://"), "trailing ://");
     }
 
     #[test]
