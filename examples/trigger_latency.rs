@@ -128,6 +128,7 @@ fn main() {
             config.server.kill_grace,
             config.server.max_log_bytes,
         );
+        let body_budget = AppState::body_budget(config.server.max_body_bytes);
         let shared = Arc::new(SharedConfig::new(config));
         let queue = Queue::start(store.clone(), shared.clone(), settings).expect("queue");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -142,6 +143,7 @@ fn main() {
             shutting_down: AtomicBool::new(false),
             max_connections: 1024,
             local_addr: addr,
+            unauthenticated_body_budget: body_budget,
         });
         let (_trigger, watch) = deployhook::shutdown::channel();
         tokio::spawn(serve(listener, state, watch));

@@ -1,9 +1,10 @@
 //! `deployhook serve`: wires config, store, queue and HTTP together and runs the daemon's life:
 //! start-up in a safe order, SIGHUP reloads, and a shutdown with deadlines.
 //!
-//! Start-up order matters: the config is validated first (nothing is touched for a bad
-//! config), then the state dir is locked (a second daemon stops here, at once), then the
-//! admin token, then signal handlers, then the listener is bound (a taken port stops the
+//! Start-up order matters: signal handlers come first (a SIGHUP or SIGTERM during start-up is
+//! handled once the daemon runs, never fatal), then the config is validated (nothing is
+//! touched for a bad config), then the state dir is locked (a second daemon stops here, at
+//! once), then the admin token, then the listener is bound (a taken port stops the
 //! start before any build is resumed), then the queue recovers and resumes builds, and only
 //! then does the server accept — so no request is answered before the daemon can honour it,
 //! and no signal arrives before its handler.
@@ -87,6 +88,8 @@ fn raise_nofile_limit() -> u64 {
 
 /// Runs the daemon until SIGTERM/SIGINT (or a fatal database error).
 pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
+    // First of all, so that a SIGHUP or SIGTERM during start-up is handled, not fatal.
+    let mut signals = Signals::install().map_err(DaemonError::Signals)?;
     let config = Config::load(config_path)?;
     init_tracing(&config.server.log_level);
     let nofile = raise_nofile_limit();
@@ -100,8 +103,6 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             config.api.token_file.display()
         );
     }
-    let mut signals = Signals::install().map_err(DaemonError::Signals)?;
-
     let settings = RunSettings::from_env(
         &config.server.state_dir,
         config.server.kill_grace,
@@ -117,6 +118,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             addr: listen,
             source,
         })?;
+    let body_budget = AppState::body_budget(config.server.max_body_bytes);
     let shared = Arc::new(SharedConfig::new(config));
     let queue = Queue::start(store.clone(), shared.clone(), settings)?;
     let local = listener.local_addr().unwrap_or(listen);
@@ -128,6 +130,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         shutting_down: AtomicBool::new(false),
         max_connections,
         local_addr: local,
+        unauthenticated_body_budget: body_budget,
     });
     tracing::info!("listening on {local}");
 
@@ -135,12 +138,17 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
     let server = tokio::spawn(http::serve(listener, state.clone(), watch));
     let pruner = tokio::spawn(prune_deliveries(store.clone()));
 
+    let reloading = Arc::new(tokio::sync::Mutex::new(()));
     let mut health = tokio::time::interval(Duration::from_secs(1));
     let mut fatal = None;
     loop {
         tokio::select! {
             ev = signals.next() => match ev {
-                SignalEvent::Reload => reload(config_path, &shared, &state).await,
+                // In its own task: reading the config may block (a FIFO, a hung NFS mount),
+                // and SIGTERM must still be heard meanwhile.
+                SignalEvent::Reload => {
+                    tokio::spawn(reload(config_path.to_path_buf(), shared.clone(), state.clone(), reloading.clone()));
+                }
                 SignalEvent::Stop(name) => {
                     tracing::info!("{name} received: shutting down");
                     break;
@@ -189,11 +197,29 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
 
 /// SIGHUP: re-read the config; keep the old one if the new one is invalid. Builds in flight
 /// keep the settings they started with.
-async fn reload(path: &Path, shared: &SharedConfig, state: &AppState) {
-    let new = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
+async fn reload(
+    path: std::path::PathBuf,
+    shared: Arc<SharedConfig>,
+    state: Arc<AppState>,
+    reloading: Arc<tokio::sync::Mutex<()>>,
+) {
+    // One reload at a time, in signal order.
+    let _one = reloading.lock().await;
+    let loaded = tokio::task::spawn_blocking(move || {
+        Config::load(&path).map(|c| {
+            let token = AdminToken::read(&c.api.token_file);
+            (c, token)
+        })
+    })
+    .await;
+    let (new, token) = match loaded {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
             tracing::error!("config reload rejected, the old config stays in force: {e}");
+            return;
+        }
+        Err(e) => {
+            tracing::error!("config reload failed, the old config stays in force: {e}");
             return;
         }
     };
@@ -207,7 +233,7 @@ async fn reload(path: &Path, shared: &SharedConfig, state: &AppState) {
     if new.server.state_dir != old.server.state_dir {
         tracing::warn!("server.state_dir changed; it takes effect at the next restart");
     }
-    match AdminToken::read(&new.api.token_file) {
+    match token {
         Ok(t) => *state.admin.write().await = AdminToken::from_secret(&t),
         Err(e) => tracing::warn!("admin token not reloaded, the old one stays in force: {e}"),
     }

@@ -56,6 +56,21 @@ fn decode_hex32(s: &[u8]) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// The headers that can carry a signature or token, in the order they are tried.
+const SIGNATURE_HEADERS: [&str; 5] = [
+    "x-hub-signature-256",
+    "x-gitea-signature",
+    "x-forgejo-signature",
+    "x-hub-signature",
+    "x-gitlab-token",
+];
+
+/// Whether any signature header is present (a request without one can be refused before
+/// its body is read).
+pub fn has_signature_header(headers: &HeaderMap) -> bool {
+    SIGNATURE_HEADERS.iter().any(|h| headers.contains_key(*h))
+}
+
 /// Verifies the request's signature against `secret`. See the module doc for the schemes.
 pub fn verify(headers: &HeaderMap, body: &[u8], secret: &GitSecret) -> Result<Host, AuthError> {
     let hmac = |value: &[u8], prefixed: bool| -> bool {

@@ -385,7 +385,9 @@ fn follow_response(
     path: std::path::PathBuf,
     cursor: u64,
 ) -> Response<Body> {
-    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    // Little buffered per follower (two 64 KiB chunks): a client that stops reading holds
+    // back its stream, not the daemon's memory.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(2);
     let body = ChannelBody(rx);
     tokio::spawn(async move {
         let p = path.clone();
@@ -400,7 +402,7 @@ fn follow_response(
             let done = state.queue.done_watch(id);
             let p = path.clone();
             let read = tokio::task::spawn_blocking(move || {
-                buildlog::read_from_offset(&p, offset, 256 * 1024)
+                buildlog::read_from_offset(&p, offset, 64 * 1024)
             })
             .await;
             let (lines, next) = match read {

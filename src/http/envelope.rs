@@ -54,6 +54,9 @@ pub enum ApiError {
     /// 503, code 1503.
     #[error("deployhook is shutting down")]
     ShuttingDown,
+    /// 503, code 1503: too much load of one kind right now; retry.
+    #[error("{0}")]
+    Busy(String),
     /// 503, code 1503: storage failed (the daemon is about to exit and be restarted).
     #[error("storage is failing ({0}); nothing was accepted")]
     Storage(String),
@@ -74,7 +77,9 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::ShuttingDown | ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ShuttingDown | ApiError::Storage(_) | ApiError::Busy(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -1,21 +1,25 @@
 //! The HTTP server: hyper 1.x directly, one listener for everything (SPEC §4).
 //!
 //! [`serve`] takes an already-bound listener (tests bind port 0) and a [`ShutdownWatch`]. The
-//! accept loop and shutdown meet in one `select!`; a semaphore bounds open connections; each
-//! connection is watched by hyper-util's `GracefulShutdown`.
+//! accept loop and shutdown meet in one `select!`; each connection is watched by hyper-util's
+//! `GracefulShutdown`, and by a [`conn::Registry`]: at the connection cap, the oldest
+//! connection that is between requests is closed to make room, so a flood of idle or
+//! trickling connections cannot lock `/healthz` out.
 //!
 //! Hardening that lives here: a header read timeout that really fires (hyper ignores
 //! `header_read_timeout` without a timer, so the builder gets `TokioTimer`), at most 100
-//! headers and a bounded header buffer (431 past it), a body size limit checked against
-//! `Content-Length` before anything is read and enforced while reading chunked bodies (413),
-//! a deadline for the whole body (408), and accept errors (EMFILE) that back off instead of
-//! spinning.
+//! headers and a bounded header buffer (431 past it), bare-LF request heads refused
+//! ([`conn::StrictIo`]), a body size limit checked against `Content-Length` before anything is
+//! read and enforced while reading chunked bodies (413), a deadline for the whole body (408),
+//! a shared memory budget for bodies read before their request is authenticated (503 past
+//! it), and accept errors (EMFILE) that back off instead of spinning.
 //!
 //! Shutdown has two steps: on SIGTERM the listener closes (new connections are refused) while
 //! open connections keep being served — `/healthz` and triggers answer 503 — until the builds
 //! have drained; then connections are closed gracefully with a deadline.
 
 pub mod api;
+pub mod conn;
 pub mod envelope;
 pub mod public;
 
@@ -33,7 +37,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
-use tokio::sync::{RwLock, Semaphore};
+use tokio::sync::RwLock;
 
 use crate::config::SharedConfig;
 use crate::queue::Queue;
@@ -69,9 +73,20 @@ pub struct AppState {
     pub max_connections: usize,
     /// The address the listener is bound to.
     pub local_addr: std::net::SocketAddr,
+    /// Bytes (in KiB) of request bodies that may be held before their request is
+    /// authenticated (Git webhooks), all requests together; see [`read_body_budgeted`].
+    pub unauthenticated_body_budget: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
+    /// The body budget for a daemon whose `max_body_bytes` is `max_body`: room for at least
+    /// four maximal bodies, and 64 MiB at least.
+    pub fn body_budget(max_body: u64) -> Arc<tokio::sync::Semaphore> {
+        Arc::new(tokio::sync::Semaphore::new(
+            kib(max_body.saturating_mul(4).max(64 * 1024 * 1024)) as usize,
+        ))
+    }
+
     /// Base of hook URLs: `public_url`, or when that is left out, the address bound.
     pub fn public_url(&self) -> String {
         let config = self.config.get();
@@ -108,7 +123,7 @@ pub async fn serve(
     mut shutdown: ShutdownWatch,
 ) -> std::io::Result<()> {
     let graceful = GracefulShutdown::new();
-    let slots = Arc::new(Semaphore::new(state.max_connections));
+    let registry = Arc::new(conn::Registry::default());
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -116,21 +131,19 @@ pub async fn serve(
         .max_headers(MAX_HEADERS)
         .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true);
+    let mut last_accept_warning: Option<tokio::time::Instant> = None;
     loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = shutdown.draining() => break,
-        };
         let (stream, _peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
                     if !is_per_connection_error(&e) {
-                        // EMFILE/ENFILE/ENOMEM: back off instead of spinning on the error.
-                        tracing::warn!("accept failed: {e}; pausing accepts for 100 ms");
+                        // EMFILE/ENFILE/ENOMEM: back off instead of spinning on the error,
+                        // and say so at most once a minute.
+                        if last_accept_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                            tracing::warn!("accept failed: {e}; pausing accepts for 100 ms at a time");
+                            last_accept_warning = Some(tokio::time::Instant::now());
+                        }
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                     continue;
@@ -138,19 +151,36 @@ pub async fn serve(
             },
             _ = shutdown.draining() => break,
         };
+        // At the cap, the oldest connection that is between requests makes room; if every
+        // one is in the middle of a request, the newcomer is turned away.
+        if registry.len() >= state.max_connections && !registry.evict_oldest_idle() {
+            tracing::debug!(
+                "all {} connection slots are busy; refusing a connection",
+                state.max_connections
+            );
+            continue;
+        }
         let _ = stream.set_nodelay(true);
+        let activity = Arc::new(conn::Activity::default());
+        let registered = registry.register(activity.clone());
         let st = state.clone();
-        let conn = builder.serve_connection(
-            TokioIo::new(stream),
+        let act = activity.clone();
+        let connection = builder.serve_connection(
+            TokioIo::new(conn::StrictIo::new(stream, activity)),
             service_fn(move |req| {
                 let st = st.clone();
-                async move { Ok::<_, Infallible>(handle(req, st).await) }
+                let act = act.clone();
+                async move { Ok::<_, Infallible>(handle(req, st, act).await) }
             }),
         );
-        let conn = graceful.watch(conn);
+        let connection = graceful.watch(connection);
         tokio::spawn(async move {
-            let _ = conn.await;
-            drop(permit);
+            tokio::select! {
+                _ = connection => {}
+                // Dropping the connection closes its socket.
+                _ = registered.evict.notified() => {}
+            }
+            drop(registered);
         });
     }
     // New connections are refused from here on.
@@ -249,7 +279,13 @@ impl Route<'_> {
     }
 }
 
-async fn handle(req: Request<Incoming>, state: Arc<AppState>) -> Response<Body> {
+async fn handle(
+    req: Request<Incoming>,
+    state: Arc<AppState>,
+    activity: Arc<conn::Activity>,
+) -> Response<Body> {
+    // Counts the connection as busy until the response body is dropped (streams included).
+    let in_flight = activity.begin();
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     let route = Route::parse(&path);
@@ -258,7 +294,7 @@ async fn handle(req: Request<Incoming>, state: Arc<AppState>) -> Response<Body> 
         None => Err(ApiError::NotFound("no such endpoint".into())),
         Some(route) => dispatch(route, req, &state).await,
     };
-    match result {
+    let mut response = match result {
         Ok(r) => r,
         Err(e) => {
             let status = e.status();
@@ -269,6 +305,45 @@ async fn handle(req: Request<Incoming>, state: Arc<AppState>) -> Response<Body> 
             }
             envelope::error(&e)
         }
+    };
+    if activity.must_close() {
+        // After a chunked body the connection is not tracked any more (see `conn`).
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
+    }
+    response.map(|body| {
+        GuardedBody {
+            body,
+            _in_flight: in_flight,
+        }
+        .boxed()
+    })
+}
+
+/// A response body that keeps its connection counted as busy until it is dropped.
+struct GuardedBody {
+    body: Body,
+    _in_flight: conn::InFlight,
+}
+
+impl http_body::Body for GuardedBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -304,7 +379,10 @@ async fn authorize(req: &Request<Incoming>, state: &AppState) -> Result<(), ApiE
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .map(|v| v.as_bytes())
+        // The scheme is case-insensitive (RFC 9110 §11.1).
+        .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
+        .map(|v| &v[7..])
         .ok_or(ApiError::Unauthorized)?;
     if state.admin.read().await.verify(presented.trim_ascii()) {
         Ok(())
@@ -316,33 +394,88 @@ async fn authorize(req: &Request<Incoming>, state: &AppState) -> Result<(), ApiE
 /// Reads a request body of at most `max` bytes: refused from `Content-Length` before reading
 /// when it says more, cut off while reading otherwise, and bounded in time.
 pub async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, ApiError> {
-    if let Some(len) = req.headers().get(header::CONTENT_LENGTH) {
-        let len = len
-            .to_str()
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .ok_or_else(|| ApiError::BadRequest("invalid Content-Length".into()))?;
-        if len > max {
-            return Err(ApiError::PayloadTooLarge(max));
-        }
+    collect_body(req, max, None).await.map(|(b, _)| b)
+}
+
+/// Like [`read_body`], for bodies read before the request is authenticated (Git webhooks
+/// must hash the body to check its signature): every byte held counts against `budget`,
+/// shared by all such requests, and a request that would exceed it gets 503 instead of
+/// memory. The returned permit keeps the bytes counted until it is dropped.
+pub async fn read_body_budgeted(
+    req: Request<Incoming>,
+    max: u64,
+    budget: &Arc<tokio::sync::Semaphore>,
+) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), ApiError> {
+    collect_body(req, max, Some(budget)).await
+}
+
+/// Budget units are KiB (rounded up), so a permit count never overflows.
+fn kib(n: u64) -> u32 {
+    u32::try_from(n.div_ceil(1024)).unwrap_or(u32::MAX)
+}
+
+async fn collect_body(
+    req: Request<Incoming>,
+    max: u64,
+    budget: Option<&Arc<tokio::sync::Semaphore>>,
+) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), ApiError> {
+    let declared = match req.headers().get(header::CONTENT_LENGTH) {
+        None => None,
+        Some(len) => Some(
+            len.to_str()
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .ok_or_else(|| ApiError::BadRequest("invalid Content-Length".into()))?,
+        ),
+    };
+    if declared.is_some_and(|len| len > max) {
+        return Err(ApiError::PayloadTooLarge(max));
     }
-    let limit = usize::try_from(max).unwrap_or(usize::MAX);
-    let body = http_body_util::Limited::new(req.into_body(), limit);
-    match tokio::time::timeout(BODY_READ_TIMEOUT, body.collect()).await {
-        Err(_) => Err(ApiError::RequestTimeout),
-        Ok(Ok(c)) => Ok(c.to_bytes()),
-        Ok(Err(e)) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                Err(ApiError::PayloadTooLarge(max))
-            } else {
-                Err(ApiError::BadRequest(format!(
+    let mut permit: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    let mut take = |bytes: u64| -> Result<(), ApiError> {
+        let Some(budget) = budget else { return Ok(()) };
+        let p = budget
+            .clone()
+            .try_acquire_many_owned(kib(bytes))
+            .map_err(|_| {
+                ApiError::Busy(
+                    "too many large request bodies are arriving at once; retry shortly".into(),
+                )
+            })?;
+        match &mut permit {
+            Some(held) => held.merge(p),
+            None => permit = Some(p),
+        }
+        Ok(())
+    };
+    if let Some(len) = declared {
+        take(len)?;
+    }
+    let mut body = req.into_body();
+    let mut buf = Vec::new();
+    let deadline = tokio::time::Instant::now() + BODY_READ_TIMEOUT;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(ApiError::RequestTimeout),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::BadRequest(format!(
                     "cannot read the request body: {e}"
-                )))
+                )));
             }
+            Ok(Some(Ok(f))) => f,
+        };
+        if let Ok(data) = frame.into_data() {
+            if (buf.len() + data.len()) as u64 > max {
+                return Err(ApiError::PayloadTooLarge(max));
+            }
+            if declared.is_none() {
+                take(data.len() as u64)?;
+            }
+            buf.extend_from_slice(&data);
         }
     }
+    Ok((Bytes::from(buf), permit))
 }
 
 /// Parses `a=1&b=2` (no percent-decoding: no value this API takes needs it).

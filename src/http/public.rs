@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::envelope::{self, ApiError, Body};
-use super::{AppState, read_body};
+use super::{AppState, read_body, read_body_budgeted};
 use crate::git::{self, Decision};
 use crate::model::{BuildId, Timestamp, Trigger, TriggerSource};
 use crate::queue::{TriggerError, TriggerRequest, Triggered};
@@ -30,6 +30,11 @@ const STALE_CLAIM: Duration = Duration::from_secs(60);
 pub fn healthz(state: &AppState) -> Result<Response<Body>, ApiError> {
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
+    }
+    if state.store.has_failed() {
+        return Err(ApiError::Storage(
+            "the database failed; deployhook is restarting".into(),
+        ));
     }
     let (queued, running) = state.queue.counts();
     Ok(envelope::ok(
@@ -125,7 +130,16 @@ pub async fn git_push(
     let p = config.project(project).cloned().ok_or_else(not_found)?;
     let secret = p.git_secret.clone().ok_or_else(not_found)?;
     let headers = req.headers().clone();
-    let body = read_body(req, config.server.max_body_bytes).await?;
+    // No signature header at all: refuse before reading (and holding) any body.
+    if !git::has_signature_header(&headers) {
+        return Err(ApiError::BadSignature);
+    }
+    let (body, _budget) = read_body_budgeted(
+        req,
+        config.server.max_body_bytes,
+        &state.unauthenticated_body_budget,
+    )
+    .await?;
     if git::verify(&headers, &body, &secret).is_err() {
         return Err(ApiError::BadSignature);
     }

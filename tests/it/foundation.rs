@@ -137,6 +137,19 @@ fn admin_api_needs_the_token() {
         let r = request(d.addr, method, path, &[("Authorization", &d.token)], b"");
         assert_eq!(r.status, 401, "{method} {path} without Bearer");
     }
+    // The scheme is case-insensitive.
+    let lower = format!("bearer {}", d.token);
+    assert_eq!(
+        request(
+            d.addr,
+            "GET",
+            "/api/projects",
+            &[("Authorization", &lower)],
+            b""
+        )
+        .status,
+        200
+    );
     let r = d.api("GET", "/api/projects", None);
     assert_eq!(r.status, 200);
     let p = &r.json()["result"][0];

@@ -56,7 +56,10 @@ fn slowloris_and_silent_connections_are_closed_at_the_header_timeout() {
 #[test]
 fn garbage_and_smuggling_attempts_get_400_or_a_closed_connection() {
     let (d, _wd) = daemon();
-    let cases: [&[u8]; 5] = [
+    let cases: [&[u8]; 7] = [
+        // Bare LF line ends (a smuggling primitive behind a proxy that reads them otherwise).
+        b"GET /healthz HTTP/1.1\nHost: x\nConnection: close\n\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\nFoo: bar\nContent-Length: 5\r\n\r\nhelloGET /nope HTTP/1.1\r\nHost: x\r\n\r\n",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage-tls-hello\r\n\r\n",
         b"POST /hooks/dh_x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
         b"POST /hooks/dh_x HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
@@ -156,4 +159,122 @@ fn a_trickled_body_times_out_and_frees_the_connection() {
     );
     assert!(waited < Duration::from_secs(50), "{waited:?}");
     healthy(&d);
+}
+
+#[test]
+fn a_flood_of_idle_connections_does_not_lock_out_healthz() {
+    let wd = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{}\n[api]\ntoken_file = \"admin.token\"\n{}",
+        base_config(tmp.path()),
+        workdir_project("site", wd.path(), "true", "")
+    );
+    std::fs::write(tmp.path().join("deploy.toml"), text).unwrap();
+    // nofile 400 → at most 144 connections.
+    let d = Daemon::spawn_limited(tmp.path(), &[], Some(400)).unwrap();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.split_whitespace().nth(3) == Some("400")),
+        "{limits}"
+    );
+    let mut idle = Vec::new();
+    for i in 0..200 {
+        let mut s = TcpStream::connect(d.addr).unwrap();
+        if i % 2 == 0 {
+            // Half trickle a partial head, half send nothing.
+            s.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+        }
+        idle.push(s);
+    }
+    // Idle connections are closed to make room: /healthz answers long before the 10 s
+    // header timeout would have freed a slot.
+    let start = Instant::now();
+    let r = request(d.addr, "GET", "/healthz", &[], b"");
+    assert_eq!(r.status, 200);
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    // A connection in the middle of a request is never the one evicted.
+    let (_, path) = d.create_hook("site", "cms", "main");
+    let mut busy = TcpStream::connect(d.addr).unwrap();
+    busy.write_all(
+        format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\nab"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    for _ in 0..200 {
+        idle.push(TcpStream::connect(d.addr).unwrap());
+    }
+    assert_eq!(request(d.addr, "GET", "/healthz", &[], b"").status, 200);
+    busy.write_all(b"cd").unwrap();
+    let (buf, _) = read_all(busy, Duration::from_secs(10));
+    assert!(
+        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+}
+
+#[test]
+fn unauthenticated_git_bodies_are_bounded_in_memory() {
+    let wd = tempfile::tempdir().unwrap();
+    std::fs::write(wd.path().join("s"), "secret").unwrap();
+    let project = workdir_project(
+        "site",
+        wd.path(),
+        "true",
+        &format!("git_secret_file = \"{}\"", wd.path().join("s").display()),
+    );
+    // 16 MiB bodies: the budget for bodies read before authentication is 4 × 16 MiB.
+    let d = Daemon::start_with_server("max_body_bytes = 16777216", &project);
+    // No signature header: refused before a byte of the body is read.
+    let s = TcpStream::connect(d.addr).unwrap();
+    let mut w = s.try_clone().unwrap();
+    w.write_all(b"POST /git/site HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\nX-GitHub-Event: push\r\n\r\n").unwrap();
+    let (buf, _) = read_all(s, Duration::from_secs(10));
+    assert!(
+        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 401"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+    // Four slow 16 MiB uploads with a (bogus) signature hold the whole budget...
+    let head = "POST /git/site HTTP/1.1\r\nHost: x\r\nContent-Length: 16777216\r\nX-GitHub-Event: push\r\nX-Hub-Signature-256: sha256=00\r\n\r\n";
+    let mut slow = Vec::new();
+    for _ in 0..4 {
+        let mut s = TcpStream::connect(d.addr).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(&[b'x'; 1000]).unwrap();
+        slow.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    // ...so a fifth is turned away at once instead of growing the daemon's memory.
+    let s = TcpStream::connect(d.addr).unwrap();
+    let mut w = s.try_clone().unwrap();
+    w.write_all(head.as_bytes()).unwrap();
+    let (buf, _) = read_all(s, Duration::from_secs(10));
+    let text = String::from_utf8_lossy(&buf).to_string();
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    assert!(text.contains("1503"), "{text}");
+    // Once they go, there is room again (and the bogus signature gets its 401).
+    drop(slow);
+    std::thread::sleep(Duration::from_millis(300));
+    let r = request(
+        d.addr,
+        "POST",
+        "/git/site",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-Hub-Signature-256", "sha256=00"),
+        ],
+        b"{}",
+    );
+    assert_eq!(r.status, 401);
 }

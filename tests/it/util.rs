@@ -168,8 +168,25 @@ impl Daemon {
 
     /// Starts (or restarts) a daemon on an existing dir holding `deploy.toml`.
     pub fn spawn(dir: &Path, env: &[(&str, &str)]) -> Result<Daemon, String> {
+        Self::spawn_limited(dir, env, None)
+    }
+
+    /// Like `spawn`, with the open-file limit (soft and hard) lowered to `nofile`, which
+    /// lowers the daemon's connection cap to `nofile - 256` (at least 64).
+    pub fn spawn_limited(
+        dir: &Path,
+        env: &[(&str, &str)],
+        nofile: Option<u32>,
+    ) -> Result<Daemon, String> {
         let config = dir.join("deploy.toml");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match nofile {
+            None => Command::new(BIN),
+            Some(n) => {
+                let mut c = Command::new("/bin/sh");
+                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), BIN]);
+                c
+            }
+        };
         cmd.args(["serve", "--config"])
             .arg(&config)
             .env("RUST_LOG", "debug")

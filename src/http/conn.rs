@@ -1,0 +1,459 @@
+//! What the server knows about each open connection, below hyper.
+//!
+//! [`StrictIo`] wraps a connection's socket and watches the bytes hyper reads:
+//! * It refuses bare-LF line endings in request heads (HOSTILE 1). httparse accepts a lone
+//!   `\n` as a line end, as RFC 9112 permits, but a proxy in front that does not can be made
+//!   to see other headers than we do, which is how requests are smuggled. A head with a lone
+//!   `\n` fails the read and the connection closes. To know where heads are, it follows the
+//!   framing hyper uses: `Content-Length` bodies are skipped; after a `Transfer-Encoding` body
+//!   it stops looking, and the server closes such connections after their response.
+//! * It tells the [`Registry`] whether the connection is between requests, so that when all
+//!   connection slots are taken, the oldest connection that is not in the middle of a request
+//!   is closed to make room (HOSTILE 7: a flood of idle or trickling connections must not lock
+//!   out `/healthz` until the header timeout frees a slot).
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+
+/// Largest head the framing tracker keeps to find `Content-Length` (hyper refuses larger
+/// heads with 431 anyway).
+const MAX_HEAD: usize = super::MAX_HEADER_BYTES + 1024;
+
+/// Shared between a connection's socket wrapper, its request handlers and the registry.
+#[derive(Debug, Default)]
+pub struct Activity {
+    /// Reading a request head (or waiting for one): nothing of a request is pending.
+    in_head: AtomicBool,
+    /// A head has been read and its handler has not started yet.
+    unserved: AtomicBool,
+    /// Handlers (and streaming response bodies) alive for this connection.
+    in_flight: AtomicUsize,
+    /// Set when a request used `Transfer-Encoding`: its response closes the connection.
+    close_after: AtomicBool,
+}
+
+impl Activity {
+    /// Whether closing the connection now would cut no request short.
+    pub fn is_between_requests(&self) -> bool {
+        self.in_head.load(Ordering::SeqCst)
+            && !self.unserved.load(Ordering::SeqCst)
+            && self.in_flight.load(Ordering::SeqCst) == 0
+    }
+
+    /// Marks a request as being handled until the guard drops.
+    pub fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.unserved.store(false, Ordering::SeqCst);
+        InFlight(self.clone())
+    }
+
+    /// Whether the current request's response must close the connection.
+    pub fn must_close(&self) -> bool {
+        self.close_after.load(Ordering::SeqCst)
+    }
+}
+
+/// Keeps a connection counted as busy; move it into a streaming body to cover the stream.
+#[derive(Debug)]
+pub struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[derive(Debug)]
+enum Framing {
+    /// Reading a head; the bytes so far (bounded) and the previous byte.
+    Head { head: Vec<u8>, prev: u8 },
+    /// Skipping this many body bytes.
+    Body(u64),
+    /// Chunked body seen: stop tracking (the connection closes after this request).
+    Untracked,
+}
+
+/// A socket that refuses bare-LF heads and reports request boundaries (see the module doc).
+pub struct StrictIo<T> {
+    inner: T,
+    framing: Framing,
+    activity: Arc<Activity>,
+}
+
+impl<T> StrictIo<T> {
+    /// Wraps a socket.
+    pub fn new(inner: T, activity: Arc<Activity>) -> Self {
+        activity.in_head.store(true, Ordering::SeqCst);
+        Self {
+            inner,
+            framing: Framing::Head {
+                head: Vec::new(),
+                prev: 0,
+            },
+            activity,
+        }
+    }
+
+    /// Follows the framing over newly read bytes; an error for a bare LF in a head.
+    fn observe(&mut self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            match &mut self.framing {
+                Framing::Untracked => return Ok(()),
+                Framing::Body(left) => {
+                    let n = (*left).min(data.len() as u64) as usize;
+                    *left -= n as u64;
+                    data = &data[n..];
+                    if *left == 0 {
+                        self.framing = Framing::Head {
+                            head: Vec::new(),
+                            prev: 0,
+                        };
+                        self.activity.in_head.store(true, Ordering::SeqCst);
+                    }
+                }
+                Framing::Head { head, prev } => {
+                    let mut end = None;
+                    for (i, &b) in data.iter().enumerate() {
+                        if b == b'\n' && *prev != b'\r' {
+                            return Err(io::Error::new(
+                                io::ErrorKind::InvalidData,
+                                "bare LF in a request head",
+                            ));
+                        }
+                        *prev = b;
+                        if head.len() < MAX_HEAD {
+                            head.push(b);
+                        }
+                        // A head ends at an empty line; empty lines before the request line
+                        // (allowed by RFC 9112 §2.2) are not a head at all.
+                        if head.ends_with(b"\r\n\r\n") || head == b"\r\n" {
+                            if head.as_slice() == b"\r\n" {
+                                head.clear();
+                                continue;
+                            }
+                            end = Some(i + 1);
+                            break;
+                        }
+                    }
+                    let Some(end) = end else {
+                        return Ok(());
+                    };
+                    let next = framing_after(head);
+                    data = &data[end..];
+                    self.activity.unserved.store(true, Ordering::SeqCst);
+                    self.activity.in_head.store(false, Ordering::SeqCst);
+                    self.framing = match next {
+                        Next::Length(0) => {
+                            self.activity.in_head.store(true, Ordering::SeqCst);
+                            Framing::Head {
+                                head: Vec::new(),
+                                prev: 0,
+                            }
+                        }
+                        Next::Length(n) => Framing::Body(n),
+                        Next::Chunked => {
+                            self.activity.close_after.store(true, Ordering::SeqCst);
+                            Framing::Untracked
+                        }
+                    };
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+enum Next {
+    Length(u64),
+    Chunked,
+}
+
+/// How the body after `head` is framed, as hyper will frame it: `Transfer-Encoding` wins over
+/// `Content-Length`; an unparsable length is left to hyper to refuse (it closes then).
+fn framing_after(head: &[u8]) -> Next {
+    let mut len = 0u64;
+    for line in head.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            continue;
+        };
+        let (name, value) = (&line[..colon], &line[colon + 1..]);
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            return Next::Chunked;
+        }
+        if name.eq_ignore_ascii_case(b"content-length")
+            && let Some(n) = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        {
+            len = n;
+        }
+    }
+    Next::Length(len)
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for StrictIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            let new = buf.filled()[before..].to_vec();
+            if let Err(e) = self.observe(&new) {
+                return Poll::Ready(Err(e));
+            }
+        }
+        r
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for StrictIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+struct Entry {
+    opened: Instant,
+    activity: Arc<Activity>,
+    evict: Arc<Notify>,
+}
+
+/// The open connections, so that one can be closed to make room.
+#[derive(Default)]
+pub struct Registry {
+    conns: Mutex<HashMap<u64, Entry>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// A connection's place in the registry; removes it on drop.
+pub struct Registered {
+    registry: Arc<Registry>,
+    id: u64,
+    /// Notified when the connection should close to make room.
+    pub evict: Arc<Notify>,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.registry.conns.lock() {
+            m.remove(&self.id);
+        }
+    }
+}
+
+impl Registry {
+    /// Number of open connections.
+    pub fn len(&self) -> usize {
+        self.conns.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Whether no connection is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Adds a connection.
+    pub fn register(self: &Arc<Self>, activity: Arc<Activity>) -> Registered {
+        let id = self.next.fetch_add(1, Ordering::SeqCst);
+        let evict = Arc::new(Notify::new());
+        if let Ok(mut m) = self.conns.lock() {
+            m.insert(
+                id,
+                Entry {
+                    opened: Instant::now(),
+                    activity,
+                    evict: evict.clone(),
+                },
+            );
+        }
+        Registered {
+            registry: self.clone(),
+            id,
+            evict,
+        }
+    }
+
+    /// Asks the oldest connection that is between requests to close. Returns whether there
+    /// was one.
+    pub fn evict_oldest_idle(&self) -> bool {
+        let Ok(mut m) = self.conns.lock() else {
+            return false;
+        };
+        let victim = m
+            .iter()
+            .filter(|(_, e)| e.activity.is_between_requests())
+            .min_by_key(|(_, e)| e.opened)
+            .map(|(id, _)| *id);
+        match victim.and_then(|id| m.remove(&id)) {
+            Some(e) => {
+                // notify_one stores a permit, so the connection sees it even if it is not
+                // waiting at this instant.
+                e.evict.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io() -> StrictIo<()> {
+        StrictIo::new((), Arc::new(Activity::default()))
+    }
+
+    #[test]
+    fn crlf_heads_pass_and_bare_lf_fails() {
+        let mut s = io();
+        assert!(s.observe(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").is_ok());
+        assert!(
+            s.observe(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").is_ok(),
+            "keep-alive second request"
+        );
+        let mut s = io();
+        assert!(s.observe(b"GET / HTTP/1.1\nHost: x\n\n").is_err());
+        let mut s = io();
+        assert!(
+            s.observe(b"GET / HTTP/1.1\r\nHost: x\nFoo: y\r\n\r\n")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn bare_lf_split_across_reads_is_caught() {
+        let mut s = io();
+        assert!(s.observe(b"GET / HTTP/1.1\r").is_ok());
+        assert!(s.observe(b"\nHost: x").is_ok());
+        assert!(s.observe(b"\n").is_err());
+    }
+
+    #[test]
+    fn content_length_bodies_are_skipped() {
+        let mut s = io();
+        // The body holds bare LFs: it is not a head.
+        assert!(
+            s.observe(b"POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\na\nb\nc")
+                .is_ok()
+        );
+        assert!(s.activity.in_head.load(Ordering::SeqCst));
+        // The next head is checked again.
+        assert!(s.observe(b"GET / HTTP/1.1\nHost: x\n\n").is_err());
+    }
+
+    #[test]
+    fn chunked_bodies_stop_tracking_and_mark_the_connection() {
+        let mut s = io();
+        assert!(
+            s.observe(
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\na\nb\nc\r\n0\r\n\r\n"
+            )
+            .is_ok()
+        );
+        assert!(s.activity.must_close());
+    }
+
+    #[test]
+    fn leading_empty_lines_are_not_heads() {
+        let mut s = io();
+        assert!(
+            s.observe(b"\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn between_requests_means_no_head_pending_and_no_handler() {
+        let a = Arc::new(Activity::default());
+        let mut s = StrictIo::new((), a.clone());
+        assert!(a.is_between_requests(), "a fresh connection is idle");
+        s.observe(b"GET / HTT").unwrap();
+        assert!(
+            a.is_between_requests(),
+            "a head in progress can be dropped (slowloris)"
+        );
+        s.observe(b"P/1.1\r\n\r\n").unwrap();
+        assert!(
+            !a.is_between_requests(),
+            "a complete head waits for its handler"
+        );
+        let g = a.begin();
+        assert!(!a.is_between_requests());
+        drop(g);
+        assert!(a.is_between_requests());
+        s.observe(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\na")
+            .unwrap();
+        let g = a.begin();
+        drop(g);
+        assert!(!a.is_between_requests(), "mid-body");
+    }
+
+    #[test]
+    fn the_oldest_idle_connection_is_evicted() {
+        let r = Arc::new(Registry::default());
+        let busy = Arc::new(Activity::default());
+        let _guard = busy.begin();
+        let idle_old = Arc::new(Activity::default());
+        idle_old.in_head.store(true, Ordering::SeqCst);
+        let idle_new = Arc::new(Activity::default());
+        idle_new.in_head.store(true, Ordering::SeqCst);
+        let b = r.register(busy);
+        let o = r.register(idle_old);
+        let n = r.register(idle_new);
+        assert_eq!(r.len(), 3);
+        assert!(r.evict_oldest_idle());
+        assert_eq!(r.len(), 2);
+        // The old idle one was told; the busy one and the newer one were not.
+        assert!(futures_ready(&o.evict));
+        assert!(!futures_ready(&b.evict));
+        assert!(!futures_ready(&n.evict));
+        assert!(r.evict_oldest_idle());
+        assert!(!r.evict_oldest_idle(), "only the busy one is left");
+    }
+
+    fn futures_ready(n: &Notify) -> bool {
+        use std::future::Future as _;
+        let f = n.notified();
+        tokio::pin!(f);
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        f.as_mut().poll(&mut cx).is_ready()
+    }
+}
