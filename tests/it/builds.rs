@@ -16,14 +16,8 @@ fn success_and_failure_with_exit_code() {
         workdir_project("bad", wd.path(), "echo failing; exit 3", "")
     );
     let d = Daemon::start(&cfg);
-    let ok = d.trigger("ok", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let bad = d.trigger("bad", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let ok = d.trigger_id("ok", "main");
+    let bad = d.trigger_id("bad", "main");
     let b = d.wait_status(&ok, "stopped", 20);
     assert_eq!(b["build_outcome"], "success");
     assert_eq!(b["exit_code"], 0);
@@ -133,10 +127,7 @@ fn environment_is_exactly_the_spec_one() {
         assert!(allowed.contains(k), "unexpected variable {k} in {out}");
     }
     // An API trigger has an empty payload and hook name.
-    let id = d.trigger("site", "other")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.trigger_id("site", "other");
     d.wait_status(&id, "stopped", 20);
     let out = d.log_text(&id, "stdout");
     assert!(
@@ -159,10 +150,7 @@ fn checkout_builds_the_branch_head_in_a_fresh_workspace() {
         )
     );
     let d = Daemon::start(&cfg);
-    let id = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.trigger_id("site", "main");
     let b = d.wait_status(&id, "stopped", 30);
     assert_eq!(
         b["build_outcome"],
@@ -179,10 +167,7 @@ fn checkout_builds_the_branch_head_in_a_fresh_workspace() {
     assert!(d.log_text(&id, "system").contains("checking out"));
     // A new commit is seen by the next build; the previous build's files are gone.
     let sha2 = repo.commit("README", "second\n");
-    let id2 = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id2 = d.trigger_id("site", "main");
     let b = d.wait_status(&id2, "stopped", 30);
     assert_eq!(b["commit"], sha2.as_str());
     let out = d.log_text(&id2, "stdout");
@@ -199,10 +184,7 @@ fn checkout_builds_the_branch_head_in_a_fresh_workspace() {
 fn failed_fetch_fails_the_build_with_gits_error() {
     let cfg = "[projects.site]\nbranches = [\"main\"]\nrepo = \"/nonexistent/repo.git\"\ncommand = \"true\"\n";
     let d = Daemon::start(cfg);
-    let id = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.trigger_id("site", "main");
     let b = d.wait_status(&id, "stopped", 30);
     assert_eq!(b["build_outcome"], "fail");
     assert_eq!(b["running_on"], Value::Null);
@@ -281,10 +263,7 @@ fn supersede_cancels_the_running_build_and_kills_its_group() {
         &pid_recording_command(wd.path()),
         "",
     ));
-    let old = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let old = d.trigger_id("site", "main");
     d.wait_status(&old, "running", 20);
     eventually(10, "pids written", || {
         pids_in(&wd.path().join("pids")).len() == 2
@@ -314,15 +293,9 @@ fn no_supersede_when_disabled() {
         "sleep 3",
         "cancel_superseded = false",
     ));
-    let old = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let old = d.trigger_id("site", "main");
     d.wait_status(&old, "running", 20);
-    let new = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let new = d.trigger_id("site", "main");
     let b = d.wait_status(&old, "stopped", 20);
     assert_eq!(b["build_outcome"], "success");
     assert_eq!(b["cancel_reason"], Value::Null);
@@ -338,14 +311,8 @@ fn cancel_queued_running_and_stopped() {
         &pid_recording_command(wd.path()),
         "",
     ));
-    let running = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let queued = d.trigger("site", "other")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let running = d.trigger_id("site", "main");
+    let queued = d.trigger_id("site", "other");
     d.wait_status(&running, "running", 20);
     // Queued: stops at once.
     let r = d.api("POST", &format!("/api/builds/{queued}/cancel"), None);
@@ -390,10 +357,7 @@ fn a_build_that_traps_sigterm_is_killed_after_the_grace() {
         wd.path().display()
     );
     let d = Daemon::start(&workdir_project("site", wd.path(), &cmd, ""));
-    let id = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.trigger_id("site", "main");
     eventually(10, "build running", || {
         d.log_text(&id, "stdout").contains("trapped")
     });
@@ -421,10 +385,7 @@ fn background_children_do_not_hold_the_build() {
         wd.path().display()
     );
     let d = Daemon::start(&workdir_project("site", wd.path(), &cmd, ""));
-    let id = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.trigger_id("site", "main");
     let b = d.wait_status(&id, "stopped", 15);
     assert_eq!(b["build_outcome"], "success");
     let bg = pids_in(&wd.path().join("bg"))[0];
@@ -432,10 +393,7 @@ fn background_children_do_not_hold_the_build() {
     eventually(5, "background sleep killed", || !alive(bg));
     eventually(5, "setsid sleep killed", || !alive(escaped));
     // The project is free again at once.
-    let id2 = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id2 = d.trigger_id("site", "main");
     d.wait_status(&id2, "stopped", 15);
 }
 
@@ -448,10 +406,7 @@ fn timeout_kills_the_group() {
         &pid_recording_command(wd.path()),
         "timeout = \"1s\"",
     ));
-    let id = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.trigger_id("site", "main");
     let b = d.wait_status(&id, "stopped", 20);
     assert_eq!(b["build_outcome"], "timed_out");
     assert_eq!(b["exit_code"], Value::Null);
@@ -471,10 +426,7 @@ fn log_cap_truncates_and_keeps_the_build_running() {
         "max_log_bytes = 65536",
         &workdir_project("site", wd.path(), cmd, ""),
     );
-    let id = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.trigger_id("site", "main");
     let b = d.wait_status(&id, "stopped", 60);
     assert_eq!(b["build_outcome"], "success");
     let r = d.api("GET", &format!("/api/builds/{id}/logs"), None).json();
@@ -505,10 +457,7 @@ fn follow_streams_lines_until_the_build_stops() {
         "for i in 1 2 3 4 5; do echo line$i; sleep 0.2; done",
         "",
     ));
-    let id = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.trigger_id("site", "main");
     let auth = format!("Bearer {}", d.token);
     let r = request(
         d.addr,
@@ -553,10 +502,7 @@ fn kill_9_of_the_daemon_takes_its_builds_with_it() {
     let wd = tempfile::tempdir().unwrap();
     let cmd = format!("{}; ", pid_recording_command(wd.path()));
     let mut d = Daemon::start(&workdir_project("site", wd.path(), &cmd, ""));
-    let id = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.trigger_id("site", "main");
     eventually(10, "pids written", || {
         pids_in(&wd.path().join("pids")).len() == 2
     });
@@ -581,10 +527,7 @@ fn sigterm_drains_then_interrupts_and_exits_zero() {
     let cmd = format!("trap '' TERM; {}", pid_recording_command(wd.path()));
     // shutdown_timeout is 3 s in tests, kill_grace 1 s.
     let mut d = Daemon::start(&workdir_project("site", wd.path(), &cmd, ""));
-    let id = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.trigger_id("site", "main");
     eventually(10, "pids written", || {
         pids_in(&wd.path().join("pids")).len() == 2
     });
@@ -623,22 +566,10 @@ fn one_build_per_project_and_the_global_limit() {
         workdir_project("c", wd.path(), "sleep 3", "")
     );
     let d = Daemon::start_with_server("max_concurrent_builds = 2", &cfg);
-    let a1 = d.trigger("a", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let a2 = d.trigger("a", "other")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let b1 = d.trigger("b", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let c1 = d.trigger("c", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let a1 = d.trigger_id("a", "main");
+    let a2 = d.trigger_id("a", "other");
+    let b1 = d.trigger_id("b", "main");
+    let c1 = d.trigger_id("c", "main");
     d.wait_status(&a1, "running", 10);
     d.wait_status(&b1, "running", 10);
     assert_eq!(d.build(&a2)["status"], "queued", "one build per project");
@@ -658,10 +589,7 @@ fn retention_prunes_old_builds_and_logs() {
     );
     let mut ids = Vec::new();
     for _ in 0..4 {
-        let id = d.trigger("site", "main")["build_uuid"]
-            .as_str()
-            .unwrap()
-            .to_string();
+        let id = d.trigger_id("site", "main");
         d.wait_status(&id, "stopped", 20);
         ids.push(id);
     }
@@ -735,10 +663,7 @@ fn huge_output_leaves_the_daemons_memory_flat() {
     let cmd = "head -c 200000000 /dev/zero; yes | head -c 100000000; echo end";
     let d = Daemon::start(&workdir_project("site", wd.path(), cmd, ""));
     let before = vm_hwm_kib(d.pid());
-    let id = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.trigger_id("site", "main");
     let b = d.wait_status(&id, "stopped", 120);
     assert_eq!(b["build_outcome"], "success");
     let after = vm_hwm_kib(d.pid());
@@ -822,10 +747,7 @@ fn sighup_during_shutdown_does_not_cut_the_drain_short() {
         "sleep 2; echo finished",
         "",
     ));
-    let id = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.trigger_id("site", "main");
     d.wait_status(&id, "running", 10);
     d.signal("TERM");
     std::thread::sleep(std::time::Duration::from_millis(300));
@@ -844,10 +766,7 @@ fn a_taken_port_does_not_consume_queued_builds() {
     let wd = tempfile::tempdir().unwrap();
     let mut d = Daemon::start(&workdir_project("site", wd.path(), "sleep 30", ""));
     d.trigger("site", "other");
-    let queued = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let queued = d.trigger_id("site", "main");
     let dir = d.dir.clone();
     let _tmp = d._tmp.take();
     d.kill9();
@@ -879,10 +798,7 @@ fn a_build_that_exits_cleanly_on_sigterm_is_still_cancelled_with_a_null_exit_cod
     let wd = tempfile::tempdir().unwrap();
     let cmd = "trap 'echo got TERM; exit 0' TERM; echo ready; sleep 30 & wait";
     let d = Daemon::start(&workdir_project("site", wd.path(), cmd, ""));
-    let id = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.trigger_id("site", "main");
     eventually(10, "build ready", || {
         d.log_text(&id, "stdout").contains("ready")
     });
@@ -906,10 +822,7 @@ fn a_lock_left_by_a_killed_fetch_does_not_break_the_mirror() {
         repo.path().display()
     );
     let d = Daemon::start(&cfg);
-    let id = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.trigger_id("site", "main");
     assert_eq!(
         d.wait_status(&id, "stopped", 30)["build_outcome"],
         "success"
@@ -918,10 +831,7 @@ fn a_lock_left_by_a_killed_fetch_does_not_break_the_mirror() {
     let lock = d.dir.join("state/mirrors/site.git/refs/heads/main.lock");
     std::fs::write(&lock, "").unwrap();
     repo.commit("README", "after the crash\n");
-    let id = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = d.trigger_id("site", "main");
     let b = d.wait_status(&id, "stopped", 30);
     assert_eq!(
         b["build_outcome"],

@@ -217,59 +217,34 @@ fn bad_json_names_the_field() {
     assert_eq!(r.json()["errors"][0]["code"], 1400);
     let r = d.api("POST", "/api/projects/site/hooks", Some(json!({"name": 5})));
     assert_eq!(r.status, 400);
-    assert!(
-        r.json()["errors"][0]["message"]
-            .as_str()
-            .unwrap()
-            .contains("\"name\"")
-    );
+    assert!(r.error_message().contains("\"name\""));
     let r = d.api(
         "POST",
         "/api/projects/site/hooks",
         Some(json!({"branch": "main"})),
     );
-    assert!(
-        r.json()["errors"][0]["message"]
-            .as_str()
-            .unwrap()
-            .contains("\"name\"")
-    );
+    assert!(r.error_message().contains("\"name\""));
     let r = d.api(
         "POST",
         "/api/projects/site/hooks",
         Some(json!({"name": "x", "branch": "nope"})),
     );
     assert_eq!(r.status, 400);
-    assert!(
-        r.json()["errors"][0]["message"]
-            .as_str()
-            .unwrap()
-            .contains("branch")
-    );
+    assert!(r.error_message().contains("branch"));
     let r = d.api(
         "POST",
         "/api/projects/site/hooks",
         Some(json!({"name": "x", "brnch": "main"})),
     );
     assert_eq!(r.status, 400);
-    assert!(
-        r.json()["errors"][0]["message"]
-            .as_str()
-            .unwrap()
-            .contains("brnch")
-    );
+    assert!(r.error_message().contains("brnch"));
     let r = d.api(
         "POST",
         "/api/projects/site/builds",
         Some(json!({"branch": ["main"]})),
     );
     assert_eq!(r.status, 400);
-    assert!(
-        r.json()["errors"][0]["message"]
-            .as_str()
-            .unwrap()
-            .contains("\"branch\"")
-    );
+    assert!(r.error_message().contains("\"branch\""));
     // Duplicate hook names in a project.
     d.create_hook("site", "cms", "main");
     let r = d.api(
@@ -345,16 +320,12 @@ fn listing_pages_with_a_cursor() {
 #[test]
 fn hooks_and_builds_survive_a_restart() {
     let wd = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(&workdir_project("site", wd.path(), "true", ""));
+    let d = Daemon::start(&workdir_project("site", wd.path(), "true", ""));
     let (hook_id, path) = d.create_hook("site", "cms", "main");
     let b = d.post(&path, b"payload").json()["result"].clone();
     let id = b["build_uuid"].as_str().unwrap().to_string();
     d.wait_status(&id, "stopped", 20);
-    let dir = d.dir.clone();
-    let _tmp = d._tmp.take();
-    d.signal("TERM");
-    assert_eq!(d.wait_exit(20), Some(0));
-    let d2 = Daemon::spawn(&dir, &[]).unwrap();
+    let d2 = d.restart(false);
     let hooks = d2.api("GET", "/api/projects/site/hooks", None).json();
     assert_eq!(hooks["result"][0]["id"], hook_id);
     assert_eq!(d2.build(&id)["build_outcome"], "success");
@@ -366,19 +337,10 @@ fn hooks_and_builds_survive_a_restart() {
 fn acknowledged_builds_survive_kill_9() {
     let wd = tempfile::tempdir().unwrap();
     // Busy project: the acknowledged builds stay queued behind a long one.
-    let mut d = Daemon::start(&workdir_project("site", wd.path(), "sleep 30", ""));
-    let first = d.trigger("site", "other")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let queued = d.trigger("site", "main")["build_uuid"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let dir = d.dir.clone();
-    let _tmp = d._tmp.take();
-    d.kill9();
-    let d2 = Daemon::spawn(&dir, &[]).unwrap();
+    let d = Daemon::start(&workdir_project("site", wd.path(), "sleep 30", ""));
+    let first = d.trigger_id("site", "other");
+    let queued = d.trigger_id("site", "main");
+    let d2 = d.restart(true);
     let b = d2.build(&first);
     assert_eq!(b["status"], "stopped");
     assert_eq!(b["build_outcome"], "interrupted");

@@ -8,6 +8,11 @@ use crate::util::*;
 
 const SECRET: &str = "s3cret-for-tests";
 
+/// `sha256=<hex>` as GitHub and Bitbucket send it.
+fn github_sig(body: &[u8]) -> String {
+    format!("sha256={}", hmac_hex(body))
+}
+
 fn hmac_hex(body: &[u8]) -> String {
     let mut m = hmac::Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
     m.update(body);
@@ -105,7 +110,7 @@ fn each_host_signature_triggers_a_build() {
     let bb = json!({"push": {"changes": [{"new": {"type": "branch", "name": "other", "target": {"hash": SHA}}, "old": null}]}})
         .to_string()
         .into_bytes();
-    let sig = format!("sha256={}", hmac_hex(&bb));
+    let sig = github_sig(&bb);
     let r = post(
         &d,
         &[
@@ -124,7 +129,7 @@ fn each_host_signature_triggers_a_build() {
 fn the_payload_reaches_the_build() {
     let (d, _wd) = daemon("cat \"$DEPLOYHOOK_PAYLOAD\"; echo; echo trigger=$DEPLOYHOOK_TRIGGER");
     let body = push_body("refs/heads/main", SHA);
-    let sig = format!("sha256={}", hmac_hex(&body));
+    let sig = github_sig(&body);
     let r = post(
         &d,
         &[("X-GitHub-Event", "push"), ("X-Hub-Signature-256", &sig)],
@@ -147,7 +152,7 @@ fn the_payload_reaches_the_build() {
 fn bad_signatures_are_refused_before_parsing() {
     let (d, _wd) = daemon("true");
     let body = push_body("refs/heads/main", SHA);
-    let good = format!("sha256={}", hmac_hex(&body));
+    let good = github_sig(&body);
     let mut wrong_key = hmac::Hmac::<Sha256>::new_from_slice(b"not the secret").unwrap();
     wrong_key.update(&body);
     let wrong: String = wrong_key
@@ -230,7 +235,7 @@ fn bad_signatures_are_refused_before_parsing() {
 fn events_that_build_nothing() {
     let (d, _wd) = daemon("true");
     let send = |event: (&str, &str), body: Vec<u8>| {
-        let sig = format!("sha256={}", hmac_hex(&body));
+        let sig = github_sig(&body);
         post(&d, &[event, ("X-Hub-Signature-256", &sig)], &body)
     };
     let r = send(
@@ -291,7 +296,7 @@ fn form_encoded_github_payload() {
             body.push_str(&format!("%{b:02X}"));
         }
     }
-    let sig = format!("sha256={}", hmac_hex(body.as_bytes()));
+    let sig = github_sig(body.as_bytes());
     let r = request(
         d.addr,
         "POST",
@@ -311,7 +316,7 @@ fn form_encoded_github_payload() {
 fn a_replayed_delivery_never_builds_again() {
     let (d, _wd) = daemon("true");
     let body = push_body("refs/heads/main", SHA);
-    let sig = format!("sha256={}", hmac_hex(&body));
+    let sig = github_sig(&body);
     let h = [
         ("X-GitHub-Event", "push"),
         ("X-Hub-Signature-256", sig.as_str()),
@@ -370,7 +375,7 @@ fn unknown_project_or_no_secret_is_404_and_size_is_capped() {
     );
     let d = Daemon::start_with_server("max_body_bytes = 2000", &cfg);
     let body = push_body("refs/heads/main", SHA);
-    let sig = format!("sha256={}", hmac_hex(&body));
+    let sig = github_sig(&body);
     let h = [
         ("X-GitHub-Event", "push"),
         ("X-Hub-Signature-256", sig.as_str()),
@@ -390,7 +395,7 @@ fn unknown_project_or_no_secret_is_404_and_size_is_capped() {
 fn a_push_during_a_running_build_of_the_branch_supersedes_it() {
     let (d, _wd) = daemon("sleep 30");
     let body = push_body("refs/heads/main", SHA);
-    let sig = format!("sha256={}", hmac_hex(&body));
+    let sig = github_sig(&body);
     let first = post(
         &d,
         &[
@@ -406,7 +411,7 @@ fn a_push_during_a_running_build_of_the_branch_supersedes_it() {
     d.wait_status(&old, "running", 10);
     let sha2 = "2222222222222222222222222222222222222222";
     let body2 = push_body("refs/heads/main", sha2);
-    let sig2 = format!("sha256={}", hmac_hex(&body2));
+    let sig2 = github_sig(&body2);
     let second = post(
         &d,
         &[
@@ -441,7 +446,7 @@ fn pushes_build_the_branch_head_from_a_real_repo() {
     for i in 0..5 {
         last = repo.commit("README", &format!("version {i}\n"));
         let body = push_body("refs/heads/main", &last);
-        let sig = format!("sha256={}", hmac_hex(&body));
+        let sig = github_sig(&body);
         let r = post(
             &d,
             &[
@@ -483,7 +488,7 @@ fn pushes_build_the_branch_head_from_a_real_repo() {
 fn sighup_reloads_secrets_and_rejects_a_bad_config() {
     let (d, wd) = daemon("true");
     let body = push_body("refs/heads/other", SHA);
-    let sig = format!("sha256={}", hmac_hex(&body));
+    let sig = github_sig(&body);
     let h = [
         ("X-GitHub-Event", "push"),
         ("X-Hub-Signature-256", sig.as_str()),

@@ -28,6 +28,14 @@ impl Resp {
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 
+    /// The message of the first error of an error envelope.
+    pub fn error_message(&self) -> String {
+        self.json()["errors"][0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -287,6 +295,30 @@ impl Daemon {
         );
         assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
         r.json()["result"].clone()
+    }
+
+    /// Triggers through the API; returns the build's uuid.
+    pub fn trigger_id(&self, project: &str, branch: &str) -> String {
+        self.trigger(project, branch)["build_uuid"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// Stops this daemon (SIGKILL with `kill9`, else SIGTERM and a clean exit) and starts a new
+    /// one on the same state dir and config.
+    pub fn restart(mut self, kill9: bool) -> Daemon {
+        let dir = self.dir.clone();
+        let tmp = self._tmp.take();
+        if kill9 {
+            self.kill9();
+        } else {
+            self.signal("TERM");
+            assert_eq!(self.wait_exit(30), Some(0));
+        }
+        let mut d = Daemon::spawn(&dir, &[]).unwrap_or_else(|e| panic!("{e}"));
+        d._tmp = tmp;
+        d
     }
 
     pub fn build(&self, id: &str) -> Value {
