@@ -1,7 +1,7 @@
 //! The build queue: the one owner of build state transitions.
 //!
 //! Every transition of every build that is not yet stopped happens under one mutex around a
-//! small state machine ([`State`]), so dedupe, supersede, cancel and scheduling cannot race:
+//! small state machine (`State`), so dedupe, supersede, cancel and scheduling cannot race:
 //! "exactly one build under any number of concurrent identical triggers" is a property of
 //! holding that lock across look-up-then-insert. The lock is held only for in-memory work and
 //! sled inserts (microseconds); waiting for durability, spawning processes and killing them all

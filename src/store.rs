@@ -195,7 +195,7 @@ fn encode_cursor(b: &Build) -> String {
     s
 }
 
-/// Decodes a cursor of [`encode_cursor`]; `None` when it is not one.
+/// Decodes a cursor made by `encode_cursor`; `None` when it is not one.
 pub fn decode_cursor(s: &str) -> Option<[u8; 24]> {
     if s.len() != 48
         || !s

@@ -842,3 +842,24 @@ fn a_lock_left_by_a_killed_fetch_does_not_break_the_mirror() {
     assert!(d.log_text(&id, "system").contains("stale git lock"));
     assert!(!lock.exists());
 }
+
+#[test]
+fn builds_carry_a_higher_oom_score_adj_than_the_daemon() {
+    let wd = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&workdir_project(
+        "site",
+        wd.path(),
+        "cat /proc/self/oom_score_adj",
+        "",
+    ));
+    let id = d.trigger_id("site", "main");
+    d.wait_status(&id, "stopped", 20);
+    let build: i32 = d.log_text(&id, "stdout").trim().parse().unwrap();
+    let daemon: i32 = std::fs::read_to_string(format!("/proc/{}/oom_score_adj", d.pid()))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(build > daemon, "build {build}, daemon {daemon}");
+    assert_eq!(build, 500);
+}
