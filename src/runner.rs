@@ -188,20 +188,9 @@ pub fn clean_leftovers(state_dir: &Path) {
     }
 }
 
-/// Hides the user-info part of a URL (`https://user:token@host/…`) so that credentials in a
-/// `repo` URL never reach a log.
-pub fn redact_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        let end = rest.find('/').unwrap_or(rest.len());
-        if let Some(at) = rest[..end].rfind('@') {
-            return format!("{scheme}://***@{}", &rest[at + 1..]);
-        }
-    }
-    url.to_owned()
-}
-
 /// Hides the user-info of every URL in a line of text (`https://user:token@host` →
-/// `https://***@host`): git's own messages may echo a `repo` URL with its credentials.
+/// `https://***@host`), so that credentials in a `repo` URL reach no log: neither our own
+/// lines about the fetch nor git's messages that echo the URL.
 pub fn redact_credentials(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -501,7 +490,7 @@ async fn checkout(
             .system(format!(
                 "fetching branch {} from {}",
                 build.branch,
-                redact_url(url)
+                redact_credentials(url)
             ))
             .await;
         let argv = git_argv(
@@ -989,17 +978,17 @@ mod tests {
     #[test]
     fn credentials_in_urls_are_redacted() {
         assert_eq!(
-            redact_url("https://user:tok@github.com/a/b.git"),
+            redact_credentials("https://user:tok@github.com/a/b.git"),
             "https://***@github.com/a/b.git"
         );
         assert_eq!(
-            redact_url("https://github.com/a/b.git"),
+            redact_credentials("https://github.com/a/b.git"),
             "https://github.com/a/b.git"
         );
         assert_eq!(
-            redact_url("git@github.com:a/b.git"),
+            redact_credentials("git@github.com:a/b.git"),
             "git@github.com:a/b.git"
         );
-        assert_eq!(redact_url("/srv/repo.git"), "/srv/repo.git");
+        assert_eq!(redact_credentials("/srv/repo.git"), "/srv/repo.git");
     }
 }
