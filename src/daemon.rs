@@ -248,8 +248,7 @@ async fn prune_deliveries(store: Store) {
     let mut tick = tokio::time::interval(Duration::from_secs(3600));
     loop {
         tick.tick().await;
-        let before =
-            Timestamp(Timestamp::now().0 - http::public::DELIVERY_WINDOW.as_micros() as i64);
+        let before = Timestamp::now().before(http::public::DELIVERY_WINDOW);
         let s = store.clone();
         match tokio::task::spawn_blocking(move || s.prune_deliveries(before)).await {
             Ok(Ok(n)) if n > 0 => tracing::debug!("forgot {n} old Git deliveries"),

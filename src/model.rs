@@ -42,6 +42,14 @@ impl Timestamp {
         }
     }
 
+    /// This time minus `d` (for windows like "seen in the last 7 days").
+    pub fn before(self, d: Duration) -> Self {
+        Self(
+            self.0
+                .saturating_sub(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
+        )
+    }
+
     /// RFC 3339 UTC with microseconds, e.g. `2026-01-21T18:50:00.123456Z`.
     pub fn rfc3339(self) -> String {
         let t = if self.0 >= 0 {
@@ -513,6 +521,18 @@ mod tests {
         b.phase = Phase::Stopped(Outcome::TimedOut);
         assert_eq!(b.to_json()["status"], "stopped");
         assert_eq!(b.to_json()["build_outcome"], "timed_out");
+    }
+
+    #[test]
+    fn before_subtracts_without_overflow() {
+        assert_eq!(
+            Timestamp(5_000_000).before(Duration::from_secs(2)),
+            Timestamp(3_000_000)
+        );
+        assert_eq!(
+            Timestamp(i64::MIN + 1).before(Duration::from_secs(1)),
+            Timestamp(i64::MIN)
+        );
     }
 
     #[test]

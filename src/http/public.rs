@@ -201,8 +201,8 @@ async fn handle_push(
         None => Claim::Anonymous,
         Some(d) => {
             let now = Timestamp::now();
-            let window_start = Timestamp(now.0 - DELIVERY_WINDOW.as_micros() as i64);
-            let stale_before = Timestamp(now.0 - STALE_CLAIM.as_micros() as i64);
+            let window_start = now.before(DELIVERY_WINDOW);
+            let stale_before = now.before(STALE_CLAIM);
             match state
                 .store
                 .reserve_delivery(&project, &d, now, window_start, stale_before)?
