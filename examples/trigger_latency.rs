@@ -123,11 +123,7 @@ fn main() {
         let store = Store::open(&config.server.state_dir).expect("store");
         let (admin, _) = AdminToken::load_or_create(&config.api.token_file).expect("token");
         let token = AdminToken::read(&config.api.token_file).expect("token text");
-        let settings = RunSettings::from_env(
-            &config.server.state_dir,
-            config.server.kill_grace,
-            config.server.max_log_bytes,
-        );
+        let settings = RunSettings::from_env(&config.server.state_dir);
         let body_budget = AppState::body_budget(config.server.max_body_bytes);
         let shared = Arc::new(SharedConfig::new(config));
         let queue = Queue::start(store.clone(), shared.clone(), settings).expect("queue");

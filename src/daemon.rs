@@ -103,11 +103,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
             config.api.token_file.display()
         );
     }
-    let settings = RunSettings::from_env(
-        &config.server.state_dir,
-        config.server.kill_grace,
-        config.server.max_log_bytes,
-    );
+    let settings = RunSettings::from_env(&config.server.state_dir);
     // Bound before the queue recovers and starts builds: if the port is taken, nothing has
     // been started that the failed start would then leave half-done. (Connections wait in the
     // backlog until the server accepts.)

@@ -290,6 +290,11 @@ pub struct Start {
     pub project: Option<Arc<ProjectConfig>>,
     /// Stop requests.
     pub stop: watch::Receiver<Option<StopReason>>,
+    /// `kill_grace` in force at start: a reload applies to builds started after it, never
+    /// to one in flight.
+    pub kill_grace: Duration,
+    /// `max_log_bytes` in force at start (likewise).
+    pub max_log_bytes: u64,
 }
 
 /// Handle to the queue; cheap to clone.
@@ -490,6 +495,8 @@ impl Queue {
                     project: config.project(&build.project).cloned(),
                     build,
                     stop,
+                    kill_grace: config.server.kill_grace,
+                    max_log_bytes: config.server.max_log_bytes,
                 });
             }
             starts
@@ -497,15 +504,9 @@ impl Queue {
         if starts.is_empty() {
             return;
         }
-        // kill_grace and max_log_bytes as in force now: a reload applies to builds started
-        // after it, never to one in flight.
-        let config = self.inner.config.get();
-        let mut settings = self.inner.settings.clone();
-        settings.kill_grace = config.server.kill_grace;
-        settings.max_log_bytes = config.server.max_log_bytes;
         for s in starts {
             tracing::info!(build = %s.build.id, project = %s.build.project, branch = %s.build.branch, "build starting");
-            tokio::spawn(runner::run(self.clone(), settings.clone(), s));
+            tokio::spawn(runner::run(self.clone(), self.inner.settings.clone(), s));
         }
     }
 

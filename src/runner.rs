@@ -53,16 +53,12 @@ pub struct RunSettings {
     pub base_env: Vec<(String, String)>,
     /// Supervisors, started ahead of need.
     pub pool: Arc<SupervisorPool>,
-    /// Time between SIGTERM and SIGKILL (from the config at start).
-    pub kill_grace: Duration,
-    /// Per-build log cap (from the config at start).
-    pub max_log_bytes: u64,
 }
 
 impl RunSettings {
     /// Settings from the daemon's own environment. `PATH` falls back to a standard one when
     /// the daemon has none; the others are passed only when set.
-    pub fn from_env(state_dir: &Path, kill_grace: Duration, max_log_bytes: u64) -> Self {
+    pub fn from_env(state_dir: &Path) -> Self {
         let mut base_env = Vec::new();
         for key in ["PATH", "HOME", "USER", "LANG"] {
             match std::env::var(key) {
@@ -88,8 +84,6 @@ impl RunSettings {
             state_dir: state_dir.to_path_buf(),
             base_env,
             pool,
-            kill_grace,
-            max_log_bytes,
         }
     }
 }
@@ -249,6 +243,8 @@ impl StepEnd {
 /// Everything a step needs besides its argv.
 struct Ctx<'a> {
     settings: &'a RunSettings,
+    /// Time between SIGTERM and SIGKILL, as configured when the build started.
+    kill_grace: Duration,
     log: &'a LogSender,
     stop: &'a mut watch::Receiver<Option<StopReason>>,
     /// Whether the stop channel is still open (closed once the build is no longer live).
@@ -278,7 +274,7 @@ pub async fn run(queue: Queue, settings: RunSettings, start: Start) {
     let id = build.id;
     let started = Instant::now();
     let log_path = buildlog::log_path(&settings.state_dir, id);
-    let (writer, log) = match LogWriter::create(&log_path, settings.max_log_bytes) {
+    let (writer, log) = match LogWriter::create(&log_path, start.max_log_bytes) {
         Ok(x) => x,
         Err(e) => {
             tracing::error!(build = %id, "cannot create the build log {}: {e}", log_path.display());
@@ -300,6 +296,7 @@ pub async fn run(queue: Queue, settings: RunSettings, start: Start) {
     let mut stop = start.stop;
     let mut ctx = Ctx {
         settings: &settings,
+        kill_grace: start.kill_grace,
         log: &log,
         stop: &mut stop,
         stop_open: true,
@@ -722,7 +719,7 @@ async fn step(
         };
     }
     let job = supervisor::Job {
-        grace_ms: u64::try_from(ctx.settings.kill_grace.as_millis()).unwrap_or(u64::MAX),
+        grace_ms: u64::try_from(ctx.kill_grace.as_millis()).unwrap_or(u64::MAX),
         workdir: workdir.to_string_lossy().into_owned(),
         argv,
         env: env.to_vec(),
@@ -785,14 +782,14 @@ async fn step(
                 if let Some(r) = stopped {
                     note_stop(ctx, r).await;
                     let _ = wr.write_all(b"T").await;
-                    escalate = Some((Instant::now() + ctx.settings.kill_grace + SUPERVISOR_SLACK, 0));
+                    escalate = Some((Instant::now() + ctx.kill_grace + SUPERVISOR_SLACK, 0));
                 }
             }
             _ = tokio::time::sleep_until(ctx.deadline), if stopped.is_none() && status.is_none() => {
                 stopped = Some(StopReason::Timeout);
                 note_stop(ctx, StopReason::Timeout).await;
                 let _ = wr.write_all(b"T").await;
-                escalate = Some((Instant::now() + ctx.settings.kill_grace + SUPERVISOR_SLACK, 0));
+                escalate = Some((Instant::now() + ctx.kill_grace + SUPERVISOR_SLACK, 0));
             }
             _ = tokio::time::sleep_until(escalate_at), if escalate.is_some() => {
                 match escalate {
