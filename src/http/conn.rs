@@ -91,15 +91,22 @@ pub struct StrictIo<T> {
 impl<T> StrictIo<T> {
     /// Wraps a socket.
     pub fn new(inner: T, activity: Arc<Activity>) -> Self {
-        activity.in_head.store(true, Ordering::SeqCst);
-        Self {
+        let mut io = Self {
             inner,
-            framing: Framing::Head {
-                head: Vec::new(),
-                prev: 0,
-            },
+            framing: Framing::Untracked,
             activity,
-        }
+        };
+        io.start_head();
+        io
+    }
+
+    /// The next bytes are a request head (or nothing yet): the connection is between requests.
+    fn start_head(&mut self) {
+        self.framing = Framing::Head {
+            head: Vec::new(),
+            prev: 0,
+        };
+        self.activity.in_head.store(true, Ordering::SeqCst);
     }
 
     /// Follows the framing over newly read bytes; an error for a bare LF in a head.
@@ -112,11 +119,7 @@ impl<T> StrictIo<T> {
                     *left -= n as u64;
                     data = &data[n..];
                     if *left == 0 {
-                        self.framing = Framing::Head {
-                            head: Vec::new(),
-                            prev: 0,
-                        };
-                        self.activity.in_head.store(true, Ordering::SeqCst);
+                        self.start_head();
                     }
                 }
                 Framing::Head { head, prev } => {
@@ -132,13 +135,11 @@ impl<T> StrictIo<T> {
                         if head.len() < MAX_HEAD {
                             head.push(b);
                         }
-                        // A head ends at an empty line; empty lines before the request line
-                        // (allowed by RFC 9112 §2.2) are not a head at all.
-                        if head.ends_with(b"\r\n\r\n") || head == b"\r\n" {
-                            if head.as_slice() == b"\r\n" {
-                                head.clear();
-                                continue;
-                            }
+                        // Empty lines before the request line (allowed by RFC 9112 §2.2) are
+                        // not a head at all; a head ends at its first empty line.
+                        if head.as_slice() == b"\r\n" {
+                            head.clear();
+                        } else if head.ends_with(b"\r\n\r\n") {
                             end = Some(i + 1);
                             break;
                         }
@@ -150,20 +151,14 @@ impl<T> StrictIo<T> {
                     data = &data[end..];
                     self.activity.unserved.store(true, Ordering::SeqCst);
                     self.activity.in_head.store(false, Ordering::SeqCst);
-                    self.framing = match next {
-                        Next::Length(0) => {
-                            self.activity.in_head.store(true, Ordering::SeqCst);
-                            Framing::Head {
-                                head: Vec::new(),
-                                prev: 0,
-                            }
-                        }
-                        Next::Length(n) => Framing::Body(n),
+                    match next {
+                        Next::Length(0) => self.start_head(),
+                        Next::Length(n) => self.framing = Framing::Body(n),
                         Next::Chunked => {
                             self.activity.close_after.store(true, Ordering::SeqCst);
-                            Framing::Untracked
+                            self.framing = Framing::Untracked;
                         }
-                    };
+                    }
                 }
             }
         }
