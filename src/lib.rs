@@ -12,6 +12,7 @@
 //! - [`model`]: builds, hooks, phases, outcomes, trigger sources, and their JSON shapes.
 //! - [`token`]: hook tokens, the admin token, Git secrets: generation, hashing, constant-time checks.
 //! - [`store`]: the only module that touches sled: trees, bincode records, batched durability.
+//! - [`ratelimit`]: rolling 60 s windows of new builds per project and per daemon (pure).
 //! - [`queue`]: the build state machine: trigger, dedupe, supersede, cancel, schedule, recovery.
 //! - [`runner`]: one build: checkout, spawn under a supervisor, logs, timeout, stop, outcome.
 //! - [`supervisor`]: the hidden per-process supervisor mode that makes builds die with the daemon.
@@ -32,6 +33,7 @@ pub mod git;
 pub mod http;
 pub mod model;
 pub mod queue;
+pub mod ratelimit;
 pub mod runner;
 pub mod shutdown;
 pub mod store;

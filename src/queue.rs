@@ -48,6 +48,7 @@ use tokio::sync::{Notify, watch};
 use crate::buildlog::{self, LogStats};
 use crate::config::{ProjectConfig, SharedConfig};
 use crate::model::{Build, BuildId, CancelReason, Outcome, Phase, Timestamp, Trigger};
+use crate::ratelimit::{self, Limited, Limits, RateLimiter};
 use crate::runner::{self, RunSettings};
 use crate::store::{Store, StoreError};
 
@@ -113,12 +114,9 @@ pub enum TriggerError {
         /// The allowed ones, comma-separated.
         allowed: String,
     },
-    /// Over a rate limit; retry after this many seconds.
-    #[error("too many new builds; retry in {retry_after_secs} s")]
-    RateLimited {
-        /// Seconds until the trigger would pass.
-        retry_after_secs: u64,
-    },
+    /// Over a rate limit.
+    #[error("rate limited: {0}")]
+    RateLimited(Limited),
     /// The daemon is shutting down.
     #[error("deployhook is shutting down")]
     ShuttingDown,
@@ -178,6 +176,9 @@ struct State {
     pending: HashMap<(String, String), BuildId>,
     /// The build initializing or running in each project.
     active: HashMap<String, BuildId>,
+    /// Rolling windows of new builds, checked and recorded under this lock so concurrent
+    /// triggers cannot both take the last slot.
+    limiter: RateLimiter,
 }
 
 impl State {
@@ -350,6 +351,13 @@ impl Queue {
                 }
             }
         }
+        let events = store.rate_events()?;
+        let mono_now = st.limiter.now();
+        st.limiter.restore(
+            events.iter().map(|(p, at)| (p.as_str(), *at)),
+            Timestamp::now(),
+            mono_now,
+        );
         store.flush_blocking()?;
         runner::clean_leftovers(store.state_dir());
         settings.pool.refill();
@@ -378,18 +386,6 @@ impl Queue {
     /// The store behind the queue.
     pub fn store(&self) -> &Store {
         &self.inner.store
-    }
-
-    /// Admission control for a new build: the seam where rate limits plug in. Called under
-    /// the queue lock, after dedupe (a deduplicated trigger never counts) and before anything
-    /// is written, so a refused trigger leaves no trace. No limit is enforced yet.
-    fn admit(
-        &self,
-        _st: &State,
-        _project: &ProjectConfig,
-        _now: Timestamp,
-    ) -> Result<(), TriggerError> {
-        Ok(())
     }
 
     /// A trigger from any source (SPEC §2 "Trigger semantics").
@@ -428,8 +424,16 @@ impl Queue {
                     already_exists: true,
                 });
             }
-            let now = Timestamp::now();
-            self.admit(&st, &project, now)?;
+            // Rate limits: after dedupe (a deduplicated trigger never counts) and before
+            // anything is written, so a refused trigger leaves no trace.
+            let limits = Limits {
+                daemon: config.server.builds_per_minute,
+                project: project.project_builds_per_minute,
+            };
+            let mono = st.limiter.now();
+            st.limiter
+                .check(&req.project, limits, mono)
+                .map_err(TriggerError::RateLimited)?;
             let seq = st.next_seq;
             let build = Build::new_queued(
                 seq,
@@ -443,6 +447,7 @@ impl Queue {
                 .store
                 .insert_build(&build, req.payload.as_deref())?;
             st.next_seq += 1;
+            st.limiter.record(&req.project, mono);
             if project.cancel_superseded {
                 for old in st.supersede_targets(&req.project, &req.branch) {
                     if let Some(l) = st.live.get_mut(&old) {
@@ -462,6 +467,10 @@ impl Queue {
             build
         };
         self.schedule();
+        // Events older than the window are dead weight; this is usually a no-op range scan.
+        self.inner
+            .store
+            .prune_rate_events(build.created_on.before(ratelimit::WINDOW))?;
         self.inner.store.durable().await?;
         Ok(Triggered {
             build,

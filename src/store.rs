@@ -10,6 +10,7 @@
 //! | `build_index` | project `\0` seq (u64 BE) build id | empty: newest-first listing |
 //! | `payloads` | build id | the request body for `DEPLOYHOOK_PAYLOAD` |
 //! | `deliveries` | project `\0` delivery id | seen-at (i64 BE) + build id: Git replay guard |
+//! | `rate_events` | created-on (order-preserving u64 BE) build id | project: rate-limit windows |
 //!
 //! Values are bincode (serde, standard config) behind a one-byte format version, so a future
 //! format can be told apart from this one instead of being misread.
@@ -132,6 +133,9 @@ struct Inner {
     build_index: sled::Tree,
     payloads: sled::Tree,
     deliveries: sled::Tree,
+    /// One entry per new build of the last minute, written with the build itself so the
+    /// rate-limit windows survive a restart exactly as far as the builds do.
+    rate_events: sled::Tree,
     flush_tx: std::sync::Mutex<Option<mpsc::Sender<FlushWaiter>>>,
     /// The flush thread, joined on drop so that its handle on the database is gone before the
     /// state dir lock is released.
@@ -217,6 +221,16 @@ type FlushWaiter = oneshot::Sender<Result<(), StoreError>>;
 
 type TxResult<T> = Result<T, TransactionError<StoreError>>;
 
+/// Flipping the sign bit makes big-endian bytes of an `i64` sort like the numbers.
+const SIGN_BIT: u64 = 1 << 63;
+
+fn rate_key(at: Timestamp, id: BuildId) -> [u8; 24] {
+    let mut k = [0u8; 24];
+    k[..8].copy_from_slice(&((at.0 as u64) ^ SIGN_BIT).to_be_bytes());
+    k[8..].copy_from_slice(id.as_bytes());
+    k
+}
+
 fn tx_err(e: TransactionError<StoreError>) -> StoreError {
     match e {
         TransactionError::Abort(e) => e,
@@ -262,6 +276,7 @@ impl Store {
             build_index: tree("build_index")?,
             payloads: tree("payloads")?,
             deliveries: tree("deliveries")?,
+            rate_events: tree("rate_events")?,
             flush_tx: std::sync::Mutex::new(None),
             flush_thread: std::sync::Mutex::new(None),
             failed: AtomicBool::new(false),
@@ -457,21 +472,53 @@ impl Store {
 
     // ---- builds -------------------------------------------------------------------------
 
-    /// Inserts a new build, its index entry and its payload in one transaction.
+    /// Inserts a new build, its index entry, its payload and its rate-limit event in one
+    /// transaction.
     pub fn insert_build(&self, build: &Build, payload: Option<&[u8]>) -> Result<(), StoreError> {
         let value = encode(build)?;
         let ikey = index_key(build);
+        let rkey = rate_key(build.created_on, build.id);
         let i = &self.inner;
-        let r: TxResult<()> =
-            (&i.builds, &i.build_index, &i.payloads).transaction(|(builds, index, payloads)| {
+        let r: TxResult<()> = (&i.builds, &i.build_index, &i.payloads, &i.rate_events).transaction(
+            |(builds, index, payloads, rate)| {
                 builds.insert(build.id.as_bytes(), value.as_slice())?;
                 index.insert(ikey.as_slice(), &[] as &[u8])?;
                 if let Some(p) = payload {
                     payloads.insert(build.id.as_bytes(), p)?;
                 }
+                rate.insert(rkey.as_slice(), build.project.as_bytes())?;
                 Ok(())
-            });
+            },
+        );
         self.check(r.map_err(tx_err))
+    }
+
+    // ---- rate-limit events --------------------------------------------------------------
+
+    /// The stored rate-limit events `(project, created_on)`, oldest first.
+    pub fn rate_events(&self) -> Result<Vec<(String, Timestamp)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.inner.rate_events.iter() {
+            let (k, v) = self.check(item.map_err(StoreError::from))?;
+            let Some(at) = k.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
+                continue;
+            };
+            let at = Timestamp((u64::from_be_bytes(at) ^ SIGN_BIT) as i64);
+            out.push((String::from_utf8_lossy(&v).into_owned(), at));
+        }
+        Ok(out)
+    }
+
+    /// Forgets rate-limit events from before `before`. Returns how many were removed.
+    pub fn prune_rate_events(&self, before: Timestamp) -> Result<usize, StoreError> {
+        let end = rate_key(before, BuildId(uuid::Uuid::nil()));
+        let mut n = 0;
+        for item in self.inner.rate_events.range(..end.as_slice()) {
+            let (k, _) = self.check(item.map_err(StoreError::from))?;
+            self.check(self.inner.rate_events.remove(k).map_err(StoreError::from))?;
+            n += 1;
+        }
+        Ok(n)
     }
 
     /// Overwrites an existing build record.

@@ -49,8 +49,13 @@ pub enum ApiError {
     #[error("request body is larger than max_body_bytes ({0} bytes)")]
     PayloadTooLarge(u64),
     /// 429, code 1429; carries the seconds for `Retry-After`.
-    #[error("rate limited: too many new builds; retry in {0} s")]
-    RateLimited(u64),
+    #[error("rate limited: {message}")]
+    RateLimited {
+        /// Whole seconds until the trigger would pass.
+        retry_after_secs: u64,
+        /// Which limit, and the wait.
+        message: String,
+    },
     /// 503, code 1503.
     #[error("deployhook is shutting down")]
     ShuttingDown,
@@ -76,7 +81,7 @@ impl ApiError {
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::ShuttingDown | ApiError::Storage(_) | ApiError::Busy(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -153,8 +158,10 @@ pub fn error(e: &ApiError) -> Response<Body> {
         ApiError::MethodNotAllowed(allow) => {
             h.insert(header::ALLOW, HeaderValue::from_static(allow));
         }
-        ApiError::RateLimited(secs) => {
-            if let Ok(v) = HeaderValue::from_str(&secs.max(&1).to_string()) {
+        ApiError::RateLimited {
+            retry_after_secs, ..
+        } => {
+            if let Ok(v) = HeaderValue::from_str(&(*retry_after_secs).max(1).to_string()) {
                 h.insert(header::RETRY_AFTER, v);
             }
         }
@@ -189,7 +196,14 @@ mod tests {
             (ApiError::MethodNotAllowed("POST"), 405, 1405),
             (ApiError::Conflict("x".into()), 409, 1409),
             (ApiError::PayloadTooLarge(10), 413, 1413),
-            (ApiError::RateLimited(3), 429, 1429),
+            (
+                ApiError::RateLimited {
+                    retry_after_secs: 3,
+                    message: "x".into(),
+                },
+                429,
+                1429,
+            ),
             (ApiError::ShuttingDown, 503, 1503),
             (ApiError::Storage("disk full".into()), 503, 1503),
         ];
@@ -213,7 +227,10 @@ mod tests {
     async fn headers_for_405_429_401() {
         let r = error(&ApiError::MethodNotAllowed("GET, POST"));
         assert_eq!(r.headers()[header::ALLOW], "GET, POST");
-        let r = error(&ApiError::RateLimited(0));
+        let r = error(&ApiError::RateLimited {
+            retry_after_secs: 0,
+            message: "x".into(),
+        });
         assert_eq!(r.headers()[header::RETRY_AFTER], "1");
         let r = error(&ApiError::Unauthorized);
         assert_eq!(r.headers()[header::WWW_AUTHENTICATE], "Bearer");

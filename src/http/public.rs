@@ -50,9 +50,10 @@ impl From<TriggerError> for ApiError {
                 ApiError::NotFound(format!("project {p:?} is not configured"))
             }
             e @ TriggerError::BranchNotAllowed { .. } => ApiError::BadRequest(e.to_string()),
-            TriggerError::RateLimited { retry_after_secs } => {
-                ApiError::RateLimited(retry_after_secs)
-            }
+            TriggerError::RateLimited(l) => ApiError::RateLimited {
+                retry_after_secs: l.retry_after_secs(),
+                message: l.to_string(),
+            },
             TriggerError::ShuttingDown => ApiError::ShuttingDown,
             TriggerError::Store(e) => e.into(),
         }

@@ -121,6 +121,35 @@ pub fn request(
     raw(addr, &bytes)
 }
 
+/// Like `request`, but `None` when the connection fails or the answer is cut off (the daemon
+/// was killed), instead of panicking.
+pub fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<Resp> {
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+    s.write_all(req.as_bytes()).ok()?;
+    s.write_all(body).ok()?;
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let r = parse_response(&buf);
+    serde_json::from_slice::<Value>(&r.body).ok()?;
+    Some(r)
+}
+
 /// A running daemon on a temp dir.
 pub struct Daemon {
     pub child: Option<Child>,
