@@ -38,6 +38,10 @@ pub struct Activity {
     in_flight: AtomicUsize,
     /// Set when a request used `Transfer-Encoding`: its response closes the connection.
     close_after: AtomicBool,
+    /// Set when a head had both `Transfer-Encoding` and `Content-Length` (HOSTILE 2): hyper
+    /// would frame it as chunked and drop the length, but a proxy in front may have used the
+    /// length, so the request is refused outright.
+    ambiguous_framing: AtomicBool,
 }
 
 impl Activity {
@@ -58,6 +62,13 @@ impl Activity {
     /// Whether the current request's response must close the connection.
     pub fn must_close(&self) -> bool {
         self.close_after.load(Ordering::SeqCst)
+    }
+
+    /// Whether the current request's head had both `Content-Length` and
+    /// `Transfer-Encoding`. Framing stops being tracked after such a head, so no later head
+    /// can set it again: it belongs to the request being handled.
+    pub fn has_ambiguous_framing(&self) -> bool {
+        self.ambiguous_framing.load(Ordering::SeqCst)
     }
 }
 
@@ -154,7 +165,10 @@ impl<T> StrictIo<T> {
                     match next {
                         Next::Length(0) => self.start_head(),
                         Next::Length(n) => self.framing = Framing::Body(n),
-                        Next::Chunked => {
+                        Next::Chunked { with_length } => {
+                            self.activity
+                                .ambiguous_framing
+                                .store(with_length, Ordering::SeqCst);
                             self.activity.close_after.store(true, Ordering::SeqCst);
                             self.framing = Framing::Untracked;
                         }
@@ -168,13 +182,18 @@ impl<T> StrictIo<T> {
 
 enum Next {
     Length(u64),
-    Chunked,
+    /// Chunked; `with_length` when a `Content-Length` header came too.
+    Chunked {
+        with_length: bool,
+    },
 }
 
 /// How the body after `head` is framed, as hyper will frame it: `Transfer-Encoding` wins over
 /// `Content-Length`; an unparsable length is left to hyper to refuse (it closes then).
 fn framing_after(head: &[u8]) -> Next {
     let mut len = 0u64;
+    let mut has_length = false;
+    let mut chunked = false;
     for line in head.split(|b| *b == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let Some(colon) = line.iter().position(|b| *b == b':') else {
@@ -182,17 +201,25 @@ fn framing_after(head: &[u8]) -> Next {
         };
         let (name, value) = (&line[..colon], &line[colon + 1..]);
         if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            return Next::Chunked;
+            chunked = true;
         }
-        if name.eq_ignore_ascii_case(b"content-length")
-            && let Some(n) = std::str::from_utf8(value)
+        if name.eq_ignore_ascii_case(b"content-length") {
+            has_length = true;
+            if let Some(n) = std::str::from_utf8(value)
                 .ok()
                 .and_then(|v| v.trim().parse::<u64>().ok())
-        {
-            len = n;
+            {
+                len = n;
+            }
         }
     }
-    Next::Length(len)
+    if chunked {
+        Next::Chunked {
+            with_length: has_length,
+        }
+    } else {
+        Next::Length(len)
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for StrictIo<T> {

@@ -291,6 +291,10 @@ async fn handle(
     let route = Route::parse(&path);
     let name = route.as_ref().map_or("unknown", Route::name);
     let result = match route {
+        // Checked first: such a request is refused whatever it asks for.
+        _ if activity.has_ambiguous_framing() => Err(ApiError::BadRequest(
+            "a request must not have both Content-Length and Transfer-Encoding".into(),
+        )),
         None => Err(ApiError::NotFound("no such endpoint".into())),
         Some(route) => dispatch(route, req, &state).await,
     };

@@ -93,9 +93,18 @@ fn project_rate_limit_refuses_with_an_exact_retry_after_and_survives_restarts() 
     )
     .unwrap();
     d.signal("HUP");
+    let mut third = String::new();
     eventually(10, "reloaded limit applies", || {
-        try_trigger(&d, "site", "main").status == 200
+        let r = try_trigger(&d, "site", "main");
+        if r.status == 200 {
+            third = r.json()["result"]["build_uuid"]
+                .as_str()
+                .unwrap()
+                .to_string();
+        }
+        r.status == 200
     });
+    d.wait_status(&third, "running", 10);
     // Both builds before the restarts were interrupted, so that build started at once and is
     // past resolution: one more would be the 4th new build in the window, over the new limit.
     assert_eq!(try_trigger(&d, "site", "main").status, 429);
@@ -232,4 +241,217 @@ fn sigint_shuts_down_like_sigterm_and_queued_builds_wait_for_the_next_start() {
     // The queued build was not touched by the shutdown and runs now.
     let q = d2.wait_status(&queued, "running", 20);
     assert_eq!(q["build_outcome"], Value::Null);
+}
+
+#[test]
+fn a_store_write_failure_answers_503_exits_non_zero_and_loses_nothing() {
+    // Filling a disk needs privileges a test does not have; a file-size limit makes sled's
+    // writes fail the same way (a sticky I/O error, here EFBIG instead of ENOSPC). SIGXFSZ
+    // is ignored so that the write fails instead of killing the daemon. /bin/sh counts
+    // `ulimit -f` in 512- or 1024-byte blocks: either way the database outgrows it soon.
+    let wd = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{}builds_per_minute = 1000000\nproject_builds_per_minute = 1000000\nkeep_builds = 100000\n\
+         \n[api]\ntoken_file = \"admin.token\"\n{}",
+        base_config(tmp.path()),
+        workdir_project("site", wd.path(), "sleep 60", "")
+    );
+    std::fs::write(tmp.path().join("deploy.toml"), text).unwrap();
+    let mut d = Daemon::spawn_after(tmp.path(), &[], Some("trap '' XFSZ; ulimit -f 1200"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (_, path) = d.create_hook("site", "cms", "main");
+    let auth = format!("Bearer {}", d.token);
+    let body = vec![b'x'; 1500];
+    let mut acknowledged = Vec::new();
+    let mut refusal = None;
+    for _ in 0..5000 {
+        let Some(r) = try_request(d.addr, "POST", &path, &[], &body) else {
+            break;
+        };
+        if r.status != 200 {
+            refusal = Some(r);
+            break;
+        }
+        let id = r.json()["result"]["build_uuid"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        acknowledged.push(id.clone());
+        // Cancel it so that the next trigger is a new build (another write).
+        let cancel = try_request(
+            d.addr,
+            "POST",
+            &format!("/api/builds/{id}/cancel"),
+            &[("Authorization", auth.as_str())],
+            b"",
+        );
+        if let Some(c) = cancel
+            && c.status != 200
+        {
+            refusal = Some(c);
+            break;
+        }
+    }
+    let r = refusal.expect("the store never failed");
+    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["errors"][0]["code"], 1503);
+    assert!(
+        r.error_message().contains("storage is failing"),
+        "{}",
+        r.error_message()
+    );
+    // sled's errors are sticky: the daemon exits non-zero for systemd to restart it.
+    let code = d.wait_exit(30);
+    assert!(matches!(code, Some(c) if c != 0), "exit code {code:?}");
+    assert!(d.logs().contains("the database failed"), "{}", d.logs());
+    // With room again, every acknowledged build is there.
+    let dir = d.dir.clone();
+    let d2 = Daemon::spawn(&dir, &[]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!acknowledged.is_empty());
+    eprintln!(
+        "{} builds acknowledged before the failure",
+        acknowledged.len()
+    );
+    for id in &acknowledged {
+        let r = d2.api("GET", &format!("/api/builds/{id}"), None);
+        assert_eq!(r.status, 200, "acknowledged build {id} lost");
+    }
+}
+
+#[test]
+fn sighup_applies_to_new_builds_only_and_a_removed_project_keeps_its_history() {
+    let wd = tempfile::tempdir().unwrap();
+    let marker = wd.path().join("release");
+    let v1 = format!("sleep 2; echo v1 > {}", marker.display());
+    let d = Daemon::start(&workdir_project("site", wd.path(), &v1, ""));
+    let (_, path) = d.create_hook("site", "cms", "main");
+    let in_flight = d.post(&path, b"").json()["result"]["build_uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.wait_status(&in_flight, "running", 10);
+    // New command and a new project; the build in flight keeps its own.
+    let base = std::fs::read_to_string(&d.config).unwrap();
+    let v2 = base.replace(&toml_str(&v1), &toml_str("echo v2"))
+        + &workdir_project("blog", wd.path(), "echo blog", "");
+    std::fs::write(&d.config, &v2).unwrap();
+    d.signal("HUP");
+    eventually(10, "config reloaded", || {
+        d.logs().contains("config reloaded")
+    });
+    let b = d.wait_status(&in_flight, "stopped", 20);
+    assert_eq!(
+        b["build_outcome"], "success",
+        "a reload never disturbs a build"
+    );
+    assert_eq!(std::fs::read_to_string(&marker).unwrap().trim(), "v1");
+    let next = d.post(&path, b"").json()["result"]["build_uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.wait_status(&next, "stopped", 20);
+    assert_eq!(d.log_text(&next, "stdout"), "v2");
+    let blog = d.trigger_id("blog", "main");
+    assert_eq!(
+        d.wait_status(&blog, "stopped", 20)["build_outcome"],
+        "success"
+    );
+
+    // Remove `site`: its hook answers 404, its builds stay readable.
+    let without = v2.replace(&workdir_project("site", wd.path(), "echo v2", ""), "");
+    assert_ne!(without, v2);
+    std::fs::write(&d.config, &without).unwrap();
+    d.signal("HUP");
+    eventually(10, "site removed", || d.post(&path, b"").status == 404);
+    assert_eq!(d.build(&in_flight)["build_outcome"], "success");
+    assert_eq!(d.log_text(&next, "stdout"), "v2");
+    // Back again: the same hook works.
+    std::fs::write(&d.config, &v2).unwrap();
+    d.signal("HUP");
+    eventually(10, "site back", || d.post(&path, b"").status == 200);
+}
+
+#[test]
+fn kill_9_mid_build_interrupts_it_removes_its_workspace_kills_escapees_and_resumes_the_queue_in_order()
+ {
+    let repo = Repo::new();
+    let wd = tempfile::tempdir().unwrap();
+    let pids = wd.path().join("pids");
+    // The main process, a background child, and a grandchild that left the group and the
+    // session (setsid) and was orphaned by its parent's exit.
+    let cmd = format!(
+        "echo $$ >> {p}; sleep 300 & echo $! >> {p}; \
+         sh -c 'setsid sh -c \"echo \\$\\$ >> {p}; exec sleep 300\" & exit 0'; \
+         pwd > {w}; wait",
+        p = pids.display(),
+        w = wd.path().join("workspace").display()
+    );
+    let cfg = format!(
+        "[projects.site]\nbranches = [\"main\"]\nrepo = {}\ncommand = {}\n{}{}",
+        toml_str(&repo.path().display().to_string()),
+        toml_str(&cmd),
+        workdir_project("a", wd.path(), "true", ""),
+        workdir_project("b", wd.path(), "true", "")
+    );
+    let mut d = Daemon::start_with_server("max_concurrent_builds = 1", &cfg);
+    let running = d.trigger_id("site", "main");
+    eventually(20, "three build processes started", || {
+        pids_in(&pids).len() == 3
+    });
+    eventually(10, "workspace recorded", || {
+        wd.path().join("workspace").exists()
+    });
+    let workspace = std::fs::read_to_string(wd.path().join("workspace")).unwrap();
+    let workspace = std::path::PathBuf::from(workspace.trim());
+    assert!(workspace.exists());
+    // Queued behind it, in this order.
+    let first = d.trigger_id("b", "main");
+    let second = d.trigger_id("a", "main");
+    let dir = d.dir.clone();
+    let _tmp = d._tmp.take();
+    d.kill9();
+    for pid in pids_in(&pids) {
+        eventually(10, "no build process survives kill -9", || !alive(pid));
+    }
+    let d = Daemon::spawn(&dir, &[]).unwrap_or_else(|e| panic!("{e}"));
+    let b = d.build(&running);
+    assert_eq!(b["status"], "stopped");
+    assert_eq!(b["build_outcome"], "interrupted");
+    assert!(d.log_text(&running, "system").contains("interrupted"));
+    assert!(!workspace.exists(), "workspace left behind");
+    let f = d.wait_status(&first, "stopped", 20);
+    let s = d.wait_status(&second, "stopped", 20);
+    assert_eq!(f["build_outcome"], "success");
+    assert!(
+        f["initializing_on"].as_str().unwrap() < s["initializing_on"].as_str().unwrap(),
+        "queued builds resume oldest first: {f} {s}"
+    );
+}
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed() {
+    use std::io::{Read, Write};
+    let d = Daemon::start("");
+    let mut s = std::net::TcpStream::connect(d.addr).unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // The answer, then (the connection kept alive and idle) EOF at the idle timeout.
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("not closed after {:?}: {e}", started.elapsed()),
+        }
+    }
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        !text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
 }

@@ -215,12 +215,23 @@ impl Daemon {
         env: &[(&str, &str)],
         nofile: Option<u32>,
     ) -> Result<Daemon, String> {
+        let prefix = nofile.map(|n| format!("ulimit -n {n}"));
+        Self::spawn_after(dir, env, prefix.as_deref())
+    }
+
+    /// Like `spawn`, with the daemon exec'd by `/bin/sh` after the shell commands `prefix`
+    /// (resource limits, ignored signals: both survive the exec).
+    pub fn spawn_after(
+        dir: &Path,
+        env: &[(&str, &str)],
+        prefix: Option<&str>,
+    ) -> Result<Daemon, String> {
         let config = dir.join("deploy.toml");
-        let mut cmd = match nofile {
+        let mut cmd = match prefix {
             None => Command::new(BIN),
-            Some(n) => {
+            Some(p) => {
                 let mut c = Command::new("/bin/sh");
-                c.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), BIN]);
+                c.args(["-c", &format!("{p} && exec \"$0\" \"$@\""), BIN]);
                 c
             }
         };
