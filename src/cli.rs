@@ -134,14 +134,33 @@ enum BuildsCmd {
     },
 }
 
-/// A failed client operation: printed as one line, exit status 1.
+/// Why a client command ended early.
 #[derive(Debug)]
-struct Failure(String);
+enum Failure {
+    /// The operation failed: one line on stderr, exit status 1.
+    Op(String),
+    /// Whoever read stdout went away (`… | head`): stop quietly, exit status 0.
+    StdoutClosed,
+}
 
 impl<E: std::fmt::Display> From<E> for Failure {
     fn from(e: E) -> Self {
-        Failure(e.to_string())
+        Failure::Op(e.to_string())
     }
+}
+
+/// `println!` for client output: a closed stdout ends the command quietly instead of
+/// panicking, any other write error fails it.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                Failure::StdoutClosed
+            } else {
+                Failure::Op(format!("cannot write to stdout: {e}"))
+            }
+        })
+    };
 }
 
 /// Runs the command line; `args` includes the program name.
@@ -156,8 +175,8 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
     match cli.cmd {
         Cmd::Check => match Config::load(&cli.config) {
             Ok(c) => {
-                print!("{}", c.summary());
-                println!("config OK");
+                // A closed stdout (`check | head -1`) is not a failure of the check.
+                let _ = write!(std::io::stdout().lock(), "{}config OK\n", c.summary());
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -198,10 +217,11 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             };
             match rt.block_on(client(cli)) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(Failure(m)) => {
+                Err(Failure::Op(m)) => {
                     eprintln!("deployhook: {m}");
                     ExitCode::from(1)
                 }
+                Err(Failure::StdoutClosed) => ExitCode::SUCCESS,
             }
         }
     }
@@ -227,7 +247,7 @@ impl Client {
             None
         } else {
             Some(Config::load(&cli.config).map_err(|e| {
-                Failure(format!(
+                Failure::Op(format!(
                     "{e} (client commands read the daemon's address and token from the config; --config, --url and $DEPLOYHOOK_TOKEN set them)"
                 ))
             })?)
@@ -238,7 +258,7 @@ impl Client {
             (None, None) => unreachable!("config is loaded unless --url is given"),
         };
         let rest = url.strip_prefix("http://").ok_or_else(|| {
-            Failure(format!(
+            Failure::Op(format!(
                 "unsupported URL {url:?}: client commands speak plain http:// to the daemon's own listen address"
             ))
         })?;
@@ -247,12 +267,12 @@ impl Client {
             None => (rest.to_owned(), String::new()),
         };
         if authority.is_empty() {
-            return Err(Failure(format!("invalid URL {url:?}")));
+            return Err(Failure::Op(format!("invalid URL {url:?}")));
         }
         let token = match (env_token, &config) {
             (Some(t), _) => t.trim().to_owned(),
             (None, Some(c)) => AdminToken::read(&c.api.token_file).map_err(|e| {
-                Failure(format!(
+                Failure::Op(format!(
                     "{e} (set $DEPLOYHOOK_TOKEN if this user cannot read it)"
                 ))
             })?,
@@ -273,7 +293,7 @@ impl Client {
         body: Option<Value>,
     ) -> Result<hyper::Response<hyper::body::Incoming>, Failure> {
         let unreachable = |e: &dyn std::fmt::Display| {
-            Failure(format!(
+            Failure::Op(format!(
                 "cannot reach deployhook at {}: {e} — is `deployhook serve` running?",
                 self.url
             ))
@@ -330,10 +350,10 @@ impl Client {
         let status = resp.status();
         let bytes = tokio::time::timeout(Duration::from_secs(120), resp.into_body().collect())
             .await
-            .map_err(|_| Failure("the daemon did not finish its answer in time".into()))??
+            .map_err(|_| Failure::Op("the daemon did not finish its answer in time".into()))??
             .to_bytes();
         let v: Value = serde_json::from_slice(&bytes).map_err(|_| {
-            Failure(format!(
+            Failure::Op(format!(
                 "unexpected answer from {} (HTTP {status}): not deployhook?",
                 self.url
             ))
@@ -342,14 +362,14 @@ impl Client {
             let msg = v["errors"][0]["message"]
                 .as_str()
                 .unwrap_or("request failed");
-            return Err(Failure(format!("{msg} (HTTP {})", status.as_u16())));
+            return Err(Failure::Op(format!("{msg} (HTTP {})", status.as_u16())));
         }
         Ok(v)
     }
 }
 
 fn print_json(v: &Value) -> Result<(), Failure> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    outln!("{}", serde_json::to_string_pretty(v)?)?;
     Ok(())
 }
 
@@ -362,7 +382,7 @@ fn s(v: &Value) -> String {
 }
 
 /// Prints rows as aligned columns.
-fn table(header: &[&str], rows: &[Vec<String>]) {
+fn table(header: &[&str], rows: &[Vec<String>]) -> Result<(), Failure> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (i, c) in r.iter().enumerate() {
@@ -378,12 +398,13 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
                 out.push_str(&format!("{c:<w$}  ", w = widths[i]));
             }
         }
-        println!("{}", out.trim_end());
+        outln!("{}", out.trim_end())
     };
-    line(header.iter().map(|h| h.to_string()).collect());
+    line(header.iter().map(|h| h.to_string()).collect())?;
     for r in rows {
-        line(r.clone());
+        line(r.clone())?;
     }
+    Ok(())
 }
 
 fn outcome(b: &Value) -> String {
@@ -432,7 +453,7 @@ async fn client(cli: Cli) -> Result<(), Failure> {
             if json {
                 print_json(&v["result"])?;
             } else {
-                println!("{}", s(&v["result"]["url"]));
+                outln!("{}", s(&v["result"]["url"]))?;
             }
         }
         Cmd::Hooks(HooksCmd::Rotate { project, hook_id }) => {
@@ -450,7 +471,7 @@ async fn client(cli: Cli) -> Result<(), Failure> {
             if json {
                 print_json(&v["result"])?;
             } else {
-                println!("{}", s(&v["result"]["url"]));
+                outln!("{}", s(&v["result"]["url"]))?;
             }
         }
         Cmd::Hooks(HooksCmd::Delete { project, hook_id }) => {
@@ -464,11 +485,11 @@ async fn client(cli: Cli) -> Result<(), Failure> {
             if json {
                 print_json(&v["result"])?;
             } else {
-                println!(
+                outln!(
                     "deleted hook {} ({})",
                     s(&v["result"]["id"]),
                     s(&v["result"]["name"])
-                );
+                )?;
             }
         }
         Cmd::Hooks(HooksCmd::List { project }) => {
@@ -517,7 +538,7 @@ async fn client(cli: Cli) -> Result<(), Failure> {
                         "LAST TRIGGERED",
                     ],
                     &rows,
-                );
+                )?;
             }
         }
         Cmd::Trigger { project, branch } => {
@@ -532,7 +553,7 @@ async fn client(cli: Cli) -> Result<(), Failure> {
             if json {
                 print_json(&v["result"])?;
             } else {
-                println!("{}", s(&v["result"]["build_uuid"]));
+                outln!("{}", s(&v["result"]["build_uuid"]))?;
                 if v["result"]["already_exists"] == Value::Bool(true) {
                     eprintln!("(joined a build that was already pending)");
                 }
@@ -583,7 +604,7 @@ async fn client(cli: Cli) -> Result<(), Failure> {
                 table(
                     &["BUILD", "PROJECT", "BRANCH", "STATUS", "TRIGGER", "CREATED"],
                     &rows,
-                );
+                )?;
             }
         }
         Cmd::Builds(BuildsCmd::Show { build_uuid }) => {
@@ -622,7 +643,7 @@ async fn client(cli: Cli) -> Result<(), Failure> {
                     let r = &v["result"];
                     let lines = r["lines"].as_array().cloned().unwrap_or_default();
                     for l in &lines {
-                        print_log_line(l, json);
+                        print_log_line(l, json)?;
                     }
                     cursor = r["next_cursor"].as_u64().unwrap_or(cursor);
                     if lines.is_empty() || r["done"] == Value::Bool(true) {
@@ -668,22 +689,21 @@ fn show_build(b: &Value, json: bool) -> Result<(), Failure> {
         "cancel_reason",
         "superseded_by",
     ] {
-        println!("{key:<22}{}", s(&b[key]));
+        outln!("{key:<22}{}", s(&b[key]))?;
     }
     if let Some(name) = b["trigger"]["hook_name"].as_str() {
-        println!("{:<22}{name}", "hook");
+        outln!("{:<22}{name}", "hook")?;
     }
     Ok(())
 }
 
-fn print_log_line(l: &Value, json: bool) {
-    let mut out = std::io::stdout().lock();
+fn print_log_line(l: &Value, json: bool) -> Result<(), Failure> {
     if json {
-        let _ = writeln!(out, "{l}");
+        outln!("{l}")
     } else if l["stream"] == "system" {
-        let _ = writeln!(out, "[deployhook] {}", s(&l["line"]));
+        outln!("[deployhook] {}", s(&l["line"]))
     } else {
-        let _ = writeln!(out, "{}", s(&l["line"]));
+        outln!("{}", s(&l["line"]))
     }
 }
 
@@ -701,7 +721,7 @@ async fn follow_logs(c: &Client, id: &str, json: bool) -> Result<(), Failure> {
         let msg = v["errors"][0]["message"]
             .as_str()
             .unwrap_or("request failed");
-        return Err(Failure(msg.to_owned()));
+        return Err(Failure::Op(msg.to_owned()));
     }
     let mut body = resp.into_body();
     let mut pending = Vec::new();
@@ -712,7 +732,7 @@ async fn follow_logs(c: &Client, id: &str, json: bool) -> Result<(), Failure> {
             while let Some(i) = pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = pending.drain(..=i).collect();
                 if let Ok(v) = serde_json::from_slice::<Value>(&line) {
-                    print_log_line(&v, json);
+                    print_log_line(&v, json)?;
                 }
             }
         }

@@ -488,3 +488,29 @@ fn cli_says_when_the_daemon_is_not_running() {
         "{err}"
     );
 }
+
+#[test]
+fn a_client_whose_stdout_is_closed_stops_quietly() {
+    // Regression: `deployhook builds list --json | head -c 300` panicked with "failed
+    // printing to stdout: Broken pipe".
+    let wd = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&busy_project(&wd));
+    for _ in 0..3 {
+        d.trigger_id("site", "other");
+    }
+    let url = format!("http://{}", d.addr);
+    let mut child = std::process::Command::new(BIN)
+        .args(["builds", "list", "--json", "--config"])
+        .arg(&d.config)
+        .env("DEPLOYHOOK_URL", &url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the reading end before the command has its answer.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(out.status.code(), Some(0), "{err}");
+}
