@@ -176,7 +176,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         Cmd::Check => match Config::load(&cli.config) {
             Ok(c) => {
                 // A closed stdout (`check | head -1`) is not a failure of the check.
-                let _ = write!(std::io::stdout().lock(), "{}config OK\n", c.summary());
+                let _ = writeln!(std::io::stdout().lock(), "{}config OK", c.summary());
                 ExitCode::SUCCESS
             }
             Err(e) => {
