@@ -20,6 +20,7 @@ use tokio::sync::RwLock;
 
 use crate::config::{Config, ConfigError, SharedConfig};
 use crate::http::{self, AppState};
+use crate::metrics::Metrics;
 use crate::model::Timestamp;
 use crate::queue::Queue;
 use crate::runner::RunSettings;
@@ -116,7 +117,8 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         })?;
     let body_budget = AppState::body_budget(config.server.max_body_bytes);
     let shared = Arc::new(SharedConfig::new(config));
-    let queue = Queue::start(store.clone(), shared.clone(), settings)?;
+    let metrics = Arc::new(Metrics::new());
+    let queue = Queue::start(store.clone(), shared.clone(), settings, metrics.clone())?;
     let local = listener.local_addr().unwrap_or(listen);
     let state = Arc::new(AppState {
         config: shared.clone(),
@@ -127,6 +129,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         max_connections,
         local_addr: local,
         unauthenticated_body_budget: body_budget,
+        metrics,
     });
     tracing::info!("listening on {local}");
 

@@ -20,6 +20,7 @@
 //! - [`http`]: accept loop and hardening; `api` (admin), `public` (hooks, Git, health),
 //!   `envelope` (responses and error codes), `conn` (per-connection framing checks, eviction).
 //! - [`shutdown`]: signals and the shutdown phases.
+//! - [`metrics`]: the Prometheus registry (counters, histogram) and its text exposition.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -30,6 +31,7 @@ pub mod config;
 pub mod daemon;
 pub mod git;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod queue;
 pub mod runner;

@@ -5,4 +5,5 @@ mod builds;
 mod foundation;
 mod git;
 mod hostile;
+mod ops;
 mod util;
