@@ -59,16 +59,79 @@ pub enum DaemonError {
 /// Most connections the server keeps open at once (further ones wait in the kernel backlog).
 const MAX_CONNECTIONS: usize = 16384;
 
-fn init_tracing(level: &str) {
+/// `serve --log-format`: how log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Text; colours only on a terminal, no timestamps under journald (it adds its own).
+    #[default]
+    Auto,
+    /// Text with timestamps and without colours, wherever stderr goes.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The shape of text log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TextStyle {
+    ansi: bool,
+    timestamps: bool,
+}
+
+/// The text style for `format` (`None`: JSON), given where stderr goes.
+fn text_style(format: LogFormat, terminal: bool, journald: bool) -> Option<TextStyle> {
+    match format {
+        LogFormat::Json => None,
+        LogFormat::Text => Some(TextStyle {
+            ansi: false,
+            timestamps: true,
+        }),
+        LogFormat::Auto => Some(TextStyle {
+            ansi: terminal && !journald,
+            timestamps: !journald,
+        }),
+    }
+}
+
+/// Whether stderr is connected to the journal: systemd sets `$JOURNAL_STREAM` to the
+/// `device:inode` of the stream it hands the service, and a match with stderr proves the
+/// stream was not redirected since (a child of a service inherits the variable).
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd as _;
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    match nix::sys::stat::fstat(std::io::stderr().as_fd()) {
+        Ok(st) => dev.parse() == Ok(st.st_dev) && ino.parse() == Ok(st.st_ino),
+        Err(_) => false,
+    }
+}
+
+/// Logs go to stderr at `RUST_LOG`'s level, else `[server] log_level`.
+fn init_tracing(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match text_style(format, std::io::stderr().is_terminal(), stderr_is_journal()) {
+        None => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+        Some(TextStyle {
+            ansi,
+            timestamps: false,
+        }) => builder.with_ansi(ansi).without_time().try_init(),
+        Some(TextStyle { ansi, .. }) => builder.with_ansi(ansi).try_init(),
+    };
 }
 
 /// Raises the open-file limit to its hard maximum (each connection and each build's pipes
@@ -88,11 +151,11 @@ fn raise_nofile_limit() -> u64 {
 }
 
 /// Runs the daemon until SIGTERM/SIGINT (or a fatal database error).
-pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
+pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), DaemonError> {
     // First of all, so that a SIGHUP or SIGTERM during start-up is handled, not fatal.
     let mut signals = Signals::install().map_err(DaemonError::Signals)?;
     let config = Config::load(config_path)?;
-    init_tracing(&config.server.log_level);
+    init_tracing(&config.server.log_level, log_format);
     let nofile = raise_nofile_limit();
     let max_connections = MAX_CONNECTIONS.min((nofile.saturating_sub(256) as usize).max(64));
 
@@ -254,5 +317,28 @@ async fn prune_deliveries(store: Store) {
             Ok(Err(e)) => tracing::error!("cannot prune Git deliveries: {e}"),
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_style_follows_the_format_and_where_stderr_goes() {
+        let style = |ansi, timestamps| Some(TextStyle { ansi, timestamps });
+        // auto: colours on a terminal only; journald adds its own timestamps.
+        assert_eq!(text_style(LogFormat::Auto, true, false), style(true, true));
+        assert_eq!(
+            text_style(LogFormat::Auto, false, false),
+            style(false, true)
+        );
+        assert_eq!(
+            text_style(LogFormat::Auto, false, true),
+            style(false, false)
+        );
+        assert_eq!(text_style(LogFormat::Auto, true, true), style(false, false));
+        assert_eq!(text_style(LogFormat::Text, true, true), style(false, true));
+        assert_eq!(text_style(LogFormat::Json, true, false), None);
     }
 }

@@ -1,4 +1,10 @@
-//! Operations (issue 6): `GET /metrics`.
+//! Operations (issue 6): `GET /metrics`, log formats, no secret in logs.
+
+use std::process::{Command, Stdio};
+
+use hmac::{KeyInit, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
 
 use crate::util::*;
 
@@ -152,5 +158,239 @@ fn metrics_need_the_admin_token_unless_public() {
     assert_eq!(
         request(d.addr, "GET", "/api/projects", &[], b"").status,
         401
+    );
+}
+
+const GIT_SECRET: &str = "git-secret-that-must-never-be-logged";
+
+#[test]
+fn no_token_or_secret_reaches_the_log_even_at_trace_level() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wd = tempfile::tempdir().unwrap();
+    std::fs::write(wd.path().join("site.secret"), format!("{GIT_SECRET}\n")).unwrap();
+    let text = format!(
+        "{}\n[api]\ntoken_file = \"admin.token\"\n{}",
+        base_config(tmp.path()),
+        workdir_project(
+            "site",
+            wd.path(),
+            "echo building",
+            &format!(
+                "git_secret_file = \"{}\"",
+                wd.path().join("site.secret").display()
+            ),
+        )
+    );
+    std::fs::write(tmp.path().join("deploy.toml"), &text).unwrap();
+    let mut d =
+        Daemon::spawn(tmp.path(), &[("RUST_LOG", "trace")]).unwrap_or_else(|e| panic!("{e}"));
+
+    let (hook_id, hook) = d.create_hook("site", "cms", "main");
+    let r = d.post(&hook, b"payload");
+    assert_eq!(r.status, 200);
+    let id = r.json()["result"]["build_uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.wait_status(&id, "stopped", 20);
+
+    // Git pushes: GitLab sends the secret itself in a header; GitHub an HMAC of it.
+    let body = json!({"ref": "refs/heads/main", "after": "1".repeat(40)}).to_string();
+    let r = request(
+        d.addr,
+        "POST",
+        "/git/site",
+        &[
+            ("X-Gitlab-Event", "Push Hook"),
+            ("X-Gitlab-Token", GIT_SECRET),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let mut mac = hmac::Hmac::<Sha256>::new_from_slice(GIT_SECRET.as_bytes()).unwrap();
+    mac.update(body.as_bytes());
+    let sig: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let r = request(
+        d.addr,
+        "POST",
+        "/git/site",
+        &[
+            ("X-GitHub-Event", "push"),
+            ("X-Hub-Signature-256", &format!("sha256={sig}")),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // A wrong GitLab token, which a careless log might echo.
+    let r = request(
+        d.addr,
+        "POST",
+        "/git/site",
+        &[
+            ("X-Gitlab-Event", "Push Hook"),
+            ("X-Gitlab-Token", "wrong-secret-also-not-logged"),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 401);
+
+    // Rotate: the new URL works, the old one is refused.
+    let r = d.api(
+        "POST",
+        &format!("/api/projects/site/hooks/{hook_id}/rotate"),
+        None,
+    );
+    assert_eq!(r.status, 200);
+    let url = r.json()["result"]["url"].as_str().unwrap().to_string();
+    let new_hook = format!("/hooks/{}", url.split_once("/hooks/").unwrap().1);
+    assert_eq!(d.post(&hook, b"").status, 404);
+    let r = d.post(&new_hook, b"");
+    assert_eq!(r.status, 200);
+    let id = r.json()["result"]["build_uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    d.wait_status(&id, "stopped", 20);
+    scrape(&d);
+
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(30), Some(0));
+    let logs = d.logs();
+    // The log really was written at trace level and tells about the triggers.
+    assert!(logs.contains("TRACE") || logs.contains("DEBUG"), "{logs}");
+    assert!(
+        logs.contains("result=\"created\"") || logs.contains("result=created"),
+        "{logs}"
+    );
+    let secrets = [
+        ("admin token", d.token.clone()),
+        ("hook token", hook.trim_start_matches("/hooks/").to_string()),
+        (
+            "rotated hook token",
+            new_hook.trim_start_matches("/hooks/").to_string(),
+        ),
+        ("git secret", GIT_SECRET.to_string()),
+        (
+            "wrong git secret",
+            "wrong-secret-also-not-logged".to_string(),
+        ),
+    ];
+    for (what, secret) in secrets {
+        assert!(secret.len() >= 20, "{what}: {secret}");
+        // The whole secret, and its random part without the `dh_` prefix.
+        let tail = &secret[secret.len() - 20..];
+        assert!(!logs.contains(tail), "the {what} is in the daemon's log");
+    }
+}
+
+#[test]
+fn json_log_lines_carry_trigger_and_build_fields() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wd = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{}\n[api]\ntoken_file = \"admin.token\"\n{}",
+        base_config(tmp.path()),
+        workdir_project("site", wd.path(), "true", "")
+    );
+    std::fs::write(tmp.path().join("deploy.toml"), &text).unwrap();
+    let mut d = Daemon::spawn_args(tmp.path(), &[], &["--log-format", "json"])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let id = d.trigger_id("site", "main");
+    d.wait_status(&id, "stopped", 20);
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(30), Some(0));
+    let lines: Vec<Value> = d
+        .logs()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let find = |message: &str| {
+        lines
+            .iter()
+            .find(|l| l["message"] == message && l["build"] == id)
+            .unwrap_or_else(|| panic!("no {message:?} line for {id} in {lines:#?}"))
+            .clone()
+    };
+    let t = find("trigger");
+    assert_eq!(t["level"], "INFO");
+    assert!(t["timestamp"].is_string());
+    assert_eq!(t["source"], "api");
+    assert_eq!(t["result"], "created");
+    assert_eq!(t["project"], "site");
+    assert_eq!(t["branch"], "main");
+    assert_eq!(t["already_exists"], false);
+    for m in ["build queued", "build initializing", "build running"] {
+        let l = find(m);
+        assert_eq!(
+            (l["project"].as_str(), l["branch"].as_str()),
+            (Some("site"), Some("main"))
+        );
+    }
+    assert_eq!(find("build stopped")["outcome"], "success");
+}
+
+/// Runs `serve` with stderr in a file; returns the file's text after a clean stop.
+fn stderr_of_a_run(journal_stream: impl Fn(&std::fs::File) -> String) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!(
+        "{}\n[api]\ntoken_file = \"admin.token\"\n{}",
+        base_config(tmp.path()),
+        workdir_project("site", tmp.path(), "true", "")
+    );
+    std::fs::write(tmp.path().join("deploy.toml"), &text).unwrap();
+    let log_path = tmp.path().join("stderr");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(tmp.path().join("deploy.toml"))
+        .env("RUST_LOG", "info")
+        .env("JOURNAL_STREAM", journal_stream(&log))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    eventually(20, "the daemon to listen", || {
+        std::fs::read_to_string(&log_path).is_ok_and(|t| t.contains("listening on"))
+    });
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    assert!(child.wait().unwrap().success());
+    std::fs::read_to_string(&log_path).unwrap()
+}
+
+#[test]
+fn under_journald_lines_have_no_timestamp_and_no_colour() {
+    use std::os::unix::fs::MetadataExt as _;
+    let journal = stderr_of_a_run(|f| {
+        let m = f.metadata().unwrap();
+        format!("{}:{}", m.dev(), m.ino())
+    });
+    assert!(journal.contains("listening on"), "{journal}");
+    for line in journal.lines() {
+        assert!(!line.contains('\x1b'), "colour under journald: {line:?}");
+        assert!(
+            line.trim_start().starts_with("INFO") || line.trim_start().starts_with("WARN"),
+            "a line under journald should start with its level: {line:?}"
+        );
+    }
+    // A JOURNAL_STREAM inherited by a process whose stderr goes elsewhere does not count.
+    let elsewhere = stderr_of_a_run(|_| "1:1".to_string());
+    let first = elsewhere.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with(|c: char| c.is_ascii_digit()),
+        "expected a timestamp: {first:?}"
+    );
+    assert!(
+        !elsewhere.contains('\x1b'),
+        "colour in a file: {elsewhere:?}"
     );
 }

@@ -186,6 +186,20 @@ impl Daemon {
         env: &[(&str, &str)],
         nofile: Option<u32>,
     ) -> Result<Daemon, String> {
+        Self::spawn_with(dir, env, &[], nofile)
+    }
+
+    /// Like `spawn`, with extra arguments for `serve` (e.g. `--log-format json`).
+    pub fn spawn_args(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Result<Daemon, String> {
+        Self::spawn_with(dir, env, args, None)
+    }
+
+    fn spawn_with(
+        dir: &Path,
+        env: &[(&str, &str)],
+        args: &[&str],
+        nofile: Option<u32>,
+    ) -> Result<Daemon, String> {
         let config = dir.join("deploy.toml");
         let mut cmd = match nofile {
             None => Command::new(BIN),
@@ -197,6 +211,7 @@ impl Daemon {
         };
         cmd.args(["serve", "--config"])
             .arg(&config)
+            .args(args)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -212,10 +227,12 @@ impl Daemon {
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // Text or JSON lines: the address ends at a space or a quote.
                 if let Some(rest) = line.split("listening on ").nth(1)
                     && let Some(tx) = tx.take()
                 {
-                    let _ = tx.send(rest.trim().to_string());
+                    let addr = rest.split(['"', ' ']).next().unwrap_or_default();
+                    let _ = tx.send(addr.trim().to_string());
                 }
                 let mut l = log2.lock().unwrap();
                 l.push_str(&line);
