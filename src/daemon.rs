@@ -8,6 +8,10 @@
 //! start before any build is resumed), then the queue recovers and resumes builds, and only
 //! then does the server accept — so no request is answered before the daemon can honour it,
 //! and no signal arrives before its handler.
+//!
+//! Under systemd, the service manager hears of each step (see [`crate::notify`]): `READY=1`
+//! once the server accepts, `RELOADING=1`/`READY=1` around each SIGHUP reload, `STOPPING=1`
+//! when shutdown begins.
 
 use std::io::IsTerminal as _;
 use std::path::Path;
@@ -22,6 +26,7 @@ use crate::config::{Config, ConfigError, SharedConfig};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::model::Timestamp;
+use crate::notify::Notifier;
 use crate::queue::Queue;
 use crate::runner::RunSettings;
 use crate::shutdown::{self, Phase, SignalEvent, Signals};
@@ -156,6 +161,7 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
     let mut signals = Signals::install().map_err(DaemonError::Signals)?;
     let config = Config::load(config_path)?;
     init_tracing(&config.server.log_level, log_format);
+    let notifier = Arc::new(Notifier::from_env());
     let nofile = raise_nofile_limit();
     let max_connections = MAX_CONNECTIONS.min((nofile.saturating_sub(256) as usize).max(64));
 
@@ -198,6 +204,7 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
 
     let (trigger, watch) = shutdown::channel();
     let server = tokio::spawn(http::serve(listener, state.clone(), watch));
+    notifier.ready(&format!("listening on {local}"));
     let pruner = tokio::spawn(prune_deliveries(store.clone()));
 
     let reloading = Arc::new(tokio::sync::Mutex::new(()));
@@ -209,7 +216,7 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
                 // In its own task: reading the config may block (a FIFO, a hung NFS mount),
                 // and SIGTERM must still be heard meanwhile.
                 SignalEvent::Reload => {
-                    tokio::spawn(reload(config_path.to_path_buf(), shared.clone(), state.clone(), reloading.clone()));
+                    tokio::spawn(reload(config_path.to_path_buf(), shared.clone(), state.clone(), reloading.clone(), notifier.clone()));
                 }
                 SignalEvent::Stop(name) => {
                     tracing::info!("{name} received: shutting down");
@@ -226,6 +233,7 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
         }
     }
 
+    notifier.stopping();
     state.shutting_down.store(true, Ordering::SeqCst);
     trigger.set(Phase::Draining);
     let grace = shared.get().server.shutdown_timeout;
@@ -258,15 +266,33 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
 }
 
 /// SIGHUP: re-read the config; keep the old one if the new one is invalid. Builds in flight
-/// keep the settings they started with.
+/// keep the settings they started with. The service manager hears `RELOADING=1` before and
+/// `READY=1` after, whether the new config was taken or rejected.
 async fn reload(
     path: std::path::PathBuf,
     shared: Arc<SharedConfig>,
     state: Arc<AppState>,
     reloading: Arc<tokio::sync::Mutex<()>>,
+    notifier: Arc<Notifier>,
 ) {
     // One reload at a time, in signal order.
     let _one = reloading.lock().await;
+    if state.is_shutting_down() {
+        // STOPPING=1 has been sent; a late READY=1 would contradict it.
+        return;
+    }
+    notifier.reloading();
+    let status = apply_reload(path, shared, &state).await;
+    let local = state.local_addr;
+    notifier.ready(&format!("listening on {local}; {status}"));
+}
+
+/// Loads and applies a new config; returns a status line for the service manager.
+async fn apply_reload(
+    path: std::path::PathBuf,
+    shared: Arc<SharedConfig>,
+    state: &AppState,
+) -> &'static str {
     let loaded = tokio::task::spawn_blocking(move || {
         Config::load(&path).map(|c| {
             let token = AdminToken::read(&c.api.token_file);
@@ -278,11 +304,11 @@ async fn reload(
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             tracing::error!("config reload rejected, the old config stays in force: {e}");
-            return;
+            return "the last reload was rejected (see the log)";
         }
         Err(e) => {
             tracing::error!("config reload failed, the old config stays in force: {e}");
-            return;
+            return "the last reload failed (see the log)";
         }
     };
     let old = shared.get();
@@ -303,6 +329,7 @@ async fn reload(
     shared.replace(new);
     tracing::info!(projects, "config reloaded");
     state.queue.schedule();
+    "config reloaded"
 }
 
 /// Forgets Git delivery ids older than the replay window, hourly.

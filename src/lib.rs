@@ -21,6 +21,7 @@
 //!   `envelope` (responses and error codes), `conn` (per-connection framing checks, eviction).
 //! - [`shutdown`]: signals and the shutdown phases.
 //! - [`metrics`]: the Prometheus registry (counters, histogram) and its text exposition.
+//! - [`notify`]: systemd's readiness protocol (`READY=1`, `RELOADING=1`, `STOPPING=1`).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -33,6 +34,7 @@ pub mod git;
 pub mod http;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod queue;
 pub mod runner;
 pub mod shutdown;

@@ -1,6 +1,8 @@
-//! Operations (issue 6): `GET /metrics`, log formats, no secret in logs.
+//! Operations (issue 6): `GET /metrics`, log formats, no secret in logs, sd_notify.
 
+use std::os::unix::net::UnixDatagram;
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use hmac::{KeyInit, Mac};
 use serde_json::{Value, json};
@@ -159,6 +161,77 @@ fn metrics_need_the_admin_token_unless_public() {
         request(d.addr, "GET", "/api/projects", &[], b"").status,
         401
     );
+}
+
+fn recv(socket: &UnixDatagram) -> String {
+    let mut buf = [0u8; 1024];
+    let n = socket
+        .recv(&mut buf)
+        .expect("no sd_notify message (timed out)");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn first_line(msg: &str) -> &str {
+    msg.lines().next().unwrap_or_default()
+}
+
+#[test]
+fn sd_notify_ready_reloading_ready_stopping_in_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wd = tempfile::tempdir().unwrap();
+    let sock_path = tmp.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&sock_path).unwrap();
+    // Only a guard against hanging forever; the daemon answers in milliseconds.
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let text = format!(
+        "{}\n[api]\ntoken_file = \"admin.token\"\n{}",
+        base_config(tmp.path()),
+        workdir_project("site", wd.path(), "true", "")
+    );
+    std::fs::write(tmp.path().join("deploy.toml"), &text).unwrap();
+    let mut d = Daemon::spawn(
+        tmp.path(),
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+
+    let ready = recv(&socket);
+    assert_eq!(first_line(&ready), "READY=1", "{ready}");
+    assert!(
+        ready.contains(&format!("STATUS=listening on {}", d.addr)),
+        "{ready}"
+    );
+
+    d.signal("HUP");
+    let reloading = recv(&socket);
+    assert_eq!(first_line(&reloading), "RELOADING=1", "{reloading}");
+    assert!(
+        reloading.lines().any(|l| l
+            .strip_prefix("MONOTONIC_USEC=")
+            .is_some_and(|v| v.parse::<u64>().is_ok())),
+        "{reloading}"
+    );
+    let ready = recv(&socket);
+    assert_eq!(first_line(&ready), "READY=1", "{ready}");
+
+    // A rejected reload still ends with READY=1: the old config serves.
+    std::fs::write(
+        tmp.path().join("deploy.toml"),
+        format!("{text}\nbogus = 1\n"),
+    )
+    .unwrap();
+    d.signal("HUP");
+    assert_eq!(first_line(&recv(&socket)), "RELOADING=1");
+    let ready = recv(&socket);
+    assert_eq!(first_line(&ready), "READY=1", "{ready}");
+    assert!(ready.contains("rejected"), "{ready}");
+
+    d.signal("TERM");
+    let stopping = recv(&socket);
+    assert_eq!(first_line(&stopping), "STOPPING=1", "{stopping}");
+    assert_eq!(d.wait_exit(30), Some(0));
 }
 
 const GIT_SECRET: &str = "git-secret-that-must-never-be-logged";
