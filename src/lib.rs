@@ -17,7 +17,7 @@
 //! - [`supervisor`]: the hidden per-process supervisor mode that makes builds die with the daemon.
 //! - [`buildlog`]: capped append-only NDJSON log files, line splitting, paging.
 //! - [`git`]: Git-host webhook signatures and push-event parsing (pure).
-//! - [`http`]: accept loop and hardening; `api` (admin), `public` (hooks, Git, health),
+//! - [`http`]: accept loop and hardening; `api` (admin), `public` (hooks, Git, health, metrics),
 //!   `envelope` (responses and error codes), `conn` (per-connection framing checks, eviction).
 //! - [`shutdown`]: signals and the shutdown phases.
 //! - [`metrics`]: the Prometheus registry (counters, histogram) and its text exposition.

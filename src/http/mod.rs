@@ -17,6 +17,10 @@
 //! Shutdown has two steps: on SIGTERM the listener closes (new connections are refused) while
 //! open connections keep being served — `/healthz` and triggers answer 503 — until the builds
 //! have drained; then connections are closed gracefully with a deadline.
+//!
+//! `handle` is also where requests are counted for `/metrics` (by route template, never the
+//! raw path) and where each trigger request is classified (created, deduplicated,
+//! rate_limited, rejected) and logged once.
 
 pub mod api;
 pub mod conn;

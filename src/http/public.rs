@@ -1,4 +1,5 @@
-//! Public endpoints (SPEC §4.1): deploy hooks, Git push webhooks, health.
+//! Public endpoints (SPEC §4.1): deploy hooks, Git push webhooks, health, metrics (which
+//! needs the admin token unless `[metrics] public`).
 //!
 //! Neither hooks nor Git webhooks carry the admin token: a hook's token is its URL, a Git
 //! webhook is authenticated by its signature. Every unknown, malformed, deleted or rotated
