@@ -51,7 +51,12 @@ enum Cmd {
     Serve {
         /// Log line format on stderr: auto (text; no colours or timestamps under journald),
         /// text, or json.
-        #[arg(long, value_enum, default_value_t = crate::daemon::LogFormat::Auto)]
+        #[arg(
+            long,
+            value_enum,
+            env = "DEPLOYHOOK_LOG_FORMAT",
+            default_value_t = crate::daemon::LogFormat::Auto
+        )]
         log_format: crate::daemon::LogFormat,
     },
     /// Validate the config and print a summary.

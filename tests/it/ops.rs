@@ -371,7 +371,7 @@ fn json_log_lines_carry_trigger_and_build_fields() {
         workdir_project("site", wd.path(), "true", "")
     );
     std::fs::write(tmp.path().join("deploy.toml"), &text).unwrap();
-    let mut d = Daemon::spawn_args(tmp.path(), &[], &["--log-format", "json"])
+    let mut d = Daemon::spawn(tmp.path(), &[("DEPLOYHOOK_LOG_FORMAT", "json")])
         .unwrap_or_else(|e| panic!("{e}"));
     let id = d.trigger_id("site", "main");
     d.wait_status(&id, "stopped", 20);
@@ -407,8 +407,8 @@ fn json_log_lines_carry_trigger_and_build_fields() {
     assert_eq!(find("build stopped")["outcome"], "success");
 }
 
-/// Runs `serve` with stderr in a file; returns the file's text after a clean stop.
-fn stderr_of_a_run(journal_stream: impl Fn(&std::fs::File) -> String) -> String {
+/// Runs `serve` with `args` and stderr in a file; returns the file's text after a clean stop.
+fn stderr_of_a_run(args: &[&str], journal_stream: impl Fn(&std::fs::File) -> String) -> String {
     let tmp = tempfile::tempdir().unwrap();
     let text = format!(
         "{}\n[api]\ntoken_file = \"admin.token\"\n{}",
@@ -421,6 +421,7 @@ fn stderr_of_a_run(journal_stream: impl Fn(&std::fs::File) -> String) -> String 
     let mut child = Command::new(BIN)
         .args(["serve", "--config"])
         .arg(tmp.path().join("deploy.toml"))
+        .args(args)
         .env("RUST_LOG", "info")
         .env("JOURNAL_STREAM", journal_stream(&log))
         .stdin(Stdio::null())
@@ -443,10 +444,11 @@ fn stderr_of_a_run(journal_stream: impl Fn(&std::fs::File) -> String) -> String 
 #[test]
 fn under_journald_lines_have_no_timestamp_and_no_colour() {
     use std::os::unix::fs::MetadataExt as _;
-    let journal = stderr_of_a_run(|f| {
+    let journal_stream = |f: &std::fs::File| {
         let m = f.metadata().unwrap();
         format!("{}:{}", m.dev(), m.ino())
-    });
+    };
+    let journal = stderr_of_a_run(&[], journal_stream);
     assert!(journal.contains("listening on"), "{journal}");
     for line in journal.lines() {
         assert!(!line.contains('\x1b'), "colour under journald: {line:?}");
@@ -456,14 +458,15 @@ fn under_journald_lines_have_no_timestamp_and_no_colour() {
         );
     }
     // A JOURNAL_STREAM inherited by a process whose stderr goes elsewhere does not count.
-    let elsewhere = stderr_of_a_run(|_| "1:1".to_string());
-    let first = elsewhere.lines().next().unwrap_or_default();
-    assert!(
-        first.starts_with(|c: char| c.is_ascii_digit()),
-        "expected a timestamp: {first:?}"
-    );
-    assert!(
-        !elsewhere.contains('\x1b'),
-        "colour in a file: {elsewhere:?}"
-    );
+    let elsewhere = stderr_of_a_run(&[], |_| "1:1".to_string());
+    // `--log-format text` keeps timestamps even under journald.
+    let text = stderr_of_a_run(&["--log-format", "text"], journal_stream);
+    for out in [elsewhere, text] {
+        let first = out.lines().next().unwrap_or_default();
+        assert!(
+            first.starts_with(|c: char| c.is_ascii_digit()),
+            "expected a timestamp: {first:?}"
+        );
+        assert!(!out.contains('\x1b'), "colour in a file: {out:?}");
+    }
 }

@@ -186,20 +186,6 @@ impl Daemon {
         env: &[(&str, &str)],
         nofile: Option<u32>,
     ) -> Result<Daemon, String> {
-        Self::spawn_with(dir, env, &[], nofile)
-    }
-
-    /// Like `spawn`, with extra arguments for `serve` (e.g. `--log-format json`).
-    pub fn spawn_args(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Result<Daemon, String> {
-        Self::spawn_with(dir, env, args, None)
-    }
-
-    fn spawn_with(
-        dir: &Path,
-        env: &[(&str, &str)],
-        args: &[&str],
-        nofile: Option<u32>,
-    ) -> Result<Daemon, String> {
         let config = dir.join("deploy.toml");
         let mut cmd = match nofile {
             None => Command::new(BIN),
@@ -211,7 +197,6 @@ impl Daemon {
         };
         cmd.args(["serve", "--config"])
             .arg(&config)
-            .args(args)
             .env("RUST_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
