@@ -404,9 +404,11 @@ fn note_trigger(
             }
         }
         Err(e) => {
-            let outcome = match e {
-                ApiError::RateLimited(_) => TriggerResult::RateLimited,
-                _ => TriggerResult::Rejected,
+            // By status: whatever the limit that refused it, a 429 is rate_limited.
+            let outcome = if e.status() == http::StatusCode::TOO_MANY_REQUESTS {
+                TriggerResult::RateLimited
+            } else {
+                TriggerResult::Rejected
             };
             state.metrics.count_trigger(source, outcome);
             tracing::info!(
