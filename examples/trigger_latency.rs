@@ -126,7 +126,9 @@ fn main() {
         let settings = RunSettings::from_env(&config.server.state_dir);
         let body_budget = AppState::body_budget(config.server.max_body_bytes);
         let shared = Arc::new(SharedConfig::new(config));
-        let queue = Queue::start(store.clone(), shared.clone(), settings).expect("queue");
+        let metrics = Arc::new(deployhook::metrics::Metrics::new());
+        let queue =
+            Queue::start(store.clone(), shared.clone(), settings, metrics.clone()).expect("queue");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -140,6 +142,7 @@ fn main() {
             max_connections: 1024,
             local_addr: addr,
             unauthenticated_body_budget: body_budget,
+            metrics,
         });
         let (_trigger, watch) = deployhook::shutdown::channel();
         tokio::spawn(serve(listener, state, watch));

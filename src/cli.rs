@@ -48,7 +48,17 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Run the daemon.
-    Serve,
+    Serve {
+        /// Log line format on stderr: auto (text; no colours or timestamps under journald),
+        /// text, or json.
+        #[arg(
+            long,
+            value_enum,
+            env = "DEPLOYHOOK_LOG_FORMAT",
+            default_value_t = crate::daemon::LogFormat::Auto
+        )]
+        log_format: crate::daemon::LogFormat,
+    },
     /// Validate the config and print a summary.
     Check,
     /// Manage deploy hooks.
@@ -184,7 +194,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Cmd::Serve => {
+        Cmd::Serve { log_format } => {
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -195,7 +205,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            match rt.block_on(crate::daemon::run(&cli.config)) {
+            match rt.block_on(crate::daemon::run(&cli.config, log_format)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");
@@ -433,7 +443,7 @@ async fn client(cli: Cli) -> Result<(), Failure> {
     let json = cli.json;
     use http::Method;
     match cli.cmd {
-        Cmd::Serve | Cmd::Check => unreachable!("handled in main"),
+        Cmd::Serve { .. } | Cmd::Check => unreachable!("handled in main"),
         Cmd::Hooks(HooksCmd::Create {
             project,
             name,

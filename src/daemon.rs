@@ -8,6 +8,10 @@
 //! start before any build is resumed), then the queue recovers and resumes builds, and only
 //! then does the server accept — so no request is answered before the daemon can honour it,
 //! and no signal arrives before its handler.
+//!
+//! Under systemd, the service manager hears of each step (see [`crate::notify`]): `READY=1`
+//! once the server accepts, `RELOADING=1`/`READY=1` around each SIGHUP reload, `STOPPING=1`
+//! when shutdown begins.
 
 use std::io::IsTerminal as _;
 use std::path::Path;
@@ -20,7 +24,9 @@ use tokio::sync::RwLock;
 
 use crate::config::{Config, ConfigError, SharedConfig};
 use crate::http::{self, AppState};
+use crate::metrics::Metrics;
 use crate::model::Timestamp;
+use crate::notify::Notifier;
 use crate::queue::Queue;
 use crate::runner::RunSettings;
 use crate::shutdown::{self, Phase, SignalEvent, Signals};
@@ -58,16 +64,79 @@ pub enum DaemonError {
 /// Most connections the server keeps open at once (further ones wait in the kernel backlog).
 const MAX_CONNECTIONS: usize = 16384;
 
-fn init_tracing(level: &str) {
+/// `serve --log-format`: how log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Text; colours only on a terminal, no timestamps under journald (it adds its own).
+    #[default]
+    Auto,
+    /// Text with timestamps and without colours, wherever stderr goes.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// The shape of text log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TextStyle {
+    ansi: bool,
+    timestamps: bool,
+}
+
+/// The text style for `format` (`None`: JSON), given where stderr goes.
+fn text_style(format: LogFormat, terminal: bool, journald: bool) -> Option<TextStyle> {
+    match format {
+        LogFormat::Json => None,
+        LogFormat::Text => Some(TextStyle {
+            ansi: false,
+            timestamps: true,
+        }),
+        LogFormat::Auto => Some(TextStyle {
+            ansi: terminal && !journald,
+            timestamps: !journald,
+        }),
+    }
+}
+
+/// Whether stderr is connected to the journal: systemd sets `$JOURNAL_STREAM` to the
+/// `device:inode` of the stream it hands the service, and a match with stderr proves the
+/// stream was not redirected since (a child of a service inherits the variable).
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd as _;
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    match nix::sys::stat::fstat(std::io::stderr().as_fd()) {
+        Ok(st) => dev.parse() == Ok(st.st_dev) && ino.parse() == Ok(st.st_ino),
+        Err(_) => false,
+    }
+}
+
+/// Logs go to stderr at `RUST_LOG`'s level, else `[server] log_level`.
+fn init_tracing(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match text_style(format, std::io::stderr().is_terminal(), stderr_is_journal()) {
+        None => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+        Some(TextStyle {
+            ansi,
+            timestamps: false,
+        }) => builder.with_ansi(ansi).without_time().try_init(),
+        Some(TextStyle { ansi, .. }) => builder.with_ansi(ansi).try_init(),
+    };
 }
 
 /// Raises the open-file limit to its hard maximum (each connection and each build's pipes
@@ -87,11 +156,12 @@ fn raise_nofile_limit() -> u64 {
 }
 
 /// Runs the daemon until SIGTERM/SIGINT (or a fatal database error).
-pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
+pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), DaemonError> {
     // First of all, so that a SIGHUP or SIGTERM during start-up is handled, not fatal.
     let mut signals = Signals::install().map_err(DaemonError::Signals)?;
     let config = Config::load(config_path)?;
-    init_tracing(&config.server.log_level);
+    init_tracing(&config.server.log_level, log_format);
+    let notifier = Arc::new(Notifier::from_env());
     let nofile = raise_nofile_limit();
     let max_connections = MAX_CONNECTIONS.min((nofile.saturating_sub(256) as usize).max(64));
 
@@ -116,7 +186,8 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         })?;
     let body_budget = AppState::body_budget(config.server.max_body_bytes);
     let shared = Arc::new(SharedConfig::new(config));
-    let queue = Queue::start(store.clone(), shared.clone(), settings)?;
+    let metrics = Arc::new(Metrics::new());
+    let queue = Queue::start(store.clone(), shared.clone(), settings, metrics.clone())?;
     let local = listener.local_addr().unwrap_or(listen);
     let state = Arc::new(AppState {
         config: shared.clone(),
@@ -127,11 +198,13 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         max_connections,
         local_addr: local,
         unauthenticated_body_budget: body_budget,
+        metrics,
     });
     tracing::info!("listening on {local}");
 
     let (trigger, watch) = shutdown::channel();
     let server = tokio::spawn(http::serve(listener, state.clone(), watch));
+    notifier.ready(&format!("listening on {local}"));
     let pruner = tokio::spawn(prune_deliveries(store.clone()));
 
     let reloading = Arc::new(tokio::sync::Mutex::new(()));
@@ -143,7 +216,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
                 // In its own task: reading the config may block (a FIFO, a hung NFS mount),
                 // and SIGTERM must still be heard meanwhile.
                 SignalEvent::Reload => {
-                    tokio::spawn(reload(config_path.to_path_buf(), shared.clone(), state.clone(), reloading.clone()));
+                    tokio::spawn(reload(config_path.to_path_buf(), shared.clone(), state.clone(), reloading.clone(), notifier.clone()));
                 }
                 SignalEvent::Stop(name) => {
                     tracing::info!("{name} received: shutting down");
@@ -160,6 +233,7 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
         }
     }
 
+    notifier.stopping();
     state.shutting_down.store(true, Ordering::SeqCst);
     trigger.set(Phase::Draining);
     let grace = shared.get().server.shutdown_timeout;
@@ -192,15 +266,33 @@ pub async fn run(config_path: &Path) -> Result<(), DaemonError> {
 }
 
 /// SIGHUP: re-read the config; keep the old one if the new one is invalid. Builds in flight
-/// keep the settings they started with.
+/// keep the settings they started with. The service manager hears `RELOADING=1` before and
+/// `READY=1` after, whether the new config was taken or rejected.
 async fn reload(
     path: std::path::PathBuf,
     shared: Arc<SharedConfig>,
     state: Arc<AppState>,
     reloading: Arc<tokio::sync::Mutex<()>>,
+    notifier: Arc<Notifier>,
 ) {
     // One reload at a time, in signal order.
     let _one = reloading.lock().await;
+    if state.is_shutting_down() {
+        // STOPPING=1 has been sent; a late READY=1 would contradict it.
+        return;
+    }
+    notifier.reloading();
+    let status = apply_reload(path, shared, &state).await;
+    let local = state.local_addr;
+    notifier.ready(&format!("listening on {local}; {status}"));
+}
+
+/// Loads and applies a new config; returns a status line for the service manager.
+async fn apply_reload(
+    path: std::path::PathBuf,
+    shared: Arc<SharedConfig>,
+    state: &AppState,
+) -> &'static str {
     let loaded = tokio::task::spawn_blocking(move || {
         Config::load(&path).map(|c| {
             let token = AdminToken::read(&c.api.token_file);
@@ -212,11 +304,11 @@ async fn reload(
         Ok(Ok(x)) => x,
         Ok(Err(e)) => {
             tracing::error!("config reload rejected, the old config stays in force: {e}");
-            return;
+            return "the last reload was rejected (see the log)";
         }
         Err(e) => {
             tracing::error!("config reload failed, the old config stays in force: {e}");
-            return;
+            return "the last reload failed (see the log)";
         }
     };
     let old = shared.get();
@@ -237,6 +329,7 @@ async fn reload(
     shared.replace(new);
     tracing::info!(projects, "config reloaded");
     state.queue.schedule();
+    "config reloaded"
 }
 
 /// Forgets Git delivery ids older than the replay window, hourly.
@@ -251,5 +344,28 @@ async fn prune_deliveries(store: Store) {
             Ok(Err(e)) => tracing::error!("cannot prune Git deliveries: {e}"),
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_style_follows_the_format_and_where_stderr_goes() {
+        let style = |ansi, timestamps| Some(TextStyle { ansi, timestamps });
+        // auto: colours on a terminal only; journald adds its own timestamps.
+        assert_eq!(text_style(LogFormat::Auto, true, false), style(true, true));
+        assert_eq!(
+            text_style(LogFormat::Auto, false, false),
+            style(false, true)
+        );
+        assert_eq!(
+            text_style(LogFormat::Auto, false, true),
+            style(false, false)
+        );
+        assert_eq!(text_style(LogFormat::Auto, true, true), style(false, false));
+        assert_eq!(text_style(LogFormat::Text, true, true), style(false, true));
+        assert_eq!(text_style(LogFormat::Json, true, false), None);
     }
 }

@@ -18,9 +18,11 @@
 //! - [`supervisor`]: the hidden per-process supervisor mode that makes builds die with the daemon.
 //! - [`buildlog`]: capped append-only NDJSON log files, line splitting, paging.
 //! - [`git`]: Git-host webhook signatures and push-event parsing (pure).
-//! - [`http`]: accept loop and hardening; `api` (admin), `public` (hooks, Git, health),
+//! - [`http`]: accept loop and hardening; `api` (admin), `public` (hooks, Git, health, metrics),
 //!   `envelope` (responses and error codes), `conn` (per-connection framing checks, eviction).
 //! - [`shutdown`]: signals and the shutdown phases.
+//! - [`metrics`]: the Prometheus registry (counters, histogram) and its text exposition.
+//! - [`notify`]: systemd's readiness protocol (`READY=1`, `RELOADING=1`, `STOPPING=1`).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -31,7 +33,9 @@ pub mod config;
 pub mod daemon;
 pub mod git;
 pub mod http;
+pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod queue;
 pub mod ratelimit;
 pub mod runner;

@@ -47,6 +47,7 @@ use tokio::sync::{Notify, watch};
 
 use crate::buildlog::{self, LogStats};
 use crate::config::{ProjectConfig, SharedConfig};
+use crate::metrics::{self, Metrics};
 use crate::model::{Build, BuildId, CancelReason, Outcome, Phase, Timestamp, Trigger};
 use crate::ratelimit::{self, Limited, Limits, RateLimiter};
 use crate::runner::{self, RunSettings};
@@ -308,6 +309,8 @@ struct Inner {
     store: Store,
     config: Arc<SharedConfig>,
     settings: RunSettings,
+    /// Counts builds as they stop.
+    metrics: Arc<Metrics>,
     state: Mutex<State>,
     /// Notified whenever a build stops (shutdown waits on it).
     stopped: Notify,
@@ -319,6 +322,7 @@ impl Queue {
         store: Store,
         config: Arc<SharedConfig>,
         settings: RunSettings,
+        metrics: Arc<Metrics>,
     ) -> Result<Queue, StoreError> {
         let mut st = State {
             accepting: true,
@@ -347,6 +351,8 @@ impl Queue {
                     b.phase = Phase::Stopped(Outcome::Interrupted);
                     b.stopped_on = Some(now);
                     store.put_build(&b)?;
+                    tracing::info!(build = %b.id, project = %b.project, branch = %b.branch, outcome = %Outcome::Interrupted.as_str(), "build stopped");
+                    metrics.build_stopped(&b.project, Outcome::Interrupted, None);
                     interrupted.push(b.project.clone());
                 }
             }
@@ -366,6 +372,7 @@ impl Queue {
                 store,
                 config,
                 settings,
+                metrics,
                 state: Mutex::new(st),
                 stopped: Notify::new(),
             }),
@@ -466,6 +473,7 @@ impl Queue {
             st.add(build.clone());
             build
         };
+        tracing::info!(build = %build.id, project = %build.project, branch = %build.branch, source = %build.trigger.source.as_str(), "build queued");
         self.schedule();
         // Events older than the window are dead weight; this is usually a no-op range scan.
         self.inner
@@ -514,7 +522,7 @@ impl Queue {
             return;
         }
         for s in starts {
-            tracing::info!(build = %s.build.id, project = %s.build.project, branch = %s.build.branch, "build starting");
+            tracing::info!(build = %s.build.id, project = %s.build.project, branch = %s.build.branch, "build initializing");
             tokio::spawn(runner::run(self.clone(), self.inner.settings.clone(), s));
         }
     }
@@ -537,6 +545,10 @@ impl Queue {
                     l.build.cancel_reason = Some(CancelReason::Api);
                     l.build.stopped_on = Some(Timestamp::now());
                     self.inner.store.put_build(&l.build)?;
+                    tracing::info!(build = %id, project = %l.build.project, branch = %l.build.branch, outcome = %Outcome::Cancelled.as_str(), "build stopped");
+                    self.inner
+                        .metrics
+                        .build_stopped(&l.build.project, Outcome::Cancelled, None);
                     l.done_tx.send_replace(true);
                     Step::StoppedNow(Box::new(l.build))
                 }
@@ -717,6 +729,7 @@ impl Queue {
             if let Err(e) = self.inner.store.put_build(&l.build) {
                 tracing::error!(build = %id, "cannot record a build as running: {e}");
             }
+            tracing::info!(build = %id, project = %l.build.project, branch = %l.build.branch, "build running");
         }
     }
 
@@ -742,7 +755,11 @@ impl Queue {
             if let Err(e) = self.inner.store.put_build(&l.build) {
                 tracing::error!(build = %id, "cannot record a build's end: {e}");
             }
-            tracing::info!(build = %id, project = %l.build.project, outcome = outcome.as_str(), exit_code = ?exit_code, "build stopped");
+            tracing::info!(build = %id, project = %l.build.project, branch = %l.build.branch, outcome = %outcome.as_str(), exit_code, "build stopped");
+            let ran_for = metrics::ran_for(&l.build);
+            self.inner
+                .metrics
+                .build_stopped(&l.build.project, outcome, ran_for);
             l.done_tx.send_replace(true);
             l.build.project
         };

@@ -224,10 +224,7 @@ pub async fn trigger_build(
             payload: None,
         })
         .await?;
-    Ok(envelope::ok(
-        StatusCode::OK,
-        t.build.to_trigger_json(t.already_exists),
-    ))
+    Ok(envelope::triggered(&t.build, t.already_exists))
 }
 
 /// `GET /api/projects/{p}/builds?status=&limit=&cursor=`.

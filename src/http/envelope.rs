@@ -10,6 +10,8 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full};
 use serde_json::{Value, json};
 
+use crate::model::{Build, BuildId};
+
 /// The response body type of every handler.
 pub type Body = BoxBody<Bytes, Infallible>;
 
@@ -120,6 +122,32 @@ pub fn ok(status: StatusCode, result: Value) -> Response<Body> {
         status,
         &json!({"success": true, "errors": [], "messages": [], "result": result}),
     )
+}
+
+/// What a trigger request was answered with, attached to its response's extensions so that
+/// the HTTP layer can count and log the trigger in one place (see `http::note_trigger`).
+#[derive(Debug, Clone)]
+pub struct TriggerAnswer {
+    /// The build created or joined.
+    pub build: BuildId,
+    /// Its project.
+    pub project: String,
+    /// Its branch.
+    pub branch: String,
+    /// Whether the trigger joined a pending build.
+    pub already_exists: bool,
+}
+
+/// The answer to a trigger: 200, the build object plus `already_exists` (SPEC §4).
+pub fn triggered(build: &Build, already_exists: bool) -> Response<Body> {
+    let mut r = ok(StatusCode::OK, build.to_trigger_json(already_exists));
+    r.extensions_mut().insert(TriggerAnswer {
+        build: build.id,
+        project: build.project.clone(),
+        branch: build.branch.clone(),
+        already_exists,
+    });
+    r
 }
 
 /// A success envelope with `messages` (e.g. why a Git event was ignored).

@@ -17,6 +17,10 @@
 //! Shutdown has two steps: on SIGTERM the listener closes (new connections are refused) while
 //! open connections keep being served — `/healthz` and triggers answer 503 — until the builds
 //! have drained; then connections are closed gracefully with a deadline.
+//!
+//! `handle` is also where requests are counted for `/metrics` (by route template, never the
+//! raw path) and where each trigger request is classified (created, deduplicated,
+//! rate_limited, rejected) and logged once.
 
 pub mod api;
 pub mod conn;
@@ -40,11 +44,13 @@ use tokio::net::TcpListener;
 use tokio::sync::RwLock;
 
 use crate::config::SharedConfig;
+use crate::metrics::{Metrics, TriggerResult};
+use crate::model::TriggerSource;
 use crate::queue::Queue;
 use crate::shutdown::ShutdownWatch;
 use crate::store::{Store, StoreError};
 use crate::token::AdminToken;
-pub use envelope::{ApiError, Body};
+pub use envelope::{ApiError, Body, TriggerAnswer};
 
 /// How long a client may take to send its request headers (also the idle keep-alive limit).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -76,6 +82,8 @@ pub struct AppState {
     /// Bytes (in KiB) of request bodies that may be held before their request is
     /// authenticated (Git webhooks), all requests together; see [`read_body_budgeted`].
     pub unauthenticated_body_budget: Arc<tokio::sync::Semaphore>,
+    /// The metric registry behind `GET /metrics` (shared with the queue).
+    pub metrics: Arc<Metrics>,
 }
 
 impl AppState {
@@ -209,6 +217,7 @@ fn is_per_connection_error(e: &std::io::Error) -> bool {
 #[derive(Debug, PartialEq, Eq)]
 enum Route<'a> {
     Healthz,
+    Metrics,
     Hook(&'a str),
     Git(&'a str),
     Projects,
@@ -230,6 +239,7 @@ impl Route<'_> {
         }
         Some(match segs.as_slice() {
             ["healthz"] => Route::Healthz,
+            ["metrics"] => Route::Metrics,
             ["hooks", t] => Route::Hook(t),
             ["git", p] => Route::Git(p),
             ["api", "projects"] => Route::Projects,
@@ -247,7 +257,11 @@ impl Route<'_> {
     /// The methods the endpoint answers (the `Allow` header of a 405).
     fn allow(&self) -> &'static str {
         match self {
-            Route::Healthz | Route::Projects | Route::Build(_) | Route::BuildLogs(_) => "GET",
+            Route::Healthz
+            | Route::Metrics
+            | Route::Projects
+            | Route::Build(_)
+            | Route::BuildLogs(_) => "GET",
             Route::Hook(_)
             | Route::Git(_)
             | Route::ProjectHookRotate(..)
@@ -257,27 +271,57 @@ impl Route<'_> {
         }
     }
 
+    /// Whether the admin token is always required (`/metrics` depends on the config).
     fn is_admin(&self) -> bool {
-        !matches!(self, Route::Healthz | Route::Hook(_) | Route::Git(_))
+        !matches!(
+            self,
+            Route::Healthz | Route::Metrics | Route::Hook(_) | Route::Git(_)
+        )
     }
 
-    /// A name for logs: never the path itself, which may hold a hook token.
-    fn name(&self) -> &'static str {
+    /// The route's template, for logs and the `route` label of metrics: never the path
+    /// itself, which may hold a hook token and would make the label set unbounded.
+    fn template(&self) -> &'static str {
         match self {
-            Route::Healthz => "healthz",
-            Route::Hook(_) => "hook",
-            Route::Git(_) => "git",
-            Route::Projects => "projects",
-            Route::ProjectHooks(_) => "project_hooks",
-            Route::ProjectHook(..) => "project_hook",
-            Route::ProjectHookRotate(..) => "project_hook_rotate",
-            Route::ProjectBuilds(_) => "project_builds",
-            Route::Build(_) => "build",
-            Route::BuildLogs(_) => "build_logs",
-            Route::BuildCancel(_) => "build_cancel",
+            Route::Healthz => "/healthz",
+            Route::Metrics => "/metrics",
+            Route::Hook(_) => "/hooks/{token}",
+            Route::Git(_) => "/git/{project}",
+            Route::Projects => "/api/projects",
+            Route::ProjectHooks(_) => "/api/projects/{project}/hooks",
+            Route::ProjectHook(..) => "/api/projects/{project}/hooks/{id}",
+            Route::ProjectHookRotate(..) => "/api/projects/{project}/hooks/{id}/rotate",
+            Route::ProjectBuilds(_) => "/api/projects/{project}/builds",
+            Route::Build(_) => "/api/builds/{uuid}",
+            Route::BuildLogs(_) => "/api/builds/{uuid}/logs",
+            Route::BuildCancel(_) => "/api/builds/{uuid}/cancel",
+        }
+    }
+
+    /// The trigger source of a trigger request (a POST to a trigger endpoint), else `None`.
+    fn trigger_source(&self, method: &Method) -> Option<TriggerSource> {
+        if method != Method::POST {
+            return None;
+        }
+        match self {
+            Route::Hook(_) => Some(TriggerSource::DeployHook),
+            Route::Git(_) => Some(TriggerSource::GitPush),
+            Route::ProjectBuilds(_) => Some(TriggerSource::Api),
+            _ => None,
+        }
+    }
+
+    /// The project named in the path, if any (unvalidated: for logs only, clipped).
+    fn project(&self) -> Option<String> {
+        match self {
+            Route::Git(p) | Route::ProjectBuilds(p) => Some(crate::model::clip(p, 64)),
+            _ => None,
         }
     }
 }
+
+/// Template of requests whose path names no endpoint.
+const OTHER_ROUTE: &str = "other";
 
 async fn handle(
     req: Request<Incoming>,
@@ -289,7 +333,10 @@ async fn handle(
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     let route = Route::parse(&path);
-    let name = route.as_ref().map_or("unknown", Route::name);
+    let name = route.as_ref().map_or(OTHER_ROUTE, Route::template);
+    let trigger = route
+        .as_ref()
+        .and_then(|r| Some((r.trigger_source(&method)?, r.project())));
     let result = match route {
         // Checked first: such a request is refused whatever it asks for.
         _ if activity.has_ambiguous_framing() => Err(ApiError::BadRequest(
@@ -298,18 +345,24 @@ async fn handle(
         None => Err(ApiError::NotFound("no such endpoint".into())),
         Some(route) => dispatch(route, req, &state).await,
     };
+    if let Some((source, project)) = &trigger {
+        note_trigger(&state, *source, project.as_deref(), &result);
+    }
     let mut response = match result {
         Ok(r) => r,
         Err(e) => {
             let status = e.status();
             if status.is_server_error() {
                 tracing::error!(route = name, method = %method, status = status.as_u16(), "request failed: {e}");
-            } else {
+            } else if trigger.is_none() {
                 tracing::debug!(route = name, method = %method, status = status.as_u16(), "request refused: {e}");
             }
             envelope::error(&e)
         }
     };
+    state
+        .metrics
+        .count_request(name, response.status().as_u16());
     if activity.must_close() {
         // After a chunked body the connection is not tracked any more (see `conn`).
         response
@@ -323,6 +376,54 @@ async fn handle(
         }
         .boxed()
     })
+}
+
+/// Counts a trigger request and logs its one line: what became of it, and for an answered
+/// trigger the build it created or joined. Git events that trigger nothing (ping, ignored
+/// pushes: no [`TriggerAnswer`]) are not triggers and are not counted.
+fn note_trigger(
+    state: &AppState,
+    source: TriggerSource,
+    project: Option<&str>,
+    result: &Result<Response<Body>, ApiError>,
+) {
+    match result {
+        Ok(r) => {
+            if let Some(a) = r.extensions().get::<TriggerAnswer>() {
+                let outcome = if a.already_exists {
+                    TriggerResult::Deduplicated
+                } else {
+                    TriggerResult::Created
+                };
+                state.metrics.count_trigger(source, outcome);
+                tracing::info!(
+                    source = %source.as_str(),
+                    result = %outcome.as_str(),
+                    project = %a.project,
+                    branch = %a.branch,
+                    build = %a.build,
+                    already_exists = a.already_exists,
+                    "trigger"
+                );
+            }
+        }
+        Err(e) => {
+            // By status: whatever the limit that refused it, a 429 is rate_limited.
+            let outcome = if e.status() == http::StatusCode::TOO_MANY_REQUESTS {
+                TriggerResult::RateLimited
+            } else {
+                TriggerResult::Rejected
+            };
+            state.metrics.count_trigger(source, outcome);
+            tracing::info!(
+                source = %source.as_str(),
+                result = %outcome.as_str(),
+                project,
+                status = e.status().as_u16(),
+                "trigger refused: {e}"
+            );
+        }
+    }
 }
 
 /// A response body that keeps its connection counted as busy until it is dropped.
@@ -356,13 +457,14 @@ async fn dispatch(
     req: Request<Incoming>,
     state: &Arc<AppState>,
 ) -> Result<Response<Body>, ApiError> {
-    if route.is_admin() {
+    if route.is_admin() || (route == Route::Metrics && !state.config.get().metrics.public) {
         authorize(&req, state).await?;
     }
     let m = req.method().clone();
     let get = m == Method::GET || m == Method::HEAD;
     match (route, m) {
         (Route::Healthz, _) if get => public::healthz(state),
+        (Route::Metrics, _) if get => public::metrics(state),
         (Route::Hook(token), Method::POST) => public::fire_hook(state, token, req).await,
         (Route::Git(project), Method::POST) => public::git_push(state, project, req).await,
         (Route::Projects, _) if get => api::projects(state),
@@ -498,6 +600,7 @@ mod tests {
     #[test]
     fn routes_parse() {
         assert_eq!(Route::parse("/healthz"), Some(Route::Healthz));
+        assert_eq!(Route::parse("/metrics"), Some(Route::Metrics));
         assert_eq!(Route::parse("/hooks/dh_x"), Some(Route::Hook("dh_x")));
         assert_eq!(
             Route::parse("/api/projects/site/hooks/abc/rotate"),
@@ -521,6 +624,22 @@ mod tests {
         assert!(!Route::Git("x").is_admin());
         assert!(Route::Projects.is_admin());
         assert!(Route::BuildCancel("x").is_admin());
+        assert!(!Route::Metrics.is_admin());
+    }
+
+    #[test]
+    fn route_templates_never_hold_the_path() {
+        let r = Route::parse("/hooks/dh_secret").unwrap();
+        assert_eq!(r.template(), "/hooks/{token}");
+        assert_eq!(
+            r.trigger_source(&Method::POST),
+            Some(TriggerSource::DeployHook)
+        );
+        assert_eq!(r.trigger_source(&Method::GET), None);
+        let r = Route::parse("/api/projects/site/builds").unwrap();
+        assert_eq!(r.template(), "/api/projects/{project}/builds");
+        assert_eq!(r.trigger_source(&Method::POST), Some(TriggerSource::Api));
+        assert_eq!(Route::Projects.trigger_source(&Method::POST), None);
     }
 
     #[test]

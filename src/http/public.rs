@@ -1,4 +1,5 @@
-//! Public endpoints (SPEC §4.1): deploy hooks, Git push webhooks, health.
+//! Public endpoints (SPEC §4.1): deploy hooks, Git push webhooks, health, metrics (which
+//! needs the admin token unless `[metrics] public`).
 //!
 //! Neither hooks nor Git webhooks carry the admin token: a hook's token is its URL, a Git
 //! webhook is authenticated by its signature. Every unknown, malformed, deleted or rotated
@@ -7,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use serde_json::json;
 
@@ -25,6 +26,25 @@ pub const DELIVERY_WINDOW: Duration = Duration::from_secs(7 * 24 * 3600);
 /// A delivery claimed this long ago and still without a build was abandoned (the daemon
 /// crashed while handling it): a redelivery takes it over.
 const STALE_CLAIM: Duration = Duration::from_secs(60);
+
+/// `GET /metrics` (the admin token was checked, unless `[metrics] public`).
+pub fn metrics(state: &AppState) -> Result<Response<Body>, ApiError> {
+    let config = state.config.get();
+    let (queued, running) = state.queue.counts();
+    let text = state
+        .metrics
+        .render(config.projects.keys().map(|n| n.as_str()), queued, running);
+    let mut r = Response::new(http_body_util::BodyExt::boxed(http_body_util::Full::new(
+        bytes::Bytes::from(text),
+    )));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(r)
+}
 
 /// `GET /healthz`.
 pub fn healthz(state: &AppState) -> Result<Response<Body>, ApiError> {
@@ -61,7 +81,7 @@ impl From<TriggerError> for ApiError {
 }
 
 fn triggered(t: &Triggered) -> Response<Body> {
-    envelope::ok(StatusCode::OK, t.build.to_trigger_json(t.already_exists))
+    envelope::triggered(&t.build, t.already_exists)
 }
 
 /// `POST /hooks/{token}`.
@@ -150,8 +170,12 @@ pub async fn git_push(
     let decision =
         git::decide(&headers, &body, &p.branches).map_err(|e| ApiError::BadRequest(e.0))?;
     let (branch, after) = match decision {
-        Decision::Ping => return Ok(envelope::ok(StatusCode::OK, json!({"event": "ping"}))),
+        Decision::Ping => {
+            tracing::debug!(project, "Git ping answered");
+            return Ok(envelope::ok(StatusCode::OK, json!({"event": "ping"})));
+        }
         Decision::Ignore(why) => {
+            tracing::info!(project, "Git event ignored: {why}");
             return Ok(envelope::ok_with_messages(
                 StatusCode::ACCEPTED,
                 serde_json::Value::Null,
@@ -246,7 +270,7 @@ async fn handle_push(
 
 fn replayed(state: &AppState, id: BuildId) -> Result<Response<Body>, ApiError> {
     match state.store.build(id)? {
-        Some(b) => Ok(envelope::ok(StatusCode::OK, b.to_trigger_json(true))),
+        Some(b) => Ok(envelope::triggered(&b, true)),
         // Pruned since: the delivery was handled; say so without building again.
         None => Ok(envelope::ok_with_messages(
             StatusCode::OK,

@@ -6,5 +6,6 @@ mod examples;
 mod foundation;
 mod git;
 mod hostile;
+mod ops;
 mod reliability;
 mod util;

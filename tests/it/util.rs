@@ -252,10 +252,12 @@ impl Daemon {
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // Text or JSON lines: the address ends at a space or a quote.
                 if let Some(rest) = line.split("listening on ").nth(1)
                     && let Some(tx) = tx.take()
                 {
-                    let _ = tx.send(rest.trim().to_string());
+                    let addr = rest.split(['"', ' ']).next().unwrap_or_default();
+                    let _ = tx.send(addr.trim().to_string());
                 }
                 let mut l = log2.lock().unwrap();
                 l.push_str(&line);
