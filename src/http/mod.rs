@@ -415,13 +415,26 @@ fn note_trigger(
                 TriggerResult::Rejected
             };
             state.metrics.count_trigger(source, outcome);
-            tracing::info!(
-                source = %source.as_str(),
-                result = %outcome.as_str(),
-                project,
-                status = e.status().as_u16(),
-                "trigger refused: {e}"
-            );
+            // Unknown tokens and projects are what scanners produce: counted, but logged only
+            // at debug so that they cannot flood the journal. Every other refusal (a bad
+            // signature, a limit, a wrong branch) is something an operator may need to see.
+            if e.status() == http::StatusCode::NOT_FOUND {
+                tracing::debug!(
+                    source = %source.as_str(),
+                    result = %outcome.as_str(),
+                    project,
+                    status = e.status().as_u16(),
+                    "trigger refused: {e}"
+                );
+            } else {
+                tracing::info!(
+                    source = %source.as_str(),
+                    result = %outcome.as_str(),
+                    project,
+                    status = e.status().as_u16(),
+                    "trigger refused: {e}"
+                );
+            }
         }
     }
 }
