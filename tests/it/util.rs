@@ -100,14 +100,14 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A well-formed request.
-pub fn request(
+/// The bytes of a well-formed one-shot request.
+fn request_bytes(
     addr: SocketAddr,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
     body: &[u8],
-) -> Resp {
+) -> Vec<u8> {
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -118,7 +118,18 @@ pub fn request(
     req.push_str("\r\n");
     let mut bytes = req.into_bytes();
     bytes.extend_from_slice(body);
-    raw(addr, &bytes)
+    bytes
+}
+
+/// A well-formed request.
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
+    raw(addr, &request_bytes(addr, method, path, headers, body))
 }
 
 /// Like `request`, but `None` when the connection fails or the answer is cut off (the daemon
@@ -130,18 +141,10 @@ pub fn try_request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Option<Resp> {
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
     let mut s = TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
-    s.write_all(req.as_bytes()).ok()?;
-    s.write_all(body).ok()?;
+    s.write_all(&request_bytes(addr, method, path, headers, body))
+        .ok()?;
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     buf.windows(4).position(|w| w == b"\r\n\r\n")?;
