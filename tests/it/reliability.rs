@@ -455,3 +455,58 @@ fn an_idle_keep_alive_connection_is_closed() {
         "{text}"
     );
 }
+
+#[test]
+fn fifty_concurrent_triggers_for_distinct_branches_create_exactly_the_project_limit() {
+    let wd = tempfile::tempdir().unwrap();
+    let branches: Vec<String> = (0..50).map(|i| format!("b{i}")).collect();
+    let list = branches
+        .iter()
+        .map(|b| format!("{b:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let cfg = format!(
+        "[projects.site]\nbranches = [{list}]\nworkdir = {}\ncommand = \"sleep 30\"\n\
+         project_builds_per_minute = 5\n",
+        toml_str(&wd.path().display().to_string())
+    );
+    let d = Daemon::start(&cfg);
+    let answers: Vec<(String, Resp)> = std::thread::scope(|s| {
+        let hs: Vec<_> = branches
+            .iter()
+            .map(|b| s.spawn(|| (b.clone(), try_trigger(&d, "site", b))))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let refused_branch = answers
+        .iter()
+        .find(|(_, r)| r.status == 429)
+        .map(|(b, _)| b.clone());
+    let answers: Vec<Resp> = answers.into_iter().map(|(_, r)| r).collect();
+    let created: Vec<&Resp> = answers.iter().filter(|r| r.status == 200).collect();
+    let limited: Vec<&Resp> = answers.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(
+        created.len(),
+        5,
+        "{:?}",
+        answers.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert_eq!(limited.len(), 45);
+    for r in &created {
+        assert_eq!(r.json()["result"]["already_exists"], false);
+    }
+    for r in &limited {
+        assert_eq!(r.json()["errors"][0]["code"], 1429);
+        assert!((1..=60).contains(&retry_after(r)));
+    }
+    // Exactly the answered builds exist: a refused trigger left nothing behind.
+    let list = d
+        .api("GET", "/api/projects/site/builds?limit=100", None)
+        .json();
+    assert_eq!(list["result"].as_array().unwrap().len(), 5);
+    // And the window is still full after a kill -9 (a refused branch has no pending build
+    // to join).
+    let d = d.restart(true);
+    let branch = refused_branch.unwrap();
+    assert_eq!(try_trigger(&d, "site", &branch).status, 429);
+}
