@@ -5,7 +5,8 @@
 //!   a rejected one: the old config is in force, the daemon is ready);
 //! - `RELOADING=1` with `MONOTONIC_USEC` when a SIGHUP reload begins (systemd ≥ 253 wants the
 //!   timestamp with `RELOADING=1`; older versions ignore it);
-//! - `STOPPING=1` when shutdown begins.
+//! - `STOPPING=1` when shutdown begins; nothing is sent after it (a reload that was under way
+//!   when SIGTERM arrived must not end with a `READY=1` that contradicts it).
 //!
 //! Without `$NOTIFY_SOCKET` (not started by systemd) every call does nothing. A failed send is
 //! logged at debug level and otherwise ignored: readiness reporting must never stop the
@@ -15,6 +16,7 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// How long a send may wait for room in the receiver's queue before it is given up.
@@ -25,6 +27,9 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(1);
 pub struct Notifier {
     /// An unbound datagram socket and the manager's address; `None` when not under systemd.
     target: Option<(UnixDatagram, SocketAddr)>,
+    /// Whether `STOPPING=1` was sent. Held while sending, so that a message checked against
+    /// it cannot be overtaken by `STOPPING=1` between the check and the send.
+    stopped: Mutex<bool>,
 }
 
 impl Notifier {
@@ -43,7 +48,10 @@ impl Notifier {
                 None
             }
         });
-        Notifier { target }
+        Notifier {
+            target,
+            stopped: Mutex::new(false),
+        }
     }
 
     /// Whether messages go anywhere.
@@ -53,23 +61,32 @@ impl Notifier {
 
     /// `READY=1`: the daemon serves; `status` is shown by `systemctl status`.
     pub fn ready(&self, status: &str) {
-        self.send(&format!("READY=1\nSTATUS={}", one_line(status)));
+        self.send(&format!("READY=1\nSTATUS={}", one_line(status)), false);
     }
 
     /// `RELOADING=1`: a config reload has begun.
     pub fn reloading(&self) {
-        self.send(&format!(
-            "RELOADING=1\nSTATUS=reloading the config\nMONOTONIC_USEC={}",
-            monotonic_usec()
-        ));
+        self.send(
+            &format!(
+                "RELOADING=1\nSTATUS=reloading the config\nMONOTONIC_USEC={}",
+                monotonic_usec()
+            ),
+            false,
+        );
     }
 
     /// `STOPPING=1`: shutdown has begun.
     pub fn stopping(&self) {
-        self.send("STOPPING=1\nSTATUS=shutting down");
+        self.send("STOPPING=1\nSTATUS=shutting down", true);
     }
 
-    fn send(&self, message: &str) {
+    /// Sends `message` unless `STOPPING=1` went before it; `stopping` marks that message.
+    fn send(&self, message: &str, stopping: bool) {
+        let mut stopped = self.stopped.lock().unwrap_or_else(|p| p.into_inner());
+        if *stopped {
+            return;
+        }
+        *stopped = stopping;
         if let Some((socket, addr)) = &self.target
             && let Err(e) = socket.send_to_addr(message.as_bytes(), addr)
         {
@@ -167,6 +184,27 @@ mod tests {
         let n = Notifier::new(Some(OsStr::new(&format!("@{name}"))));
         n.stopping();
         assert!(recv(&listener).starts_with("STOPPING=1"));
+    }
+
+    #[test]
+    fn nothing_is_sent_after_stopping() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let listener = UnixDatagram::bind(&path).unwrap();
+        let n = Notifier::new(Some(path.as_os_str()));
+        n.reloading();
+        n.stopping();
+        n.ready("late");
+        n.reloading();
+        n.stopping();
+        assert!(recv(&listener).starts_with("RELOADING=1\n"));
+        assert!(recv(&listener).starts_with("STOPPING=1\n"));
+        listener.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 512];
+        let r = listener
+            .recv(&mut buf)
+            .map(|n| String::from_utf8_lossy(&buf[..n]).into_owned());
+        assert_eq!(r.map_err(|e| e.kind()), Err(std::io::ErrorKind::WouldBlock));
     }
 
     #[test]

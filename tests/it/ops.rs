@@ -234,6 +234,65 @@ fn sd_notify_ready_reloading_ready_stopping_in_order() {
     assert_eq!(d.wait_exit(30), Some(0));
 }
 
+/// Regression: a reload that was under way when SIGTERM arrived used to finish with
+/// `READY=1` after `STOPPING=1`, telling systemd the stopping daemon was ready again.
+#[test]
+fn no_ready_after_stopping_even_when_a_reload_finishes_during_shutdown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wd = tempfile::tempdir().unwrap();
+    let sock_path = tmp.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&sock_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    // A long shutdown_timeout: the drain lasts until the test releases the build.
+    let text = format!(
+        "{}\n[api]\ntoken_file = \"admin.token\"\n{}",
+        base_config(tmp.path()).replace("shutdown_timeout = \"3s\"", "shutdown_timeout = \"60s\""),
+        workdir_project("site", wd.path(), BLOCK_OTHER, "")
+    );
+    let config = tmp.path().join("deploy.toml");
+    std::fs::write(&config, &text).unwrap();
+    let mut d = Daemon::spawn(
+        tmp.path(),
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(first_line(&recv(&socket)), "READY=1");
+    let id = d.trigger_id("site", "other");
+    d.wait_status(&id, "running", 10);
+
+    // The config becomes a FIFO, so the reload blocks reading it until the test writes.
+    std::fs::remove_file(&config).unwrap();
+    assert!(
+        Command::new("mkfifo")
+            .arg(&config)
+            .status()
+            .unwrap()
+            .success()
+    );
+    d.signal("HUP");
+    assert_eq!(first_line(&recv(&socket)), "RELOADING=1");
+    d.signal("TERM");
+    assert_eq!(first_line(&recv(&socket)), "STOPPING=1");
+    // Opening the FIFO for writing waits for the reload's read: it is blocked there.
+    std::fs::write(&config, &text).unwrap();
+    eventually(20, "the reload finishes", || {
+        d.logs().contains("config reloaded")
+    });
+    std::fs::write(wd.path().join("release"), "").unwrap();
+    assert_eq!(d.wait_exit(60), Some(0));
+    socket.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 1024];
+    match socket.recv(&mut buf) {
+        Ok(n) => panic!(
+            "a message after STOPPING=1: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        ),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock),
+    }
+}
+
 const GIT_SECRET: &str = "git-secret-that-must-never-be-logged";
 
 #[test]
