@@ -173,6 +173,10 @@ macro_rules! outln {
     };
 }
 
+/// How long `serve` waits, once the daemon has stopped, for blocking tasks still running
+/// (retention pruning, a stuck config read) before the process exits anyway.
+const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Runs the command line; `args` includes the program name.
 pub fn main(args: Vec<OsString>) -> ExitCode {
     let cli = match Cli::try_parse_from(args) {
@@ -205,7 +209,12 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            match rt.block_on(crate::daemon::run(&cli.config, log_format)) {
+            let result = rt.block_on(crate::daemon::run(&cli.config, log_format));
+            // `run` has flushed the store. A blocking task may still hang (a SIGHUP reload
+            // reading a config on a FIFO or a hung NFS mount); dropping the runtime would wait
+            // for it forever, past systemd's `TimeoutStopSec`.
+            rt.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
+            match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");

@@ -510,3 +510,47 @@ fn fifty_concurrent_triggers_for_distinct_branches_create_exactly_the_project_li
     let branch = refused_branch.unwrap();
     assert_eq!(try_trigger(&d, "site", &branch).status, 429);
 }
+
+/// Regression: a reload stuck reading the config (a FIFO, a hung NFS mount) kept the daemon
+/// from exiting after SIGTERM: the runtime waited for the blocked read forever after
+/// "stopped", so systemd had to SIGKILL it at `TimeoutStopSec`.
+#[test]
+fn sigterm_exits_even_while_a_reload_is_stuck_reading_the_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let wd = tempfile::tempdir().unwrap();
+    let sock_path = tmp.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&sock_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let recv = || {
+        let mut buf = [0u8; 1024];
+        let n = socket.recv(&mut buf).expect("no sd_notify message");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let text = format!(
+        "{}\n[api]\ntoken_file = \"admin.token\"\n{}",
+        base_config(tmp.path()),
+        workdir_project("site", wd.path(), "true", "")
+    );
+    std::fs::write(tmp.path().join("deploy.toml"), &text).unwrap();
+    let mut d = Daemon::spawn(
+        tmp.path(),
+        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(recv().starts_with("READY=1"));
+    std::fs::remove_file(&d.config).unwrap();
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&d.config)
+            .status()
+            .unwrap()
+            .success()
+    );
+    // Nobody ever writes to the FIFO: the reload's read blocks for good.
+    d.signal("HUP");
+    assert!(recv().starts_with("RELOADING=1"));
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(60), Some(0), "{}", d.logs());
+}
