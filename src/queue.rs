@@ -149,6 +149,14 @@ pub struct LiveLog {
     pub stats: Arc<LogStats>,
 }
 
+/// What a trigger found under the queue lock, when it cannot answer at once.
+enum Found {
+    /// It created this build (answered after its flush).
+    New(Build),
+    /// It joined a build that is not known to be flushed yet.
+    JoinedBeforeFlush(Triggered),
+}
+
 /// A build that is not stopped.
 struct Live {
     /// The authoritative copy of its record (written through to the store on every change).
@@ -163,6 +171,9 @@ struct Live {
     done_tx: watch::Sender<bool>,
     /// The log, once the runner has opened it.
     log: Option<LiveLog>,
+    /// Its record is known to be flushed. Until then a trigger that joins it waits for a
+    /// flush too, so `already_exists: true` never names a build a `kill -9` could still lose.
+    on_disk: bool,
 }
 
 /// The in-memory state machine. Pure: no I/O, so its rules are unit-tested directly.
@@ -183,7 +194,7 @@ struct State {
 }
 
 impl State {
-    fn add(&mut self, build: Build) -> watch::Receiver<bool> {
+    fn add(&mut self, build: Build, on_disk: bool) -> watch::Receiver<bool> {
         let (stop_tx, _) = watch::channel(None);
         let (done_tx, done_rx) = watch::channel(false);
         let key = (build.project.clone(), build.branch.clone());
@@ -200,6 +211,7 @@ impl State {
                 stop_tx,
                 done_tx,
                 log: None,
+                on_disk,
             },
         );
         done_rx
@@ -339,7 +351,7 @@ impl Queue {
                 Phase::Queued => {
                     // Two queued builds of one branch cannot normally exist; if they do, the
                     // newer one is the pending one and both still run.
-                    st.add(b);
+                    st.add(b, true);
                 }
                 Phase::Initializing | Phase::Running => {
                     let path = buildlog::log_path(store.state_dir(), b.id);
@@ -426,52 +438,67 @@ impl Queue {
                 if l.build.phase == Phase::Initializing {
                     l.joined_during_fetch = true;
                 }
-                return Ok(Triggered {
+                let joined = Triggered {
                     build: l.build.clone(),
                     already_exists: true,
-                });
-            }
-            // Rate limits: after dedupe (a deduplicated trigger never counts) and before
-            // anything is written, so a refused trigger leaves no trace.
-            let limits = Limits {
-                daemon: config.server.builds_per_minute,
-                project: project.project_builds_per_minute,
-            };
-            let mono = st.limiter.now();
-            st.limiter
-                .check(&req.project, limits, mono)
-                .map_err(TriggerError::RateLimited)?;
-            let seq = st.next_seq;
-            let build = Build::new_queued(
-                seq,
-                &req.project,
-                &req.branch,
-                req.trigger.clone(),
-                req.requested_commit.clone(),
-                req.payload.is_some(),
-            );
-            self.inner
-                .store
-                .insert_build(&build, req.payload.as_deref())?;
-            st.next_seq += 1;
-            st.limiter.record(&req.project, mono);
-            if project.cancel_superseded {
-                for old in st.supersede_targets(&req.project, &req.branch) {
-                    if let Some(l) = st.live.get_mut(&old) {
-                        l.build.cancel_reason = Some(CancelReason::Superseded);
-                        l.build.superseded_by = Some(build.id);
-                        self.inner.store.put_build(&l.build)?;
-                        l.stop_tx.send_if_modified(|r| {
-                            r.is_none() && {
-                                *r = Some(StopReason::Cancel(CancelReason::Superseded));
-                                true
-                            }
-                        });
+                };
+                if l.on_disk {
+                    return Ok(joined);
+                }
+                Found::JoinedBeforeFlush(joined)
+            } else {
+                // Rate limits: after dedupe (a deduplicated trigger never counts) and before
+                // anything is written, so a refused trigger leaves no trace.
+                let limits = Limits {
+                    daemon: config.server.builds_per_minute,
+                    project: project.project_builds_per_minute,
+                };
+                let mono = st.limiter.now();
+                st.limiter
+                    .check(&req.project, limits, mono)
+                    .map_err(TriggerError::RateLimited)?;
+                let seq = st.next_seq;
+                let build = Build::new_queued(
+                    seq,
+                    &req.project,
+                    &req.branch,
+                    req.trigger.clone(),
+                    req.requested_commit.clone(),
+                    req.payload.is_some(),
+                );
+                self.inner
+                    .store
+                    .insert_build(&build, req.payload.as_deref())?;
+                st.next_seq += 1;
+                st.limiter.record(&req.project, mono);
+                if project.cancel_superseded {
+                    for old in st.supersede_targets(&req.project, &req.branch) {
+                        if let Some(l) = st.live.get_mut(&old) {
+                            l.build.cancel_reason = Some(CancelReason::Superseded);
+                            l.build.superseded_by = Some(build.id);
+                            self.inner.store.put_build(&l.build)?;
+                            l.stop_tx.send_if_modified(|r| {
+                                r.is_none() && {
+                                    *r = Some(StopReason::Cancel(CancelReason::Superseded));
+                                    true
+                                }
+                            });
+                        }
                     }
                 }
+                st.add(build.clone(), false);
+                Found::New(build)
             }
-            st.add(build.clone());
-            build
+        };
+        let build = match build {
+            Found::New(b) => b,
+            Found::JoinedBeforeFlush(joined) => {
+                // Joined a build whose creator is still waiting for its flush: a flush
+                // requested now covers it. Rare (the first moments of a build's life), so the
+                // usual join stays free of I/O.
+                self.inner.store.durable().await?;
+                return Ok(joined);
+            }
         };
         tracing::info!(build = %build.id, project = %build.project, branch = %build.branch, source = %build.trigger.source.as_str(), "build queued");
         self.schedule();
@@ -480,6 +507,9 @@ impl Queue {
             .store
             .prune_rate_events(build.created_on.before(ratelimit::WINDOW))?;
         self.inner.store.durable().await?;
+        if let Some(l) = self.lock().live.get_mut(&build.id) {
+            l.on_disk = true;
+        }
         Ok(Triggered {
             build,
             already_exists: false,
@@ -822,7 +852,7 @@ mod tests {
         let b1 = queued(3, "b", "main");
         let c1 = queued(4, "c", "main");
         for b in [&a1, &a2, &b1, &c1] {
-            st.add(b.clone());
+            st.add(b.clone(), true);
         }
         assert_eq!(st.next_to_start(2), Some(a1.id));
         st.start(a1.id, Timestamp(0));
@@ -841,7 +871,7 @@ mod tests {
     fn pending_until_resolved_then_supersedable() {
         let mut st = State::default();
         let a = queued(1, "a", "main");
-        st.add(a.clone());
+        st.add(a.clone(), true);
         assert_eq!(st.pending.get(&("a".into(), "main".into())), Some(&a.id));
         st.start(a.id, Timestamp(0));
         // Initializing, unresolved: still pending, not supersedable.
@@ -861,7 +891,7 @@ mod tests {
     fn removing_a_build_clears_every_index() {
         let mut st = State::default();
         let a = queued(1, "a", "main");
-        st.add(a.clone());
+        st.add(a.clone(), true);
         st.start(a.id, Timestamp(0));
         assert!(st.remove(a.id).is_some());
         assert!(

@@ -415,10 +415,11 @@ fn note_trigger(
                 TriggerResult::Rejected
             };
             state.metrics.count_trigger(source, outcome);
-            // Unknown tokens and projects are what scanners produce: counted, but logged only
-            // at debug so that they cannot flood the journal. Every other refusal (a bad
-            // signature, a limit, a wrong branch) is something an operator may need to see.
-            if e.status() == http::StatusCode::NOT_FOUND {
+            // Unknown tokens and projects, and API calls without the admin token, are what
+            // scanners produce: counted, but logged only at debug so that they cannot flood
+            // the journal. Every other refusal (a bad Git signature on a configured project,
+            // a limit, a wrong branch) is something an operator may need to see.
+            if e.status() == http::StatusCode::NOT_FOUND || matches!(e, ApiError::Unauthorized) {
                 tracing::debug!(
                     source = %source.as_str(),
                     result = %outcome.as_str(),

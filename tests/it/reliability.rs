@@ -167,8 +167,14 @@ fn fire(d: &Daemon, project: &str, branches: &[String]) -> Vec<String> {
 
 #[test]
 fn every_acknowledged_build_survives_kill_9_right_after_its_200() {
+    const ROUNDS: usize = 6;
+    const PER_ROUND: usize = 16;
     let wd = tempfile::tempdir().unwrap();
-    let branches: Vec<String> = (0..16).map(|i| format!("b{i}")).collect();
+    // A fresh set of branches per round, so that every round creates builds (a branch whose
+    // build is still queued from an earlier round would only be joined).
+    let branches: Vec<String> = (0..(ROUNDS + 1) * PER_ROUND)
+        .map(|i| format!("b{i}"))
+        .collect();
     let list = branches
         .iter()
         .map(|b| format!("{b:?}"))
@@ -183,10 +189,10 @@ fn every_acknowledged_build_survives_kill_9_right_after_its_200() {
         &cfg,
     );
     let mut acknowledged: Vec<String> = Vec::new();
-    for round in 0..6 {
+    for (round, set) in branches.chunks(PER_ROUND).take(ROUNDS).enumerate() {
         // Concurrent creations (one group commit), then kill -9 the moment they are answered.
-        let ids = fire(&d, "site", &branches);
-        assert!(!ids.is_empty() || round > 0, "no trigger answered");
+        let ids = fire(&d, "site", set);
+        assert_eq!(ids.len(), PER_ROUND, "round {round}: not all answered");
         let dir = d.dir.clone();
         let tmp = d._tmp.take();
         d.kill9();
@@ -201,11 +207,17 @@ fn every_acknowledged_build_survives_kill_9_right_after_its_200() {
             );
         }
     }
-    // A kill in the middle of a burst: whatever was answered is there.
+    // A kill in the middle of a burst in which every branch is triggered three times at once:
+    // whatever was answered is there, a build that a trigger joined (`already_exists: true`)
+    // included.
+    let last: Vec<String> = branches[ROUNDS * PER_ROUND..]
+        .iter()
+        .flat_map(|b| [b.clone(), b.clone(), b.clone()])
+        .collect();
     let dir = d.dir.clone();
     let tmp = d._tmp.take();
     let ids = std::thread::scope(|s| {
-        let h = s.spawn(|| fire(&d, "site", &branches));
+        let h = s.spawn(|| fire(&d, "site", &last));
         std::thread::sleep(Duration::from_millis(5));
         let pid = d.pid();
         let _ = std::process::Command::new("kill")
