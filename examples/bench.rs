@@ -6,9 +6,10 @@
 //!
 //! It starts `target/release/deployhook serve` (the binary next to this example's directory)
 //! on a temp state dir and loopback port, `examples/bare_hyper` (built beside this program) as
-//! the baseline, and `webhook` from `PATH` when installed, and drives each with its own hyper
-//! 1.x load client: N keep-alive connections, a fixed duration (after a short warm-up that is
-//! not counted), loopback only, every latency kept for exact percentiles. One run measures:
+//! the baseline, and `webhook` from `PATH` when installed (it installs nothing), and drives
+//! each with its own hyper 1.x load client: N keep-alive connections, a fixed duration (after a
+//! short warm-up that is not counted), loopback only, every latency kept for exact
+//! percentiles. One run measures:
 //!
 //! * **bare hyper**: the same JSON answer with nothing behind it (the machine's limit);
 //! * **webhook**: an unknown hook id (404) and a hook whose trigger rule never matches (no exec);
@@ -17,13 +18,16 @@
 //! * **(b) unknown-token 404s** (well-formed tokens, so the database is asked);
 //! * **(c) new builds**: every request fires a different hook of a different (project, branch),
 //!   so none is deduplicated; each answer comes after the build is flushed to disk;
-//! * **(d) POST→exec latency** of a build, builds one after another, against a bare spawn;
-//! * **(e) RSS** of the daemon: idle after start, peak (`VmHWM`) and after the run;
-//! * **(f) the hot path again** once 100 000 hooks are in the store (created through the API;
-//!   how long that took is printed).
+//! * **(d) POST→exec latency** of a build, builds one after another, against bare spawns;
+//! * **(e) RSS** of the daemon: idle after start, peak (`VmHWM`) and after the load;
+//! * **(f) the hot path again** with 100 000 hooks in the store (created through the API; how
+//!   long that took is printed), in a daemon restarted on that store, and for reference in the
+//!   same process right after the bursts of creating them and of (c).
 //!
-//! At the end it checks correctness: every response that announced a new build
-//! (`already_exists: false`) names a distinct build that the API lists and that ran to success.
+//! Bare hyper, webhook, (a) and (b) are measured interleaved in `--rounds` slices, so that
+//! drift in the machine's other load hits them alike. At the end it checks correctness:
+//! every response that announced a new build (`already_exists: false`) names a distinct build
+//! that the API lists and that ran to success.
 //!
 //! Only ratios within one run mean anything: the client and the servers share the cores.
 
@@ -49,6 +53,9 @@ struct Args {
     /// Seconds each load phase is measured (after a warm-up of a tenth of it).
     #[arg(long, default_value_t = 5.0)]
     duration: f64,
+    /// Slices each of the five request kinds is measured in, interleaved.
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
     /// Keep-alive connections of the load client.
     #[arg(long, default_value_t = 64)]
     connections: usize,
@@ -143,6 +150,19 @@ struct Load {
 }
 
 impl Load {
+    /// Adds another slice of the same kind of load.
+    fn merge(&mut self, other: Load) {
+        self.count += other.count;
+        self.elapsed += other.elapsed;
+        self.latencies_us.extend(other.latencies_us);
+        self.latencies_us.sort_unstable();
+        for (k, v) in other.statuses {
+            *self.statuses.entry(k).or_default() += v;
+        }
+        self.errors += other.errors;
+        self.kept.extend(other.kept);
+    }
+
     fn rate(&self) -> f64 {
         self.count as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
@@ -350,6 +370,26 @@ impl Server {
         self.child.id()
     }
 
+    /// SIGTERM, then waits for the process to exit (SIGKILL after 30 s).
+    fn stop(&mut self) -> Result<(), String> {
+        let pid = nix::unistd::Pid::from_raw(self.pid() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return Err(format!("{} did not stop on SIGTERM", self.name));
+                }
+            }
+        }
+    }
+
     /// Waits until the port accepts connections (or the process died).
     fn wait_listening(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -498,6 +538,9 @@ max_concurrent_builds = 16
 builds_per_minute = 1000000
 project_builds_per_minute = 1000000
 keep_builds = 1000000
+# (f) restarts the daemon: do not wait long for the sleeping blocker.
+shutdown_timeout = "2s"
+kill_grace = "1s"
 
 [api]
 token_file = "admin.token"
@@ -852,37 +895,16 @@ fn run(args: Args) -> Result<(), String> {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 
-    // Baselines first, each alone on the machine.
-    let bare = {
-        let s = start_bare_hyper(&examples)?;
-        load(
-            &rt,
-            s.addr,
-            Source::Repeat(Req::post("/hooks/anything", hook_body)),
-            shape(Keep::NewBuilds, None),
-        )
-    };
-    let webhook = match &webhook_exe {
+    // Every server is started first; the five request kinds are then measured interleaved,
+    // in `--rounds` slices each, so that drift in the machine's other load (other processes
+    // come and go) hits all of them alike.
+    let bare_server = start_bare_hyper(&examples)?;
+    let webhook_server = match &webhook_exe {
         None => {
             println!("webhook: not on PATH, comparison skipped (Debian: apt-get install webhook)");
             None
         }
-        Some(exe) => {
-            let s = start_webhook(exe, dir)?;
-            let unknown = load(
-                &rt,
-                s.addr,
-                Source::Repeat(Req::post("/hooks/no-such-hook", hook_body)),
-                shape(Keep::NewBuilds, None),
-            );
-            let rejected = load(
-                &rt,
-                s.addr,
-                Source::Repeat(Req::post("/hooks/deploy", hook_body)),
-                shape(Keep::NewBuilds, None),
-            );
-            Some((unknown, rejected))
-        }
+        Some(exe) => Some(start_webhook(exe, dir)?),
     };
 
     // deployhook.
@@ -924,19 +946,35 @@ fn run(args: Args) -> Result<(), String> {
     // Well-formed (so it is looked up) but unknown.
     let unknown_token = format!("dh_{}", "x".repeat(hot.len().saturating_sub(3)));
 
-    let hot_a = load(
-        &rt,
-        addr,
-        Source::Repeat(Req::post(format!("/hooks/{hot}"), hook_body)),
-        shape(Keep::NewBuilds, None),
-    );
+    let post = |to: &str| Req::post(to, hook_body);
+    let mut kinds: Vec<(SocketAddr, Req)> = vec![
+        (bare_server.addr, post("/hooks/anything")),
+        (addr, post(&format!("/hooks/{hot}"))),
+        (addr, post(&format!("/hooks/{unknown_token}"))),
+    ];
+    if let Some(w) = &webhook_server {
+        kinds.push((w.addr, post("/hooks/no-such-hook")));
+        kinds.push((w.addr, post("/hooks/deploy")));
+    }
+    let rounds = args.rounds.max(1);
+    let mut measured: Vec<Load> = kinds.iter().map(|_| Load::default()).collect();
+    for _ in 0..rounds {
+        for ((to, req), total) in kinds.iter().zip(measured.iter_mut()) {
+            let slice = Shape {
+                warmup: duration / rounds as u32 / 10,
+                duration: duration / rounds as u32,
+                ..shape(Keep::NewBuilds, None)
+            };
+            total.merge(load(&rt, *to, Source::Repeat(req.clone()), slice));
+        }
+    }
+    drop(bare_server);
+    drop(webhook_server);
+    let mut measured = measured.into_iter();
+    let mut next = || measured.next().unwrap_or_default();
+    let (bare, hot_a, nf) = (next(), next(), next());
+    let webhook = webhook_exe.as_ref().map(|_| (next(), next()));
     announced.extend(new_build_ids(&hot_a.kept));
-    let nf = load(
-        &rt,
-        addr,
-        Source::Repeat(Req::post(format!("/hooks/{unknown_token}"), hook_body)),
-        shape(Keep::NewBuilds, None),
-    );
 
     let lat_runs = exec_latency(
         &rt,
@@ -982,7 +1020,43 @@ fn run(args: Args) -> Result<(), String> {
     let drain = wait_idle(&rt, addr, 1, 1);
     let executed = new_builds.kept.len();
 
-    // (f): the hot path with every hook in the store.
+    // The hot path again in the same process, right after the bursts of (c) and of creating
+    // the hooks: shows what those bursts left behind (allocator state), not the store's size.
+    let hot_burst = load(
+        &rt,
+        addr,
+        Source::Repeat(Req::post(format!("/hooks/{hot}"), hook_body)),
+        shape(Keep::NewBuilds, None),
+    );
+    announced.extend(new_build_ids(&hot_burst.kept));
+    let (rss_after, rss_peak) = rss_kib(dh.pid());
+
+    // (f): a daemon started on the store that now holds every hook, as after any restart.
+    // The restart interrupts the blocker and the pending build runs: set both up again.
+    dh.stop()?;
+    drop(dh);
+    let mut dh = start_deployhook(&deployhook_exe, dir, pairs)?;
+    let addr = dh.addr;
+    wait_idle(&rt, addr, 0, 0);
+    let (st, v) = call(
+        &rt,
+        addr,
+        Some(&admin),
+        Req::post("/api/projects/hot/builds", r#"{"branch":"blocker"}"#),
+    )?;
+    let blocker2 = result_str(&v, "build_uuid")
+        .ok_or_else(|| format!("blocker trigger answered {st}: {v}"))?
+        .to_owned();
+    announced.push(blocker2.clone());
+    let (_, v) = call(
+        &rt,
+        addr,
+        None,
+        Req::post(format!("/hooks/{hot}"), hook_body),
+    )?;
+    if v["result"]["already_exists"] == Value::Bool(false) {
+        announced.extend(result_str(&v, "build_uuid").map(str::to_owned));
+    }
     let hot_f = load(
         &rt,
         addr,
@@ -990,17 +1064,17 @@ fn run(args: Args) -> Result<(), String> {
         shape(Keep::NewBuilds, None),
     );
     announced.extend(new_build_ids(&hot_f.kept));
-    let (rss_after, rss_peak) = rss_kib(dh.pid());
 
     // Correctness: release the blocker so the pending hot build runs too, then check.
     let _ = call(
         &rt,
         addr,
         Some(&admin),
-        Req::post(format!("/api/builds/{blocker}/cancel"), ""),
+        Req::post(format!("/api/builds/{blocker2}/cancel"), ""),
     )?;
     wait_idle(&rt, addr, 0, 0);
-    let check = check_builds(&rt, &args, addr, &admin, &announced, &blocker, pairs)?;
+    let blockers = [blocker.as_str(), blocker2.as_str()];
+    let check = check_builds(&rt, &args, addr, &admin, &announced, &blockers, pairs)?;
     if let Ok(Some(st)) = dh.child.try_wait() {
         return Err(format!("deployhook exited during the run: {st}"));
     }
@@ -1022,6 +1096,7 @@ fn run(args: Args) -> Result<(), String> {
     row("deployhook (b) unknown token 404", &nf);
     row("deployhook (c) new builds, durable", &new_builds);
     row(&format!("deployhook (f) hot path, {total} hooks"), &hot_f);
+    row("  (f) before that restart, after bursts", &hot_burst);
     println!();
     let ms = |(a, b): (f64, f64)| format!("p50 {a:.3} ms  p99 {b:.3} ms");
     println!("(d) POST -> exec of a build       {}", ms(lat_runs.build));
@@ -1053,10 +1128,11 @@ fn run(args: Args) -> Result<(), String> {
     println!();
 
     let ratio = |a: f64, b: f64| a / b;
-    let hot_bare = ratio(hot_a.rate(), bare.rate());
-    let nf_bare = ratio(nf.rate(), bare.rate());
-    let p99_hot = ratio(hot_a.pct_ms(0.99), bare.pct_ms(0.99));
-    let p99_nf = ratio(nf.pct_ms(0.99), bare.pct_ms(0.99));
+    let (bare_rate, bare_p99) = (bare.rate(), bare.pct_ms(0.99));
+    let hot_bare = ratio(hot_a.rate(), bare_rate);
+    let nf_bare = ratio(nf.rate(), bare_rate);
+    let p99_hot = ratio(hot_a.pct_ms(0.99), bare_p99);
+    let p99_nf = ratio(nf.pct_ms(0.99), bare_p99);
     let exec = ratio(lat_runs.build.0, lat_runs.spawn_true.0);
     let f_change = ratio(hot_f.rate(), hot_a.rate()) - 1.0;
     println!("targets:");
@@ -1115,15 +1191,15 @@ fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
-/// Every build announced as new exists, is listed, and ran: the blocker ends `cancelled`,
-/// every other `success`.
+/// Every build announced as new exists, is listed, and ran: the blockers end `interrupted`
+/// (by the restart) or `cancelled`, every other build `success`.
 fn check_builds(
     rt: &tokio::runtime::Runtime,
     args: &Args,
     addr: SocketAddr,
     admin: &str,
     announced: &[String],
-    blocker: &str,
+    blockers: &[&str],
     pairs: usize,
 ) -> Result<String, String> {
     let distinct: HashSet<&String> = announced.iter().collect();
@@ -1147,14 +1223,13 @@ fn check_builds(
     for b in &l.kept {
         let v: Value = serde_json::from_slice(b).unwrap_or(Value::Null);
         let id = result_str(&v, "build_uuid").unwrap_or("?");
-        let want = if id == blocker {
-            "cancelled"
+        let outcome = result_str(&v, "build_outcome").unwrap_or("");
+        let good = if blockers.contains(&id) {
+            outcome == "interrupted" || outcome == "cancelled"
         } else {
-            "success"
+            outcome == "success"
         };
-        if result_str(&v, "status") == Some("stopped")
-            && result_str(&v, "build_outcome") == Some(want)
-        {
+        if result_str(&v, "status") == Some("stopped") && good {
             ok += 1;
         } else if bad.len() < 5 {
             bad.push(v.to_string());
@@ -1182,7 +1257,7 @@ fn check_builds(
     let all_good = ok == announced.len() && distinct.len() == announced.len() && listed == ok;
     let mut s = format!(
         "correctness: {} answers announced a new build ({} distinct); {ok} exist and ran \
-         (stopped, success; the blocker cancelled); the API lists {listed} builds in all: {}",
+         (stopped, success; the blockers interrupted/cancelled); the API lists {listed} builds in all: {}",
         announced.len(),
         distinct.len(),
         if all_good { "OK" } else { "FAILED" }
