@@ -114,7 +114,8 @@ impl<T> StrictIo<T> {
     /// The next bytes are a request head (or nothing yet): the connection is between requests.
     fn start_head(&mut self) {
         self.framing = Framing::Head {
-            head: Vec::new(),
+            // Room for a typical head, so it is not regrown byte by byte.
+            head: Vec::with_capacity(512),
             prev: 0,
         };
         self.activity.in_head.store(true, Ordering::SeqCst);
@@ -134,24 +135,33 @@ impl<T> StrictIo<T> {
                     }
                 }
                 Framing::Head { head, prev } => {
+                    // Line by line: a head can only start over (leading empty line) or end
+                    // (empty line) right after a `\n`, so only those bytes need looking at.
                     let mut end = None;
-                    for (i, &b) in data.iter().enumerate() {
-                        if b == b'\n' && *prev != b'\r' {
+                    let mut i = 0;
+                    while i < data.len() {
+                        let rest = &data[i..];
+                        let Some(k) = rest.iter().position(|&b| b == b'\n') else {
+                            push_bounded(head, rest);
+                            *prev = rest[rest.len() - 1];
+                            break;
+                        };
+                        let before_lf = if k > 0 { rest[k - 1] } else { *prev };
+                        if before_lf != b'\r' {
                             return Err(io::Error::new(
                                 io::ErrorKind::InvalidData,
                                 "bare LF in a request head",
                             ));
                         }
-                        *prev = b;
-                        if head.len() < MAX_HEAD {
-                            head.push(b);
-                        }
+                        push_bounded(head, &rest[..=k]);
+                        *prev = b'\n';
+                        i += k + 1;
                         // Empty lines before the request line (allowed by RFC 9112 §2.2) are
                         // not a head at all; a head ends at its first empty line.
                         if head.as_slice() == b"\r\n" {
                             head.clear();
                         } else if head.ends_with(b"\r\n\r\n") {
-                            end = Some(i + 1);
+                            end = Some(i);
                             break;
                         }
                     }
@@ -178,6 +188,12 @@ impl<T> StrictIo<T> {
         }
         Ok(())
     }
+}
+
+/// Appends to a head, keeping at most [`MAX_HEAD`] bytes.
+fn push_bounded(head: &mut Vec<u8>, bytes: &[u8]) {
+    let room = MAX_HEAD.saturating_sub(head.len());
+    head.extend_from_slice(&bytes[..bytes.len().min(room)]);
 }
 
 enum Next {
@@ -228,13 +244,13 @@ impl<T: AsyncRead + Unpin> AsyncRead for StrictIo<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Ok(())) = r {
-            let new = buf.filled()[before..].to_vec();
-            if let Err(e) = self.observe(&new) {
-                return Poll::Ready(Err(e));
-            }
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r
+            && let Err(e) = this.observe(&buf.filled()[before..])
+        {
+            return Poll::Ready(Err(e));
         }
         r
     }
@@ -410,6 +426,26 @@ mod tests {
             .is_ok()
         );
         assert!(s.activity.must_close());
+    }
+
+    #[test]
+    fn heads_are_followed_whatever_the_read_sizes() {
+        let two = b"\r\nPOST / HTTP/1.1\r\nContent-Length: 3\r\n\r\na\nbGET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        for size in 1..two.len() {
+            let mut s = io();
+            for chunk in two.chunks(size) {
+                assert!(s.observe(chunk).is_ok(), "reads of {size} bytes");
+            }
+            assert!(s.activity.in_head.load(Ordering::SeqCst), "reads of {size}");
+            assert!(
+                matches!(&s.framing, Framing::Head { head, .. } if head.is_empty()),
+                "both heads ended, reads of {size} bytes"
+            );
+            let mut s = io();
+            let bad = b"GET / HTTP/1.1\r\nHost: x\r\nA: b\n\r\n";
+            let failed = bad.chunks(size).any(|c| s.observe(c).is_err());
+            assert!(failed, "bare LF caught with reads of {size} bytes");
+        }
     }
 
     #[test]
