@@ -828,11 +828,16 @@ fn write_fired(hooks: &sled::Tree, fired: &Mutex<Fired>) -> Result<(), StoreErro
         std::mem::take(&mut f.pending)
     };
     for (id, (n, at)) in pending {
+        // Returning None would delete the record: only a hook deleted meanwhile (None in)
+        // stays deleted; a record that cannot be decoded or encoded is kept as it is.
         hooks.update_and_fetch(id.as_bytes(), |old| {
-            let mut h: Hook = decode(old?).ok()?;
+            let old = old?;
+            let Ok(mut h) = decode::<Hook>(old) else {
+                return Some(old.to_vec());
+            };
             h.last_triggered_on = Some(h.last_triggered_on.map_or(at, |t| t.max(at)));
             h.trigger_count += n;
-            encode(&h).ok()
+            Some(encode(&h).unwrap_or_else(|_| old.to_vec()))
         })?;
     }
     Ok(())
