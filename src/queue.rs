@@ -217,21 +217,15 @@ impl State {
         done_rx
     }
 
-    /// Builds of (project, branch) past source resolution, not stopped, not already cancelled.
-    fn supersede_targets(&self, project: &str, branch: &str) -> Vec<BuildId> {
-        let mut v: Vec<BuildId> = self
-            .live
-            .values()
-            .filter(|l| {
-                l.resolved
-                    && l.build.project == project
-                    && l.build.branch == branch
-                    && l.build.cancel_reason.is_none()
-            })
-            .map(|l| l.build.id)
-            .collect();
-        v.sort();
-        v
+    /// The build of (project, branch) past source resolution, not stopped, not already
+    /// cancelled, if any. Such a build is always its project's active one (one build per
+    /// project initializes or runs at a time; `resolved` is set only while active), so this
+    /// looks at one entry instead of every live build: it runs under the lock on every new
+    /// build, with thousands of builds queued.
+    fn supersede_target(&self, project: &str, branch: &str) -> Option<BuildId> {
+        let id = self.active.get(project)?;
+        let l = self.live.get(id)?;
+        (l.resolved && l.build.branch == branch && l.build.cancel_reason.is_none()).then_some(*id)
     }
 
     /// The next queued build to start, if a slot is free: the oldest whose project is idle.
@@ -472,7 +466,7 @@ impl Queue {
                 st.next_seq += 1;
                 st.limiter.record(&req.project, mono);
                 if project.cancel_superseded {
-                    for old in st.supersede_targets(&req.project, &req.branch) {
+                    if let Some(old) = st.supersede_target(&req.project, &req.branch) {
                         if let Some(l) = st.live.get_mut(&old) {
                             l.build.cancel_reason = Some(CancelReason::Superseded);
                             l.build.superseded_by = Some(build.id);
@@ -876,15 +870,15 @@ mod tests {
         st.start(a.id, Timestamp(0));
         // Initializing, unresolved: still pending, not supersedable.
         assert_eq!(st.pending.get(&("a".into(), "main".into())), Some(&a.id));
-        assert!(st.supersede_targets("a", "main").is_empty());
+        assert_eq!(st.supersede_target("a", "main"), None);
         st.live.get_mut(&a.id).unwrap().resolved = true;
         st.unpend(a.id);
         assert!(!st.pending.contains_key(&("a".into(), "main".into())));
-        assert_eq!(st.supersede_targets("a", "main"), vec![a.id]);
-        assert!(st.supersede_targets("a", "dev").is_empty());
+        assert_eq!(st.supersede_target("a", "main"), Some(a.id));
+        assert_eq!(st.supersede_target("a", "dev"), None);
         // Once marked cancelled it is not a target again.
         st.live.get_mut(&a.id).unwrap().build.cancel_reason = Some(CancelReason::Superseded);
-        assert!(st.supersede_targets("a", "main").is_empty());
+        assert_eq!(st.supersede_target("a", "main"), None);
     }
 
     #[test]
