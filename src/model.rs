@@ -384,42 +384,94 @@ impl Build {
 
     /// The SPEC §4 build object.
     pub fn to_json(&self) -> Value {
-        let ts = |t: Option<Timestamp>| t.map(Timestamp::rfc3339);
-        let (hook_id, hook_name) = match &self.trigger.hook {
-            Some((id, name)) => (Some(id.to_string()), Some(name.clone())),
-            None => (None, None),
-        };
-        json!({
-            "build_uuid": self.id.to_string(),
-            "project": self.project,
-            "branch": self.branch,
-            "commit": self.commit,
-            "requested_commit": self.requested_commit,
-            "status": self.phase.status(),
-            "build_outcome": self.phase.outcome().map(Outcome::as_str),
-            "exit_code": self.exit_code,
-            "build_trigger_source": self.trigger.source.as_str(),
-            "trigger": {
-                "hook_id": hook_id,
-                "hook_name": hook_name,
-                "label": self.trigger.source.label(),
-            },
-            "created_on": self.created_on.rfc3339(),
-            "initializing_on": ts(self.initializing_on),
-            "running_on": ts(self.running_on),
-            "stopped_on": ts(self.stopped_on),
-            "cancel_reason": self.cancel_reason.map(CancelReason::as_str),
-            "superseded_by": self.superseded_by.map(|b| b.to_string()),
-        })
+        // Serializing a plain struct cannot fail (no maps with non-string keys).
+        serde_json::to_value(BuildJson::new(self, None)).unwrap_or(Value::Null)
     }
 
     /// The build object plus `already_exists`, as trigger responses carry it.
     pub fn to_trigger_json(&self, already_exists: bool) -> Value {
-        let mut v = self.to_json();
-        if let Value::Object(m) = &mut v {
-            m.insert("already_exists".into(), Value::Bool(already_exists));
+        serde_json::to_value(BuildJson::new(self, Some(already_exists))).unwrap_or(Value::Null)
+    }
+}
+
+/// Serializes any `Display` value as a JSON string, without allocating it first.
+struct Shown<T>(T);
+
+impl<T: fmt::Display> Serialize for Shown<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
+/// A timestamp as RFC 3339, written straight into the output.
+fn shown_time(t: Timestamp) -> Shown<humantime::Rfc3339Timestamp> {
+    let t = if t.0 >= 0 {
+        UNIX_EPOCH + Duration::from_micros(t.0 as u64)
+    } else {
+        UNIX_EPOCH
+    };
+    Shown(humantime::format_rfc3339_micros(t))
+}
+
+/// The SPEC §4 build object, borrowed from a [`Build`] and serialized straight to bytes: a
+/// trigger's answer is the hot path (issue 7), and going through a `serde_json::Value` first
+/// cost an allocation per field.
+#[derive(Serialize)]
+pub struct BuildJson<'a> {
+    build_uuid: Shown<BuildId>,
+    project: &'a str,
+    branch: &'a str,
+    commit: Option<&'a str>,
+    requested_commit: Option<&'a str>,
+    status: &'static str,
+    build_outcome: Option<&'static str>,
+    exit_code: Option<i32>,
+    build_trigger_source: &'static str,
+    trigger: TriggerJson<'a>,
+    created_on: Shown<humantime::Rfc3339Timestamp>,
+    initializing_on: Option<Shown<humantime::Rfc3339Timestamp>>,
+    running_on: Option<Shown<humantime::Rfc3339Timestamp>>,
+    stopped_on: Option<Shown<humantime::Rfc3339Timestamp>>,
+    cancel_reason: Option<&'static str>,
+    superseded_by: Option<Shown<BuildId>>,
+    /// Only in trigger answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    already_exists: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct TriggerJson<'a> {
+    hook_id: Option<Shown<HookId>>,
+    hook_name: Option<&'a str>,
+    label: &'static str,
+}
+
+impl<'a> BuildJson<'a> {
+    /// The build object of `b`; with `already_exists` for a trigger's answer.
+    pub fn new(b: &'a Build, already_exists: Option<bool>) -> Self {
+        BuildJson {
+            build_uuid: Shown(b.id),
+            project: &b.project,
+            branch: &b.branch,
+            commit: b.commit.as_deref(),
+            requested_commit: b.requested_commit.as_deref(),
+            status: b.phase.status(),
+            build_outcome: b.phase.outcome().map(Outcome::as_str),
+            exit_code: b.exit_code,
+            build_trigger_source: b.trigger.source.as_str(),
+            trigger: TriggerJson {
+                hook_id: b.trigger.hook.as_ref().map(|(id, _)| Shown(*id)),
+                hook_name: b.trigger.hook.as_ref().map(|(_, name)| name.as_str()),
+                label: b.trigger.source.label(),
+            },
+            created_on: shown_time(b.created_on),
+            initializing_on: b.initializing_on.map(shown_time),
+            running_on: b.running_on.map(shown_time),
+            stopped_on: b.stopped_on.map(shown_time),
+            cancel_reason: b.cancel_reason.map(CancelReason::as_str),
+            superseded_by: b.superseded_by.map(Shown),
+            already_exists,
         }
-        v
     }
 }
 
@@ -521,6 +573,58 @@ mod tests {
         b.phase = Phase::Stopped(Outcome::TimedOut);
         assert_eq!(b.to_json()["status"], "stopped");
         assert_eq!(b.to_json()["build_outcome"], "timed_out");
+    }
+
+    #[test]
+    fn build_json_is_exactly_the_spec_object_in_order() {
+        let hook = HookId::new();
+        let mut b = Build::new_queued(
+            7,
+            "site",
+            "main",
+            Trigger {
+                source: TriggerSource::GitPush,
+                hook: None,
+            },
+            Some("ab".repeat(20)),
+            false,
+        );
+        b.created_on = Timestamp(1_768_000_000_123_456);
+        b.initializing_on = Some(Timestamp(1_768_000_001_000_000));
+        b.stopped_on = Some(Timestamp(-5));
+        b.commit = Some("cd".repeat(20));
+        b.exit_code = Some(3);
+        b.phase = Phase::Stopped(Outcome::Cancelled);
+        b.cancel_reason = Some(CancelReason::Superseded);
+        let other = BuildId::new();
+        b.superseded_by = Some(other);
+        let expected = json!({
+            "build_uuid": b.id.to_string(),
+            "project": "site",
+            "branch": "main",
+            "commit": "cd".repeat(20),
+            "requested_commit": "ab".repeat(20),
+            "status": "stopped",
+            "build_outcome": "cancelled",
+            "exit_code": 3,
+            "build_trigger_source": "git_push",
+            "trigger": {"hook_id": null, "hook_name": null, "label": "git push"},
+            "created_on": b.created_on.rfc3339(),
+            "initializing_on": Timestamp(1_768_000_001_000_000).rfc3339(),
+            "running_on": null,
+            "stopped_on": Timestamp(-5).rfc3339(),
+            "cancel_reason": "superseded",
+            "superseded_by": other.to_string(),
+        });
+        // Same keys in the same order, same values: compare the serialized text.
+        assert_eq!(b.to_json().to_string(), expected.to_string());
+        let bytes = serde_json::to_string(&BuildJson::new(&b, None)).unwrap();
+        assert_eq!(bytes, expected.to_string());
+        let mut with = expected.clone();
+        with["already_exists"] = json!(true);
+        assert_eq!(b.to_trigger_json(true).to_string(), with.to_string());
+        b.trigger.hook = Some((hook, "cms".into()));
+        assert_eq!(b.to_json()["trigger"]["hook_id"], hook.to_string());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full};
 use serde_json::{Value, json};
 
-use crate::model::{Build, BuildId};
+use crate::model::{Build, BuildId, BuildJson};
 
 /// The response body type of every handler.
 pub type Body = BoxBody<Bytes, Infallible>;
@@ -140,7 +140,28 @@ pub struct TriggerAnswer {
 
 /// The answer to a trigger: 200, the build object plus `already_exists` (SPEC §4).
 pub fn triggered(build: &Build, already_exists: bool) -> Response<Body> {
-    let mut r = ok(StatusCode::OK, build.to_trigger_json(already_exists));
+    // The hot path: serialized straight from the build, no `Value` in between.
+    #[derive(serde::Serialize)]
+    struct Envelope<'a> {
+        success: bool,
+        errors: [(); 0],
+        messages: [(); 0],
+        result: BuildJson<'a>,
+    }
+    let envelope = Envelope {
+        success: true,
+        errors: [],
+        messages: [],
+        result: BuildJson::new(build, Some(already_exists)),
+    };
+    let mut r = match serde_json::to_vec(&envelope) {
+        Ok(mut body) => {
+            body.push(b'\n');
+            raw_json(StatusCode::OK, Bytes::from(body))
+        }
+        // Not reachable for a plain struct; the slow path says the same thing.
+        Err(_) => ok(StatusCode::OK, build.to_trigger_json(already_exists)),
+    };
     r.extensions_mut().insert(TriggerAnswer {
         build: build.id,
         project: build.project.clone(),
@@ -262,6 +283,29 @@ mod tests {
         assert_eq!(r.headers()[header::RETRY_AFTER], "1");
         let r = error(&ApiError::Unauthorized);
         assert_eq!(r.headers()[header::WWW_AUTHENTICATE], "Bearer");
+    }
+
+    #[tokio::test]
+    async fn a_trigger_answer_is_the_success_envelope_of_the_build_object() {
+        let b = Build::new_queued(
+            1,
+            "site",
+            "main",
+            crate::model::Trigger {
+                source: crate::model::TriggerSource::Api,
+                hook: None,
+            },
+            None,
+            false,
+        );
+        for already in [false, true] {
+            let fast = triggered(&b, already).into_body().collect().await;
+            let slow = ok(StatusCode::OK, b.to_trigger_json(already))
+                .into_body()
+                .collect()
+                .await;
+            assert_eq!(fast.unwrap().to_bytes(), slow.unwrap().to_bytes());
+        }
     }
 
     #[tokio::test]
