@@ -465,20 +465,19 @@ impl Queue {
                     .insert_build(&build, req.payload.as_deref())?;
                 st.next_seq += 1;
                 st.limiter.record(&req.project, mono);
-                if project.cancel_superseded {
-                    if let Some(old) = st.supersede_target(&req.project, &req.branch) {
-                        if let Some(l) = st.live.get_mut(&old) {
-                            l.build.cancel_reason = Some(CancelReason::Superseded);
-                            l.build.superseded_by = Some(build.id);
-                            self.inner.store.put_build(&l.build)?;
-                            l.stop_tx.send_if_modified(|r| {
-                                r.is_none() && {
-                                    *r = Some(StopReason::Cancel(CancelReason::Superseded));
-                                    true
-                                }
-                            });
+                if project.cancel_superseded
+                    && let Some(old) = st.supersede_target(&req.project, &req.branch)
+                    && let Some(l) = st.live.get_mut(&old)
+                {
+                    l.build.cancel_reason = Some(CancelReason::Superseded);
+                    l.build.superseded_by = Some(build.id);
+                    self.inner.store.put_build(&l.build)?;
+                    l.stop_tx.send_if_modified(|r| {
+                        r.is_none() && {
+                            *r = Some(StopReason::Cancel(CancelReason::Superseded));
+                            true
                         }
-                    }
+                    });
                 }
                 st.add(build.clone(), false);
                 Found::New(build)
