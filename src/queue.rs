@@ -39,7 +39,7 @@
 //! build may already be starting meanwhile, which costs nothing if the flush then fails: the
 //! database error is fatal and the daemon exits.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -184,6 +184,10 @@ struct State {
     live: HashMap<BuildId, Live>,
     /// Queued builds by creation sequence: the scheduler takes the oldest eligible one.
     queued: BTreeMap<u64, BuildId>,
+    /// The same builds by project (creation sequences), so that finding the oldest queued
+    /// build of an idle project looks at one entry per project instead of walking every
+    /// queued build, thousands of which may belong to busy projects.
+    queued_by_project: HashMap<String, BTreeSet<u64>>,
     /// The pending build of each (project, branch).
     pending: HashMap<(String, String), BuildId>,
     /// The build initializing or running in each project.
@@ -200,6 +204,10 @@ impl State {
         let key = (build.project.clone(), build.branch.clone());
         if build.phase == Phase::Queued {
             self.queued.insert(build.seq, build.id);
+            self.queued_by_project
+                .entry(build.project.clone())
+                .or_default()
+                .insert(build.seq);
             self.pending.insert(key, build.id);
         }
         self.live.insert(
@@ -233,20 +241,34 @@ impl State {
         if self.active.len() >= max_concurrent {
             return None;
         }
-        self.queued
-            .values()
-            .find(|id| {
-                self.live
-                    .get(id)
-                    .is_some_and(|l| !self.active.contains_key(&l.build.project))
-            })
-            .copied()
+        let seq = self
+            .queued_by_project
+            .iter()
+            .filter(|(project, _)| !self.active.contains_key(*project))
+            .filter_map(|(_, seqs)| seqs.first())
+            .min()?;
+        self.queued.get(seq).copied()
+    }
+
+    /// Forgets a queued build's place in the queue (it started or was removed).
+    fn dequeue(&mut self, project: &str, seq: u64) {
+        self.queued.remove(&seq);
+        if let Some(seqs) = self.queued_by_project.get_mut(project) {
+            seqs.remove(&seq);
+            if seqs.is_empty() {
+                self.queued_by_project.remove(project);
+            }
+        }
     }
 
     /// Moves a queued build to initializing (in memory).
     fn start(&mut self, id: BuildId, now: Timestamp) -> Option<&Build> {
+        let (project, seq) = {
+            let l = self.live.get(&id)?;
+            (l.build.project.clone(), l.build.seq)
+        };
+        self.dequeue(&project, seq);
         let l = self.live.get_mut(&id)?;
-        self.queued.remove(&l.build.seq);
         l.build.phase = Phase::Initializing;
         l.build.initializing_on = Some(now);
         self.active.insert(l.build.project.clone(), id);
@@ -256,7 +278,7 @@ impl State {
     /// Removes a build from every index; returns its entry.
     fn remove(&mut self, id: BuildId) -> Option<Live> {
         let l = self.live.remove(&id)?;
-        self.queued.remove(&l.build.seq);
+        self.dequeue(&l.build.project, l.build.seq);
         let key = (l.build.project.clone(), l.build.branch.clone());
         if self.pending.get(&key) == Some(&id) {
             self.pending.remove(&key);
@@ -632,11 +654,7 @@ impl Queue {
     /// Queued count and active build of a project.
     pub fn project_status(&self, project: &str) -> (usize, Option<BuildId>) {
         let st = self.lock();
-        let queued = st
-            .queued
-            .values()
-            .filter(|id| st.live.get(id).is_some_and(|l| l.build.project == project))
-            .count();
+        let queued = st.queued_by_project.get(project).map_or(0, BTreeSet::len);
         (queued, st.active.get(project).copied())
     }
 
@@ -890,6 +908,7 @@ mod tests {
         assert!(
             st.live.is_empty()
                 && st.queued.is_empty()
+                && st.queued_by_project.is_empty()
                 && st.pending.is_empty()
                 && st.active.is_empty()
         );
