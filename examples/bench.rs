@@ -17,7 +17,9 @@
 //!   the same project), so every answer is `already_exists: true`;
 //! * **(b) unknown-token 404s** (well-formed tokens, so the database is asked);
 //! * **(c) new builds**: every request fires a different hook of a different (project, branch),
-//!   so none is deduplicated; each answer comes after the build is flushed to disk;
+//!   so none is deduplicated; each answer comes after the build is flushed to disk. The builds
+//!   queue behind a sleeping `hold` build per project while this is measured (taking builds is
+//!   measured, not running them), then are released and must all run;
 //! * **(d) POST→exec latency** of a build, builds one after another, against bare spawns;
 //! * **(e) RSS** of the daemon: idle after start, peak (`VmHWM`) and after the load;
 //! * **(f) the hot path again** with 100 000 hooks in the store (created through the API; how
@@ -517,6 +519,11 @@ fn start_webhook(exe: &Path, dir: &Path) -> Result<Server, String> {
 /// Project names of phase (c), and the branches each has.
 const NB_BRANCHES: usize = 200;
 
+/// How many projects phase (c) spreads its pairs over.
+fn nb_projects(pairs: usize) -> usize {
+    pairs.div_ceil(NB_BRANCHES)
+}
+
 fn nb_project(i: usize) -> String {
     format!("nb{:03}", i / NB_BRANCHES)
 }
@@ -527,14 +534,16 @@ fn nb_branch(i: usize) -> String {
 
 fn deployhook_config(dir: &Path, addr: SocketAddr, pairs: usize) -> String {
     let d = dir.display();
+    let slots = 16 + nb_projects(pairs);
     let mut c = format!(
         r#"[server]
 listen = "{addr}"
 state_dir = "state"
 log_level = "warn"
-# One slot is held by the sleeping blocker build; builds of (c) and (d) use the others
-# (many, so the thousands of builds of (c) drain quickly).
-max_concurrent_builds = 16
+# One slot is held by the sleeping blocker build, one per project of (c) by its `hold`
+# build while (c) is measured; builds of (c) and (d) use the others (many, so the thousands
+# of builds of (c) drain quickly once released).
+max_concurrent_builds = {slots}
 builds_per_minute = 1000000
 project_builds_per_minute = 1000000
 keep_builds = 1000000
@@ -564,12 +573,14 @@ workdir = "{d}"
 command = "true"
 "#
     );
-    let branches: Vec<String> = (0..NB_BRANCHES.min(pairs.max(1)))
+    let mut branches: Vec<String> = (0..NB_BRANCHES.min(pairs.max(1)))
         .map(|i| format!("\"{}\"", nb_branch(i)))
         .collect();
+    branches.push("\"hold\"".into());
     for p in 0..pairs.div_ceil(NB_BRANCHES) {
         c.push_str(&format!(
-            "\n[projects.{}]\nbranches = [{}]\nworkdir = \"{d}\"\ncommand = \"true\"\n",
+            "\n[projects.{}]\nbranches = [{}]\nworkdir = \"{d}\"\n\
+             command = 'if [ \"$DEPLOYHOOK_BRANCH\" = hold ]; then exec sleep 3600; fi'\n",
             nb_project(p * NB_BRANCHES),
             branches.join(", ")
         ));
@@ -1005,6 +1016,29 @@ fn run(args: Args) -> Result<(), String> {
         .collect();
     drop(by_name);
 
+    // (c) measures taking new builds, not running them: each project of (c) is held by a
+    // sleeping `hold` build meanwhile (one build per project runs at a time), so the builds
+    // queue, and thousands of `/bin/sh` runs do not compete for the cores with the answers.
+    let mut holds: Vec<String> = Vec::new();
+    for p in 0..nb_projects(pairs) {
+        let (st, v) = call(
+            &rt,
+            addr,
+            Some(&admin),
+            Req::post(
+                format!("/api/projects/{}/builds", nb_project(p * NB_BRANCHES)),
+                r#"{"branch":"hold"}"#,
+            ),
+        )?;
+        holds.push(
+            result_str(&v, "build_uuid")
+                .ok_or_else(|| format!("hold trigger answered {st}: {v}"))?
+                .to_owned(),
+        );
+    }
+    announced.extend(holds.iter().cloned());
+    // Every hold running: only the pending hot build is queued.
+    wait_idle(&rt, addr, 1, u64::MAX);
     // (c): every request a new build; no warm-up, each hook fires once.
     let new_builds = load(
         &rt,
@@ -1016,8 +1050,18 @@ fn run(args: Args) -> Result<(), String> {
         },
     );
     announced.extend(new_build_ids(&new_builds.kept));
-    // The pending hot build stays queued and the blocker running.
-    let drain = wait_idle(&rt, addr, 1, 1);
+    // Release the holds; the pending hot build stays queued and the blocker running.
+    let released = Instant::now();
+    for id in &holds {
+        let _ = call(
+            &rt,
+            addr,
+            Some(&admin),
+            Req::post(format!("/api/builds/{id}/cancel"), ""),
+        )?;
+    }
+    wait_idle(&rt, addr, 1, 1);
+    let drain = released.elapsed();
     let executed = new_builds.kept.len();
 
     // The hot path again in the same process, right after the bursts of (c) and of creating
@@ -1073,7 +1117,8 @@ fn run(args: Args) -> Result<(), String> {
         Req::post(format!("/api/builds/{blocker2}/cancel"), ""),
     )?;
     wait_idle(&rt, addr, 0, 0);
-    let blockers = [blocker.as_str(), blocker2.as_str()];
+    let mut blockers = vec![blocker.as_str(), blocker2.as_str()];
+    blockers.extend(holds.iter().map(String::as_str));
     let check = check_builds(&rt, &args, addr, &admin, &announced, &blockers, pairs)?;
     if let Ok(Some(st)) = dh.child.try_wait() {
         return Err(format!("deployhook exited during the run: {st}"));
@@ -1122,7 +1167,7 @@ fn run(args: Args) -> Result<(), String> {
         args.connections
     );
     println!(
-        "    {executed} new builds of (c) ran to the end {:.1} s after the load stopped",
+        "    {executed} new builds of (c) ran to the end {:.1} s after they were released",
         drain.as_secs_f64()
     );
     println!();
@@ -1237,7 +1282,7 @@ fn check_builds(
     }
     // Count every build by listing each project's builds page by page.
     let mut projects = vec!["hot".to_owned(), "lat".to_owned(), "many".to_owned()];
-    projects.extend((0..pairs.div_ceil(NB_BRANCHES)).map(|p| nb_project(p * NB_BRANCHES)));
+    projects.extend((0..nb_projects(pairs)).map(|p| nb_project(p * NB_BRANCHES)));
     let mut listed = 0usize;
     for p in &projects {
         let mut cursor = String::new();

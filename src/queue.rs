@@ -426,9 +426,10 @@ impl Queue {
     /// A trigger from any source (SPEC §2 "Trigger semantics").
     pub async fn trigger(&self, req: TriggerRequest) -> Result<Triggered, TriggerError> {
         let config = self.inner.config.get();
+        // Borrowed, not cloned: a project's config (its branch list, its env) would otherwise
+        // be copied on every trigger, the hot path included.
         let project = config
             .project(&req.project)
-            .cloned()
             .ok_or_else(|| TriggerError::UnknownProject(req.project.clone()))?;
         if !project.has_branch(&req.branch) {
             return Err(TriggerError::BranchNotAllowed {
