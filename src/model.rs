@@ -52,12 +52,18 @@ impl Timestamp {
 
     /// RFC 3339 UTC with microseconds, e.g. `2026-01-21T18:50:00.123456Z`.
     pub fn rfc3339(self) -> String {
+        self.rfc3339_display().to_string()
+    }
+
+    /// The same as a `Display` value, to write without an intermediate `String` (times
+    /// before the epoch show as the epoch).
+    pub fn rfc3339_display(self) -> humantime::Rfc3339Timestamp {
         let t = if self.0 >= 0 {
             UNIX_EPOCH + Duration::from_micros(self.0 as u64)
         } else {
             UNIX_EPOCH
         };
-        humantime::format_rfc3339_micros(t).to_string()
+        humantime::format_rfc3339_micros(t)
     }
 
     /// Seconds since the epoch, as a float (for metrics).
@@ -405,12 +411,7 @@ impl<T: fmt::Display> Serialize for Shown<T> {
 
 /// A timestamp as RFC 3339, written straight into the output.
 fn shown_time(t: Timestamp) -> Shown<humantime::Rfc3339Timestamp> {
-    let t = if t.0 >= 0 {
-        UNIX_EPOCH + Duration::from_micros(t.0 as u64)
-    } else {
-        UNIX_EPOCH
-    };
-    Shown(humantime::format_rfc3339_micros(t))
+    Shown(t.rfc3339_display())
 }
 
 /// The SPEC §4 build object, borrowed from a [`Build`] and serialized straight to bytes: a
