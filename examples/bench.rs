@@ -46,7 +46,7 @@ use clap::Parser;
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt as _, Full};
 use hyper_util::rt::TokioIo;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// Command-line options.
 #[derive(Parser, Debug)]
@@ -701,6 +701,28 @@ fn create_hooks(
     Ok(out)
 }
 
+/// Triggers a build through the API; its uuid.
+fn api_trigger(
+    rt: &tokio::runtime::Runtime,
+    addr: SocketAddr,
+    admin: &str,
+    project: &str,
+    branch: &str,
+) -> Result<String, String> {
+    let (st, v) = call(
+        rt,
+        addr,
+        Some(admin),
+        Req::post(
+            format!("/api/projects/{project}/builds"),
+            &json!({"branch": branch}).to_string(),
+        ),
+    )?;
+    result_str(&v, "build_uuid")
+        .map(str::to_owned)
+        .ok_or_else(|| format!("trigger of {project}/{branch} answered {st}: {v}"))
+}
+
 /// Waits until at most `queued_ok` builds are queued and `running_ok` running; returns how long.
 fn wait_idle(
     rt: &tokio::runtime::Runtime,
@@ -937,15 +959,7 @@ fn run(args: Args) -> Result<(), String> {
     let tokens = create_hooks(&rt, addr, &admin, &fixed, 1)?;
     let (hot, lat) = (tokens[0].1.clone(), tokens[1].1.clone());
     // The blocker holds project `hot`, so the build of `main` stays pending.
-    let (st, v) = call(
-        &rt,
-        addr,
-        Some(&admin),
-        Req::post("/api/projects/hot/builds", r#"{"branch":"blocker"}"#),
-    )?;
-    let blocker = result_str(&v, "build_uuid")
-        .ok_or_else(|| format!("blocker trigger answered {st}: {v}"))?
-        .to_owned();
+    let blocker = api_trigger(&rt, addr, &admin, "hot", "blocker")?;
     announced.push(blocker.clone());
     let (_, v) = call(
         &rt,
@@ -1021,20 +1035,13 @@ fn run(args: Args) -> Result<(), String> {
     // queue, and thousands of `/bin/sh` runs do not compete for the cores with the answers.
     let mut holds: Vec<String> = Vec::new();
     for p in 0..nb_projects(pairs) {
-        let (st, v) = call(
+        holds.push(api_trigger(
             &rt,
             addr,
-            Some(&admin),
-            Req::post(
-                format!("/api/projects/{}/builds", nb_project(p * NB_BRANCHES)),
-                r#"{"branch":"hold"}"#,
-            ),
-        )?;
-        holds.push(
-            result_str(&v, "build_uuid")
-                .ok_or_else(|| format!("hold trigger answered {st}: {v}"))?
-                .to_owned(),
-        );
+            &admin,
+            &nb_project(p * NB_BRANCHES),
+            "hold",
+        )?);
     }
     announced.extend(holds.iter().cloned());
     // Every hold running: only the pending hot build is queued.
@@ -1082,15 +1089,7 @@ fn run(args: Args) -> Result<(), String> {
     let mut dh = start_deployhook(&deployhook_exe, dir, pairs)?;
     let addr = dh.addr;
     wait_idle(&rt, addr, 0, 0);
-    let (st, v) = call(
-        &rt,
-        addr,
-        Some(&admin),
-        Req::post("/api/projects/hot/builds", r#"{"branch":"blocker"}"#),
-    )?;
-    let blocker2 = result_str(&v, "build_uuid")
-        .ok_or_else(|| format!("blocker trigger answered {st}: {v}"))?
-        .to_owned();
+    let blocker2 = api_trigger(&rt, addr, &admin, "hot", "blocker")?;
     announced.push(blocker2.clone());
     let (_, v) = call(
         &rt,
