@@ -35,7 +35,8 @@
 //!   puts `queued` ones back in the queue.
 //!
 //! # Durability
-//! A trigger that creates a build (and a cancel) answers only after [`Store::durable`]; the
+//! A trigger that creates a build (and a cancel) answers only after [`Store::durable`], and so
+//! does a trigger that joins a build whose creator is still waiting for that flush; the
 //! build may already be starting meanwhile, which costs nothing if the flush then fails: the
 //! database error is fatal and the daemon exits.
 
