@@ -492,7 +492,7 @@ impl Store {
     }
 
     /// Counts a firing of a hook: in memory, written back when the last write-back is a
-    /// [`FIRED_WRITE_INTERVAL`] old (else by the next read or the idle flush thread). A hook
+    /// second old (`FIRED_WRITE_INTERVAL`) (else by the next read or the idle flush thread). A hook
     /// deleted meanwhile is left deleted.
     pub fn record_hook_fired(&self, id: HookId, at: Timestamp) -> Result<(), StoreError> {
         let due = {
