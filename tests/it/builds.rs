@@ -50,11 +50,7 @@ fn environment_is_exactly_the_spec_one() {
         "env = { NODE_ENV = \"production\" }",
     );
     let tmp = tempfile::tempdir().unwrap();
-    let text = format!(
-        "{}\n[api]\ntoken_file = \"admin.token\"\n{cfg}",
-        base_config(tmp.path())
-    );
-    std::fs::write(tmp.path().join("deploy.toml"), text).unwrap();
+    write_config(tmp.path(), "", &cfg);
     let d = Daemon::spawn(
         tmp.path(),
         &[

@@ -168,12 +168,11 @@ fn a_trickled_body_times_out_and_frees_the_connection() {
 fn a_flood_of_idle_connections_does_not_lock_out_healthz() {
     let wd = tempfile::tempdir().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let text = format!(
-        "{}\n[api]\ntoken_file = \"admin.token\"\n{}",
-        base_config(tmp.path()),
-        workdir_project("site", wd.path(), "true", "")
+    write_config(
+        tmp.path(),
+        "",
+        &workdir_project("site", wd.path(), "true", ""),
     );
-    std::fs::write(tmp.path().join("deploy.toml"), text).unwrap();
     // nofile 400 → at most 144 connections.
     let d = Daemon::spawn_limited(tmp.path(), &[], Some(400)).unwrap();
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();

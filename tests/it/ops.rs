@@ -185,12 +185,11 @@ fn sd_notify_ready_reloading_ready_stopping_in_order() {
     socket
         .set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
-    let text = format!(
-        "{}\n[api]\ntoken_file = \"admin.token\"\n{}",
-        base_config(tmp.path()),
-        workdir_project("site", wd.path(), "true", "")
+    write_config(
+        tmp.path(),
+        "",
+        &workdir_project("site", wd.path(), "true", ""),
     );
-    std::fs::write(tmp.path().join("deploy.toml"), &text).unwrap();
     let mut d = Daemon::spawn(
         tmp.path(),
         &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
@@ -217,11 +216,8 @@ fn sd_notify_ready_reloading_ready_stopping_in_order() {
     assert_eq!(first_line(&ready), "READY=1", "{ready}");
 
     // A rejected reload still ends with READY=1: the old config serves.
-    std::fs::write(
-        tmp.path().join("deploy.toml"),
-        format!("{text}\nbogus = 1\n"),
-    )
-    .unwrap();
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, format!("{text}\nbogus = 1\n")).unwrap();
     d.signal("HUP");
     assert_eq!(first_line(&recv(&socket)), "RELOADING=1");
     let ready = recv(&socket);
@@ -300,10 +296,10 @@ fn no_token_or_secret_reaches_the_log_even_at_trace_level() {
     let tmp = tempfile::tempdir().unwrap();
     let wd = tempfile::tempdir().unwrap();
     std::fs::write(wd.path().join("site.secret"), format!("{GIT_SECRET}\n")).unwrap();
-    let text = format!(
-        "{}\n[api]\ntoken_file = \"admin.token\"\n{}",
-        base_config(tmp.path()),
-        workdir_project(
+    write_config(
+        tmp.path(),
+        "",
+        &workdir_project(
             "site",
             wd.path(),
             "echo building",
@@ -311,9 +307,8 @@ fn no_token_or_secret_reaches_the_log_even_at_trace_level() {
                 "git_secret_file = \"{}\"",
                 wd.path().join("site.secret").display()
             ),
-        )
+        ),
     );
-    std::fs::write(tmp.path().join("deploy.toml"), &text).unwrap();
     let mut d =
         Daemon::spawn(tmp.path(), &[("RUST_LOG", "trace")]).unwrap_or_else(|e| panic!("{e}"));
 
@@ -424,12 +419,11 @@ fn no_token_or_secret_reaches_the_log_even_at_trace_level() {
 fn json_log_lines_carry_trigger_and_build_fields() {
     let tmp = tempfile::tempdir().unwrap();
     let wd = tempfile::tempdir().unwrap();
-    let text = format!(
-        "{}\n[api]\ntoken_file = \"admin.token\"\n{}",
-        base_config(tmp.path()),
-        workdir_project("site", wd.path(), "true", "")
+    write_config(
+        tmp.path(),
+        "",
+        &workdir_project("site", wd.path(), "true", ""),
     );
-    std::fs::write(tmp.path().join("deploy.toml"), &text).unwrap();
     let mut d = Daemon::spawn(tmp.path(), &[("DEPLOYHOOK_LOG_FORMAT", "json")])
         .unwrap_or_else(|e| panic!("{e}"));
     let id = d.trigger_id("site", "main");
@@ -469,12 +463,11 @@ fn json_log_lines_carry_trigger_and_build_fields() {
 /// Runs `serve` with `args` and stderr in a file; returns the file's text after a clean stop.
 fn stderr_of_a_run(args: &[&str], journal_stream: impl Fn(&std::fs::File) -> String) -> String {
     let tmp = tempfile::tempdir().unwrap();
-    let text = format!(
-        "{}\n[api]\ntoken_file = \"admin.token\"\n{}",
-        base_config(tmp.path()),
-        workdir_project("site", tmp.path(), "true", "")
+    write_config(
+        tmp.path(),
+        "",
+        &workdir_project("site", tmp.path(), "true", ""),
     );
-    std::fs::write(tmp.path().join("deploy.toml"), &text).unwrap();
     let log_path = tmp.path().join("stderr");
     let log = std::fs::File::create(&log_path).unwrap();
     let mut child = Command::new(BIN)

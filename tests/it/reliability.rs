@@ -263,13 +263,11 @@ fn a_store_write_failure_answers_503_exits_non_zero_and_loses_nothing() {
     // `ulimit -f` in 512- or 1024-byte blocks: either way the database outgrows it soon.
     let wd = tempfile::tempdir().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let text = format!(
-        "{}builds_per_minute = 1000000\nproject_builds_per_minute = 1000000\nkeep_builds = 100000\n\
-         \n[api]\ntoken_file = \"admin.token\"\n{}",
-        base_config(tmp.path()),
-        workdir_project("site", wd.path(), "sleep 60", "")
+    write_config(
+        tmp.path(),
+        "builds_per_minute = 1000000\nproject_builds_per_minute = 1000000\nkeep_builds = 100000",
+        &workdir_project("site", wd.path(), "sleep 60", ""),
     );
-    std::fs::write(tmp.path().join("deploy.toml"), text).unwrap();
     let mut d = Daemon::spawn_after(tmp.path(), &[], Some("trap '' XFSZ; ulimit -f 1200"))
         .unwrap_or_else(|e| panic!("{e}"));
     let (_, path) = d.create_hook("site", "cms", "main");
@@ -540,12 +538,11 @@ fn sigterm_exits_even_while_a_reload_is_stuck_reading_the_config() {
         let n = socket.recv(&mut buf).expect("no sd_notify message");
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
-    let text = format!(
-        "{}\n[api]\ntoken_file = \"admin.token\"\n{}",
-        base_config(tmp.path()),
-        workdir_project("site", wd.path(), "true", "")
+    write_config(
+        tmp.path(),
+        "",
+        &workdir_project("site", wd.path(), "true", ""),
     );
-    std::fs::write(tmp.path().join("deploy.toml"), &text).unwrap();
     let mut d = Daemon::spawn(
         tmp.path(),
         &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],

@@ -172,6 +172,18 @@ pub fn base_config(dir: &Path) -> String {
     )
 }
 
+/// Writes `dir/deploy.toml`: `base_config`, then `server_extra` (more `[server]` lines), the
+/// `[api]` table, then `rest` (projects). Returns its path.
+pub fn write_config(dir: &Path, server_extra: &str, rest: &str) -> PathBuf {
+    let path = dir.join("deploy.toml");
+    let text = format!(
+        "{}{server_extra}\n[api]\ntoken_file = \"admin.token\"\n{rest}",
+        base_config(dir)
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 /// A simple workdir project named `p` running `command`.
 pub fn workdir_project(name: &str, dir: &Path, command: &str, extra: &str) -> String {
     format!(
@@ -196,11 +208,7 @@ impl Daemon {
     pub fn start_with_server(server_extra: &str, rest: &str) -> Daemon {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
-        let text = format!(
-            "{}{server_extra}\n[api]\ntoken_file = \"admin.token\"\n{rest}",
-            base_config(&dir)
-        );
-        std::fs::write(dir.join("deploy.toml"), text).unwrap();
+        write_config(&dir, server_extra, rest);
         let mut d = Self::spawn(&dir, &[]).unwrap_or_else(|e| panic!("{e}"));
         d._tmp = Some(tmp);
         d
