@@ -22,6 +22,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::RwLock;
 
+use crate::blocking;
 use crate::config::{Config, ConfigError, SharedConfig};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
@@ -293,7 +294,7 @@ async fn apply_reload(
     shared: Arc<SharedConfig>,
     state: &AppState,
 ) -> &'static str {
-    let loaded = tokio::task::spawn_blocking(move || {
+    let loaded = blocking::run("reading the config", move || {
         Config::load(&path).map(|c| {
             let token = AdminToken::read(&c.api.token_file);
             (c, token)
@@ -306,8 +307,9 @@ async fn apply_reload(
             tracing::error!("config reload rejected, the old config stays in force: {e}");
             return "the last reload was rejected (see the log)";
         }
+        // At the service's task limit: nothing was read, so nothing changes.
         Err(e) => {
-            tracing::error!("config reload failed, the old config stays in force: {e}");
+            tracing::error!("config reload rejected, the old config stays in force: {e}");
             return "the last reload failed (see the log)";
         }
     };
@@ -339,9 +341,10 @@ async fn prune_deliveries(store: Store) {
         tick.tick().await;
         let before = Timestamp::now().before(http::public::DELIVERY_WINDOW);
         let s = store.clone();
-        match tokio::task::spawn_blocking(move || s.prune_deliveries(before)).await {
+        match blocking::run("pruning Git deliveries", move || s.prune_deliveries(before)).await {
             Ok(Ok(n)) if n > 0 => tracing::debug!("forgot {n} old Git deliveries"),
             Ok(Err(e)) => tracing::error!("cannot prune Git deliveries: {e}"),
+            Err(e) => tracing::warn!("Git deliveries not pruned this hour: {e}"),
             _ => {}
         }
     }

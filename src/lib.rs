@@ -16,6 +16,7 @@
 //! - [`queue`]: the build state machine: trigger, dedupe, supersede, cancel, schedule, recovery.
 //! - [`runner`]: one build: checkout, spawn under a supervisor, logs, timeout, stop, outcome.
 //! - [`supervisor`]: the hidden per-process supervisor mode that makes builds die with the daemon.
+//! - [`blocking`]: blocking work on threads of its own, an error (not a panic) when none can start.
 //! - [`buildlog`]: capped append-only NDJSON log files, line splitting, paging.
 //! - [`git`]: Git-host webhook signatures and push-event parsing (pure).
 //! - [`http`]: accept loop and hardening; `api` (admin), `public` (hooks, Git, health, metrics),
@@ -27,6 +28,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod blocking;
 pub mod buildlog;
 pub mod cli;
 pub mod config;

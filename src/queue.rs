@@ -46,6 +46,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 
+use crate::blocking;
 use crate::buildlog::{self, LogStats};
 use crate::config::{ProjectConfig, SharedConfig};
 use crate::metrics::{self, Metrics};
@@ -814,11 +815,16 @@ impl Queue {
     /// Prunes a project's builds beyond `keep_builds`, with their logs, in the background.
     fn prune_later(&self, project: String) {
         let q = self.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = q.prune(&project) {
-                tracing::error!(project = %project, "cannot prune old builds: {e}");
+        let p = project.clone();
+        let started = blocking::spawn("pruning old builds", move || {
+            if let Err(e) = q.prune(&p) {
+                tracing::error!(project = %p, "cannot prune old builds: {e}");
             }
         });
+        // At the task limit: the next stopped build of the project prunes these too.
+        if let Err(e) = started {
+            tracing::warn!(project = %project, "old builds not pruned now: {e}");
+        }
     }
 
     fn prune(&self, project: &str) -> Result<usize, StoreError> {

@@ -1,0 +1,270 @@
+//! Hostile round 3 (../shared/HOSTILE.md 14, 19, 21, 24, 25, 28): limits of the machine (no
+//! thread left, no memory, no disk, a clock that jumps) and hostile names, each against the
+//! real binary. Tests that need root, cgroups, tmpfs or libfaketime say why they skip.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+/// A pids (and, where asked, memory) cgroup made for one test, removed when dropped.
+/// cgroup v1 (`/sys/fs/cgroup/pids`, `/sys/fs/cgroup/memory`) or v2 (`/sys/fs/cgroup` with the
+/// controllers enabled); `None` when neither is writable here (not root, or no such mounts).
+struct Cgroup {
+    /// `(directory, limit file)` per controller.
+    dirs: Vec<PathBuf>,
+    pids_max: PathBuf,
+    memory_max: Option<PathBuf>,
+}
+
+impl Cgroup {
+    fn new(name: &str, memory: bool) -> Option<Cgroup> {
+        let unique = format!("deployhook-test-{name}-{}", std::process::id());
+        let v1_pids = Path::new("/sys/fs/cgroup/pids");
+        if v1_pids.join("cgroup.procs").exists() {
+            let pids = v1_pids.join(&unique);
+            std::fs::create_dir(&pids).ok()?;
+            let mut cg = Cgroup {
+                pids_max: pids.join("pids.max"),
+                dirs: vec![pids],
+                memory_max: None,
+            };
+            if memory {
+                let mem = Path::new("/sys/fs/cgroup/memory").join(&unique);
+                std::fs::create_dir(&mem).ok()?;
+                cg.memory_max = Some(mem.join("memory.limit_in_bytes"));
+                cg.dirs.push(mem);
+            }
+            return Some(cg);
+        }
+        let root = Path::new("/sys/fs/cgroup");
+        let controllers = std::fs::read_to_string(root.join("cgroup.subtree_control")).ok()?;
+        if !controllers.contains("pids") || (memory && !controllers.contains("memory")) {
+            return None;
+        }
+        let dir = root.join(&unique);
+        std::fs::create_dir(&dir).ok()?;
+        Some(Cgroup {
+            pids_max: dir.join("pids.max"),
+            memory_max: memory.then(|| dir.join("memory.max")),
+            dirs: vec![dir],
+        })
+    }
+
+    /// Moves process `pid` (all its threads) in.
+    fn enter(&self, pid: u32) {
+        for d in &self.dirs {
+            std::fs::write(d.join("cgroup.procs"), pid.to_string()).unwrap();
+        }
+    }
+
+    fn tasks(&self) -> u64 {
+        let current = self.dirs[0].join("pids.current");
+        std::fs::read_to_string(current)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    fn set_pids_max(&self, max: &str) {
+        std::fs::write(&self.pids_max, max).unwrap();
+    }
+
+    fn set_memory_max(&self, bytes: u64) {
+        let f = self.memory_max.as_ref().expect("made with memory");
+        std::fs::write(f, bytes.to_string()).unwrap();
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.pids_max, "max");
+        // Its processes (the test's daemon, killed by now) may take a moment to leave.
+        for d in &self.dirs {
+            for _ in 0..100 {
+                if std::fs::remove_dir(d).is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// The datagrams a daemon sends to `$NOTIFY_SOCKET`, as systemd would receive them.
+struct NotifySocket {
+    sock: UnixDatagram,
+    path: PathBuf,
+}
+
+impl NotifySocket {
+    fn bind(dir: &Path) -> NotifySocket {
+        let path = dir.join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        NotifySocket { sock, path }
+    }
+
+    fn env(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    /// Waits for a message holding `what`; returns every message seen until then.
+    fn wait_for(&self, what: &str, secs: u64) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                let m = String::from_utf8_lossy(&buf[..n]).to_string();
+                let hit = m.contains(what);
+                seen.push(m);
+                if hit {
+                    return seen;
+                }
+            }
+        }
+        panic!("no {what} from the daemon in {secs}s; got {seen:?}");
+    }
+}
+
+/// HOSTILE 28: at the service's task limit (no thread, no process can be created), a reload
+/// ends with "the old config stays in force" and `READY=1`, and log requests (a page and a
+/// follow) answer 503 code 1503 instead of a dropped connection or an empty 200. Nothing
+/// panics; with room again, both work.
+#[test]
+fn at_the_task_limit_a_reload_ends_ready_and_log_requests_answer_503() {
+    let Some(cg) = Cgroup::new("tasks", false) else {
+        eprintln!("SKIP: needs root and a writable pids cgroup (v1 or v2) to reach a task limit");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let notify = NotifySocket::bind(dir);
+    write_config(dir, "", &workdir_project("site", dir, "echo built", ""));
+    let mut d = Daemon::spawn(dir, &[("NOTIFY_SOCKET", &notify.env())]).unwrap();
+    notify.wait_for("READY=1", 20);
+    let id = d.trigger_id("site", "main");
+    d.wait_status(&id, "stopped", 30);
+
+    cg.enter(d.pid());
+    // Not one more task: every thread and process the daemon has is all it gets.
+    cg.set_pids_max(&cg.tasks().to_string());
+
+    d.signal("HUP");
+    let seen = notify.wait_for("READY=1", 20);
+    assert!(
+        seen.iter().any(|m| m.contains("RELOADING=1")),
+        "no RELOADING=1 before READY=1: {seen:?}"
+    );
+    eventually(10, "the reload's rejection in the log", || {
+        d.logs().contains(
+            "config reload rejected, the old config stays in force: cannot start a thread",
+        )
+    });
+
+    for path in [
+        format!("/api/builds/{id}/logs"),
+        format!("/api/builds/{id}/logs?follow=true"),
+    ] {
+        let r = d.api("GET", &path, None);
+        assert_eq!(
+            r.status,
+            503,
+            "{path}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["errors"][0]["code"], 1503, "{path}");
+        assert!(
+            r.error_message().contains("cannot start a thread"),
+            "{path}"
+        );
+    }
+    assert_eq!(request(d.addr, "GET", "/healthz", &[], b"").status, 200);
+
+    // Room again: the same requests work, and a reload is taken.
+    cg.set_pids_max("max");
+    assert_eq!(
+        d.api("GET", &format!("/api/builds/{id}/logs"), None).status,
+        200
+    );
+    let follow = d.api("GET", &format!("/api/builds/{id}/logs?follow=true"), None);
+    assert_eq!(follow.status, 200);
+    assert!(String::from_utf8_lossy(&follow.body).contains("built"));
+    d.signal("HUP");
+    notify.wait_for("READY=1", 20);
+    eventually(10, "an accepted reload", || {
+        d.logs().contains("config reloaded")
+    });
+    assert!(!d.logs().contains("panicked"), "{}", d.logs());
+    d.kill9();
+}
+
+/// HOSTILE 19: a fork bomb and a memory hog, each a build of a daemon held in a pids and
+/// memory cgroup (as systemd's `TasksMax=`/`MemoryMax=` hold the service): the daemon answers
+/// throughout and afterwards, each build ends `fail` or `timed_out`, and a normal build after
+/// them succeeds. The kernel picks the hog, not the daemon, because builds carry a higher
+/// `oom_score_adj`.
+#[test]
+fn a_fork_bomb_and_a_memory_hog_end_their_builds_not_the_daemon() {
+    let Some(cg) = Cgroup::new("bounds", true) else {
+        eprintln!("SKIP: needs root and writable pids and memory cgroups (v1 or v2)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let projects = [
+        // Forks until the task limit, then keeps trying; only the timeout ends it.
+        workdir_project(
+            "bomb",
+            dir,
+            "b() { b | b & }; b; sleep 60",
+            "timeout = \"6s\"",
+        ),
+        // Holds 1 GB in the shell's memory: over the bound, so the OOM killer ends it.
+        workdir_project(
+            "hog",
+            dir,
+            "x=$(head -c 1000000000 /dev/zero | tr '\\0' a); echo ${#x}",
+            "timeout = \"120s\"",
+        ),
+        workdir_project("ok", dir, "echo fine", ""),
+    ];
+    write_config(dir, "", &projects.concat());
+    let mut d = Daemon::spawn(dir, &[]).unwrap();
+    cg.enter(d.pid());
+    let own = cg.tasks();
+    cg.set_pids_max(&(own + 40).to_string());
+    cg.set_memory_max(256 << 20);
+
+    for project in ["bomb", "hog"] {
+        let id = d.trigger_id(project, "main");
+        let deadline = Instant::now() + Duration::from_secs(150);
+        let b = loop {
+            let r = request(d.addr, "GET", "/healthz", &[], b"");
+            assert_eq!(r.status, 200, "{project}: /healthz failed during the build");
+            let b = d.build(&id);
+            if b["status"] == "stopped" {
+                break b;
+            }
+            assert!(Instant::now() < deadline, "{project} never stopped: {b}");
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let outcome = b["build_outcome"].as_str().unwrap_or_default();
+        assert!(
+            outcome == "fail" || outcome == "timed_out",
+            "{project}: {b}\n{}",
+            d.logs()
+        );
+        // Every process of the build is gone: the cgroup is back to the daemon alone.
+        eventually(30, "the build's processes gone", || cg.tasks() <= own);
+    }
+    let id = d.trigger_id("ok", "main");
+    let b = d.wait_status(&id, "stopped", 30);
+    assert_eq!(b["build_outcome"], "success", "{b}");
+    assert!(!d.logs().contains("panicked"), "{}", d.logs());
+    d.kill9();
+}
