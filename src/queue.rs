@@ -391,7 +391,7 @@ impl Queue {
         let mono_now = st.limiter.now();
         st.limiter.restore(
             events.iter().map(|(p, at)| (p.as_str(), *at)),
-            Timestamp::now(),
+            &ratelimit::Clocks::now(),
             mono_now,
         );
         store.flush_blocking()?;
@@ -523,7 +523,7 @@ impl Queue {
         // Events older than the window are dead weight; this is usually a no-op range scan.
         self.inner
             .store
-            .prune_rate_events(build.created_on.before(ratelimit::WINDOW))?;
+            .prune_rate_events(&ratelimit::Clocks::now(), ratelimit::WINDOW)?;
         self.inner.store.durable().await?;
         if let Some(l) = self.lock().live.get_mut(&build.id) {
             l.on_disk = true;

@@ -383,3 +383,82 @@ fn check_quiet_prints_only_errors() {
     assert_eq!((code, out.as_str()), (1, ""));
     assert!(err.contains("server.bogus"), "{err}");
 }
+
+/// libfaketime's preload library, when installed (Debian `libfaketime`); `None` skips the
+/// tests that step the wall clock.
+fn libfaketime() -> Option<&'static str> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+        "/usr/local/lib/faketime/libfaketime.so.1",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+}
+
+/// Today's date (UTC) shifted by `days`, as log timestamps print it (`2026-01-31`).
+fn utc_date(days: i64) -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", &format!("{days} days"), "+%F"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// Issue 12 item 6: a daemon restarted with the wall clock a day ahead (as after an admin's
+/// `date -s` or a first NTP sync while it was down) still refuses a trigger over the limit:
+/// within one boot the window is measured on `CLOCK_BOOTTIME`, which the step does not move.
+#[test]
+fn a_restart_with_the_wall_clock_a_day_ahead_keeps_the_rate_window() {
+    let Some(lib) = libfaketime() else {
+        eprintln!("SKIP: libfaketime not installed (Debian package faketime)");
+        return;
+    };
+    let wd = tempfile::tempdir().unwrap();
+    let rest = workdir_project("site", wd.path(), "true", "project_builds_per_minute = 2");
+    let d = Daemon::start(&rest);
+    for branch in ["main", "other"] {
+        d.trigger_id("site", branch);
+    }
+    let over = |d: &Daemon| {
+        d.api(
+            "POST",
+            "/api/projects/site/builds",
+            Some(serde_json::json!({"branch": "main"})),
+        )
+    };
+    eventually(30, "both builds stopped", || {
+        d.api("GET", "/api/projects/site/builds?status=stopped", None)
+            .json()["result"]
+            .as_array()
+            .is_some_and(|a| a.len() == 2)
+    });
+    assert_eq!(over(&d).status, 429);
+
+    let mut d = d;
+    let tmp = d._tmp.take();
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(30), Some(0));
+    let env = [
+        ("LD_PRELOAD", lib),
+        ("FAKETIME", "+1d"),
+        // Only the wall clock steps; CLOCK_MONOTONIC and CLOCK_BOOTTIME keep running, as
+        // they do when a real clock is set.
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let mut d2 = Daemon::spawn(&d.dir, &env).unwrap();
+    d2._tmp = tmp;
+    // The step is real for the daemon: its log lines carry tomorrow's date.
+    let tomorrow = utc_date(1);
+    assert!(
+        d2.logs().contains(&tomorrow),
+        "no {tomorrow} in:\n{}",
+        d2.logs()
+    );
+    let r = over(&d2);
+    assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
+    let retry: u64 = r.header("Retry-After").unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    d2.kill9();
+}
