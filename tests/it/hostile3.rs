@@ -462,3 +462,89 @@ fn a_restart_with_the_wall_clock_a_day_ahead_keeps_the_rate_window() {
     assert!((1..=60).contains(&retry), "Retry-After {retry}");
     d2.kill9();
 }
+
+/// HOSTILE 24: the wall clock stepped a day forward, then a day back, while a build runs into
+/// its timeout and then its kill grace (it ignores SIGTERM) and while a rate window is full:
+/// the build is killed on time, `timed_out`, and the window neither opens nor grows. Only the
+/// displayed times move.
+#[test]
+fn a_wall_clock_stepped_a_day_moves_no_timeout_grace_or_rate_window() {
+    let Some(lib) = libfaketime() else {
+        eprintln!("SKIP: libfaketime not installed (Debian package faketime)");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let clock = dir.join("faketime");
+    std::fs::write(&clock, "+0").unwrap();
+    let stubborn = "trap '' TERM; echo started; sleep 30";
+    let projects = [
+        workdir_project("slow", dir, stubborn, "timeout = \"3s\""),
+        workdir_project("rl", dir, "true", "project_builds_per_minute = 1"),
+    ];
+    // kill_grace is 1 s (base_config).
+    write_config(dir, "", &projects.concat());
+    let env = [
+        ("LD_PRELOAD", lib),
+        ("FAKETIME_TIMESTAMP_FILE", clock.to_str().unwrap()),
+        // Read the file at every clock read, so that a write steps the clock at once.
+        ("FAKETIME_NO_CACHE", "1"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ];
+    let d = Daemon::spawn(dir, &env).unwrap();
+    let rl = |d: &Daemon| {
+        d.api(
+            "POST",
+            "/api/projects/rl/builds",
+            Some(serde_json::json!({"branch": "main"})),
+        )
+    };
+    assert_eq!(rl(&d).status, 200);
+    let window_start = Instant::now();
+
+    for (step, date) in [("+1d", utc_date(1)), ("-1d", utc_date(-1))] {
+        let id = d.trigger_id("slow", "main");
+        eventually(20, "the build started", || {
+            d.log_text(&id, "stdout").contains("started")
+        });
+        let started = Instant::now();
+        std::fs::write(&clock, step).unwrap();
+        // The window is still full, with the wait it had before the step.
+        let r = rl(&d);
+        assert_eq!(
+            r.status,
+            429,
+            "after {step}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        let retry: u64 = r.header("Retry-After").unwrap().parse().unwrap();
+        let left = 60 - window_start.elapsed().as_secs().min(60);
+        assert!(
+            retry <= left + 1 && retry + 10 >= left,
+            "after {step}: Retry-After {retry}, expected about {left}"
+        );
+        // Timeout 3 s, then SIGTERM (ignored), SIGKILL after the 1 s grace.
+        let b = d.wait_status(&id, "stopped", 30);
+        let took = started.elapsed();
+        assert_eq!(b["build_outcome"], "timed_out", "after {step}: {b}");
+        // Neither at once (a timeout on the wall clock a day ahead) nor never (a day back).
+        assert!(
+            took > Duration::from_millis(1500) && took < Duration::from_secs(15),
+            "after {step}: stopped after {took:?}"
+        );
+        let system = d.log_text(&id, "system");
+        // SIGTERM was ignored: the grace ran out and SIGKILL ended it.
+        assert!(system.contains("killed by signal 9"), "{system}");
+        // The step was real for the daemon: its log lines now carry the shifted date.
+        assert!(
+            d.logs().contains(&date),
+            "no {date} after {step}:\n{}",
+            d.logs()
+        );
+        std::fs::write(&clock, "+0").unwrap();
+    }
+    assert!(
+        window_start.elapsed() < Duration::from_secs(55),
+        "too slow to test the window"
+    );
+}
