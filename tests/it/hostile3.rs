@@ -548,3 +548,211 @@ fn a_wall_clock_stepped_a_day_moves_no_timeout_grace_or_rate_window() {
         "too slow to test the window"
     );
 }
+
+/// The HMAC-SHA256 of `body` under `secret`, as GitHub's `X-Hub-Signature-256` carries it.
+fn github_signature(secret: &str, body: &[u8]) -> String {
+    use hmac::{KeyInit as _, Mac as _};
+    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    m.update(body);
+    let hex: String = m
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256={hex}")
+}
+
+/// A signed GitHub push of `branch` at `after` to `/git/site`.
+fn github_push(d: &Daemon, secret: &str, branch: &str, after: &str, delivery: &str) -> Resp {
+    let body = serde_json::json!({
+        "ref": format!("refs/heads/{branch}"),
+        "before": "0".repeat(40),
+        "after": after,
+        "repository": {"name": "site"},
+    })
+    .to_string();
+    let sig = github_signature(secret, body.as_bytes());
+    request(
+        d.addr,
+        "POST",
+        "/git/site",
+        &[
+            ("Content-Type", "application/json"),
+            ("X-GitHub-Event", "push"),
+            ("X-Hub-Signature-256", &sig),
+            ("X-GitHub-Delivery", delivery),
+        ],
+        body.as_bytes(),
+    )
+}
+
+/// How many builds project `site` has.
+fn site_builds(d: &Daemon) -> usize {
+    d.api("GET", "/api/projects/site/builds?limit=100", None)
+        .json()["result"]
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
+/// HOSTILE 14: hostile branch names through an API trigger, a hook's creation and a signed
+/// GitHub push are refused and build nothing; hostile hook names are refused or kept as
+/// plain text; and a branch that git accepts but that looks like an option reaches git as one
+/// argv element after `--` (a `git` first on the daemon's PATH records every argv).
+#[test]
+fn hostile_branch_and_hook_names_never_reach_a_shell_or_an_option() {
+    const SECRET: &str = "hostile-names-secret";
+    let real_git = String::from_utf8(
+        std::process::Command::new("sh")
+            .args(["-c", "command -v git"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .to_string();
+    assert!(!real_git.is_empty(), "git is needed");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // The spy: logs each argv (elements NUL-terminated, invocations ended by a newline),
+    // then runs the real git.
+    let bin = dir.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let argv_log = dir.join("git-argv");
+    let spy = format!(
+        "#!/bin/sh\nfor a in \"$@\"; do printf '%s\\0' \"$a\"; done >> '{log}'\necho >> '{log}'\nexec '{real_git}' \"$@\"\n",
+        log = argv_log.display()
+    );
+    std::fs::write(bin.join("git"), spy).unwrap();
+    std::process::Command::new("chmod")
+        .args(["+x", bin.join("git").to_str().unwrap()])
+        .status()
+        .unwrap();
+
+    // A branch git accepts, with a component that looks like an option.
+    let odd = "rel/-upload-pack+x";
+    let repo = Repo::new();
+    repo.git(&["branch", odd]);
+    let odd_head = repo.git(&["rev-parse", odd]);
+    std::fs::write(dir.join("site.secret"), SECRET).unwrap();
+    let rest = format!(
+        "[projects.site]\nbranches = [\"main\", {}]\nrepo = {}\ncommand = \"git rev-parse HEAD\"\ngit_secret_file = \"site.secret\"\n",
+        toml_str(odd),
+        toml_str(repo.path().to_str().unwrap())
+    );
+    write_config(dir, "", &rest);
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let d = Daemon::spawn(dir, &[("PATH", &path)]).unwrap();
+
+    let long = format!("main{}", "a".repeat(10 * 1024));
+    let hostile = [
+        "main;rm -rf /",
+        "$(id)",
+        "`id`",
+        "--upload-pack=x",
+        "..",
+        "main/../main",
+        "main\0x",
+        "main\nx",
+        "main\r\nX-Injected: 1",
+        long.as_str(),
+        "-",
+        "/main",
+        "main.lock",
+        "refs/heads/main",
+    ];
+    for (i, branch) in hostile.iter().enumerate() {
+        let shown = &branch[..branch.len().min(20)];
+        let r = d.api(
+            "POST",
+            "/api/projects/site/builds",
+            Some(serde_json::json!({ "branch": branch })),
+        );
+        assert_eq!(r.status, 400, "API trigger of {shown:?}");
+        assert_eq!(r.json()["errors"][0]["code"], 1400);
+        let r = d.api(
+            "POST",
+            "/api/projects/site/hooks",
+            Some(serde_json::json!({ "name": format!("h{i}"), "branch": branch })),
+        );
+        assert_eq!(r.status, 400, "hook for {shown:?}");
+        let r = github_push(&d, SECRET, branch, &"1".repeat(40), &format!("d{i}"));
+        assert!(
+            r.status == 202 || r.status == 400,
+            "push of {shown:?}: {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    assert_eq!(site_builds(&d), 0, "a hostile name built something");
+    assert!(!argv_log.exists(), "git ran for a refused name");
+
+    // Hook names: control characters and 10 KB are refused; shell syntax is only text.
+    for name in ["a\0b", "a\nb", &"n".repeat(10 * 1024)] {
+        let r = d.api(
+            "POST",
+            "/api/projects/site/hooks",
+            Some(serde_json::json!({ "name": name, "branch": "main" })),
+        );
+        assert_eq!(r.status, 400, "hook name {:?}", &name[..name.len().min(10)]);
+    }
+    let (_, url) = d.create_hook("site", "$(id);rm -rf /", "main");
+    let listed = d.api("GET", "/api/projects/site/hooks", None).json();
+    assert_eq!(listed["result"][0]["name"], "$(id);rm -rf /");
+
+    // The odd branch through each door, then what git was given.
+    let token = url.rsplit('/').next().unwrap().to_string();
+    let (_, odd_hook) = d.create_hook("site", "odd", odd);
+    let odd_token = odd_hook.rsplit('/').next().unwrap();
+    assert_ne!(odd_token, token);
+    let r = request(d.addr, "POST", &format!("/hooks/{odd_token}"), &[], b"");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["result"]["build_uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let b = d.wait_status(&id, "stopped", 60);
+    assert_eq!(b["build_outcome"], "success", "{b}");
+    assert_eq!(b["commit"], odd_head.as_str());
+    assert_eq!(d.log_text(&id, "stdout").trim(), odd_head);
+
+    let log = std::fs::read(&argv_log).unwrap();
+    let calls: Vec<Vec<String>> = log
+        .split(|&b| b == b'\n')
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            c.split(|&b| b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .collect();
+    let fetch = calls
+        .iter()
+        .find(|c| c.iter().any(|a| a == "fetch"))
+        .unwrap_or_else(|| panic!("no git fetch among {calls:?}"));
+    let dashes = fetch.iter().position(|a| a == "--").expect("fetch has --");
+    let holding: Vec<usize> = (0..fetch.len())
+        .filter(|&i| fetch[i].contains(odd))
+        .collect();
+    assert!(!holding.is_empty(), "{fetch:?}");
+    for i in holding {
+        assert!(i > dashes, "the branch before -- in {fetch:?}");
+        // One element: the refspec, whole.
+        assert!(fetch[i].contains(&format!("refs/heads/{odd}")), "{fetch:?}");
+    }
+    // Anywhere else git saw the branch, it was inside a ref (never a bare option-like word).
+    for call in &calls {
+        for a in call.iter().filter(|a| a.contains(odd)) {
+            assert!(
+                a.contains(&format!("refs/heads/{odd}")) || a.starts_with('+'),
+                "{a:?} in {call:?}"
+            );
+        }
+    }
+}
