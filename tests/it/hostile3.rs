@@ -756,3 +756,100 @@ fn hostile_branch_and_hook_names_never_reach_a_shell_or_an_option() {
         }
     }
 }
+
+/// Whether a build (JSON) is pending: queued, or initializing before its commit resolved.
+fn is_pending(b: &serde_json::Value) -> bool {
+    b["status"] == "queued" || (b["status"] == "initializing" && b["commit"].is_null())
+}
+
+/// HOSTILE 25: 50 signed pushes of 50 real commits while builds run: a watcher that lists the
+/// branch's builds all along never sees two pending at once, and the last build has the last
+/// commit (and built it).
+#[test]
+fn fifty_pushes_of_real_commits_keep_one_pending_build_and_build_the_last() {
+    const SECRET: &str = "fifty-pushes-secret";
+    let repo = Repo::new();
+    let wd = tempfile::tempdir().unwrap();
+    std::fs::write(wd.path().join("s"), SECRET).unwrap();
+    let rest = format!(
+        "[projects.site]\nbranches = [\"main\"]\nrepo = {}\ncommand = \"cat README; sleep 0.3\"\ngit_secret_file = {}\nproject_builds_per_minute = 1000\n",
+        toml_str(repo.path().to_str().unwrap()),
+        toml_str(wd.path().join("s").to_str().unwrap())
+    );
+    let d = Daemon::start_with_server("builds_per_minute = 1000", &rest);
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let (addr, token, stop) = (d.addr, d.token.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let auth = format!("Bearer {token}");
+            let (mut polls, mut worst) = (0u32, 0usize);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let r = request(
+                    addr,
+                    "GET",
+                    "/api/projects/site/builds?limit=100",
+                    &[("Authorization", &auth)],
+                    b"",
+                );
+                assert_eq!(r.status, 200);
+                let v = r.json();
+                let pending: Vec<_> = v["result"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|b| is_pending(b))
+                    .cloned()
+                    .collect();
+                assert!(
+                    pending.len() <= 1,
+                    "two pending builds at once: {pending:?}"
+                );
+                worst = worst.max(pending.len());
+                polls += 1;
+            }
+            (polls, worst)
+        })
+    };
+
+    let mut last = String::new();
+    for i in 0..50 {
+        last = repo.commit("README", &format!("version {i}\n"));
+        let r = github_push(&d, SECRET, "main", &last, &format!("push-{i}"));
+        assert_eq!(
+            r.status,
+            200,
+            "push {i}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+    }
+    eventually(120, "every build stopped", || {
+        let v = d
+            .api("GET", "/api/projects/site/builds?limit=100", None)
+            .json();
+        v["result"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["status"] == "stopped")
+    });
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (polls, worst) = watcher.join().expect("the watcher saw two pending builds");
+    assert!(polls >= 5, "the watcher looked only {polls} times");
+    assert_eq!(worst, 1, "the watcher never saw a pending build");
+
+    let v = d
+        .api("GET", "/api/projects/site/builds?limit=100", None)
+        .json();
+    let builds = v["result"].as_array().unwrap();
+    assert!(
+        builds.len() < 50,
+        "no push was joined: {} builds",
+        builds.len()
+    );
+    let newest = &builds[0];
+    assert_eq!(newest["commit"], last.as_str(), "{newest}");
+    assert_eq!(newest["build_outcome"], "success", "{newest}");
+    let id = newest["build_uuid"].as_str().unwrap();
+    assert!(d.log_text(id, "stdout").contains("version 49"));
+}
