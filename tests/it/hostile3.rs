@@ -853,3 +853,149 @@ fn fifty_pushes_of_real_commits_keep_one_pending_build_and_build_the_last() {
     let id = newest["build_uuid"].as_str().unwrap();
     assert!(d.log_text(id, "stdout").contains("version 49"));
 }
+
+/// A tmpfs of `size` mounted on `dir`, unmounted when dropped; `None` where mounting is not
+/// allowed (not root).
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &Path, size: &str) -> Option<SmallDisk> {
+        std::fs::create_dir_all(dir).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| SmallDisk(dir.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Fills the file system of `dir` with `dir/filler` until it has no byte left.
+fn fill_up(dir: &Path) -> PathBuf {
+    use std::io::Write as _;
+    let path = dir.join("filler");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let block = vec![0u8; 64 * 1024];
+    while f.write_all(&block).is_ok() {}
+    let _ = f.write_all(&[0u8; 512]);
+    let _ = f.write_all(&[0u8; 1]);
+    path
+}
+
+/// HOSTILE 21: a real full disk (the state dir on a small tmpfs that is then filled) while
+/// eight clients keep triggering and cancelling: every answer is 200 or 503 (code 1503; after
+/// the daemon exits, connections are refused), the daemon exits non-zero, and after a
+/// restart with room every acknowledged build is there.
+#[test]
+fn a_full_disk_mid_requests_answers_503_and_loses_nothing_acknowledged() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let Some(_disk) = SmallDisk::mount(&dir.join("state"), "48m") else {
+        eprintln!("SKIP: needs root to mount a small tmpfs as the state dir");
+        return;
+    };
+    let branches: Vec<String> = (0..8).map(|i| format!("b{i}")).collect();
+    let rest = format!(
+        "[projects.site]\nbranches = {}\nworkdir = {}\ncommand = \"sleep 60\"\n",
+        serde_json::to_string(&branches).unwrap(),
+        toml_str(dir.to_str().unwrap())
+    );
+    write_config(
+        dir,
+        "builds_per_minute = 1000000\nproject_builds_per_minute = 1000000\nkeep_builds = 100000\nmax_concurrent_builds = 1",
+        &rest,
+    );
+    let mut d = Daemon::spawn(dir, &[]).unwrap();
+    let hooks: Vec<String> = branches
+        .iter()
+        .map(|b| d.create_hook("site", &format!("h-{b}"), b).1)
+        .collect();
+    let acknowledged = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let answers = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u16, String)>::new()));
+    let clients: Vec<_> = hooks
+        .into_iter()
+        .map(|hook| {
+            let (addr, auth) = (d.addr, format!("Bearer {}", d.token));
+            let (acknowledged, answers) = (acknowledged.clone(), answers.clone());
+            std::thread::spawn(move || {
+                let body = vec![b'p'; 16 * 1024];
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while Instant::now() < deadline {
+                    let Some(r) = try_request(addr, "POST", &hook, &[], &body) else {
+                        return; // The daemon has exited.
+                    };
+                    answers.lock().unwrap().push((r.status, r.error_message()));
+                    if r.status != 200 {
+                        continue;
+                    }
+                    let id = r.json()["result"]["build_uuid"]
+                        .as_str()
+                        .unwrap()
+                        .to_string();
+                    acknowledged.lock().unwrap().push(id.clone());
+                    let cancel = format!("/api/builds/{id}/cancel");
+                    if let Some(c) =
+                        try_request(addr, "POST", &cancel, &[("Authorization", &auth)], b"")
+                    {
+                        answers.lock().unwrap().push((c.status, c.error_message()));
+                    }
+                }
+            })
+        })
+        .collect();
+    // The disk fills while the clients are at it.
+    eventually(60, "builds acknowledged before the disk fills", || {
+        acknowledged.lock().unwrap().len() >= 20
+    });
+    let filler = fill_up(&dir.join("state"));
+    let code = d.wait_exit(90);
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert!(matches!(code, Some(c) if c != 0), "exit code {code:?}");
+    let answers = answers.lock().unwrap().clone();
+    let refused: Vec<_> = answers.iter().filter(|(s, _)| *s == 503).collect();
+    assert!(
+        !refused.is_empty(),
+        "no 503 among {} answers",
+        answers.len()
+    );
+    for (status, message) in &answers {
+        // 409: a cancel that lost the race against a cancel of the same build by its own
+        // supersede; never a 500 or another error.
+        assert!(
+            matches!(status, 200 | 409 | 503),
+            "answer {status}: {message}"
+        );
+    }
+    assert!(
+        refused
+            .iter()
+            .all(|(_, m)| m.contains("storage") || m.contains("shutting down")),
+        "{refused:?}"
+    );
+
+    // Room again: every acknowledged build is there.
+    std::fs::remove_file(filler).unwrap();
+    let d2 = Daemon::spawn(dir, &[]).unwrap();
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    eprintln!(
+        "{} builds acknowledged, {} answers 503",
+        acknowledged.len(),
+        refused.len()
+    );
+    for id in &acknowledged {
+        let r = d2.api("GET", &format!("/api/builds/{id}"), None);
+        assert_eq!(r.status, 200, "acknowledged build {id} lost");
+    }
+}
