@@ -15,7 +15,8 @@
 //! - [`ratelimit`]: rolling 60 s windows of new builds per project and per daemon (pure).
 //! - [`queue`]: the build state machine: trigger, dedupe, supersede, cancel, schedule, recovery.
 //! - [`runner`]: one build: checkout, spawn under a supervisor, logs, timeout, stop, outcome.
-//! - [`supervisor`]: the hidden per-process supervisor mode that makes builds die with the daemon.
+//! - [`supervisor`]: the hidden per-process supervisor mode that makes builds die with the daemon,
+//!   and the daemon's handle on it (protocol, escalation, reaping) with its warm pool.
 //! - [`buildlog`]: capped append-only NDJSON log files, line splitting, paging.
 //! - [`git`]: Git-host webhook signatures and push-event parsing (pure).
 //! - [`http`]: accept loop and hardening; `api` (admin), `public` (hooks, Git, health, metrics),

@@ -8,4 +8,5 @@ mod git;
 mod hostile;
 mod ops;
 mod reliability;
+mod supervisor;
 mod util;
