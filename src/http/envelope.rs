@@ -46,6 +46,22 @@ pub struct Notice {
     pub message: String,
 }
 
+impl Envelope<()> {
+    /// The answer to a failed request: its one error, `result` null.
+    pub fn failure(e: &ApiError) -> Self {
+        Envelope {
+            success: false,
+            errors: vec![Notice {
+                code: e.code(),
+                message: e.to_string(),
+            }],
+            messages: Vec::new(),
+            result: (),
+            result_info: None,
+        }
+    }
+}
+
 impl<R> Envelope<R> {
     /// A success with `result` and nothing else.
     pub fn success(result: R) -> Self {
@@ -151,17 +167,7 @@ fn json_response<R: Serialize, I: Serialize>(
         // ever is, a 500 is the honest answer, not an empty 200.
         Err(e) => {
             let e = ApiError::Internal(format!("cannot encode the answer: {e}"));
-            let failure: Envelope<()> = Envelope {
-                success: false,
-                errors: vec![Notice {
-                    code: e.code(),
-                    message: e.to_string(),
-                }],
-                messages: Vec::new(),
-                result: (),
-                result_info: None,
-            };
-            let mut body = serde_json::to_vec(&failure).unwrap_or_default();
+            let mut body = serde_json::to_vec(&Envelope::failure(&e)).unwrap_or_default();
             body.push(b'\n');
             json_body(e.status(), Bytes::from(body))
         }
@@ -244,17 +250,7 @@ pub fn ok_with_info(result: impl Serialize, info: impl Serialize) -> Response<Bo
 
 /// The error envelope for `e`, with the headers its status calls for.
 pub fn error(e: &ApiError) -> Response<Body> {
-    let envelope: Envelope<()> = Envelope {
-        success: false,
-        errors: vec![Notice {
-            code: e.code(),
-            message: e.to_string(),
-        }],
-        messages: Vec::new(),
-        result: (),
-        result_info: None,
-    };
-    let mut r = json_response(e.status(), &envelope);
+    let mut r = json_response(e.status(), &Envelope::failure(e));
     let h = r.headers_mut();
     match e {
         ApiError::MethodNotAllowed(allow) => {
