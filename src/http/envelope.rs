@@ -275,7 +275,7 @@ pub fn error(e: &ApiError) -> Response<Body> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use serde_json::json;
 
@@ -334,9 +334,9 @@ mod tests {
         assert_eq!(r.headers()[header::WWW_AUTHENTICATE], "Bearer");
     }
 
-    #[tokio::test]
-    async fn a_trigger_answer_is_the_success_envelope_of_the_build_object() {
-        let b = Build::new_queued(
+    /// A queued build of `site`/`main` triggered through the API.
+    pub(in crate::http) fn api_build() -> Build {
+        Build::new_queued(
             1,
             &crate::model::Target::branch("site", "main"),
             crate::model::Trigger {
@@ -346,7 +346,12 @@ mod tests {
             None,
             false,
             crate::model::Timestamp::now(),
-        );
+        )
+    }
+
+    #[tokio::test]
+    async fn a_trigger_answer_is_the_success_envelope_of_the_build_object() {
+        let b = api_build();
         for already in [false, true] {
             let fast = triggered(&b, already).into_body().collect().await;
             let slow = ok(StatusCode::OK, b.to_trigger_json(already))

@@ -94,7 +94,6 @@ impl From<tokio::task::JoinError> for ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Build, Trigger, TriggerSource};
     use crate::ratelimit::{Limited, Scope};
 
     fn code(e: impl Into<ApiError>) -> (u16, String) {
@@ -146,17 +145,7 @@ mod tests {
 
     #[test]
     fn cancel_errors_map_to_spec_codes() {
-        let mut b = Build::new_queued(
-            1,
-            "site",
-            "main",
-            Trigger {
-                source: TriggerSource::Api,
-                hook: None,
-            },
-            None,
-            false,
-        );
+        let mut b = super::super::envelope::tests::api_build();
         b.phase = crate::model::Phase::Stopped(crate::model::Outcome::Success);
         assert_eq!(code(CancelError::NotFound).0, 1404);
         let (c, m) = code(CancelError::AlreadyStopped(Box::new(b)));
