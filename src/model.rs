@@ -488,6 +488,12 @@ impl Build {
         }
     }
 
+    /// Whether this build stands alone (an exact commit, or a redeploy): it never joins, is
+    /// never joined and supersedes nothing (SPEC §2.1).
+    pub fn stands_alone(&self) -> bool {
+        self.exact_commit.is_some() || self.redeploy_of.is_some()
+    }
+
     /// The build's target.
     pub fn target(&self) -> Target {
         Target {

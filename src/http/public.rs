@@ -84,6 +84,7 @@ pub async fn fire_hook(
         .store
         .hook_by_token(&TokenHash::of(token))?
         .ok_or(ApiError::HookNotFound)?;
+    let wait = super::api::wait_param(req.uri().query())?;
     let max = state.config.get().server.max_body_bytes;
     let body = read_body(req, max).await?;
     let t = state
@@ -102,7 +103,7 @@ pub async fn fire_hook(
         .await
         .map_err(error::hook_trigger)?;
     state.store.record_hook_fired(hook.id, Timestamp::now())?;
-    Ok(triggered(&t))
+    super::api::answer_trigger(state, t, wait).await
 }
 
 /// `POST /git/{project}`: see `crate::git` for signatures and event rules.

@@ -733,7 +733,7 @@ fn check_machine(w: &World, max: usize) {
     for (target, id) in &m.pending {
         let l = &m.live[id];
         assert!(l.build.is_of(target));
-        assert!(!l.resolved && l.build.exact_commit.is_none());
+        assert!(!l.resolved && !l.build.stands_alone());
         assert!(pending_targets.insert(target.clone(), *id).is_none());
     }
     for (project, id) in &m.active {

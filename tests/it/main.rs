@@ -11,3 +11,4 @@ mod ops;
 mod reliability;
 mod supervisor;
 mod util;
+mod wait;
