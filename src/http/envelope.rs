@@ -240,18 +240,6 @@ pub fn ok_with_messages(
 /// why; `already_exists` for triggers that waited.
 pub fn waited(w: &crate::queue::Waited, already_exists: Option<bool>) -> Response<Body> {
     use crate::model::{Outcome, Phase};
-    #[derive(serde::Serialize)]
-    struct Error {
-        code: u16,
-        message: String,
-    }
-    #[derive(serde::Serialize)]
-    struct Envelope<'a> {
-        success: bool,
-        errors: Vec<Error>,
-        messages: [(); 0],
-        result: BuildJson<'a>,
-    }
     let b = &w.build;
     let exit = b
         .exit_code
@@ -284,21 +272,14 @@ pub fn waited(w: &crate::queue::Waited, already_exists: Option<bool>) -> Respons
         success: message.is_none(),
         errors: message
             .into_iter()
-            .map(|message| Error {
+            .map(|message| Notice {
                 code: 1000 + status.as_u16(),
                 message,
             })
             .collect(),
-        messages: [],
-        result: BuildJson::new(b, already_exists).followed_from(w.followed_from),
+        ..Envelope::success(BuildJson::new(b, already_exists).followed_from(w.followed_from))
     };
-    match serde_json::to_vec(&envelope) {
-        Ok(mut body) => {
-            body.push(b'\n');
-            raw_json(status, Bytes::from(body))
-        }
-        Err(e) => error(&ApiError::Internal(e.to_string())),
-    }
+    json_response(status, &envelope)
 }
 
 /// A success envelope with `result_info` (listings).
