@@ -415,8 +415,14 @@ async fn checkout(
     let git_dir = format!("--git-dir={}", mirror.display());
     let full_ref = build.git_ref.full();
     let refspec = format!("+{full_ref}:{full_ref}");
+    let m = Mirror {
+        url,
+        env,
+        dir: &mirrors,
+        git_dir: &git_dir,
+    };
     let sha = if let Some(wanted) = &build.exact_commit {
-        let sha = fetch_exact(ctx, build, project, url, env, &mirrors, &git_dir, wanted).await?;
+        let sha = fetch_exact(ctx, &m, build, project, wanted).await?;
         queue.resolve(build.id, Resolution::Fetched(sha.clone()));
         sha
     } else {
@@ -429,15 +435,9 @@ async fn checkout(
                     redact_credentials(url)
                 ))
                 .await;
-            fetch(ctx, env, &mirrors, &git_dir, url, &[&refspec]).await?;
+            fetch(ctx, &m, &[&refspec]).await?;
             let rev = format!("{full_ref}^{{commit}}");
-            let sha = git_output(
-                ctx,
-                env,
-                &mirrors,
-                &[&git_dir, "rev-parse", "--verify", "--quiet", &rev],
-            )
-            .await?;
+            let sha = git_output(ctx, &m, &["rev-parse", "--verify", "--quiet", &rev]).await?;
             if !is_full_sha(&sha) {
                 ctx.log
                     .system(format!(
@@ -492,19 +492,25 @@ async fn checkout(
     Ok(sha)
 }
 
+/// A project's bare mirror and how to reach its remote: what every git step of a checkout
+/// needs.
+struct Mirror<'a> {
+    /// The remote's URL or path (`repo`).
+    url: &'a str,
+    /// Environment of git steps.
+    env: &'a [(String, String)],
+    /// `state_dir/mirrors`, where git steps run.
+    dir: &'a Path,
+    /// `--git-dir=<the mirror>`.
+    git_dir: &'a str,
+}
+
 fn is_full_sha(s: &str) -> bool {
     s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// `git fetch` of `refspecs` from `url` into the project's mirror.
-async fn fetch(
-    ctx: &mut Ctx<'_>,
-    env: &[(String, String)],
-    mirrors: &Path,
-    git_dir: &str,
-    url: &str,
-    refspecs: &[&str],
-) -> Result<(), RunEnd> {
+/// `git fetch` of `refspecs` from the remote into the project's mirror.
+async fn fetch(ctx: &mut Ctx<'_>, m: &Mirror<'_>, refspecs: &[&str]) -> Result<(), RunEnd> {
     let mut argv = git_argv(
         &[
             // No background gc/maintenance: a detached gc would be killed with the build's
@@ -513,48 +519,34 @@ async fn fetch(
             "gc.auto=0",
             "-c",
             "maintenance.auto=false",
-            git_dir,
+            m.git_dir,
             "fetch",
             "--quiet",
             "--no-tags",
             "--no-write-fetch-head",
             "--",
         ],
-        &[Path::new(url)],
+        &[Path::new(m.url)],
     );
     argv.extend(refspecs.iter().map(|r| (*r).to_owned()));
     let sys = Sink::Log(ctx.log.clone(), Stream::System);
-    let end = step(ctx, argv, mirrors, env, sys.clone(), sys).await;
+    let end = step(ctx, argv, m.dir, m.env, sys.clone(), sys).await;
     if !end.ok() {
         return Err(step_failed(ctx, "git fetch", &end).await);
     }
     Ok(())
 }
 
-/// Runs `git ARGS` in the mirrors directory; returns its trimmed standard output (at most
-/// 64 KiB are kept).
-async fn git_output(
-    ctx: &mut Ctx<'_>,
-    env: &[(String, String)],
-    mirrors: &Path,
-    args: &[&str],
-) -> Result<String, RunEnd> {
+/// Runs `git --git-dir=<mirror> ARGS`; returns its trimmed standard output (at most 64 KiB
+/// are kept).
+async fn git_output(ctx: &mut Ctx<'_>, m: &Mirror<'_>, args: &[&str]) -> Result<String, RunEnd> {
     let captured = Arc::new(Mutex::new(Vec::new()));
-    let argv = git_argv(args, &[]);
-    let what = format!(
-        "git {}",
-        args.iter().find(|a| !a.starts_with('-')).unwrap_or(&"")
-    );
+    let mut argv = git_argv(&[m.git_dir], &[]);
+    argv.extend(args.iter().map(|a| (*a).to_owned()));
+    let what = format!("git {}", args.first().unwrap_or(&""));
     let err = Sink::Log(ctx.log.clone(), Stream::System);
-    let end = step(
-        ctx,
-        argv,
-        mirrors,
-        env,
-        Sink::Capture(captured.clone()),
-        err,
-    )
-    .await;
+    let out = Sink::Capture(captured.clone());
+    let end = step(ctx, argv, m.dir, m.env, out, err).await;
     if !end.ok() {
         return Err(step_failed(ctx, &what, &end).await);
     }
@@ -568,42 +560,24 @@ async fn git_output(
 /// resolves the commit to its full SHA, and checks that it is reachable from one of the
 /// project's branches or tags (SPEC §2), so that a rollback never deploys code the project
 /// does not build.
-#[allow(clippy::too_many_arguments)]
 async fn fetch_exact(
     ctx: &mut Ctx<'_>,
+    m: &Mirror<'_>,
     build: &Build,
     project: &ProjectConfig,
-    url: &str,
-    env: &[(String, String)],
-    mirrors: &Path,
-    git_dir: &str,
     wanted: &str,
 ) -> Result<String, RunEnd> {
     ctx.log
         .system(format!(
             "fetching every branch and tag from {} to find commit {wanted}",
-            redact_credentials(url)
+            redact_credentials(m.url)
         ))
         .await;
-    fetch(
-        ctx,
-        env,
-        mirrors,
-        git_dir,
-        url,
-        &["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"],
-    )
-    .await?;
+    let all = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"];
+    fetch(ctx, m, &all).await?;
     // `wanted` is 7–40 hex digits (checked by the API), so it cannot be read as an option.
     let rev = format!("{wanted}^{{commit}}");
-    let sha = match git_output(
-        ctx,
-        env,
-        mirrors,
-        &[git_dir, "rev-parse", "--verify", "--quiet", &rev],
-    )
-    .await
-    {
+    let sha = match git_output(ctx, m, &["rev-parse", "--verify", "--quiet", &rev]).await {
         Ok(sha) if is_full_sha(&sha) => sha,
         _ => {
             ctx.log
@@ -615,20 +589,14 @@ async fn fetch_exact(
         }
     };
     let contains = format!("--contains={sha}");
-    let refs = git_output(
-        ctx,
-        env,
-        mirrors,
-        &[
-            git_dir,
-            "for-each-ref",
-            "--format=%(refname)",
-            &contains,
-            "refs/heads",
-            "refs/tags",
-        ],
-    )
-    .await?;
+    let args = [
+        "for-each-ref",
+        "--format=%(refname)",
+        &contains,
+        "refs/heads",
+        "refs/tags",
+    ];
+    let refs = git_output(ctx, m, &args).await?;
     let reachable = refs.lines().any(|r| {
         let git_ref = if let Some(b) = r.strip_prefix("refs/heads/") {
             crate::model::GitRef::Branch(b.to_owned())
