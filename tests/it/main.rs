@@ -2,6 +2,7 @@
 //! and through its CLI. One test crate (faster to build and link than one per file).
 
 mod builds;
+mod client;
 mod examples;
 mod foundation;
 mod git;
