@@ -187,6 +187,22 @@ impl ProjectConfig {
     pub fn has_branch(&self, branch: &str) -> bool {
         self.branches.iter().any(|b| b.as_str() == branch)
     }
+
+    /// The repository URL or path, for projects built from Git.
+    pub fn repo(&self) -> Option<&str> {
+        match &self.source {
+            Source::Repo(url) => Some(url),
+            Source::Workdir(_) => None,
+        }
+    }
+
+    /// Whether a trigger may build this ref (a branch of `branches`; tags are not built yet).
+    pub fn allows(&self, r: &crate::model::GitRef) -> bool {
+        match r {
+            crate::model::GitRef::Branch(b) => self.has_branch(b),
+            crate::model::GitRef::Tag(_) => false,
+        }
+    }
 }
 
 /// `[server]`.

@@ -13,14 +13,18 @@
 //! - [`token`]: hook tokens, the admin token, Git secrets: generation, hashing, constant-time checks.
 //! - [`store`]: the only module that touches sled: trees, bincode records, batched durability.
 //! - [`ratelimit`]: rolling 60 s windows of new builds per project and per daemon (pure).
-//! - [`queue`]: the build state machine: trigger, dedupe, supersede, cancel, schedule, recovery.
+//! - [`machine`]: the build state machine (pure): every transition as an event in, effects out.
+//! - [`queue`]: the shell around the machine: applies its effects (store, runners, waiters, logs).
+//! - [`quietlog`]: aggregation of log lines a client can cause at request rate.
 //! - [`runner`]: one build: checkout, spawn under a supervisor, logs, timeout, stop, outcome.
-//! - [`supervisor`]: the hidden per-process supervisor mode that makes builds die with the daemon.
+//! - [`supervisor`]: the hidden per-process supervisor mode that makes builds die with the daemon,
+//!   and the daemon's handle on it (protocol, escalation, reaping) with its warm pool.
 //! - [`blocking`]: blocking work on threads of its own, an error (not a panic) when none can start.
 //! - [`buildlog`]: capped append-only NDJSON log files, line splitting, paging.
 //! - [`git`]: Git-host webhook signatures and push-event parsing (pure).
 //! - [`http`]: accept loop and hardening; `api` (admin), `public` (hooks, Git, health, metrics),
-//!   `envelope` (responses and error codes), `conn` (per-connection framing checks, eviction).
+//!   `envelope` (the typed envelope, responses and error codes), `error` (domain errors →
+//!   HTTP errors), `conn` (per-connection framing checks, eviction).
 //! - [`shutdown`]: signals and the shutdown phases.
 //! - [`metrics`]: the Prometheus registry (counters, histogram) and its text exposition.
 //! - [`notify`]: systemd's readiness protocol (`READY=1`, `RELOADING=1`, `STOPPING=1`).
@@ -35,10 +39,12 @@ pub mod config;
 pub mod daemon;
 pub mod git;
 pub mod http;
+pub mod machine;
 pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod queue;
+pub mod quietlog;
 pub mod ratelimit;
 pub mod runner;
 pub mod shutdown;

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt as _;
 use hyper::body::{Frame, Incoming};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use super::envelope::{self, ApiError, Body};
@@ -17,7 +18,7 @@ use crate::config::ProjectConfig;
 use crate::model::{
     BuildId, Hook, HookId, StatusFilter, Timestamp, Trigger, TriggerSource, validate_hook_name,
 };
-use crate::queue::{CancelError, TriggerRequest};
+use crate::queue::TriggerRequest;
 use crate::store::{self, HookInsert};
 use crate::token::HookToken;
 
@@ -133,7 +134,7 @@ pub async fn create_hook(
                 .join(", ")
         )));
     }
-    let token = HookToken::generate().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let token = HookToken::generate()?;
     let hook = Hook {
         id: HookId::new(),
         project: p.name.as_str().to_owned(),
@@ -182,7 +183,7 @@ pub async fn delete_hook(state: &AppState, p: &str, id: &str) -> Result<Response
 pub async fn rotate_hook(state: &AppState, p: &str, id: &str) -> Result<Response<Body>, ApiError> {
     let p = project(state, p)?;
     let id = hook_id(id)?;
-    let token = HookToken::generate().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let token = HookToken::generate()?;
     let hook = state
         .store
         .rotate_hook(p.name.as_str(), id, &token.hash())?
@@ -205,27 +206,160 @@ pub async fn trigger_build(
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
+    let wait = wait_param(req.uri().query())?;
     let p = project(state, p)?;
     let body = read_body(req, state.config.get().server.max_body_bytes).await?;
-    let m = json_object(&body, &["branch"])?;
+    let m = json_object(&body, &["branch", "commit"])?;
     let branch = match string_field(&m, "branch")? {
         Some(b) => b,
         None => p.branches[0].as_str().to_owned(),
     };
+    let commit = match string_field(&m, "commit")? {
+        None => None,
+        Some(_) if p.repo().is_none() => {
+            return Err(ApiError::BadRequest(format!(
+                "project {} has no repo: there is no commit to build; trigger the branch instead",
+                p.name.as_str()
+            )));
+        }
+        Some(c) if (7..=40).contains(&c.len()) && c.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Some(c.to_ascii_lowercase())
+        }
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "commit must be 7 to 40 hexadecimal digits of a commit SHA".into(),
+            ));
+        }
+    };
     let t = state
         .queue
         .trigger(TriggerRequest {
-            project: p.name.as_str().to_owned(),
-            branch,
+            commit,
+            ..TriggerRequest::branch(
+                p.name.as_str(),
+                &branch,
+                Trigger {
+                    source: TriggerSource::Api,
+                    hook: None,
+                },
+            )
+        })
+        .await?;
+    answer_trigger(state, t, wait).await
+}
+
+/// `?wait=SECONDS` (SPEC §4.3): 1 to 3600 whole seconds; absent is no wait.
+pub(super) fn wait_param(query: Option<&str>) -> Result<Option<Duration>, ApiError> {
+    let Some((_, v)) = query_pairs(query).into_iter().find(|(k, _)| *k == "wait") else {
+        return Ok(None);
+    };
+    match v.parse::<u64>() {
+        Ok(n @ 1..=3600) if v.bytes().all(|b| b.is_ascii_digit()) => {
+            Ok(Some(Duration::from_secs(n)))
+        }
+        _ => Err(ApiError::BadRequest(
+            "wait must be a whole number of seconds from 1 to 3600".into(),
+        )),
+    }
+}
+
+/// The answer to a trigger: at once, or (with `?wait=`) once its build stopped or the time
+/// ran out, as SPEC §4.3's table says.
+pub(super) async fn answer_trigger(
+    state: &AppState,
+    t: crate::queue::Triggered,
+    wait: Option<Duration>,
+) -> Result<Response<Body>, ApiError> {
+    let Some(wait) = wait else {
+        return Ok(envelope::triggered(&t.build, t.already_exists));
+    };
+    let w = state
+        .queue
+        .wait(t.build.id, wait)
+        .await?
+        .unwrap_or(crate::queue::Waited {
+            build: t.build.clone(),
+            followed_from: None,
+        });
+    let mut r = envelope::waited(&w, Some(t.already_exists));
+    r.extensions_mut().insert(envelope::TriggerAnswer {
+        build: t.build.id,
+        created: (!t.already_exists)
+            .then(|| (t.build.project.clone(), t.build.git_ref.name().to_owned())),
+        already_exists: t.already_exists,
+    });
+    Ok(r)
+}
+
+/// `POST /api/builds/{uuid}/redeploy`: the same project, ref and params again, at the same
+/// commit (SPEC §4.2); a build that stands alone, never joined.
+pub async fn redeploy_build(
+    state: &AppState,
+    id: &str,
+    query: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    if state.is_shutting_down() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let wait = wait_param(query)?;
+    let id = build_id(id)?;
+    let old = state
+        .store
+        .build(id)?
+        .ok_or_else(|| ApiError::NotFound("no build with that id".into()))?;
+    let p = project(state, &old.project)?;
+    let commit = match (p.repo(), &old.commit) {
+        (None, _) => None,
+        (Some(_), Some(c)) => Some(c.clone()),
+        (Some(_), None) => {
+            return Err(ApiError::Conflict(format!(
+                "build {id} never resolved a commit (status {}), so there is nothing to redeploy",
+                old.phase.status()
+            )));
+        }
+    };
+    let t = state
+        .queue
+        .trigger(TriggerRequest {
+            target: old.target(),
             trigger: Trigger {
                 source: TriggerSource::Api,
                 hook: None,
             },
             requested_commit: None,
+            commit,
+            redeploy_of: Some(id),
             payload: None,
         })
         .await?;
-    Ok(envelope::triggered(&t.build, t.already_exists))
+    answer_trigger(state, t, wait).await
+}
+
+/// `GET /api/builds/{uuid}/wait?timeout=SECONDS` (SPEC §4.3).
+pub async fn wait_build(
+    state: &AppState,
+    id: &str,
+    query: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    let timeout = match query_pairs(query)
+        .into_iter()
+        .find(|(k, _)| *k == "timeout")
+    {
+        None => Duration::from_secs(3600),
+        Some((_, v)) => match v.parse::<u64>() {
+            Ok(n @ 1..=3600) if v.bytes().all(|b| b.is_ascii_digit()) => Duration::from_secs(n),
+            _ => {
+                return Err(ApiError::BadRequest(
+                    "timeout must be a whole number of seconds from 1 to 3600".into(),
+                ));
+            }
+        },
+    };
+    let id = build_id(id)?;
+    match state.queue.wait(id, timeout).await? {
+        Some(w) => Ok(envelope::waited(&w, None)),
+        None => Err(ApiError::NotFound("no build with that id".into())),
+    }
 }
 
 /// `GET /api/projects/{p}/builds?status=&limit=&cursor=`.
@@ -290,12 +424,8 @@ pub fn get_build(state: &AppState, id: &str) -> Result<Response<Body>, ApiError>
 /// `POST /api/builds/{uuid}/cancel`.
 pub async fn cancel_build(state: &AppState, id: &str) -> Result<Response<Body>, ApiError> {
     let id = build_id(id)?;
-    match state.queue.cancel(id).await {
-        Ok(b) => Ok(envelope::ok(StatusCode::OK, b.to_json())),
-        Err(CancelError::NotFound) => Err(ApiError::NotFound("no build with that id".into())),
-        Err(e @ CancelError::AlreadyStopped(_)) => Err(ApiError::Conflict(e.to_string())),
-        Err(CancelError::Store(e)) => Err(e.into()),
-    }
+    let b = state.queue.cancel(id).await?;
+    Ok(envelope::ok(StatusCode::OK, b.to_json()))
 }
 
 /// `GET /api/builds/{uuid}/logs?cursor=N[&follow=true]`.
@@ -354,18 +484,37 @@ pub async fn build_logs(
         Some(l) => l.stats.truncated.load(std::sync::atomic::Ordering::Relaxed),
         None => build.log_truncated,
     };
-    let done = !live && page.at_end;
-    // The lines are already JSON objects: splice them in rather than re-encoding.
-    let mut body =
-        String::with_capacity(page.lines.iter().map(|l| l.len() + 1).sum::<usize>() + 160);
-    body.push_str(r#"{"success":true,"errors":[],"messages":[],"result":{"lines":["#);
-    body.push_str(&page.lines.join(","));
-    body.push_str(&format!(
-        r#"],"next_cursor":{},"done":{done},"truncated":{truncated}}}}}"#,
-        page.next_cursor
-    ));
-    body.push('\n');
-    Ok(envelope::raw_json(StatusCode::OK, Bytes::from(body)))
+    /// `result` of a log page. The lines are stored as JSON objects already: they are passed
+    /// through as they are (checked, not re-encoded).
+    #[derive(serde::Serialize)]
+    struct LogPage<'a> {
+        lines: Vec<&'a RawValue>,
+        next_cursor: u64,
+        done: bool,
+        truncated: bool,
+    }
+    let lines = page
+        .lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str::<&RawValue>(l).map_err(|e| {
+                ApiError::Internal(format!(
+                    "the build log is damaged at line {}: {e}",
+                    cursor + i as u64
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(envelope::ok(
+        StatusCode::OK,
+        LogPage {
+            lines,
+            next_cursor: page.next_cursor,
+            done: !live && page.at_end,
+            truncated,
+        },
+    ))
 }
 
 /// A response body fed by a channel. Unlike a body that is polled only while it has data,

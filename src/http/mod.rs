@@ -25,6 +25,7 @@
 pub mod api;
 pub mod conn;
 pub mod envelope;
+pub mod error;
 pub mod public;
 
 use std::convert::Infallible;
@@ -48,7 +49,7 @@ use crate::metrics::{Metrics, TriggerResult};
 use crate::model::TriggerSource;
 use crate::queue::Queue;
 use crate::shutdown::ShutdownWatch;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use crate::token::AdminToken;
 pub use envelope::{ApiError, Body, TriggerAnswer};
 
@@ -84,6 +85,8 @@ pub struct AppState {
     pub unauthenticated_body_budget: Arc<tokio::sync::Semaphore>,
     /// The metric registry behind `GET /metrics` (shared with the queue).
     pub metrics: Arc<Metrics>,
+    /// Aggregates refusal lines that clients can cause at request rate.
+    pub quiet_log: crate::quietlog::Throttle,
 }
 
 impl AppState {
@@ -112,15 +115,6 @@ impl AppState {
     /// Whether shutdown has begun.
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Corrupt(m) => ApiError::Internal(m),
-            other => ApiError::Storage(other.to_string()),
-        }
     }
 }
 
@@ -228,6 +222,8 @@ enum Route<'a> {
     Build(&'a str),
     BuildLogs(&'a str),
     BuildCancel(&'a str),
+    BuildRedeploy(&'a str),
+    BuildWait(&'a str),
 }
 
 impl Route<'_> {
@@ -250,6 +246,8 @@ impl Route<'_> {
             ["api", "builds", id] => Route::Build(id),
             ["api", "builds", id, "logs"] => Route::BuildLogs(id),
             ["api", "builds", id, "cancel"] => Route::BuildCancel(id),
+            ["api", "builds", id, "redeploy"] => Route::BuildRedeploy(id),
+            ["api", "builds", id, "wait"] => Route::BuildWait(id),
             _ => return None,
         })
     }
@@ -261,11 +259,13 @@ impl Route<'_> {
             | Route::Metrics
             | Route::Projects
             | Route::Build(_)
-            | Route::BuildLogs(_) => "GET",
+            | Route::BuildLogs(_)
+            | Route::BuildWait(_) => "GET",
             Route::Hook(_)
             | Route::Git(_)
             | Route::ProjectHookRotate(..)
-            | Route::BuildCancel(_) => "POST",
+            | Route::BuildCancel(_)
+            | Route::BuildRedeploy(_) => "POST",
             Route::ProjectHooks(_) | Route::ProjectBuilds(_) => "GET, POST",
             Route::ProjectHook(..) => "DELETE",
         }
@@ -295,6 +295,8 @@ impl Route<'_> {
             Route::Build(_) => "/api/builds/{uuid}",
             Route::BuildLogs(_) => "/api/builds/{uuid}/logs",
             Route::BuildCancel(_) => "/api/builds/{uuid}/cancel",
+            Route::BuildRedeploy(_) => "/api/builds/{uuid}/redeploy",
+            Route::BuildWait(_) => "/api/builds/{uuid}/wait",
         }
     }
 
@@ -306,7 +308,7 @@ impl Route<'_> {
         match self {
             Route::Hook(_) => Some(TriggerSource::DeployHook),
             Route::Git(_) => Some(TriggerSource::GitPush),
-            Route::ProjectBuilds(_) => Some(TriggerSource::Api),
+            Route::ProjectBuilds(_) | Route::BuildRedeploy(_) => Some(TriggerSource::Api),
             _ => None,
         }
     }
@@ -389,6 +391,8 @@ fn note_trigger(
 ) {
     match result {
         Ok(r) => {
+            // Joins are logged by the queue, once per build (the first, then a count when the
+            // build leaves the queue), so a hammered hook cannot flood the journal.
             if let Some(a) = r.extensions().get::<TriggerAnswer>() {
                 let outcome = if a.already_exists {
                     TriggerResult::Deduplicated
@@ -396,15 +400,18 @@ fn note_trigger(
                     TriggerResult::Created
                 };
                 state.metrics.count_trigger(source, outcome);
-                tracing::info!(
-                    source = %source.as_str(),
-                    result = %outcome.as_str(),
-                    project = %a.project,
-                    branch = %a.branch,
-                    build = %a.build,
-                    already_exists = a.already_exists,
-                    "trigger"
-                );
+                // New builds are bounded by the rate limits, so each gets its line.
+                if let Some((project, branch)) = &a.created {
+                    tracing::info!(
+                        source = %source.as_str(),
+                        result = %outcome.as_str(),
+                        project = %project,
+                        branch = %branch,
+                        build = %a.build,
+                        already_exists = false,
+                        "trigger"
+                    );
+                }
             }
         }
         Err(e) => {
@@ -416,25 +423,36 @@ fn note_trigger(
             };
             state.metrics.count_trigger(source, outcome);
             // Unknown tokens and projects, and API calls without the admin token, are what
-            // scanners produce: counted, but logged only at debug so that they cannot flood
-            // the journal. Every other refusal (a bad Git signature on a configured project,
-            // a limit, a wrong branch) is something an operator may need to see.
+            // scanners produce: counted, but logged only at debug. Every other refusal (a bad
+            // Git signature on a configured project, a limit, a wrong branch) is something an
+            // operator may need to see, but a client can repeat it at request rate: the first
+            // of each kind per minute is written, the rest are counted into the next one.
+            let status = e.status().as_u16();
             if e.status() == http::StatusCode::NOT_FOUND || matches!(e, ApiError::Unauthorized) {
                 tracing::debug!(
                     source = %source.as_str(),
                     result = %outcome.as_str(),
                     project,
-                    status = e.status().as_u16(),
+                    status,
                     "trigger refused: {e}"
                 );
             } else {
-                tracing::info!(
-                    source = %source.as_str(),
-                    result = %outcome.as_str(),
-                    project,
-                    status = e.status().as_u16(),
-                    "trigger refused: {e}"
-                );
+                let kind = format!("{} {status} {}", source.as_str(), project.unwrap_or("-"));
+                if let Some(left_out) = state.quiet_log.admit(&kind, std::time::Instant::now()) {
+                    tracing::info!(
+                        source = %source.as_str(),
+                        result = %outcome.as_str(),
+                        project,
+                        status,
+                        left_out,
+                        "trigger refused: {e}{}",
+                        if left_out > 0 {
+                            format!(" (and {left_out} more like it in the last minute)")
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
             }
         }
     }
@@ -491,6 +509,10 @@ async fn dispatch(
         (Route::Build(id), _) if get => api::get_build(state, id),
         (Route::BuildLogs(id), _) if get => api::build_logs(state, id, req.uri().query()).await,
         (Route::BuildCancel(id), Method::POST) => api::cancel_build(state, id).await,
+        (Route::BuildRedeploy(id), Method::POST) => {
+            api::redeploy_build(state, id, req.uri().query()).await
+        }
+        (Route::BuildWait(id), _) if get => api::wait_build(state, id, req.uri().query()).await,
         (route, _) => Err(ApiError::MethodNotAllowed(route.allow())),
     }
 }

@@ -2,11 +2,15 @@
 //! and through its CLI. One test crate (faster to build and link than one per file).
 
 mod builds;
+mod client;
 mod examples;
 mod foundation;
 mod git;
 mod hostile;
 mod hostile3;
+mod machine;
 mod ops;
 mod reliability;
+mod supervisor;
 mod util;
+mod wait;
