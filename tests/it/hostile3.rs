@@ -813,8 +813,10 @@ fn fifty_pushes_of_real_commits_keep_one_pending_build_and_build_the_last() {
     };
 
     let mut last = String::new();
+    let mut pushed = Vec::new();
     for i in 0..50 {
         last = repo.commit("README", &format!("version {i}\n"));
+        pushed.push(last.clone());
         let r = github_push(&d, SECRET, "main", &last, &format!("push-{i}"));
         assert_eq!(
             r.status,
@@ -850,6 +852,21 @@ fn fifty_pushes_of_real_commits_keep_one_pending_build_and_build_the_last() {
     let newest = &builds[0];
     assert_eq!(newest["commit"], last.as_str(), "{newest}");
     assert_eq!(newest["build_outcome"], "success", "{newest}");
+    // Every pushed commit was asked for by one build or another (joins record theirs).
+    assert_eq!(newest["requested_commit"], last.as_str(), "{newest}");
+    let requested: Vec<String> = builds
+        .iter()
+        .flat_map(|b| {
+            b["requested_commits"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|c| c.as_str().map(str::to_owned))
+        .collect();
+    for sha in &pushed {
+        assert!(requested.contains(sha), "push {sha} recorded by no build");
+    }
     let id = newest["build_uuid"].as_str().unwrap();
     assert!(d.log_text(id, "stdout").contains("version 49"));
 }
