@@ -228,7 +228,11 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 // Once logging is set up, the log is where the error goes (with its priority
                 // under journald); before that (a bad config), stderr is all there is.
-                Err(e) if tracing::dispatcher::has_been_set() => {
+                Err(e)
+                    if tracing::dispatcher::has_been_set()
+                        && tracing::level_filters::LevelFilter::current()
+                            >= tracing::level_filters::LevelFilter::ERROR =>
+                {
                     tracing::error!("{e}");
                     ExitCode::from(1)
                 }

@@ -52,10 +52,48 @@ impl Cgroup {
         })
     }
 
-    /// Moves process `pid` (all its threads) in.
-    fn enter(&self, pid: u32) {
-        for d in &self.dirs {
-            std::fs::write(d.join("cgroup.procs"), pid.to_string()).unwrap();
+    /// Shell commands that move the shell itself in, for [`Daemon::spawn_after`]: the daemon
+    /// it then becomes starts inside, and so does every process it ever starts (its warm
+    /// supervisors included, which moving the daemon later would leave outside).
+    fn enter_first(&self) -> String {
+        self.dirs
+            .iter()
+            .map(|d| format!("echo $$ > {}", d.join("cgroup.procs").display()))
+            .collect::<Vec<_>>()
+            .join(" && ")
+    }
+
+    /// Panics unless `pid` and every descendant of it are inside: the tests here make
+    /// builds fork without end, which must never reach the rest of the machine.
+    fn assert_holds(&self, pid: u32) {
+        let name = self.dirs[0]
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let mut todo = vec![pid];
+        while let Some(p) = todo.pop() {
+            // Read per process: one forked after a listing of the cgroup is inside too.
+            let Ok(cgroups) = std::fs::read_to_string(format!("/proc/{p}/cgroup")) else {
+                continue; // Gone meanwhile.
+            };
+            assert!(
+                cgroups.contains(&name),
+                "process {p} is outside the test's cgroup"
+            );
+            for task in std::fs::read_dir(format!("/proc/{p}/task"))
+                .into_iter()
+                .flatten()
+            {
+                let Ok(task) = task else { continue };
+                let children = std::fs::read_to_string(task.path().join("children"));
+                todo.extend(
+                    children
+                        .unwrap_or_default()
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
         }
     }
 
@@ -168,12 +206,13 @@ fn at_the_task_limit_a_reload_ends_ready_and_log_requests_answer_503() {
     let dir = tmp.path();
     let notify = NotifySocket::bind(dir);
     write_config(dir, "", &workdir_project("site", dir, "echo built", ""));
-    let mut d = Daemon::spawn(dir, &[("NOTIFY_SOCKET", &notify.env())]).unwrap();
+    let env = [("NOTIFY_SOCKET", notify.env())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut d = Daemon::spawn_after(dir, &env, Some(&cg.enter_first())).unwrap();
+    cg.assert_holds(d.pid());
     notify.wait_for("READY=1", 20);
     let id = d.trigger_id("site", "main");
     d.wait_status(&id, "stopped", 30);
-
-    cg.enter(d.pid());
     // Not one more task: every thread and process the daemon has is all it gets.
     cg.set_pids_max(&cg.tasks().to_string());
 
@@ -258,10 +297,11 @@ fn a_fork_bomb_and_a_memory_hog_end_their_builds_not_the_daemon() {
         workdir_project("ok", dir, "echo fine", ""),
     ];
     write_config(dir, "", &projects.concat());
-    let mut d = Daemon::spawn(dir, &[]).unwrap();
-    cg.enter(d.pid());
+    let mut d = Daemon::spawn_after(dir, &[], Some(&cg.enter_first())).unwrap();
     cg.set_pids_max(&(cg.tasks() + 24).to_string());
     cg.set_memory_max(256 << 20);
+    // Before any bomb: the daemon and its warm supervisors are all inside.
+    cg.assert_holds(d.pid());
 
     for project in ["bomb", "hog"] {
         let id = d.trigger_id(project, "main");
@@ -277,6 +317,7 @@ fn a_fork_bomb_and_a_memory_hog_end_their_builds_not_the_daemon() {
             std::thread::sleep(Duration::from_millis(200));
         };
         let outcome = b["build_outcome"].as_str().unwrap_or_default();
+        eprintln!("{project}: {outcome}: {}", d.log_text(&id, "system"));
         assert!(
             outcome == "fail" || outcome == "timed_out",
             "{project}: {b}\n{}",
