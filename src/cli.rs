@@ -71,6 +71,9 @@ enum Cmd {
         /// Branch (default: the project's first).
         #[arg(long)]
         branch: Option<String>,
+        /// A trigger parameter the project lists in `params` (repeatable).
+        #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
+        params: Vec<(String, String)>,
     },
     /// Inspect and control builds.
     #[command(subcommand)]
@@ -89,6 +92,10 @@ enum HooksCmd {
         /// Branch the hook builds (default: the project's first).
         #[arg(long)]
         branch: Option<String>,
+        /// Let the hook fire on GET too (for senders that cannot POST; link previews fetch
+        /// URLs with GET, so keep such a URL out of chats).
+        #[arg(long)]
+        allow_get: bool,
     },
     /// List hooks (of one project, or of all).
     List {
@@ -447,6 +454,20 @@ fn enc(s: &str) -> String {
         .collect()
 }
 
+/// `--param NAME=VALUE`: the name must be a valid parameter name (SPEC §2.3); the value is
+/// checked by the daemon, which knows the project's list.
+fn parse_param(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=VALUE"))?;
+    if !crate::config::valid_param_name(name) {
+        return Err(format!(
+            "{name:?} is not a parameter name (a-z, 0-9 and '_', starting with a letter)"
+        ));
+    }
+    Ok((name.to_owned(), value.to_owned()))
+}
+
 async fn client(cli: Cli) -> Result<(), Failure> {
     let c = Client::new(&cli)?;
     let json = cli.json;
@@ -457,10 +478,14 @@ async fn client(cli: Cli) -> Result<(), Failure> {
             project,
             name,
             branch,
+            allow_get,
         }) => {
             let mut body = json!({"name": name});
             if let Some(b) = branch {
                 body["branch"] = Value::String(b);
+            }
+            if allow_get {
+                body["allow_get"] = Value::Bool(true);
             }
             let v = c
                 .call(
@@ -560,8 +585,23 @@ async fn client(cli: Cli) -> Result<(), Failure> {
                 )?;
             }
         }
-        Cmd::Trigger { project, branch } => {
-            let body = branch.map(|b| json!({"branch": b}));
+        Cmd::Trigger {
+            project,
+            branch,
+            params,
+        } => {
+            let mut body = serde_json::Map::new();
+            if let Some(b) = branch {
+                body.insert("branch".into(), Value::String(b));
+            }
+            if !params.is_empty() {
+                let p: serde_json::Map<String, Value> = params
+                    .into_iter()
+                    .map(|(k, v)| (k, Value::String(v)))
+                    .collect();
+                body.insert("params".into(), Value::Object(p));
+            }
+            let body = (!body.is_empty()).then_some(Value::Object(body));
             let v = c
                 .call(
                     Method::POST,

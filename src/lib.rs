@@ -11,6 +11,10 @@
 //! - [`config`]: raw TOML mirror → validated [`config::Config`]; the shared, reloadable handle.
 //! - [`model`]: builds, hooks, phases, outcomes, trigger sources, and their JSON shapes.
 //! - [`token`]: hook tokens, the admin token, Git secrets: generation, hashing, constant-time checks.
+//! - [`access`]: API token scopes and project lists ([`access::ApiTokens::authenticate`]), and
+//!   the client address `allow_from` judges (`trusted_proxies`, `X-Forwarded-For`).
+//! - [`params`]: trigger parameters from query strings and bodies, with their limits (pure).
+//! - [`schedule`]: `[[projects.P.schedule]]`: cron in time zones, missed runs, the scheduler task.
 //! - [`store`]: the only module that touches sled: trees, bincode records, batched durability.
 //! - [`ratelimit`]: rolling 60 s windows of new builds per project and per daemon (pure).
 //! - [`machine`]: the build state machine (pure): every transition as an event in, effects out.
@@ -29,6 +33,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod buildlog;
 pub mod cli;
 pub mod config;
@@ -39,10 +44,12 @@ pub mod machine;
 pub mod metrics;
 pub mod model;
 pub mod notify;
+pub mod params;
 pub mod queue;
 pub mod quietlog;
 pub mod ratelimit;
 pub mod runner;
+pub mod schedule;
 pub mod shutdown;
 pub mod store;
 pub mod supervisor;

@@ -64,11 +64,18 @@ fn string_field(m: &Map<String, Value>, key: &str) -> Result<Option<String>, Api
     }
 }
 
-/// `GET /api/projects`.
-pub fn projects(state: &AppState) -> Result<Response<Body>, ApiError> {
+/// `GET /api/projects`: the projects the token may reach.
+pub fn projects(
+    state: &AppState,
+    grant: &crate::access::Grant,
+) -> Result<Response<Body>, ApiError> {
     let config = state.config.get();
     let mut out = Vec::new();
-    for p in config.projects.values() {
+    for p in config
+        .projects
+        .values()
+        .filter(|p| grant.allows_project(p.name.as_str()))
+    {
         let (queued, running) = state.queue.project_status(p.name.as_str());
         let last = state.store.list_builds(p.name.as_str(), None, 1, None)?;
         out.push(json!({
@@ -112,7 +119,16 @@ pub async fn create_hook(
 ) -> Result<Response<Body>, ApiError> {
     let p = project(state, p)?;
     let body = read_body(req, state.config.get().server.max_body_bytes).await?;
-    let m = json_object(&body, &["name", "branch"])?;
+    let m = json_object(&body, &["name", "branch", "allow_get"])?;
+    let allow_get = match m.get("allow_get") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "field \"allow_get\" must be true or false".into(),
+            ));
+        }
+    };
     let name = string_field(&m, "name")?
         .ok_or_else(|| ApiError::BadRequest("field \"name\" is required".into()))?;
     validate_hook_name(&name).map_err(|e| ApiError::BadRequest(format!("field \"name\": {e}")))?;
@@ -142,6 +158,7 @@ pub async fn create_hook(
         created_on: Timestamp::now(),
         last_triggered_on: None,
         trigger_count: 0,
+        allow_get,
     };
     match state.store.insert_hook(&hook)? {
         HookInsert::Created => {}
@@ -153,7 +170,7 @@ pub async fn create_hook(
         }
     }
     state.store.durable().await?;
-    tracing::info!(project = %hook.project, hook = %hook.id, name = %hook.name, "hook created");
+    tracing::info!(project = %hook.project, hook = %hook.id, name = %hook.name, allow_get, "hook created");
     Ok(envelope::ok(
         StatusCode::CREATED,
         hook_with_url(state, &hook, &token),
@@ -205,23 +222,27 @@ pub async fn trigger_build(
         return Err(ApiError::ShuttingDown);
     }
     let p = project(state, p)?;
+    let query = crate::params::from_query(&p.access.params, req.uri().query())?;
     let body = read_body(req, state.config.get().server.max_body_bytes).await?;
-    let m = json_object(&body, &["branch"])?;
+    let m = json_object(&body, &["branch", "params"])?;
     let branch = match string_field(&m, "branch")? {
         Some(b) => b,
         None => p.branches[0].as_str().to_owned(),
     };
-    let t = state
-        .queue
-        .trigger(TriggerRequest::branch(
-            p.name.as_str(),
-            &branch,
-            Trigger {
-                source: TriggerSource::Api,
-                hook: None,
-            },
-        ))
-        .await?;
+    let params = crate::params::merge(
+        crate::params::from_api(&p.access.params, m.get("params"))?,
+        query,
+    );
+    let mut request = TriggerRequest::branch(
+        p.name.as_str(),
+        &branch,
+        Trigger {
+            source: TriggerSource::Api,
+            hook: None,
+        },
+    );
+    request.target.params = params;
+    let t = state.queue.trigger(request).await?;
     Ok(envelope::triggered(&t.build, t.already_exists))
 }
 

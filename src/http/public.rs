@@ -13,7 +13,8 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::envelope::{self, ApiError, Body};
-use super::{AppState, read_body, read_body_budgeted};
+use super::{AppState, ClientPeer, read_body, read_body_budgeted};
+use crate::config::ProjectConfig;
 use crate::git::{self, Decision};
 use crate::model::{BuildId, Timestamp, Trigger, TriggerSource};
 use crate::queue::{TriggerError, TriggerRequest, Triggered};
@@ -80,11 +81,63 @@ impl From<TriggerError> for ApiError {
     }
 }
 
+impl From<crate::params::ParamError> for ApiError {
+    fn from(e: crate::params::ParamError) -> Self {
+        ApiError::BadRequest(e.to_string())
+    }
+}
+
+/// 403 (code 1403) unless the request's client address is in the project's `allow_from`
+/// (SPEC §4.1 (v2)). Called before the body is read. The address is the TCP peer, or, from a
+/// `trusted_proxies` peer, the one `X-Forwarded-For` names (see [`crate::access::client_addr`]).
+pub fn check_allow_from(
+    state: &AppState,
+    req: &Request<Incoming>,
+    project: &ProjectConfig,
+) -> Result<(), ApiError> {
+    let Some(nets) = project.access.allow_from.as_deref() else {
+        return Ok(());
+    };
+    let config = state.config.get();
+    let client = req.extensions().get::<ClientPeer>().and_then(|peer| {
+        crate::access::client_addr(
+            peer.0.ip(),
+            req.headers()
+                .get_all("x-forwarded-for")
+                .iter()
+                .map(|v| v.as_bytes()),
+            &config.server.trusted_proxies,
+        )
+    });
+    if crate::access::allowed_from(Some(nets), client) {
+        return Ok(());
+    }
+    Err(ApiError::Forbidden(match client {
+        Some(ip) => format!(
+            "requests from {ip} may not trigger project {}: it is not in its allow_from",
+            project.name
+        ),
+        None => format!(
+            "the client address is unknown (X-Forwarded-For holds an entry that is not an IP), and project {} has allow_from",
+            project.name
+        ),
+    }))
+}
+
+/// The 405 of a hook URL asked with a method it does not answer: `Allow: GET, POST` for a
+/// hook created with `allow_get`, else `Allow: POST` (unknown tokens included, so a 405
+/// tells nothing about a token the caller does not hold).
+pub fn hook_methods(state: &AppState, token: &str) -> ApiError {
+    let allow_get = HookToken::is_well_formed(token)
+        && matches!(state.store.hook_by_token(&TokenHash::of(token)), Ok(Some(h)) if h.allow_get);
+    ApiError::MethodNotAllowed(if allow_get { "GET, POST" } else { "POST" })
+}
+
 fn triggered(t: &Triggered) -> Response<Body> {
     envelope::triggered(&t.build, t.already_exists)
 }
 
-/// `POST /hooks/{token}`.
+/// `POST /hooks/{token}`, and `GET` for hooks created with `allow_get`.
 pub async fn fire_hook(
     state: &Arc<AppState>,
     token: &str,
@@ -100,22 +153,31 @@ pub async fn fire_hook(
         .store
         .hook_by_token(&TokenHash::of(token))?
         .ok_or(ApiError::HookNotFound)?;
-    let max = state.config.get().server.max_body_bytes;
-    let body = read_body(req, max).await?;
-    let result = state
-        .queue
-        .trigger(TriggerRequest {
-            payload: (!body.is_empty()).then_some(body),
-            ..TriggerRequest::branch(
-                &hook.project,
-                &hook.branch,
-                Trigger {
-                    source: TriggerSource::DeployHook,
-                    hook: Some((hook.id, hook.name.clone())),
-                },
-            )
-        })
-        .await;
+    if req.method() == http::Method::GET && !hook.allow_get {
+        return Err(ApiError::MethodNotAllowed("POST"));
+    }
+    let config = state.config.get();
+    let project = config.project(&hook.project).cloned();
+    if let Some(p) = &project {
+        check_allow_from(state, &req, p)?;
+    }
+    let allowed = project.as_ref().map(|p| p.access.params.clone()).unwrap_or_default();
+    let query = crate::params::from_query(&allowed, req.uri().query())?;
+    let body = read_body(req, config.server.max_body_bytes).await?;
+    let params = crate::params::merge(crate::params::from_hook_body(&allowed, &body)?, query);
+    let mut request = TriggerRequest {
+        payload: (!body.is_empty()).then_some(body),
+        ..TriggerRequest::branch(
+            &hook.project,
+            &hook.branch,
+            Trigger {
+                source: TriggerSource::DeployHook,
+                hook: Some((hook.id, hook.name.clone())),
+            },
+        )
+    };
+    request.target.params = params;
+    let result = state.queue.trigger(request).await;
     let t = match result {
         Ok(t) => t,
         Err(TriggerError::UnknownProject(p)) => {
@@ -151,6 +213,7 @@ pub async fn git_push(
     };
     let p = config.project(project).cloned().ok_or_else(not_found)?;
     let secret = p.git_secret.clone().ok_or_else(not_found)?;
+    check_allow_from(state, &req, &p)?;
     let headers = req.headers().clone();
     // No signature header at all: refuse before reading (and holding) any body.
     if !git::has_signature_header(&headers) {
