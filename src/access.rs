@@ -121,9 +121,7 @@ impl Grant {
     pub fn require(&self, needs: Scope, project: Option<&str>) -> Result<(), Denied> {
         self.require_scope(needs)?;
         match project {
-            Some(p) if !self.allows_project(p) => {
-                Err(Denied::Project(crate::model::clip(p, 80)))
-            }
+            Some(p) if !self.allows_project(p) => Err(Denied::Project(crate::model::clip(p, 80))),
             None if self.projects.is_some() => Err(Denied::Unlimited),
             _ => Ok(()),
         }

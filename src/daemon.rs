@@ -22,6 +22,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::RwLock;
 
+use crate::access::ApiTokens;
 use crate::config::{Config, ConfigError, SharedConfig};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
@@ -31,7 +32,6 @@ use crate::queue::Queue;
 use crate::runner::RunSettings;
 use crate::shutdown::{self, Phase, SignalEvent, Signals};
 use crate::store::{Store, StoreError};
-use crate::access::ApiTokens;
 use crate::token::TokenError;
 
 /// Why the daemon could not start or had to stop.

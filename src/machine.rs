@@ -159,9 +159,7 @@ impl Quiet {
 
 /// `t + d`, saturating (the model's timestamps are microseconds).
 fn after(t: Timestamp, d: Duration) -> Timestamp {
-    Timestamp(
-        t.0.saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
-    )
+    Timestamp(t.0.saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)))
 }
 
 /// A trigger as the machine sees it.

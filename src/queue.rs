@@ -209,7 +209,8 @@ async fn quiet_timer(inner: std::sync::Weak<Inner>, mut wake: watch::Receiver<Op
             }
             Some(t) => {
                 let now = Timestamp::now();
-                let wait = Duration::from_micros(u64::try_from(t.0.saturating_sub(now.0)).unwrap_or(0));
+                let wait =
+                    Duration::from_micros(u64::try_from(t.0.saturating_sub(now.0)).unwrap_or(0));
                 tokio::select! {
                     changed = wake.changed() => {
                         if changed.is_err() {

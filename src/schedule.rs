@@ -31,8 +31,8 @@ use croner::Cron;
 use croner::parser::{CronParser, Seconds, Year};
 
 use crate::config::SharedConfig;
-use crate::model::{Timestamp, Trigger, TriggerSource};
 use crate::metrics::{Metrics, TriggerResult};
+use crate::model::{Timestamp, Trigger, TriggerSource};
 use crate::queue::{Queue, TriggerError, TriggerRequest};
 use crate::store::Store;
 
@@ -80,8 +80,11 @@ impl Schedule {
             .build()
             .parse(text)
             .map_err(|e| format!("invalid cron {text:?}: {e}"))?;
-        let tz = jiff::tz::TimeZone::get(timezone)
-            .map_err(|e| format!("unknown time zone {timezone:?} (use an IANA name such as \"Europe/Berlin\"): {e}"))?;
+        let tz = jiff::tz::TimeZone::get(timezone).map_err(|e| {
+            format!(
+                "unknown time zone {timezone:?} (use an IANA name such as \"Europe/Berlin\"): {e}"
+            )
+        })?;
         Ok(Schedule {
             cron_text: text.to_owned(),
             cron: parsed,
@@ -93,7 +96,9 @@ impl Schedule {
 
     /// The first run strictly after `t`.
     pub fn next_after(&self, t: Timestamp) -> Option<Timestamp> {
-        let z = jiff::Timestamp::from_microsecond(t.0).ok()?.to_zoned(self.tz.clone());
+        let z = jiff::Timestamp::from_microsecond(t.0)
+            .ok()?
+            .to_zoned(self.tz.clone());
         let next = self.cron.find_next_occurrence(&z, false).ok()?;
         Some(Timestamp(next.timestamp().as_microsecond()))
     }
@@ -256,6 +261,10 @@ pub async fn run(
                 }
             }
         }
+        tracing::debug!(
+            next = %next.map_or_else(|| "none".to_owned(), Timestamp::rfc3339),
+            "scheduler: schedules checked"
+        );
         tokio::select! {
             _ = clock.sleep_until(next) => {}
             _ = &mut notified => {}
@@ -344,7 +353,10 @@ mod tests {
             s.next_after(ts("2026-07-01T12:00:00Z")),
             Some(ts("2026-07-02T01:00:00Z"))
         );
-        assert!(s.describe_next(ts("2026-01-21T12:00:00Z")).contains("2026-01-22 03:00"));
+        assert!(
+            s.describe_next(ts("2026-01-21T12:00:00Z"))
+                .contains("2026-01-22 03:00")
+        );
     }
 
     #[test]

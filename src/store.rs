@@ -1103,12 +1103,18 @@ mod tests {
         // firing upgrades it.
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
-        s.inner.hooks.insert(h.id.as_bytes(), encode(&v1).unwrap()).unwrap();
+        s.inner
+            .hooks
+            .insert(h.id.as_bytes(), encode(&v1).unwrap())
+            .unwrap();
         assert_eq!(s.hook(h.id).unwrap().unwrap().trigger_count, 3);
         s.record_hook_fired(h.id, Timestamp::now()).unwrap();
         let got = s.hook(h.id).unwrap().unwrap();
         assert_eq!(got.trigger_count, 4);
-        assert_eq!(s.inner.hooks.get(h.id.as_bytes()).unwrap().unwrap()[0], HOOK_FORMAT_V2);
+        assert_eq!(
+            s.inner.hooks.get(h.id.as_bytes()).unwrap().unwrap()[0],
+            HOOK_FORMAT_V2
+        );
     }
 
     #[test]
@@ -1116,8 +1122,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = Store::open(dir.path()).unwrap();
-            assert_eq!(s.schedule_checked("site\0main\0UTC\0* * * * *").unwrap(), None);
-            s.set_schedule_checked("site\0main\0UTC\0* * * * *", Timestamp(42)).unwrap();
+            assert_eq!(
+                s.schedule_checked("site\0main\0UTC\0* * * * *").unwrap(),
+                None
+            );
+            s.set_schedule_checked("site\0main\0UTC\0* * * * *", Timestamp(42))
+                .unwrap();
             s.flush_blocking().unwrap();
         }
         let s = Store::open(dir.path()).unwrap();

@@ -160,11 +160,7 @@ pub(super) fn project_access(
     let mut params = BTreeSet::new();
     if let Some(list) = raw.params {
         if list.get_ref().len() > MAX_PARAMS {
-            return Err(ctx.err(
-                span_of(list),
-                &pkey,
-                format!("at most {MAX_PARAMS} names"),
-            ));
+            return Err(ctx.err(span_of(list), &pkey, format!("at most {MAX_PARAMS} names")));
         }
         for n in list.get_ref() {
             if !valid_param_name(n.get_ref()) {
@@ -354,7 +350,12 @@ pub(super) fn summarize(out: &mut String, p: &super::ProjectConfig) {
 pub(super) fn summarize_api(out: &mut String, c: &super::Config) {
     use std::fmt::Write as _;
     if !c.server.trusted_proxies.is_empty() {
-        let nets: Vec<String> = c.server.trusted_proxies.iter().map(ToString::to_string).collect();
+        let nets: Vec<String> = c
+            .server
+            .trusted_proxies
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         let _ = writeln!(out, "proxies     [{}]", nets.join(", "));
     }
     for (name, t) in &c.api.tokens {
@@ -418,15 +419,26 @@ mod tests {
         assert!(dash.projects.is_none());
         let p = &c.project("site").unwrap().access;
         assert_eq!(p.quiet.period, Duration::from_secs(30));
-        assert_eq!(p.quiet.max, Duration::from_secs(300), "default 10 x quiet_period");
-        assert_eq!(p.params.iter().cloned().collect::<Vec<_>>(), ["env", "zone_2"]);
+        assert_eq!(
+            p.quiet.max,
+            Duration::from_secs(300),
+            "default 10 x quiet_period"
+        );
+        assert_eq!(
+            p.params.iter().cloned().collect::<Vec<_>>(),
+            ["env", "zone_2"]
+        );
         assert_eq!(p.allow_from.as_ref().unwrap().len(), 1);
         assert_eq!(p.schedules.len(), 2);
         assert_eq!(p.schedules[0].branch, "main");
         assert_eq!(p.schedules[0].timezone, "Europe/Berlin");
         assert_eq!(p.schedules[1].branch, "dev");
         assert_eq!(p.schedules[1].timezone, "UTC");
-        assert!(c.summary().contains("schedule \"0 3 * * *\" Europe/Berlin"), "{}", c.summary());
+        assert!(
+            c.summary().contains("schedule \"0 3 * * *\" Europe/Berlin"),
+            "{}",
+            c.summary()
+        );
     }
 
     #[test]
@@ -441,8 +453,16 @@ mod tests {
             ),
             ("params = [\"Env\"]\n", "projects.site.params", 5),
             ("params = [\"env\", \"env\"]\n", "projects.site.params", 5),
-            ("allow_from = [\"192.0.2.0/33\"]\n", "projects.site.allow_from", 5),
-            ("allow_from = [\"everyone\"]\n", "projects.site.allow_from", 5),
+            (
+                "allow_from = [\"192.0.2.0/33\"]\n",
+                "projects.site.allow_from",
+                5,
+            ),
+            (
+                "allow_from = [\"everyone\"]\n",
+                "projects.site.allow_from",
+                5,
+            ),
             (
                 "[[projects.site.schedule]]\ncron = \"0 3 * * * *\"\n",
                 "projects.site.schedule.cron",
@@ -483,7 +503,11 @@ mod tests {
     #[test]
     fn bad_tokens_name_their_line_and_key() {
         let cases: &[(&str, &str, usize)] = &[
-            ("[api.tokens.ci]\nscope = \"read\"\n", "api.tokens.ci.token_file", 2),
+            (
+                "[api.tokens.ci]\nscope = \"read\"\n",
+                "api.tokens.ci.token_file",
+                2,
+            ),
             (
                 "[api.tokens.ci]\ntoken_file = \"ci\"\nscope = \"write\"\n",
                 "api.tokens.ci.scope",

@@ -43,13 +43,13 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::RwLock;
 
+use crate::access::{self, ApiTokens, Grant, Scope};
 use crate::config::SharedConfig;
 use crate::metrics::{Metrics, TriggerResult};
 use crate::model::TriggerSource;
 use crate::queue::Queue;
 use crate::shutdown::ShutdownWatch;
 use crate::store::{Store, StoreError};
-use crate::access::{self, ApiTokens, Grant, Scope};
 pub use envelope::{ApiError, Body, TriggerAnswer};
 
 /// How long a client may take to send its request headers (also the idle keep-alive limit).
@@ -775,13 +775,19 @@ mod tests {
         assert_eq!(read(Route::Projects, Method::GET), Scope::Read);
         assert_eq!(read(Route::ProjectHooks("p"), Method::GET), Scope::Read);
         assert_eq!(read(Route::ProjectHooks("p"), Method::POST), Scope::Admin);
-        assert_eq!(read(Route::ProjectHook("p", "i"), Method::DELETE), Scope::Admin);
+        assert_eq!(
+            read(Route::ProjectHook("p", "i"), Method::DELETE),
+            Scope::Admin
+        );
         assert_eq!(
             read(Route::ProjectHookRotate("p", "i"), Method::POST),
             Scope::Admin
         );
         assert_eq!(read(Route::ProjectBuilds("p"), Method::GET), Scope::Read);
-        assert_eq!(read(Route::ProjectBuilds("p"), Method::POST), Scope::Trigger);
+        assert_eq!(
+            read(Route::ProjectBuilds("p"), Method::POST),
+            Scope::Trigger
+        );
         assert_eq!(read(Route::Build("u"), Method::GET), Scope::Read);
         assert_eq!(read(Route::BuildLogs("u"), Method::GET), Scope::Read);
         assert_eq!(read(Route::BuildCancel("u"), Method::POST), Scope::Trigger);
@@ -791,7 +797,10 @@ mod tests {
             Route::ProjectBuilds("p").needs(&Method::POST).1,
             About::Project("p")
         );
-        assert_eq!(Route::BuildCancel("u").needs(&Method::POST).1, About::Build("u"));
+        assert_eq!(
+            Route::BuildCancel("u").needs(&Method::POST).1,
+            About::Build("u")
+        );
     }
 
     #[test]

@@ -161,7 +161,10 @@ pub async fn fire_hook(
     if let Some(p) = &project {
         check_allow_from(state, &req, p)?;
     }
-    let allowed = project.as_ref().map(|p| p.access.params.clone()).unwrap_or_default();
+    let allowed = project
+        .as_ref()
+        .map(|p| p.access.params.clone())
+        .unwrap_or_default();
     let query = crate::params::from_query(&allowed, req.uri().query())?;
     let body = read_body(req, config.server.max_body_bytes).await?;
     let params = crate::params::merge(crate::params::from_hook_body(&allowed, &body)?, query);

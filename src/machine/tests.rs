@@ -740,7 +740,10 @@ fn a_quiet_build_waits_until_no_trigger_joined_it_for_the_quiet_period() {
     let (b, joined, _) = quiet_trigger(&mut w, &t, None);
     assert!(!joined);
     assert_eq!(b.not_before, Some(Timestamp(created + 10 * SEC)));
-    assert!(w.starts.is_empty(), "it must not start during its quiet period");
+    assert!(
+        w.starts.is_empty(),
+        "it must not start during its quiet period"
+    );
     assert_eq!(w.m.next_wake(), Some(Timestamp(created + 10 * SEC)));
 
     // A join 4 s later pushes it to join + 10 s, and the move is written.
@@ -960,7 +963,11 @@ fn check_machine(w: &World, max: usize) {
         if let Some(t) = l.build.not_before {
             assert_eq!(l.build.phase, Phase::Queued);
             assert!(l.build.exact_commit.is_none());
-            assert!(t <= after(l.build.created_on, PROP_QUIET.max), "{:?}", l.build);
+            assert!(
+                t <= after(l.build.created_on, PROP_QUIET.max),
+                "{:?}",
+                l.build
+            );
         }
         assert_eq!(
             w.stored.get(&l.build.id).map(|b| b.not_before),
