@@ -243,6 +243,8 @@ enum Route<'a> {
     Build(&'a str),
     BuildLogs(&'a str),
     BuildCancel(&'a str),
+    BuildRedeploy(&'a str),
+    BuildWait(&'a str),
 }
 
 impl Route<'_> {
@@ -265,6 +267,8 @@ impl Route<'_> {
             ["api", "builds", id] => Route::Build(id),
             ["api", "builds", id, "logs"] => Route::BuildLogs(id),
             ["api", "builds", id, "cancel"] => Route::BuildCancel(id),
+            ["api", "builds", id, "redeploy"] => Route::BuildRedeploy(id),
+            ["api", "builds", id, "wait"] => Route::BuildWait(id),
             _ => return None,
         })
     }
@@ -276,11 +280,13 @@ impl Route<'_> {
             | Route::Metrics
             | Route::Projects
             | Route::Build(_)
-            | Route::BuildLogs(_) => "GET",
+            | Route::BuildLogs(_)
+            | Route::BuildWait(_) => "GET",
             Route::Hook(_)
             | Route::Git(_)
             | Route::ProjectHookRotate(..)
-            | Route::BuildCancel(_) => "POST",
+            | Route::BuildCancel(_)
+            | Route::BuildRedeploy(_) => "POST",
             Route::ProjectHooks(_) | Route::ProjectBuilds(_) => "GET, POST",
             Route::ProjectHook(..) => "DELETE",
         }
@@ -313,10 +319,14 @@ impl Route<'_> {
             | Route::ProjectHook(p, _)
             | Route::ProjectHookRotate(p, _)
             | Route::ProjectBuilds(p) => (Scope::Read, About::Project(p)),
-            Route::BuildCancel(id) if post => (Scope::Trigger, About::Build(id)),
-            Route::Build(id) | Route::BuildLogs(id) | Route::BuildCancel(id) => {
-                (Scope::Read, About::Build(id))
+            Route::BuildCancel(id) | Route::BuildRedeploy(id) if post => {
+                (Scope::Trigger, About::Build(id))
             }
+            Route::Build(id)
+            | Route::BuildLogs(id)
+            | Route::BuildCancel(id)
+            | Route::BuildRedeploy(id)
+            | Route::BuildWait(id) => (Scope::Read, About::Build(id)),
             // Not token-checked (see `is_admin`); listed for completeness.
             Route::Healthz | Route::Hook(_) | Route::Git(_) => (Scope::Read, About::Filtered),
         }
@@ -338,6 +348,8 @@ impl Route<'_> {
             Route::Build(_) => "/api/builds/{uuid}",
             Route::BuildLogs(_) => "/api/builds/{uuid}/logs",
             Route::BuildCancel(_) => "/api/builds/{uuid}/cancel",
+            Route::BuildRedeploy(_) => "/api/builds/{uuid}/redeploy",
+            Route::BuildWait(_) => "/api/builds/{uuid}/wait",
         }
     }
 
@@ -355,7 +367,7 @@ impl Route<'_> {
         match self {
             Route::Hook(_) => Some(TriggerSource::DeployHook),
             Route::Git(_) => Some(TriggerSource::GitPush),
-            Route::ProjectBuilds(_) => Some(TriggerSource::Api),
+            Route::ProjectBuilds(_) | Route::BuildRedeploy(_) => Some(TriggerSource::Api),
             _ => None,
         }
     }
@@ -573,6 +585,10 @@ async fn dispatch(
         (Route::Build(id), _) if get => api::get_build(state, id),
         (Route::BuildLogs(id), _) if get => api::build_logs(state, id, req.uri().query()).await,
         (Route::BuildCancel(id), Method::POST) => api::cancel_build(state, id).await,
+        (Route::BuildRedeploy(id), Method::POST) => {
+            api::redeploy_build(state, id, req.uri().query()).await
+        }
+        (Route::BuildWait(id), _) if get => api::wait_build(state, id, req.uri().query()).await,
         (route, _) => Err(ApiError::MethodNotAllowed(route.allow())),
     }
 }
@@ -791,6 +807,8 @@ mod tests {
         assert_eq!(read(Route::Build("u"), Method::GET), Scope::Read);
         assert_eq!(read(Route::BuildLogs("u"), Method::GET), Scope::Read);
         assert_eq!(read(Route::BuildCancel("u"), Method::POST), Scope::Trigger);
+        assert_eq!(read(Route::BuildRedeploy("u"), Method::POST), Scope::Trigger);
+        assert_eq!(read(Route::BuildWait("u"), Method::GET), Scope::Read);
         assert_eq!(read(Route::Metrics, Method::GET), Scope::Admin);
         assert_eq!(Route::Metrics.needs(&Method::GET).1, About::Everything);
         assert_eq!(

@@ -165,6 +165,7 @@ pub async fn fire_hook(
         .as_ref()
         .map(|p| p.access.params.clone())
         .unwrap_or_default();
+    let wait = super::api::wait_param(req.uri().query())?;
     let query = crate::params::from_query(&allowed, req.uri().query())?;
     let body = read_body(req, config.server.max_body_bytes).await?;
     let params = crate::params::merge(crate::params::from_hook_body(&allowed, &body)?, query);
@@ -198,7 +199,7 @@ pub async fn fire_hook(
         Err(e) => return Err(e.into()),
     };
     state.store.record_hook_fired(hook.id, Timestamp::now())?;
-    Ok(triggered(&t))
+    super::api::answer_trigger(state, t, wait).await
 }
 
 /// `POST /git/{project}`: see `crate::git` for signatures and event rules.

@@ -550,6 +550,20 @@ fn each_scope_is_allowed_and_refused_on_every_endpoint_class() {
             allowed_a: [true, true, true, true],
         },
         Class {
+            name: "wait",
+            method: "GET",
+            path: |_, _, b| format!("/api/builds/{b}/wait?timeout=1"),
+            body: None,
+            allowed_a: [true, true, true, true],
+        },
+        Class {
+            name: "redeploy",
+            method: "POST",
+            path: |_, _, b| format!("/api/builds/{b}/redeploy"),
+            body: None,
+            allowed_a: [false, true, true, true],
+        },
+        Class {
             name: "trigger",
             method: "POST",
             path: |p, _, _| format!("/api/projects/{p}/builds"),
