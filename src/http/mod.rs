@@ -807,7 +807,10 @@ mod tests {
         assert_eq!(read(Route::Build("u"), Method::GET), Scope::Read);
         assert_eq!(read(Route::BuildLogs("u"), Method::GET), Scope::Read);
         assert_eq!(read(Route::BuildCancel("u"), Method::POST), Scope::Trigger);
-        assert_eq!(read(Route::BuildRedeploy("u"), Method::POST), Scope::Trigger);
+        assert_eq!(
+            read(Route::BuildRedeploy("u"), Method::POST),
+            Scope::Trigger
+        );
         assert_eq!(read(Route::BuildWait("u"), Method::GET), Scope::Read);
         assert_eq!(read(Route::Metrics, Method::GET), Scope::Admin);
         assert_eq!(Route::Metrics.needs(&Method::GET).1, About::Everything);
