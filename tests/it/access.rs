@@ -175,6 +175,27 @@ fn params_reach_the_build_environment_exactly() {
         r.json()["result"]["params"],
         json!({"env": "api", "msg": "q"})
     );
+
+    // The CLI's --param, repeatable; a malformed one is a usage error.
+    let url = format!("http://{}", d.addr);
+    let cfg = d.config.to_str().unwrap();
+    let (code, out, err) = cli(
+        &[
+            "trigger", "site", "--param", "env=cli", "--param", "msg=x=y", "--json", "--config",
+            cfg, "--url", &url,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["params"], json!({"env": "cli", "msg": "x=y"}));
+    let (code, _, err) = cli(
+        &[
+            "trigger", "site", "--param", "Env", "--config", cfg, "--url", &url,
+        ],
+        &[],
+    );
+    assert_eq!(code, 2, "{err}");
 }
 
 #[test]
