@@ -218,6 +218,9 @@ pub async fn git_push(
     let p = config.project(project).cloned().ok_or_else(not_found)?;
     let secret = p.git_secret.clone().ok_or_else(not_found)?;
     check_allow_from(state, &req, &p)?;
+    // SPEC §2.3: a trigger's query string may carry the project's params (one webhook URL
+    // per target, `/git/site?env=staging`).
+    let params = crate::params::from_query(&p.access.params, req.uri().query())?;
     let headers = req.headers().clone();
     // No signature header at all: refuse before reading (and holding) any body.
     if !git::has_signature_header(&headers) {
@@ -252,7 +255,7 @@ pub async fn git_push(
         }
         Decision::Build { branch, after } => (branch, after),
     };
-    let request = TriggerRequest {
+    let mut request = TriggerRequest {
         requested_commit: Some(after),
         payload: Some(body),
         ..TriggerRequest::branch(
@@ -264,6 +267,7 @@ pub async fn git_push(
             },
         )
     };
+    request.target.params = params;
     // Claim, trigger and record run in their own task: if the Git host hangs up meanwhile
     // (hyper then drops this handler), the delivery is still completed or released, never
     // left claimed-but-unhandled.

@@ -284,6 +284,55 @@ fn different_params_are_different_targets() {
     );
 }
 
+#[test]
+fn a_git_push_takes_params_from_its_webhook_url() {
+    use hmac::{KeyInit as _, Mac as _};
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("git.secret"), "s3cret\n").unwrap();
+    let d = Daemon::start(&workdir_project(
+        "site",
+        work.path(),
+        PARAM_COMMAND,
+        &format!(
+            "params = [\"env\"]\ngit_secret_file = \"{}\"\n",
+            work.path().join("git.secret").display()
+        ),
+    ));
+    let body = json!({"ref": "refs/heads/main", "before": "0".repeat(40), "after": "1".repeat(40)})
+        .to_string();
+    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"s3cret").unwrap();
+    m.update(body.as_bytes());
+    let sig: String = m
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let sig = format!("sha256={sig}");
+    let headers = [
+        ("Content-Type", "application/json"),
+        ("X-GitHub-Event", "push"),
+        ("X-Hub-Signature-256", sig.as_str()),
+    ];
+    let r = request(
+        d.addr,
+        "POST",
+        "/git/site?env=staging",
+        &headers,
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.json()["result"]["params"], json!({"env": "staging"}));
+    let r = request(
+        d.addr,
+        "POST",
+        "/git/site?env=a%0Ab",
+        &headers,
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 400);
+}
+
 // ---- GET hooks (SPEC §4.1) --------------------------------------------------------------
 
 #[test]
