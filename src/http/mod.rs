@@ -486,6 +486,9 @@ fn note_trigger(
                 }
             }
         }
+        // A GET of a hook that does not fire on GET (a link preview, a scanner) was never a
+        // trigger: neither counted nor logged here.
+        Err(ApiError::MethodNotAllowed(_)) => {}
         Err(e) => {
             // By status: whatever the limit that refused it, a 429 is rate_limited.
             let outcome = if e.status() == http::StatusCode::TOO_MANY_REQUESTS {

@@ -146,14 +146,24 @@ pub async fn fire_hook(
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
+    // A GET fires only a hook created with `allow_get`; to every other token, known or
+    // not, a GET is the same 405 `Allow: POST` it has always been, so it tells nothing.
+    let get = req.method() == http::Method::GET;
+    let unknown = || {
+        if get {
+            ApiError::MethodNotAllowed("POST")
+        } else {
+            ApiError::HookNotFound
+        }
+    };
     if !HookToken::is_well_formed(token) {
-        return Err(ApiError::HookNotFound);
+        return Err(unknown());
     }
     let hook = state
         .store
         .hook_by_token(&TokenHash::of(token))?
-        .ok_or(ApiError::HookNotFound)?;
-    if req.method() == http::Method::GET && !hook.allow_get {
+        .ok_or_else(unknown)?;
+    if get && !hook.allow_get {
         return Err(ApiError::MethodNotAllowed("POST"));
     }
     let config = state.config.get();

@@ -345,6 +345,16 @@ fn get_fires_only_a_hook_created_with_allow_get() {
     assert_eq!(r.header("allow"), Some("POST"));
     assert_eq!(r.json()["errors"][0]["code"], 1405);
     assert!(builds_of(&d, "site").is_empty());
+    // An unknown token answers a GET exactly like a hook without allow_get.
+    let unknown = request(
+        d.addr,
+        "GET",
+        &format!("/hooks/dh_{}", "A".repeat(43)),
+        &[],
+        b"",
+    );
+    assert_eq!(unknown.status, 405);
+    assert_eq!(unknown.body, r.body);
 
     // Created through the CLI with --allow-get.
     let url = format!("http://{}", d.addr);
