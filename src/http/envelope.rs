@@ -48,7 +48,7 @@ pub enum ApiError {
     #[error("{0}")]
     Conflict(String),
     /// 413, code 1413; carries the limit.
-    #[error("request body is larger than max_body_bytes ({0} bytes)")]
+    #[error("request body is larger than {0} bytes (max_body_bytes; for /git, max_git_body_bytes)")]
     PayloadTooLarge(u64),
     /// 429, code 1429; carries the seconds for `Retry-After`.
     #[error("rate limited: {message}")]
