@@ -5,6 +5,7 @@ mod builds;
 mod examples;
 mod foundation;
 mod git;
+mod git_hosts;
 mod hostile;
 mod ops;
 mod reliability;
