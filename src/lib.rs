@@ -17,7 +17,8 @@
 //! - [`runner`]: one build: checkout, spawn under a supervisor, logs, timeout, stop, outcome.
 //! - [`supervisor`]: the hidden per-process supervisor mode that makes builds die with the daemon.
 //! - [`buildlog`]: capped append-only NDJSON log files, line splitting, paging.
-//! - [`git`]: Git-host webhook signatures and push-event parsing (pure).
+//! - [`git`]: Git-host webhooks (pure): host detection, signatures, every host's push shapes
+//!   (multi-ref, tags, System Hooks), skip markers and `paths`, delivery ids.
 //! - [`http`]: accept loop and hardening; `api` (admin), `public` (hooks, Git, health, metrics),
 //!   `envelope` (responses and error codes), `conn` (per-connection framing checks, eviction).
 //! - [`shutdown`]: signals and the shutdown phases.
