@@ -395,6 +395,16 @@ impl ProjectConfig {
             .filter(|b| !b.is_glob())
             .map(RefPattern::as_str)
     }
+
+    /// Whether a trigger may build this ref: a valid concrete name matched by `branches`
+    /// (a branch) or `tags` (a tag). Hooks, API triggers, Git pushes and the runner all ask
+    /// this one question.
+    pub fn allows(&self, r: &crate::model::GitRef) -> bool {
+        match r {
+            crate::model::GitRef::Branch(b) => self.has_branch(b),
+            crate::model::GitRef::Tag(t) => self.has_tag(t),
+        }
+    }
 }
 
 /// `[server]`.

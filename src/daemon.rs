@@ -199,6 +199,7 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
         local_addr: local,
         unauthenticated_body_budget: body_budget,
         metrics,
+        quiet_log: Default::default(),
     });
     tracing::info!("listening on {local}");
 

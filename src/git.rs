@@ -33,31 +33,7 @@ use crate::config::{ProjectConfig, Source, ref_name_problem};
 use crate::model::clip;
 use crate::token::GitSecret;
 
-/// A branch or a tag: what a push asks to build.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum GitRef {
-    /// `refs/heads/NAME`.
-    Branch(String),
-    /// `refs/tags/NAME`.
-    Tag(String),
-}
-
-impl GitRef {
-    /// The full ref, `refs/heads/B` or `refs/tags/T`.
-    pub fn full(&self) -> String {
-        match self {
-            GitRef::Branch(b) => format!("refs/heads/{b}"),
-            GitRef::Tag(t) => format!("refs/tags/{t}"),
-        }
-    }
-
-    /// The short name.
-    pub fn name(&self) -> &str {
-        match self {
-            GitRef::Branch(n) | GitRef::Tag(n) => n,
-        }
-    }
-}
+pub use crate::model::GitRef;
 
 /// The host a delivery comes from, told by its event header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -15,7 +15,7 @@ use serde_json::json;
 use super::envelope::{self, ApiError, Body};
 use super::{AppState, TriggerAnswer, read_body, read_body_budgeted_draining};
 use crate::git::{self, Decision};
-use crate::model::{Build, BuildId, Timestamp, Trigger, TriggerSource};
+use crate::model::{Build, BuildId, Target, Timestamp, Trigger, TriggerSource};
 use crate::queue::{TriggerError, TriggerRequest, Triggered};
 use crate::store::DeliverySeen;
 use crate::token::{HookToken, TokenHash};
@@ -105,14 +105,15 @@ pub async fn fire_hook(
     let result = state
         .queue
         .trigger(TriggerRequest {
-            project: hook.project.clone(),
-            branch: hook.branch.clone(),
-            trigger: Trigger {
-                source: TriggerSource::DeployHook,
-                hook: Some((hook.id, hook.name.clone())),
-            },
-            requested_commit: None,
             payload: (!body.is_empty()).then_some(body),
+            ..TriggerRequest::branch(
+                &hook.project,
+                &hook.branch,
+                Trigger {
+                    source: TriggerSource::DeployHook,
+                    hook: Some((hook.id, hook.name.clone())),
+                },
+            )
         })
         .await;
     let t = match result {
@@ -210,13 +211,18 @@ pub async fn git_push(
 /// The trigger of one ref a push asks to build.
 fn push_request(project: &str, build: git::RefBuild, payload: bytes::Bytes) -> TriggerRequest {
     TriggerRequest {
-        project: project.to_owned(),
-        branch: build.git_ref.name().to_owned(),
+        target: Target {
+            project: project.to_owned(),
+            git_ref: build.git_ref,
+            params: Default::default(),
+        },
         trigger: Trigger {
             source: TriggerSource::GitPush,
             hook: None,
         },
         requested_commit: Some(build.commit),
+        commit: None,
+        redeploy_of: None,
         payload: Some(payload),
     }
 }
@@ -267,14 +273,14 @@ async fn handle_push(
     let mut triggered: Vec<Triggered> = Vec::new();
     let mut first_error = None;
     for request in requests {
-        let name = request.branch.clone();
+        let git_ref = request.target.git_ref.clone();
         match state.queue.trigger(request).await {
             Ok(t) => triggered.push(t),
             Err(e) => {
                 // Refs already triggered stay triggered: the answer lists this one's failure.
                 messages.push(format!(
                     "{} was not built: {e}",
-                    crate::model::clip(&name, 80)
+                    crate::model::clip(&git_ref.to_string(), 100)
                 ));
                 first_error.get_or_insert(e);
             }
@@ -320,8 +326,7 @@ fn push_answer(builds: &[(Build, bool)], messages: &[String]) -> Response<Body> 
     let mut r = envelope::ok_with_messages(StatusCode::OK, result, messages);
     r.extensions_mut().insert(TriggerAnswer {
         build: first.id,
-        project: first.project.clone(),
-        branch: first.branch.clone(),
+        created: (!*first_exists).then(|| (first.project.clone(), first.git_ref.name().to_owned())),
         already_exists: *first_exists,
     });
     r

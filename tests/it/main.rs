@@ -7,6 +7,7 @@ mod foundation;
 mod git;
 mod git_hosts;
 mod hostile;
+mod machine;
 mod ops;
 mod reliability;
 mod util;
