@@ -166,8 +166,9 @@ impl HostRepo {
     }
 }
 
-/// The `branches` of `site` and `example`.
-const ALL_BRANCHES: &str = "branches = [\"master\", \"d\", \"branch*\"]";
+/// The `branches` and `tags` of `site` and `example` (`mono` has no tags).
+const ALL_REFS: &str =
+    "branches = [\"master\", \"d\", \"branch*\"]\ntags = [\"simple-tag\", \"a\", \"v*\"]";
 
 /// A daemon with three projects on `repo`: `site` (every fixture's refs), `mono` (with
 /// `paths`) and `example` (the repo by its other path, for GitLab's System Hook example).
@@ -181,7 +182,7 @@ fn daemon(repo: &HostRepo, out: &Path) -> Daemon {
     );
     let project = |name: &str, repo: &Path, extra: &str| {
         format!(
-            "[projects.{name}]\ntags = [\"simple-tag\", \"a\", \"v*\"]\nrepo = {}\ncommand = {}\ngit_secret_file = {}\ncancel_superseded = false\nproject_builds_per_minute = 1000\n{extra}\n",
+            "[projects.{name}]\nrepo = {}\ncommand = {}\ngit_secret_file = {}\ncancel_superseded = false\nproject_builds_per_minute = 1000\n{extra}\n",
             toml_str(&repo.display().to_string()),
             toml_str(&command),
             toml_str(&secret.display().to_string()),
@@ -189,13 +190,13 @@ fn daemon(repo: &HostRepo, out: &Path) -> Daemon {
     };
     let cfg = format!(
         "{}{}{}",
-        project("site", &repo.path, ALL_BRANCHES),
+        project("site", &repo.path, ALL_REFS),
         project(
             "mono",
             &repo.path,
             "branches = [\"master\", \"d\"]\npaths = [\"web/**\"]"
         ),
-        project("example", &repo.example, ALL_BRANCHES),
+        project("example", &repo.example, ALL_REFS),
     );
     Daemon::start_with_server("builds_per_minute = 1000", &cfg)
 }
@@ -315,6 +316,45 @@ fn github_deliveries_replayed() {
         Encoding::Json,
     );
     assert!(ignored(&r)[0].contains("the head commit of branch master says [skip ci]"));
+
+    // A tag push (GitHub Enterprise's example) of an annotated tag: `after` is the tag
+    // object, `head_commit.id` its commit, which is what is built, not master's head.
+    repo.git(&["tag", "-a", "simple-tag", "-m", "release", &head]);
+    let tag_object = repo.git(&["rev-parse", "simple-tag"]);
+    assert_ne!(tag_object, head);
+    let later = repo.commit("later.txt", "master moved on\n");
+    let tag_push = fixture("github-push-tag-created.json")
+        .replace(
+            "\"after\": \"6113728f27ae82c7b1a177c8d03f9e96e0adf246\"",
+            &format!("\"after\": \"{tag_object}\""),
+        )
+        .replace("6113728f27ae82c7b1a177c8d03f9e96e0adf246", &head);
+    let r = deliver(
+        &d,
+        "site",
+        "github.headers",
+        "push",
+        &tag_push,
+        "gh-tag",
+        Encoding::Json,
+    );
+    let b = built(&d, &r);
+    assert_eq!(b["ref"], "refs/tags/simple-tag");
+    assert_eq!(b["tag"], "simple-tag");
+    assert_eq!(b["branch"], Value::Null);
+    assert_eq!(b["commit"], head.as_str());
+    assert_eq!(b["requested_commit"], head.as_str());
+    assert_eq!(b["requested_commits"], json!([head]));
+    assert_ne!(b["commit"], later.as_str());
+    let env = env_of(&d, &b);
+    for line in [
+        "DEPLOYHOOK_REF=refs/tags/simple-tag",
+        "DEPLOYHOOK_TAG=simple-tag",
+        &format!("DEPLOYHOOK_COMMIT={head}"),
+    ] {
+        assert!(env.lines().any(|l| l == line), "{line} not in\n{env}");
+    }
+    assert!(env.lines().any(|l| l == "DEPLOYHOOK_BRANCH="), "{env}");
 
     // A deleted tag is a deleted tag.
     let r = deliver(
@@ -437,6 +477,60 @@ fn gitlab_deliveries_replayed() {
     );
     built(&d, &r);
 
+    // Tags: a Tag Push Hook builds the tag's commit; a System Hook's annotated tag (`after` is
+    // the tag object) builds its `checkout_sha`.
+    repo.git(&["tag", "-a", "v1.0.0", "-m", "release 1.0.0", &first]);
+    let tag_object = repo.git(&["rev-parse", "v1.0.0"]);
+    let tag_push = fixture("gitlab-tag-push-hook.json")
+        .replace("82b3d5ae55f7080f1e6022629cdb57bfae7cccc7", &first);
+    let r = deliver(
+        &d,
+        "site",
+        "gitlab.headers",
+        "Tag Push Hook",
+        &tag_push,
+        "tag-1",
+        Encoding::Json,
+    );
+    let b = built(&d, &r);
+    assert_eq!(b["ref"], "refs/tags/v1.0.0");
+    assert_eq!(b["commit"], first.as_str());
+    let sys_tag = fixture("gitlab-system-hook-tag-push.json")
+        .replace("82b3d5ae55f7080f1e6022629cdb57bfae7cccc7", &tag_object)
+        .replace("5937ac0a7beb003549fc5fd26fc247adbce4a52e", &first);
+    let r = deliver(
+        &d,
+        "example",
+        "gitlab.headers",
+        "System Hook",
+        &sys_tag,
+        "sys-tag",
+        Encoding::Json,
+    );
+    let b = built(&d, &r);
+    assert_eq!(b["project"], "example");
+    assert_eq!(b["tag"], "v1.0.0");
+    assert_eq!(b["requested_commit"], first.as_str());
+    assert_eq!(b["commit"], first.as_str());
+    // A deleted tag (a Tag Push Hook to the zero SHA).
+    let deleted = tag_push.replace(
+        &format!("\"after\": \"{first}\""),
+        "\"after\": \"0000000000000000000000000000000000000000\"",
+    );
+    let r = deliver(
+        &d,
+        "site",
+        "gitlab.headers",
+        "Tag Push Hook",
+        &deleted,
+        "tag-2",
+        Encoding::Json,
+    );
+    assert_eq!(
+        ignored(&r),
+        vec!["tag v1.0.0 was deleted; nothing to build"]
+    );
+
     // System Hooks build only the project whose repo path ends with path_with_namespace.
     let sys = fixture("gitlab-system-hook-push.json")
         .replace("da1560886d4f094c3e6c9ef40349f7d38b5d27d7", &head);
@@ -472,6 +566,50 @@ fn bitbucket_deliveries_replayed() {
     let master = repo.commit("a.txt", "a\n");
     let out = tempfile::tempdir().unwrap();
     let d = daemon(&repo, out.path());
+
+    // Cloud: branch master and tag a in one push: two builds, in payload order.
+    repo.git(&["tag", "a", &first]);
+    let cloud = fixture("bitbucket-cloud-branch-and-tag.json")
+        .replace("84b96adc644a30fd6465b3d196369d880762afed", &master)
+        .replace("450118afff93569d1ce362174e9f1a7f104f9166", &first);
+    let r = deliver(
+        &d,
+        "site",
+        "bitbucket-cloud.headers",
+        "repo:push",
+        &cloud,
+        "{cloud-1}",
+        Encoding::Json,
+    );
+    let b = built(&d, &r);
+    assert_eq!(b["branch"], "master");
+    assert_eq!(b["commit"], master.as_str());
+    let more = r.json()["result"]["more_builds"].clone();
+    assert_eq!(more[0]["tag"], "a", "{more}");
+    assert_eq!(more[0]["already_exists"], false);
+    let t = d.wait_status(more[0]["build_uuid"].as_str().unwrap(), "stopped", 60);
+    assert_eq!(t["build_outcome"], "success", "{t}");
+    assert_eq!(t["commit"], first.as_str());
+    // `mono` builds no tags: master builds, the tag is listed in messages.
+    let r = deliver(
+        &d,
+        "mono",
+        "bitbucket-cloud.headers",
+        "repo:push",
+        &cloud,
+        "{cloud-2}",
+        Encoding::Json,
+    );
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["result"]["more_builds"], json!([]));
+    assert!(
+        v["messages"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tag a was pushed, but this project builds no tags"),
+        "{v}"
+    );
 
     // Data Center: one branch; then two branches in one push.
     let one = fixture("bitbucket-dc-refs-changed.json")
@@ -529,7 +667,7 @@ fn bitbucket_deliveries_replayed() {
     let all = d
         .api("GET", "/api/projects/site/builds?limit=100", None)
         .json();
-    assert_eq!(all["result"].as_array().unwrap().len(), 3);
+    assert_eq!(all["result"].as_array().unwrap().len(), 5);
     // A project without `branch*`: master builds, branch1 is listed in messages.
     let r = deliver(
         &d,
@@ -701,4 +839,92 @@ fn an_ignored_delivery_is_judged_again() {
     let b = built(&d, &r);
     assert_eq!(b["branch"], "later");
     assert_eq!(r.json()["result"]["already_exists"], false);
+}
+
+/// The API builds a tag with `"tag"`; hooks and triggers name one concrete branch.
+#[test]
+fn api_triggers_a_tag_and_names_concrete_branches() {
+    let repo = HostRepo::new();
+    let tagged = repo.commit("README.md", "v2\n");
+    repo.git(&["tag", "-a", "v2.0.0", "-m", "two", &tagged]);
+    let head = repo.commit("README.md", "after v2\n");
+    let out = tempfile::tempdir().unwrap();
+    let d = daemon(&repo, out.path());
+    let trigger = |project: &str, body: Value| {
+        d.api(
+            "POST",
+            &format!("/api/projects/{project}/builds"),
+            Some(body),
+        )
+    };
+    let r = trigger("site", json!({"tag": "v2.0.0"}));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let id = r.json()["result"]["build_uuid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let b = d.wait_status(&id, "stopped", 60);
+    assert_eq!(b["build_outcome"], "success", "{b}");
+    assert_eq!(b["ref"], "refs/tags/v2.0.0");
+    assert_eq!(b["tag"], "v2.0.0");
+    assert_eq!(b["branch"], Value::Null);
+    assert_eq!(b["commit"], tagged.as_str(), "the tag's commit, not {head}");
+    assert!(env_of(&d, &b).contains("DEPLOYHOOK_TAG=v2.0.0"));
+    for (project, body, why) in [
+        (
+            "site",
+            json!({"tag": "nightly-1"}),
+            "is not one of project site's tags (simple-tag, a, v*)",
+        ),
+        ("site", json!({"tag": "v*"}), "is not a concrete tag name"),
+        (
+            "mono",
+            json!({"tag": "v2.0.0"}),
+            "project mono builds no tags",
+        ),
+        (
+            "site",
+            json!({"branch": "master", "tag": "v2.0.0"}),
+            "not both",
+        ),
+        (
+            "site",
+            json!({"branch": "branch*"}),
+            "is not a concrete branch name",
+        ),
+        (
+            "site",
+            json!({"branch": "feature"}),
+            "is not one of project site's branches",
+        ),
+    ] {
+        let r = trigger(project, body.clone());
+        assert_eq!(r.status, 400, "{body}");
+        assert_eq!(r.json()["errors"][0]["code"], 1400);
+        assert!(
+            r.error_message().contains(why),
+            "{body}: {}",
+            r.error_message()
+        );
+    }
+    // A branch matching a glob is a branch of the project.
+    repo.git(&["branch", "branch7"]);
+    let r = trigger("site", json!({"branch": "branch7"}));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // Hooks name a concrete branch too.
+    let hook = |branch: &str| {
+        d.api(
+            "POST",
+            "/api/projects/site/hooks",
+            Some(json!({"name": format!("h-{}", rand_suffix()), "branch": branch})),
+        )
+    };
+    assert_eq!(hook("branch7").status, 201);
+    let r = hook("branch*");
+    assert_eq!(r.status, 400);
+    assert!(
+        r.error_message().contains("not a concrete branch name"),
+        "{}",
+        r.error_message()
+    );
 }
