@@ -928,3 +928,63 @@ fn api_triggers_a_tag_and_names_concrete_branches() {
         r.error_message()
     );
 }
+
+/// `deployhook check` accepts Unicode branch names and globs, and rejects what git would
+/// reject, naming file, line, column and key.
+#[test]
+fn check_validates_ref_names_globs_and_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |project: &str| {
+        let path = write_config(dir.path(), "", project);
+        path.display().to_string()
+    };
+    let good = write(
+        "[projects.site]\nbranches = [\"déploiement\", \"release/*\", \"team/**\"]\ntags = [\"v*\"]\npaths = [\"web/**\"]\ncommand = \"true\"\nworkdir = \"/tmp\"\n",
+    );
+    let (code, out, err) = cli(&["check", "--config", &good], &[]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("déploiement, release/*, team/**"), "{out}");
+    assert!(
+        out.contains("tags [v*]") && out.contains("paths [web/**]"),
+        "{out}"
+    );
+    for (project, needle, key) in [
+        (
+            "branches = [\"main\", \"a..b\"]",
+            "\"a..b\"",
+            "projects.site.branches",
+        ),
+        (
+            "branches = [\"main\"]\ntags = [\"v 1\"]",
+            "\"v 1\"",
+            "projects.site.tags",
+        ),
+        (
+            "branches = [\"[z-a]\"]",
+            "\"[z-a]\"",
+            "projects.site.branches",
+        ),
+        (
+            "branches = [\"main\"]\npaths = [\"{a\"]",
+            "\"{a\"",
+            "projects.site.paths",
+        ),
+    ] {
+        let path = write(&format!(
+            "[projects.site]\n{project}\ncommand = \"true\"\nworkdir = \"/tmp\"\n"
+        ));
+        // The error points at the offending entry itself.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let (line, col) = text
+            .lines()
+            .enumerate()
+            .find_map(|(i, l)| l.find(needle).map(|c| (i + 1, c + 1)))
+            .unwrap();
+        let (code, _, err) = cli(&["check", "--config", &path], &[]);
+        assert_eq!(code, 1, "{project}: {err}");
+        assert!(
+            err.contains(&format!("{path}:{line}:{col}: {key}: invalid")),
+            "{project}: {err}"
+        );
+    }
+}
