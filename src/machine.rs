@@ -214,6 +214,27 @@ pub struct LogLine {
     pub what: LogWhat,
 }
 
+/// A change of a build that people and systems outside may be told about (SPEC §5): the
+/// outbox turns each into notifications and commit statuses, written in the same store
+/// transaction as the record of the change (the [`Effect::Put`] just before it, or the
+/// insert of a new build for [`Tell::Queued`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tell {
+    /// A new build was queued (its `requested_commits` are pending).
+    Queued,
+    /// A trigger joined the pending build and added this SHA.
+    Joined(String),
+    /// It left the queue.
+    Initializing,
+    /// Its command started.
+    Running,
+    /// A newer build of its target superseded it: its SHAs stay pending and take that
+    /// build's final state (the newer build lists them in `superseded_commits`).
+    SupersededBy(BuildId),
+    /// It stopped (the record says how).
+    Stopped,
+}
+
 /// What the shell must do after an event, in order.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Effect {
@@ -236,6 +257,8 @@ pub enum Effect {
     },
     /// Log a line.
     Log(LogLine),
+    /// Tell the outbox about a change (see [`Tell`]); the build as it is after the change.
+    Tell(Build, Tell),
 }
 
 /// A build that is not stopped.
@@ -431,6 +454,7 @@ impl Machine {
         b.not_before = None;
         let ran_for = crate::metrics::ran_for(&b);
         fx.push(Effect::Put(b.clone()));
+        fx.push(Effect::Tell(b.clone(), Tell::Stopped));
         fx.push(log(&b, LogWhat::Stopped(outcome, exit_code)));
         fx.push(Effect::CountStopped {
             project: b.project.clone(),
@@ -493,8 +517,9 @@ impl Machine {
                 }
                 _ => false,
             };
-            if changed {
+            if changed && let Some(sha) = t.requested_commit {
                 fx.push(Effect::Put(l.build.clone()));
+                fx.push(Effect::Tell(l.build.clone(), Tell::Joined(sha.to_owned())));
             }
             let plan = Plan::Joined {
                 build: l.build.clone(),
@@ -520,8 +545,16 @@ impl Machine {
 
     /// A planned build is in the store: it joins the queue, counts against the rate limits,
     /// and (for a head build with `cancel_superseded`) supersedes its target's resolved build.
-    pub fn created(&mut self, build: Build, cancel_superseded: bool, mono: Mono) -> Vec<Effect> {
-        let mut fx = vec![log(&build, LogWhat::Queued(build.trigger.source))];
+    pub fn created(
+        &mut self,
+        mut build: Build,
+        cancel_superseded: bool,
+        mono: Mono,
+    ) -> Vec<Effect> {
+        let mut fx = vec![
+            Effect::Tell(build.clone(), Tell::Queued),
+            log(&build, LogWhat::Queued(build.trigger.source)),
+        ];
         self.limiter.record(&build.project, mono);
         if cancel_superseded && build.exact_commit.is_none() {
             let target = self.active.get(&build.project).copied().filter(|old| {
@@ -534,6 +567,20 @@ impl Machine {
                 && let Some(l) = self.live.get_mut(&old)
             {
                 l.superseded_by = Some(build.id);
+                // The old build's SHAs take this build's final state (SPEC §5.2).
+                let old_commits = l
+                    .build
+                    .superseded_commits
+                    .iter()
+                    .chain(&l.build.requested_commits)
+                    .chain(&l.build.commit);
+                for sha in old_commits {
+                    if !build.superseded_commits.contains(sha) {
+                        build.superseded_commits.push(sha.clone());
+                    }
+                }
+                fx.push(Effect::Put(build.clone()));
+                fx.push(Effect::Tell(l.build.clone(), Tell::SupersededBy(build.id)));
             }
         }
         self.add(build, false);
@@ -579,6 +626,7 @@ impl Machine {
             self.dequeue(&project, seq);
             self.active.insert(project, id);
             fx.push(Effect::Put(b.clone()));
+            fx.push(Effect::Tell(b.clone(), Tell::Initializing));
             fx.push(log(&b, LogWhat::Initializing));
             fx.push(Effect::Start(b));
         }
@@ -627,6 +675,7 @@ impl Machine {
         l.build.running_on = Some(now);
         vec![
             Effect::Put(l.build.clone()),
+            Effect::Tell(l.build.clone(), Tell::Running),
             log(&l.build, LogWhat::Running),
         ]
     }

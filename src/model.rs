@@ -418,6 +418,9 @@ pub struct Build {
     pub not_before: Option<Timestamp>,
     /// The build a redeploy repeats.
     pub redeploy_of: Option<BuildId>,
+    /// SHAs of the builds this one superseded (and of those they had superseded): their
+    /// commit statuses take this build's final state (SPEC §5.2). Not part of the JSON.
+    pub superseded_commits: Vec<String>,
     /// Status and outcome.
     pub phase: Phase,
     /// Exit status of the main process, if it exited normally.
@@ -468,6 +471,7 @@ impl Build {
             exact_commit: None,
             not_before: None,
             redeploy_of: None,
+            superseded_commits: Vec::new(),
             phase: Phase::Queued,
             exit_code: None,
             trigger,

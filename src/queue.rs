@@ -348,6 +348,9 @@ impl Queue {
                     ran_for,
                 } => self.inner.metrics.build_stopped(&project, outcome, ran_for),
                 Effect::Log(line) => write_log(&line),
+                // Nothing leaves the daemon yet: notifications and commit statuses (SPEC §5)
+                // are the outbox's, which is not built yet.
+                Effect::Tell(..) => {}
             }
         }
         first_err.map_or(Ok(()), Err)

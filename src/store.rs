@@ -255,6 +255,7 @@ impl From<BuildV1> for Build {
             exact_commit: None,
             not_before: None,
             redeploy_of: None,
+            superseded_commits: Vec::new(),
             phase: v.phase,
             exit_code: v.exit_code,
             trigger: v.trigger,

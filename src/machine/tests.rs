@@ -48,6 +48,7 @@ struct World {
     stops: Vec<(BuildId, StopReason)>,
     starts: Vec<BuildId>,
     stopped: Vec<BuildId>,
+    told: Vec<(BuildId, Tell)>,
     now: i64,
 }
 
@@ -60,6 +61,7 @@ impl World {
             stops: Vec::new(),
             starts: Vec::new(),
             stopped: Vec::new(),
+            told: Vec::new(),
             now: 1_000_000,
         }
     }
@@ -89,6 +91,7 @@ impl World {
                 Effect::Stopped(b) => self.stopped.push(b.id),
                 Effect::CountStopped { .. } => {}
                 Effect::Log(l) => self.logs.push(l),
+                Effect::Tell(b, t) => self.told.push((b.id, t)),
             }
         }
     }
@@ -488,6 +491,43 @@ fn a_build_that_exited_0_before_a_late_supersede_is_success_without_cancel_field
     assert_eq!(s.exit_code, Some(0));
     assert_eq!(s.cancel_reason, None);
     assert_eq!(s.superseded_by, None);
+}
+
+#[test]
+fn changes_are_told_to_the_outbox_and_superseded_shas_pass_to_the_newer_build() {
+    let mut w = World::new();
+    let t = target("a", "main");
+    let (a, _) = w.trigger(&t, Some(&sha(1)));
+    w.resolve(a.id, Some(&sha(1)));
+    w.running(a.id);
+    let (b, _) = w.trigger(&t, Some(&sha(2)));
+    w.m.flushed(b.id);
+    // b is queued behind a (same project); a push joins it.
+    w.trigger(&t, Some(&sha(3)));
+    assert_eq!(
+        w.told,
+        vec![
+            (a.id, Tell::Queued),
+            (a.id, Tell::Initializing),
+            (a.id, Tell::Running),
+            (b.id, Tell::Queued),
+            (a.id, Tell::SupersededBy(b.id)),
+            (b.id, Tell::Joined(sha(3))),
+        ]
+    );
+    assert_eq!(w.stored(b.id).superseded_commits, vec![sha(1)]);
+    // Chains pass on: c supersedes b, and inherits a's SHA and b's own.
+    w.finish(
+        a.id,
+        stopped_by(StopReason::Cancel(CancelReason::Superseded)),
+    );
+    assert!(w.told.contains(&(a.id, Tell::Stopped)));
+    w.resolve(b.id, Some(&sha(3)));
+    let (c, _) = w.trigger(&t, Some(&sha(4)));
+    assert_eq!(
+        w.stored(c.id).superseded_commits,
+        vec![sha(1), sha(2), sha(3)]
+    );
 }
 
 #[test]
