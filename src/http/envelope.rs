@@ -137,6 +137,11 @@ pub struct TriggerAnswer {
     pub already_exists: bool,
 }
 
+/// The other builds a multi-ref Git delivery created or joined (its `more_builds`), each
+/// counted and logged like the answer's own [`TriggerAnswer`].
+#[derive(Debug, Clone, Default)]
+pub struct MoreTriggerAnswers(pub Vec<TriggerAnswer>);
+
 /// The answer to a trigger: 200, the build object plus `already_exists` (SPEC §4).
 pub fn triggered(build: &Build, already_exists: bool) -> Response<Body> {
     // The hot path: serialized straight from the build, no `Value` in between.

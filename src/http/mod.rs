@@ -394,7 +394,16 @@ fn note_trigger(
         Ok(r) => {
             // Joins are logged by the queue, once per build (the first, then a count when the
             // build leaves the queue), so a hammered hook cannot flood the journal.
-            if let Some(a) = r.extensions().get::<TriggerAnswer>() {
+            let more = r
+                .extensions()
+                .get::<envelope::MoreTriggerAnswers>()
+                .map_or(&[][..], |m| m.0.as_slice());
+            for a in r
+                .extensions()
+                .get::<TriggerAnswer>()
+                .into_iter()
+                .chain(more)
+            {
                 let outcome = if a.already_exists {
                     TriggerResult::Deduplicated
                 } else {

@@ -323,12 +323,16 @@ fn push_answer(builds: &[(Build, bool)], messages: &[String]) -> Response<Body> 
     if let Some(obj) = result.as_object_mut() {
         obj.insert("more_builds".into(), serde_json::Value::Array(more));
     }
+    let answer = |b: &Build, exists: bool| TriggerAnswer {
+        build: b.id,
+        created: (!exists).then(|| (b.project.clone(), b.git_ref.name().to_owned())),
+        already_exists: exists,
+    };
     let mut r = envelope::ok_with_messages(StatusCode::OK, result, messages);
-    r.extensions_mut().insert(TriggerAnswer {
-        build: first.id,
-        created: (!*first_exists).then(|| (first.project.clone(), first.git_ref.name().to_owned())),
-        already_exists: *first_exists,
-    });
+    r.extensions_mut().insert(answer(first, *first_exists));
+    r.extensions_mut().insert(envelope::MoreTriggerAnswers(
+        rest.iter().map(|(b, exists)| answer(b, *exists)).collect(),
+    ));
     r
 }
 

@@ -714,6 +714,29 @@ fn bitbucket_deliveries_replayed() {
     );
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["result"], json!({"event": "ping"}));
+    // Every build of a multi-ref delivery is counted: one `created` per build made, one
+    // `deduplicated` per build a redelivery answered with.
+    let metrics = String::from_utf8(d.api("GET", "/metrics", None).body).unwrap();
+    let count = |result: &str| -> u64 {
+        let key = format!("deployhook_triggers_total{{source=\"git_push\",result=\"{result}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .map_or(0, |n| n.trim().parse().unwrap())
+    };
+    let builds = |p: &str| {
+        d.api("GET", &format!("/api/projects/{p}/builds?limit=100"), None)
+            .json()["result"]
+            .as_array()
+            .unwrap()
+            .len() as u64
+    };
+    assert_eq!(
+        count("created"),
+        builds("site") + builds("mono"),
+        "{metrics}"
+    );
+    assert_eq!(count("deduplicated"), 2, "{metrics}");
 }
 
 /// A body over `max_git_body_bytes`, written in full before the answer is read, still gets
