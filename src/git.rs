@@ -411,31 +411,39 @@ pub fn skip_marker(message: &str) -> Option<&'static str> {
 
 /// Whether `change` builds for `project`, or why not (in the words of the case).
 fn judge(change: &RefChange, project: &ProjectConfig) -> Result<RefBuild, String> {
-    let (kind, name) = match &change.target {
+    let git_ref = match &change.target {
         Target::Other(what) => {
             return Err(format!(
                 "{what} is neither a branch nor a tag; nothing to build"
             ));
         }
-        Target::Branch(b) => ("branch", b),
-        Target::Tag(t) => ("tag", t),
+        Target::Branch(b) => GitRef::Branch(b.clone()),
+        Target::Tag(t) => GitRef::Tag(t.clone()),
     };
-    let shown = clip(name, 80);
+    let kind = if git_ref.tag().is_some() {
+        "tag"
+    } else {
+        "branch"
+    };
+    let shown = clip(git_ref.name(), 80);
     let Some(new) = &change.new else {
         return Err(format!("{kind} {shown} was deleted; nothing to build"));
     };
-    if let Some(why) = ref_name_problem(name) {
+    if let Some(why) = ref_name_problem(git_ref.name()) {
         return Err(format!(
             "{kind} {shown:?} is not a valid {kind} name (it {why}); nothing to build"
         ));
     }
-    match &change.target {
-        Target::Branch(b) => {
+    let listed = |patterns: &[crate::config::RefPattern]| {
+        let list: Vec<&str> = patterns.iter().map(|p| p.as_str()).collect();
+        clip(&list.join(", "), 120)
+    };
+    let commit = match &git_ref {
+        GitRef::Branch(b) => {
             if !project.has_branch(b) {
-                let list: Vec<&str> = project.branches.iter().map(|p| p.as_str()).collect();
                 return Err(format!(
                     "branch {shown} is not one of this project's branches ({}); nothing to build",
-                    clip(&list.join(", "), 120)
+                    listed(&project.branches)
                 ));
             }
             if let Some(marker) = change.head_message.as_deref().and_then(skip_marker) {
@@ -450,31 +458,25 @@ fn judge(change: &RefChange, project: &ProjectConfig) -> Result<RefBuild, String
                     "no file changed on branch {shown} matches this project's paths; nothing to build"
                 ));
             }
-            Ok(RefBuild {
-                git_ref: GitRef::Branch(b.clone()),
-                commit: new.clone(),
-            })
+            new.clone()
         }
-        Target::Tag(t) => {
+        GitRef::Tag(t) => {
             if project.tags.is_empty() {
                 return Err(format!(
                     "tag {shown} was pushed, but this project builds no tags (it has no tags key); nothing to build"
                 ));
             }
             if !project.has_tag(t) {
-                let list: Vec<&str> = project.tags.iter().map(|p| p.as_str()).collect();
                 return Err(format!(
                     "tag {shown} is not one of this project's tags ({}); nothing to build",
-                    clip(&list.join(", "), 120)
+                    listed(&project.tags)
                 ));
             }
-            Ok(RefBuild {
-                git_ref: GitRef::Tag(t.clone()),
-                commit: change.commit.clone().unwrap_or_else(|| new.clone()),
-            })
+            // An annotated tag's commit where the payload names it, else the pushed SHA.
+            change.commit.clone().unwrap_or_else(|| new.clone())
         }
-        Target::Other(_) => unreachable!("handled above"),
-    }
+    };
+    Ok(RefBuild { git_ref, commit })
 }
 
 fn str_at<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
