@@ -396,6 +396,14 @@ impl ProjectConfig {
             .map(RefPattern::as_str)
     }
 
+    /// The repository URL or path, for projects built from Git.
+    pub fn repo(&self) -> Option<&str> {
+        match &self.source {
+            Source::Repo(url) => Some(url),
+            Source::Workdir(_) => None,
+        }
+    }
+
     /// Whether a trigger may build this ref: a valid concrete name matched by `branches`
     /// (a branch) or `tags` (a tag). Hooks, API triggers, Git pushes and the runner all ask
     /// this one question.

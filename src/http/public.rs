@@ -80,10 +80,6 @@ impl From<TriggerError> for ApiError {
     }
 }
 
-fn triggered(t: &Triggered) -> Response<Body> {
-    envelope::triggered(&t.build, t.already_exists)
-}
-
 /// `POST /hooks/{token}`.
 pub async fn fire_hook(
     state: &Arc<AppState>,
@@ -100,6 +96,7 @@ pub async fn fire_hook(
         .store
         .hook_by_token(&TokenHash::of(token))?
         .ok_or(ApiError::HookNotFound)?;
+    let wait = super::api::wait_param(req.uri().query())?;
     let max = state.config.get().server.max_body_bytes;
     let body = read_body(req, max).await?;
     let result = state
@@ -133,7 +130,7 @@ pub async fn fire_hook(
         Err(e) => return Err(e.into()),
     };
     state.store.record_hook_fired(hook.id, Timestamp::now())?;
-    Ok(triggered(&t))
+    super::api::answer_trigger(state, t, wait).await
 }
 
 /// `POST /git/{project}`: see `crate::git` for signatures and event rules.

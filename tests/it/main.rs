@@ -11,3 +11,4 @@ mod machine;
 mod ops;
 mod reliability;
 mod util;
+mod wait;
