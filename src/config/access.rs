@@ -12,7 +12,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{BranchName, ConfigError, Ctx, ProjectName, duration, resolve, span_of};
+use super::{ConfigError, Ctx, ProjectName, RefPattern, any_matches, duration, resolve, span_of};
 use crate::access::Scope;
 use crate::machine::Quiet;
 use crate::schedule::Schedule;
@@ -126,7 +126,7 @@ pub fn valid_param_name(s: &str) -> bool {
 pub(super) fn project_access(
     ctx: &Ctx<'_>,
     key: &str,
-    branches: &[BranchName],
+    branches: &[RefPattern],
     raw: RawProjectAccess<'_>,
 ) -> Result<ProjectAccess, ConfigError> {
     let qkey = format!("{key}.quiet_period");
@@ -193,22 +193,28 @@ pub(super) fn project_access(
     for s in raw.schedule {
         let branch = match &s.branch {
             Some(b) => {
-                if !branches.iter().any(|x| x.as_str() == b.get_ref()) {
+                if !any_matches(branches, b.get_ref()) {
                     return Err(ctx.err(
                         span_of(b),
                         format!("{skey}.branch"),
                         format!(
-                            "{:?} is not one of the project's branches",
+                            "{:?} is not a branch name the project's branches match",
                             crate::model::clip(b.get_ref(), 80)
                         ),
                     ));
                 }
                 b.get_ref().clone()
             }
-            None => branches
-                .first()
-                .map(|b| b.as_str().to_owned())
-                .unwrap_or_default(),
+            None => match branches.first() {
+                Some(b) if !b.is_glob() => b.as_str().to_owned(),
+                _ => {
+                    return Err(ctx.err(
+                        span_of(&s.cron),
+                        format!("{skey}.branch"),
+                        "is required: the project's first branch is a glob, not one branch",
+                    ));
+                }
+            },
         };
         let tz = s.timezone.as_ref().map_or("UTC", |t| t.get_ref().as_str());
         let schedule = Schedule::new(s.cron.get_ref(), tz, &branch).map_err(|m| {
@@ -488,6 +494,11 @@ mod tests {
                 "projects.site.schedule.when",
                 7,
             ),
+            (
+                "[[projects.site.schedule]]\ncron = \"0 3 * * *\"\nbranch = \"rel/*\"\n",
+                "projects.site.schedule.branch",
+                7,
+            ),
         ];
         for (extra, key, line) in cases {
             let e = parse(&format!("{SITE}{extra}")).unwrap_err();
@@ -498,6 +509,25 @@ mod tests {
         let e = parse(&format!("[server]\ntrusted_proxies = [\"proxy\"]\n{SITE}")).unwrap_err();
         assert_eq!(e.key, "server.trusted_proxies", "{e}");
         assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
+    }
+
+    #[test]
+    fn a_schedule_of_a_glob_project_names_a_concrete_matching_branch() {
+        let globbed =
+            "[projects.site]\nbranches = [\"release/*\"]\ncommand = \"true\"\nworkdir = \"/tmp\"\n";
+        let e = parse(&format!(
+            "{globbed}[[projects.site.schedule]]\ncron = \"0 3 * * *\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(e.key, "projects.site.schedule.branch", "{e}");
+        let c = parse(&format!(
+            "{globbed}[[projects.site.schedule]]\ncron = \"0 3 * * *\"\nbranch = \"release/2\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.project("site").unwrap().access.schedules[0].branch,
+            "release/2"
+        );
     }
 
     #[test]

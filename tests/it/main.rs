@@ -3,12 +3,15 @@
 
 mod access;
 mod builds;
+mod client;
 mod examples;
 mod foundation;
 mod git;
+mod git_hosts;
 mod hostile;
 mod machine;
 mod ops;
 mod reliability;
+mod supervisor;
 mod util;
 mod wait;
