@@ -842,6 +842,12 @@ fn a_schedule_fires_on_the_test_clock_and_a_missed_run_fires_once_after_a_restar
     });
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(schedule_builds(&d, "site").len(), 2, "fired more than once");
+    // Counted as triggers of their own source.
+    let metrics = String::from_utf8(d.api("GET", "/metrics", None).body).unwrap();
+    assert!(
+        metrics.contains("deployhook_triggers_total{source=\"schedule\",result=\"created\"} 1"),
+        "{metrics}"
+    );
 
     // A reload applies a new schedule.
     let with_other = project.replace(
