@@ -8,9 +8,10 @@
 //! # Layout
 //! - [`cli`]: clap definitions, exit codes, and the HTTP client behind the client commands.
 //! - [`daemon`]: `deployhook serve`: start-up order, SIGHUP reload, shutdown with deadlines.
-//! - [`config`]: raw TOML mirror → validated [`config::Config`]; the shared, reloadable handle.
+//! - [`config`]: raw TOML mirror → validated [`config::Config`]; the shared, reloadable handle;
+//!   `config/access.rs` the keys of quiet periods, params, allowlists, schedules and API tokens.
 //! - [`model`]: builds, hooks, phases, outcomes, trigger sources, and their JSON shapes.
-//! - [`token`]: hook tokens, the admin token, Git secrets: generation, hashing, constant-time checks.
+//! - [`token`]: hook tokens, API token files, Git secrets: generation, hashing, constant-time checks.
 //! - [`access`]: API token scopes and project lists ([`access::ApiTokens::authenticate`]), and
 //!   the client address `allow_from` judges (`trusted_proxies`, `X-Forwarded-For`).
 //! - [`params`]: trigger parameters from query strings and bodies, with their limits (pure).
