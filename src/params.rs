@@ -108,10 +108,11 @@ pub fn from_api(allowed: &BTreeSet<String>, params: Option<&Value>) -> Result<Pa
         Some(_) => return Err(ParamError::NotAnObject),
     };
     for (name, v) in m {
-        let value = scalar(v).ok_or_else(|| ParamError::BadType(crate::model::clip(name, 40)))?;
-        if allowed.contains(name) {
-            out.insert(name.clone(), check(name, value)?);
+        if !allowed.contains(name) {
+            continue;
         }
+        let value = scalar(v).ok_or_else(|| ParamError::BadType(name.clone()))?;
+        out.insert(name.clone(), check(name, value)?);
     }
     Ok(out)
 }
@@ -217,6 +218,11 @@ mod tests {
         assert_eq!(
             from_api(&a, Some(&serde_json::json!({"env": 2.5}))).unwrap(),
             params(&[("env", "2.5")])
+        );
+        // Names not listed are ignored, whatever their type.
+        assert_eq!(
+            from_api(&a, Some(&serde_json::json!({"other": {"deep": 1}}))).unwrap(),
+            Params::new()
         );
     }
 }
