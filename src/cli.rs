@@ -78,8 +78,19 @@ enum Cmd {
         /// Project name.
         project: String,
         /// Branch (default: the project's first).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "tag")]
         branch: Option<String>,
+        /// Tag to build instead of a branch (projects with `tags`).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Build exactly this commit (7 to 40 hex digits; projects with `repo`).
+        #[arg(long)]
+        commit: Option<String>,
+        /// A trigger parameter NAME=VALUE (the project's `params`); repeatable.
+        #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
+        params: Vec<(String, String)>,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Inspect and control builds.
     #[command(subcommand)]
@@ -98,6 +109,10 @@ enum HooksCmd {
         /// Branch the hook builds (default: the project's first).
         #[arg(long)]
         branch: Option<String>,
+        /// Let the hook fire on GET too (for senders that cannot POST; chat link previews
+        /// fetch URLs with GET, so keep such a URL out of messages).
+        #[arg(long)]
+        allow_get: bool,
     },
     /// List hooks (of one project, or of all).
     List {
@@ -151,6 +166,54 @@ enum BuildsCmd {
         /// Build uuid.
         build_uuid: String,
     },
+    /// Build the same commit (ref and params) again: roll back to an older build.
+    Redeploy {
+        /// Build uuid.
+        build_uuid: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Wait for a build to stop (following supersedes); exit 0 only if it succeeded.
+    Wait {
+        /// Build uuid.
+        build_uuid: String,
+        /// How long to wait, e.g. 90s, 15m (default 1h); exit status 3 when it runs out.
+        #[arg(long, value_parser = parse_duration, default_value = "1h")]
+        timeout: Duration,
+    },
+}
+
+/// `--wait [--follow] [--timeout D]` of the commands that create a build.
+#[derive(clap::Args, Debug)]
+struct WaitArgs {
+    /// Wait for the build to stop (following supersedes); exit 0 only if it succeeded, 1 for
+    /// any other outcome, 3 when the wait times out.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: stream the build's log to stderr meanwhile.
+    #[arg(long, requires = "wait")]
+    follow: bool,
+    /// With --wait: how long to wait, e.g. 90s, 15m (default 1h).
+    #[arg(long, requires = "wait", value_parser = parse_duration, default_value = "1h")]
+    timeout: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d >= Duration::from_secs(1) => Ok(d),
+        Ok(_) => Err("must be at least 1s".into()),
+        Err(e) => Err(format!("{e} (use e.g. 90s, 15m, 1h)")),
+    }
+}
+
+fn parse_param(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if crate::config::valid_param_name(k) => Ok((k.to_owned(), v.to_owned())),
+        Some((k, _)) if !k.is_empty() => Err(format!(
+            "{k:?} is not a parameter name (a-z, 0-9 and '_', starting with a letter)"
+        )),
+        _ => Err("expected NAME=VALUE".into()),
+    }
 }
 
 /// Why a client command ended early.
@@ -158,6 +221,8 @@ enum BuildsCmd {
 enum Failure {
     /// The operation failed: one line on stderr, exit status 1.
     Op(String),
+    /// A wait ran out before the build stopped: one line on stderr, exit status 3.
+    WaitTimedOut(String),
     /// Whoever read stdout went away (`… | head`): stop quietly, exit status 0.
     StdoutClosed,
 }
@@ -259,6 +324,10 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
                     eprintln!("deployhook: {m}");
                     ExitCode::from(1)
                 }
+                Err(Failure::WaitTimedOut(m)) => {
+                    eprintln!("deployhook: {m}");
+                    ExitCode::from(3)
+                }
                 Err(Failure::StdoutClosed) => ExitCode::SUCCESS,
             }
         }
@@ -266,6 +335,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
 }
 
 /// Where and how to reach the daemon.
+#[derive(Clone)]
 struct Client {
     /// `host:port` to connect to.
     authority: String,
@@ -571,7 +641,34 @@ async fn client(cli: Cli) -> Result<(), Failure> {
     match cli.cmd {
         Cmd::Serve { .. } | Cmd::Check { .. } => unreachable!("handled in main"),
         Cmd::Hooks(cmd) => hooks(&c, cmd, json).await,
-        Cmd::Trigger { project, branch } => trigger(&c, &project, branch, json).await,
+        Cmd::Trigger {
+            project,
+            branch,
+            tag,
+            commit,
+            params,
+            wait,
+        } => {
+            let mut body = serde_json::Map::new();
+            if let Some(b) = branch {
+                body.insert("branch".into(), b.into());
+            }
+            if let Some(t) = tag {
+                body.insert("tag".into(), t.into());
+            }
+            if let Some(c) = commit {
+                body.insert("commit".into(), c.into());
+            }
+            if !params.is_empty() {
+                let params: serde_json::Map<String, Value> = params
+                    .into_iter()
+                    .map(|(k, v)| (k, Value::from(v)))
+                    .collect();
+                body.insert("params".into(), params.into());
+            }
+            let path = format!("/api/projects/{}/builds", enc(&project));
+            trigger(&c, &path, Some(Value::Object(body)), &wait, json).await
+        }
         Cmd::Builds(cmd) => builds(&c, cmd, json).await,
     }
 }
@@ -584,10 +681,14 @@ async fn hooks(c: &Client, cmd: HooksCmd, json: bool) -> Result<(), Failure> {
             project,
             name,
             branch,
+            allow_get,
         } => {
             let mut body = json!({"name": name});
             if let Some(b) = branch {
                 body["branch"] = Value::String(b);
+            }
+            if allow_get {
+                body["allow_get"] = Value::Bool(true);
             }
             let path = format!("/api/projects/{}/hooks", enc(&project));
             let r = c.call(Method::POST, &path, Some(body)).await?;
@@ -663,25 +764,146 @@ async fn list_hooks(c: &Client, project: Option<String>, json: bool) -> Result<(
     )
 }
 
-/// `deployhook trigger`.
+/// `deployhook trigger` and `builds redeploy`: creates (or joins) a build, prints its uuid at
+/// once, and with `--wait` waits for its outcome.
 async fn trigger(
     c: &Client,
-    project: &str,
-    branch: Option<String>,
+    path: &str,
+    body: Option<Value>,
+    wait: &WaitArgs,
     json: bool,
 ) -> Result<(), Failure> {
-    let body = branch.map(|b| json!({"branch": b}));
-    let path = format!("/api/projects/{}/builds", enc(project));
-    let r = c.call(http::Method::POST, &path, body).await?;
+    let r = c.call(http::Method::POST, path, body).await?;
     if json {
-        return print_json(&r);
+        print_json(&r)?;
     }
     let t: TriggeredView = view(&r)?;
-    outln!("{}", dash(&t.build_uuid))?;
+    let id = t
+        .build_uuid
+        .ok_or_else(|| Failure::Op("the daemon's answer names no build".into()))?;
+    if !json {
+        outln!("{id}")?;
+    }
     if t.already_exists {
         eprintln!("(joined a build that was already pending)");
     }
+    if wait.wait {
+        wait_for(c, &id, wait.timeout, wait.follow, false).await?;
+    }
     Ok(())
+}
+
+/// One `GET /api/builds/{id}/wait`: the HTTP status and the envelope (whose `result` is the
+/// build in every row of SPEC §4.3's table).
+async fn wait_once(c: &Client, id: &str, secs: u64) -> Result<(u16, Envelope<Value>), Failure> {
+    let path = format!("/api/builds/{}/wait?timeout={secs}", enc(id));
+    let resp = c.send(http::Method::GET, &path, None).await?;
+    let status = resp.status().as_u16();
+    let bytes = tokio::time::timeout(Duration::from_secs(secs + 60), resp.into_body().collect())
+        .await
+        .map_err(|_| Failure::Op("the daemon did not finish its answer in time".into()))??
+        .to_bytes();
+    let envelope: Envelope<Value> = serde_json::from_slice(&bytes)
+        .map_err(|_| Failure::Op(format!("unexpected answer from {} (HTTP {status})", c.url)))?;
+    Ok((status, envelope))
+}
+
+/// Waits for build `id` (following supersedes) for up to `timeout`, streaming its log to
+/// stderr with `follow`; with `print_json` the final build goes to stdout as JSON. Ok only
+/// when the (followed) build succeeded.
+async fn wait_for(
+    c: &Client,
+    id: &str,
+    timeout: Duration,
+    follow: bool,
+    print_json_result: bool,
+) -> Result<(), Failure> {
+    let logs = follow.then(|| {
+        let (c, id) = (c.clone(), id.to_owned());
+        tokio::spawn(async move { stream_log_to_stderr(&c, &id).await })
+    });
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut current = id.to_owned();
+    let (status, envelope) = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let secs = left.as_secs().clamp(1, 3600);
+        let (status, envelope) = wait_once(c, &current, secs).await?;
+        let b: BuildView = view(&envelope.result)?;
+        if status != 202 || tokio::time::Instant::now() >= deadline {
+            break (status, envelope);
+        }
+        if let Some(next) = b.build_uuid {
+            current = next;
+        }
+    };
+    let b: BuildView = view(&envelope.result)?;
+    let final_id = b.build_uuid.clone().unwrap_or_else(|| current.clone());
+    if let Some(task) = logs {
+        if status == 202 {
+            task.abort();
+        } else {
+            let _ = task.await;
+            if final_id != id {
+                // The wait followed a supersede: show the build that shipped the code.
+                eprintln!("[deployhook] build {id} was superseded by build {final_id}:");
+                stream_log_to_stderr(c, &final_id).await;
+            }
+        }
+    }
+    if final_id != id && !follow {
+        eprintln!("build {id} was superseded; followed it to build {final_id}");
+    }
+    if print_json_result {
+        print_json(&envelope.result)?;
+    }
+    match status {
+        200 => {
+            eprintln!("build {final_id}: outcome success");
+            Ok(())
+        }
+        202 => Err(Failure::WaitTimedOut(format!(
+            "build {final_id} is still {} after {}",
+            b.status.as_deref().unwrap_or("running"),
+            humantime::format_duration(timeout)
+        ))),
+        422 | 409 | 503 if envelope.result.is_object() => {
+            Err(Failure::Op(first_error(&envelope).to_owned()))
+        }
+        _ => Err(Failure::Op(format!(
+            "{} (HTTP {status})",
+            first_error(&envelope)
+        ))),
+    }
+}
+
+/// Streams a build's log (NDJSON follow) to stderr until it stops; errors end it quietly
+/// (the log is a convenience beside the wait, which decides the exit status).
+async fn stream_log_to_stderr(c: &Client, id: &str) {
+    let path = format!("/api/builds/{}/logs?follow=true", enc(id));
+    let Ok(resp) = c.send(http::Method::GET, &path, None).await else {
+        return;
+    };
+    if !resp.status().is_success() {
+        return;
+    }
+    let mut body = resp.into_body();
+    let mut pending = Vec::new();
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(data) = frame.into_data() {
+            pending.extend_from_slice(&data);
+            while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=i).collect();
+                if let Ok(l) = serde_json::from_slice::<LogLine>(&line) {
+                    let prefix = if l.stream.as_deref() == Some("system") {
+                        "[deployhook] "
+                    } else {
+                        ""
+                    };
+                    eprintln!("{prefix}{}", dash(&l.line));
+                }
+            }
+        }
+    }
 }
 
 /// `deployhook builds …`.
@@ -701,6 +923,14 @@ async fn builds(c: &Client, cmd: BuildsCmd, json: bool) -> Result<(), Failure> {
             let path = format!("/api/builds/{}/cancel", enc(&build_uuid));
             show_build(&c.call(Method::POST, &path, None).await?, json)
         }
+        BuildsCmd::Redeploy { build_uuid, wait } => {
+            let path = format!("/api/builds/{}/redeploy", enc(&build_uuid));
+            trigger(c, &path, None, &wait, json).await
+        }
+        BuildsCmd::Wait {
+            build_uuid,
+            timeout,
+        } => wait_for(c, &build_uuid, timeout, false, json).await,
         BuildsCmd::Logs {
             build_uuid,
             follow: true,

@@ -9,8 +9,9 @@
 //! | `builds` | build id (16) | [`Build`] |
 //! | `build_index` | project `\0` seq (u64 BE) build id | empty: newest-first listing |
 //! | `payloads` | build id | the request body for `DEPLOYHOOK_PAYLOAD` |
-//! | `deliveries` | project `\0` delivery id | seen-at (i64 BE) + build id: Git replay guard |
+//! | `deliveries` | project `\0` delivery id | seen-at (i64 BE) + build ids (16 bytes each; a nil id: still being handled): Git replay guard |
 //! | `rate_events` | created-on (order-preserving u64 BE) build id | [`RATE_EVENT_V2`], boot id (16), `CLOCK_BOOTTIME` µs (i64 BE), project; or (before v2) the project alone: rate-limit windows |
+//! | `schedules` | project `\0` branch `\0` zone `\0` cron | i64 BE µs: the time up to which that schedule's runs are handled |
 //!
 //! Values are bincode (serde, standard config) behind a one-byte format version, so a future
 //! format can be told apart from this one instead of being misread.
@@ -67,6 +68,10 @@ const FORMAT_V1: u8 = 1;
 /// written by v1 ([`BuildV1`]) stay readable: they are converted when read.
 const BUILD_FORMAT_V2: u8 = 2;
 
+/// Format version of hook records since v2 (`allow_get`). Hooks written by v1 ([`HookV1`])
+/// stay readable: they are converted when read, with `allow_get` off.
+const HOOK_FORMAT_V2: u8 = 2;
+
 /// sled's page cache. Its default of 1 GiB is far too much for a small VPS, and sled cannot see
 /// a cgroup v2 `MemoryMax`, so it is set explicitly and small.
 pub const CACHE_CAPACITY_BYTES: u64 = 32 * 1024 * 1024;
@@ -111,14 +116,14 @@ pub enum HookInsert {
 }
 
 /// What [`Store::reserve_delivery`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeliverySeen {
     /// Not seen (within the window): reserved for the caller.
     New,
     /// Seen, and being handled right now by another request.
     InFlight,
-    /// Seen, and it triggered this build.
-    Built(BuildId),
+    /// Seen, and it triggered these builds (the first is the answer's `result`).
+    Built(Vec<BuildId>),
 }
 
 /// A page of builds, newest first.
@@ -160,6 +165,8 @@ struct Inner {
     /// One entry per new build of the last minute, written with the build itself so the
     /// rate-limit windows survive a restart exactly as far as the builds do.
     rate_events: sled::Tree,
+    /// Per schedule, the time up to which its runs are handled (see `crate::schedule`).
+    schedules: sled::Tree,
     flush_tx: std::sync::Mutex<Option<mpsc::Sender<FlushWaiter>>>,
     /// Hook firings not yet written back; shared with the flush thread, which writes them
     /// back when it has been idle for [`FIRED_WRITE_INTERVAL`].
@@ -215,6 +222,57 @@ fn decode_build(bytes: &[u8]) -> Result<Build, StoreError> {
             "unknown build record format version {v}"
         ))),
         None => Err(StoreError::Corrupt("empty record".into())),
+    }
+}
+
+fn encode_hook(h: &Hook) -> Result<Vec<u8>, StoreError> {
+    let mut out = encode(h)?;
+    out[0] = HOOK_FORMAT_V2;
+    Ok(out)
+}
+
+fn decode_hook(bytes: &[u8]) -> Result<Hook, StoreError> {
+    match bytes.split_first() {
+        Some((&HOOK_FORMAT_V2, rest)) => {
+            bincode::serde::decode_from_slice(rest, bincode::config::standard())
+                .map(|(v, _)| v)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))
+        }
+        Some((&FORMAT_V1, _)) => decode::<HookV1>(bytes).map(Hook::from),
+        Some((v, _)) => Err(StoreError::Corrupt(format!(
+            "unknown hook record format version {v}"
+        ))),
+        None => Err(StoreError::Corrupt("empty record".into())),
+    }
+}
+
+/// A hook as v1 stored it: read only, to upgrade a state dir in place (tests write it).
+#[derive(serde::Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+struct HookV1 {
+    id: HookId,
+    project: String,
+    name: String,
+    branch: String,
+    token_hash: [u8; 32],
+    created_on: Timestamp,
+    last_triggered_on: Option<Timestamp>,
+    trigger_count: u64,
+}
+
+impl From<HookV1> for Hook {
+    fn from(v: HookV1) -> Hook {
+        Hook {
+            id: v.id,
+            project: v.project,
+            name: v.name,
+            branch: v.branch,
+            token_hash: v.token_hash,
+            created_on: v.created_on,
+            last_triggered_on: v.last_triggered_on,
+            trigger_count: v.trigger_count,
+            allow_get: false,
+        }
     }
 }
 
@@ -421,6 +479,7 @@ impl Store {
             payloads: tree("payloads")?,
             deliveries: tree("deliveries")?,
             rate_events: tree("rate_events")?,
+            schedules: tree("schedules")?,
             flush_tx: std::sync::Mutex::new(None),
             flush_thread: std::sync::Mutex::new(None),
             fired: Arc::default(),
@@ -503,7 +562,7 @@ impl Store {
 
     /// Inserts a new hook, unless its name is taken in its project.
     pub fn insert_hook(&self, hook: &Hook) -> Result<HookInsert, StoreError> {
-        let value = encode(hook)?;
+        let value = encode_hook(hook)?;
         let nkey = name_key(&hook.project, &hook.name);
         let i = &self.inner;
         let r: TxResult<HookInsert> =
@@ -528,7 +587,7 @@ impl Store {
     /// One hook as stored (firings of the last second may still be pending).
     fn hook_record(&self, id: HookId) -> Result<Option<Hook>, StoreError> {
         let r = match self.inner.hooks.get(id.as_bytes()) {
-            Ok(Some(v)) => decode(&v).map(Some),
+            Ok(Some(v)) => decode_hook(&v).map(Some),
             Ok(None) => Ok(None),
             Err(e) => Err(e.into()),
         };
@@ -558,7 +617,7 @@ impl Store {
         let mut out = Vec::new();
         for item in self.inner.hooks.iter() {
             let (_, v) = self.check(item.map_err(StoreError::from))?;
-            let h: Hook = decode(&v)?;
+            let h: Hook = decode_hook(&v)?;
             if project.is_none_or(|p| h.project == p) {
                 out.push(h);
             }
@@ -575,7 +634,7 @@ impl Store {
                 let Some(v) = hooks.get(id.as_bytes())? else {
                     return Ok(None);
                 };
-                let h: Hook = decode(&v).map_err(abort)?;
+                let h: Hook = decode_hook(&v).map_err(abort)?;
                 if h.project != project {
                     return Ok(None);
                 }
@@ -600,14 +659,14 @@ impl Store {
                 let Some(v) = hooks.get(id.as_bytes())? else {
                     return Ok(None);
                 };
-                let mut h: Hook = decode(&v).map_err(abort)?;
+                let mut h: Hook = decode_hook(&v).map_err(abort)?;
                 if h.project != project {
                     return Ok(None);
                 }
                 tokens.remove(&h.token_hash[..])?;
                 h.token_hash = new_hash.0;
                 tokens.insert(&h.token_hash[..], id.as_bytes())?;
-                hooks.insert(id.as_bytes(), encode(&h).map_err(abort)?)?;
+                hooks.insert(id.as_bytes(), encode_hook(&h).map_err(abort)?)?;
                 Ok(Some(h))
             });
         self.check(r.map_err(tx_err))
@@ -631,6 +690,33 @@ impl Store {
     /// Writes every pending hook firing back to the `hooks` tree.
     fn write_fired(&self) -> Result<(), StoreError> {
         let r = write_fired(&self.inner.hooks, &self.inner.fired);
+        self.check(r)
+    }
+
+    // ---- schedules ----------------------------------------------------------------------
+
+    /// The time up to which the runs of the schedule `key` are handled, if it was ever
+    /// recorded (see `crate::schedule`).
+    pub fn schedule_checked(&self, key: &str) -> Result<Option<Timestamp>, StoreError> {
+        let r = match self.inner.schedules.get(key.as_bytes()) {
+            Ok(Some(v)) => <[u8; 8]>::try_from(v.as_ref())
+                .map(|b| Some(Timestamp(i64::from_be_bytes(b))))
+                .map_err(|_| StoreError::Corrupt("schedule state entry".into())),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.into()),
+        };
+        self.check(r)
+    }
+
+    /// Records that the runs of schedule `key` are handled up to `at`. Not flushed: a crash
+    /// that loses it makes a missed run fire once more at start, nothing worse.
+    pub fn set_schedule_checked(&self, key: &str, at: Timestamp) -> Result<(), StoreError> {
+        let r = self
+            .inner
+            .schedules
+            .insert(key.as_bytes(), &at.0.to_be_bytes())
+            .map(|_| ())
+            .map_err(StoreError::from);
         self.check(r)
     }
 
@@ -850,11 +936,11 @@ impl Store {
             let current = self.check(self.inner.deliveries.get(&key).map_err(StoreError::from))?;
             if let Some(v) = &current {
                 let at = delivery_time(v).unwrap_or(Timestamp(i64::MIN));
-                match delivery_build(v) {
-                    Some(id) if !id.0.is_nil() && at >= window_start => {
-                        return Ok(DeliverySeen::Built(id));
+                match delivery_builds(v) {
+                    Some(ids) if at >= window_start => {
+                        return Ok(DeliverySeen::Built(ids));
                     }
-                    Some(id) if id.0.is_nil() && at >= stale_before => {
+                    None if delivery_in_flight(v) && at >= stale_before => {
                         return Ok(DeliverySeen::InFlight);
                     }
                     _ => {} // expired or stale: take it over
@@ -871,16 +957,20 @@ impl Store {
         Ok(DeliverySeen::InFlight)
     }
 
-    /// Records the build a reserved delivery created or joined.
+    /// Records the builds a reserved delivery created or joined, in answer order (at least
+    /// one: a delivery that triggered nothing is released instead, so that it is judged
+    /// again when it comes back).
     pub fn complete_delivery(
         &self,
         project: &str,
         delivery: &str,
-        build: BuildId,
+        builds: &[BuildId],
         at: Timestamp,
     ) -> Result<(), StoreError> {
         let mut value = at.0.to_be_bytes().to_vec();
-        value.extend_from_slice(build.as_bytes());
+        for b in builds {
+            value.extend_from_slice(b.as_bytes());
+        }
         let r = self
             .inner
             .deliveries
@@ -895,16 +985,15 @@ impl Store {
         self.check(r.map(|_| ()).map_err(StoreError::from))
     }
 
-    /// The build a delivery is recorded with (`None` when unknown or still in flight).
-    pub fn delivery_build(
+    /// The builds a delivery is recorded with (`None` when unknown or still in flight).
+    pub fn delivery_builds(
         &self,
         project: &str,
         delivery: &str,
-    ) -> Result<Option<BuildId>, StoreError> {
+    ) -> Result<Option<Vec<BuildId>>, StoreError> {
         let r = self.inner.deliveries.get(name_key(project, delivery));
         let v = self.check(r.map_err(StoreError::from))?;
-        Ok(v.and_then(|v| delivery_build(&v))
-            .filter(|id| !id.0.is_nil()))
+        Ok(v.and_then(|v| delivery_builds(&v)))
     }
 
     /// Forgets deliveries seen before `before`. Returns how many were removed.
@@ -936,10 +1025,29 @@ fn delivery_time(v: &[u8]) -> Option<Timestamp> {
     Some(Timestamp(i64::from_be_bytes(v.get(..8)?.try_into().ok()?)))
 }
 
-fn delivery_build(v: &[u8]) -> Option<BuildId> {
-    Some(BuildId(uuid::Uuid::from_bytes(
-        v.get(8..24)?.try_into().ok()?,
-    )))
+/// The builds of a completed delivery record: every 16-byte id after the time (records
+/// written before multi-ref deliveries hold exactly one). `None` for a claim still in flight
+/// (one nil id) or a malformed record.
+fn delivery_builds(v: &[u8]) -> Option<Vec<BuildId>> {
+    let ids = v.get(8..)?;
+    if ids.is_empty() || ids.len() % 16 != 0 {
+        return None;
+    }
+    let ids: Vec<BuildId> = ids
+        .chunks_exact(16)
+        .filter_map(|c| Some(BuildId(uuid::Uuid::from_bytes(c.try_into().ok()?))))
+        .collect();
+    if ids.iter().any(|id| id.0.is_nil()) {
+        None
+    } else {
+        Some(ids)
+    }
+}
+
+/// Whether a delivery record is a claim whose request is still being handled.
+fn delivery_in_flight(v: &[u8]) -> bool {
+    v.get(8..)
+        .is_some_and(|ids| ids.len() == 16 && ids.iter().all(|b| *b == 0))
 }
 
 /// A poisoned lock is still used: every mutation under it is a few assignments.
@@ -965,12 +1073,12 @@ fn write_fired(hooks: &sled::Tree, fired: &Mutex<Fired>) -> Result<(), StoreErro
         // stays deleted; a record that cannot be decoded or encoded is kept as it is.
         hooks.update_and_fetch(id.as_bytes(), |old| {
             let old = old?;
-            let Ok(mut h) = decode::<Hook>(old) else {
+            let Ok(mut h) = decode_hook(old) else {
                 return Some(old.to_vec());
             };
             h.last_triggered_on = Some(h.last_triggered_on.map_or(at, |t| t.max(at)));
             h.trigger_count += n;
-            Some(encode(&h).unwrap_or_else(|_| old.to_vec()))
+            Some(encode_hook(&h).unwrap_or_else(|_| old.to_vec()))
         })?;
     }
     Ok(())
@@ -1038,7 +1146,70 @@ mod tests {
             created_on: Timestamp::now(),
             last_triggered_on: None,
             trigger_count: 0,
+            allow_get: false,
         }
+    }
+
+    #[test]
+    fn v1_hook_records_are_read_with_allow_get_off_and_v2_keep_it() {
+        let h = hook("site", "cms", "dh_x");
+        let v1 = HookV1 {
+            id: h.id,
+            project: h.project.clone(),
+            name: h.name.clone(),
+            branch: h.branch.clone(),
+            token_hash: h.token_hash,
+            created_on: h.created_on,
+            last_triggered_on: Some(h.created_on),
+            trigger_count: 3,
+        };
+        let bytes = encode(&v1).unwrap();
+        assert_eq!(bytes[0], FORMAT_V1);
+        let read = decode_hook(&bytes).unwrap();
+        assert!(!read.allow_get);
+        assert_eq!(read.trigger_count, 3);
+        assert_eq!(read.name, "cms");
+        let mut g = h.clone();
+        g.allow_get = true;
+        let bytes = encode_hook(&g).unwrap();
+        assert_eq!(bytes[0], HOOK_FORMAT_V2);
+        assert_eq!(decode_hook(&bytes).unwrap(), g);
+        // A v1 record in the tree is readable through the store, and a write-back of a
+        // firing upgrades it.
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.inner
+            .hooks
+            .insert(h.id.as_bytes(), encode(&v1).unwrap())
+            .unwrap();
+        assert_eq!(s.hook(h.id).unwrap().unwrap().trigger_count, 3);
+        s.record_hook_fired(h.id, Timestamp::now()).unwrap();
+        let got = s.hook(h.id).unwrap().unwrap();
+        assert_eq!(got.trigger_count, 4);
+        assert_eq!(
+            s.inner.hooks.get(h.id.as_bytes()).unwrap().unwrap()[0],
+            HOOK_FORMAT_V2
+        );
+    }
+
+    #[test]
+    fn schedule_state_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            assert_eq!(
+                s.schedule_checked("site\0main\0UTC\0* * * * *").unwrap(),
+                None
+            );
+            s.set_schedule_checked("site\0main\0UTC\0* * * * *", Timestamp(42))
+                .unwrap();
+            s.flush_blocking().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            s.schedule_checked("site\0main\0UTC\0* * * * *").unwrap(),
+            Some(Timestamp(42))
+        );
     }
 
     #[test]
@@ -1062,9 +1233,9 @@ mod tests {
         assert!(matches!(decode_build(&future), Err(StoreError::Corrupt(_))));
         assert!(matches!(decode_build(&[]), Err(StoreError::Corrupt(_))));
         let h = hook("site", "cms", "dh_x");
-        let bytes = encode(&h).unwrap();
-        assert_eq!(bytes[0], FORMAT_V1);
-        assert_eq!(decode::<Hook>(&bytes).unwrap(), h);
+        let bytes = encode_hook(&h).unwrap();
+        assert_eq!(bytes[0], HOOK_FORMAT_V2);
+        assert_eq!(decode_hook(&bytes).unwrap(), h);
     }
 
     /// A state dir written by v1 keeps working after the upgrade: its builds read as branch
@@ -1219,13 +1390,13 @@ mod tests {
                 .unwrap(),
             DeliverySeen::InFlight
         );
-        s.complete_delivery("site", "d1", a, t).unwrap();
+        s.complete_delivery("site", "d1", &[a], t).unwrap();
         assert_eq!(
             s.reserve_delivery("site", "d1", t, Timestamp(0), Timestamp(0))
                 .unwrap(),
-            DeliverySeen::Built(a)
+            DeliverySeen::Built(vec![a])
         );
-        assert_eq!(s.delivery_build("site", "d1").unwrap(), Some(a));
+        assert_eq!(s.delivery_builds("site", "d1").unwrap(), Some(vec![a]));
         // Another project's delivery ids are its own.
         assert_eq!(
             s.reserve_delivery("other", "d1", t, Timestamp(0), Timestamp(0))
@@ -1266,7 +1437,46 @@ mod tests {
             2,
             "other/d1 and stale/d"
         );
-        assert_eq!(s.delivery_build("other", "d1").unwrap(), None);
+        assert_eq!(s.delivery_builds("other", "d1").unwrap(), None);
+    }
+
+    /// A multi-ref delivery remembers every build it triggered, in order, and a record
+    /// written before multi-ref deliveries (time + one id) still reads as that one build.
+    #[test]
+    fn deliveries_remember_every_build_and_read_old_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let (a, b) = (BuildId::new(), BuildId::new());
+        let t = Timestamp(1_000);
+        assert_eq!(
+            s.reserve_delivery("site", "multi", t, Timestamp(0), Timestamp(0))
+                .unwrap(),
+            DeliverySeen::New
+        );
+        assert_eq!(
+            s.delivery_builds("site", "multi").unwrap(),
+            None,
+            "in flight"
+        );
+        s.complete_delivery("site", "multi", &[a, b], t).unwrap();
+        assert_eq!(
+            s.reserve_delivery("site", "multi", t, Timestamp(0), Timestamp(0))
+                .unwrap(),
+            DeliverySeen::Built(vec![a, b])
+        );
+        // The v1 layout, written by hand: seen-at, then exactly one build id.
+        let mut old = 500i64.to_be_bytes().to_vec();
+        old.extend_from_slice(a.as_bytes());
+        s.inner
+            .deliveries
+            .insert(name_key("site", "old"), old)
+            .unwrap();
+        assert_eq!(
+            s.reserve_delivery("site", "old", t, Timestamp(0), Timestamp(0))
+                .unwrap(),
+            DeliverySeen::Built(vec![a])
+        );
+        assert_eq!(s.delivery_builds("site", "old").unwrap(), Some(vec![a]));
     }
 
     #[test]
