@@ -62,6 +62,42 @@ pub const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Most headers accepted in one request.
 pub const MAX_HEADERS: usize = 100;
+/// Most connections the server keeps open at once, however many descriptors there are.
+pub const MAX_CONNECTIONS: usize = 16384;
+/// Descriptors kept free of connections whatever the builds: sled's snapshot files, log
+/// reads by API requests, outbox sockets, config reloads, the systemd notify socket.
+const FD_RESERVE_FIXED: u64 = 32;
+/// Descriptors kept free per concurrent build: its two pipes and log file while it runs,
+/// and while it starts (or runs git) the pipes' other ends, `/dev/null`, the exec-error
+/// pipe and a pidfd.
+const FD_RESERVE_PER_BUILD: u64 = 12;
+
+/// The connection cap for a process that may open `nofile` descriptors, has `open` open
+/// now (listener and database included) and runs up to `builds` builds at once.
+///
+/// Every connection is a descriptor, so the cap must stay below what is really free, or
+/// accept fails with EMFILE before the cap is reached and no idle connection is ever
+/// closed to make room (issue 12). Room is kept for builds and the daemon's own files; when
+/// descriptors are too few for that, half of what is free goes to connections.
+pub fn connection_cap(nofile: u64, open: u64, builds: usize) -> usize {
+    let free = nofile.saturating_sub(open);
+    let reserve = FD_RESERVE_FIXED + FD_RESERVE_PER_BUILD * builds as u64;
+    let cap = if free >= 2 * reserve {
+        free - reserve
+    } else {
+        free / 2
+    };
+    usize::try_from(cap)
+        .unwrap_or(usize::MAX)
+        .clamp(1, MAX_CONNECTIONS)
+}
+
+/// How many descriptors this process has open (`/proc/self/fd`), if that can be read.
+pub fn open_fds() -> Option<u64> {
+    // The directory handle itself is one of the entries.
+    let n = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+    Some(n.saturating_sub(1))
+}
 
 /// What every handler can reach. Shared as an `Arc`; no globals.
 pub struct AppState {
@@ -137,6 +173,9 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_headers(MAX_HEADERS)
+        // Exact: hyper compares the parsed head with it. `max_buf_size` alone lets a head
+        // through when it completes in the read that passes the limit (up to twice it).
+        .max_header_size(MAX_HEADER_BYTES)
         .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true);
     let mut last_accept_warning: Option<tokio::time::Instant> = None;
@@ -146,13 +185,17 @@ pub async fn serve(
                 Ok(x) => x,
                 Err(e) => {
                     if !is_per_connection_error(&e) {
-                        // EMFILE/ENFILE/ENOMEM: back off instead of spinning on the error,
-                        // and say so at most once a minute.
+                        // EMFILE/ENFILE/ENOMEM. Out of descriptors (builds took more than
+                        // their reserve): an idle connection makes room, as at the cap, so
+                        // that `/healthz` still gets in; the pause lets its task close the
+                        // socket. With none to close, back off instead of spinning.
+                        let evicted = registry.evict_oldest_idle();
                         if last_accept_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
-                            tracing::warn!("accept failed: {e}; pausing accepts for 100 ms at a time");
+                            tracing::warn!("accept failed: {e}; closing idle connections, else pausing accepts for 100 ms at a time");
                             last_accept_warning = Some(tokio::time::Instant::now());
                         }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        let pause = if evicted { 5 } else { 100 };
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
                     }
                     continue;
                 }
@@ -337,13 +380,18 @@ async fn handle(
     let trigger = route
         .as_ref()
         .and_then(|r| Some((r.trigger_source(&method)?, r.project())));
-    let result = match route {
-        // Checked first: such a request is refused whatever it asks for.
-        _ if activity.has_ambiguous_framing() => Err(ApiError::BadRequest(
+    // Framing and Host are checked first: such a request is refused whatever it asks for.
+    let result = if activity.has_ambiguous_framing() {
+        Err(ApiError::BadRequest(
             "a request must not have both Content-Length and Transfer-Encoding".into(),
-        )),
-        None => Err(ApiError::NotFound("no such endpoint".into())),
-        Some(route) => dispatch(route, req, &state).await,
+        ))
+    } else if let Some(problem) = host_problem(&req) {
+        Err(ApiError::BadRequest(problem.into()))
+    } else {
+        match route {
+            None => Err(ApiError::NotFound("no such endpoint".into())),
+            Some(route) => dispatch(route, req, &state).await,
+        }
     };
     if let Some((source, project)) = &trigger {
         note_trigger(&state, *source, project.as_deref(), &result);
@@ -376,6 +424,24 @@ async fn handle(
         }
         .boxed()
     })
+}
+
+/// What is wrong with a request's `Host` header, if anything: RFC 9112 §3.2 wants 400 for an
+/// HTTP/1.1 request without one, and for any request with two or with an invalid value.
+/// HTTP/1.0 predates `Host`, so its absence is fine there.
+fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let Some(host) = hosts.next() else {
+        return (req.version() >= http::Version::HTTP_11)
+            .then_some("an HTTP/1.1 request must have a Host header");
+    };
+    if hosts.next().is_some() {
+        return Some("a request must not have more than one Host header");
+    }
+    // Empty is allowed (a target without an authority); anything else must be host[:port].
+    let valid = host.is_empty()
+        || http::uri::Authority::try_from(host.as_bytes()).is_ok_and(|a| !a.as_str().contains('@'));
+    (!valid).then_some("the Host header is not a valid host[:port]")
 }
 
 /// Counts a trigger request and logs its one line: what became of it, and for an answered
