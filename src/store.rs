@@ -940,6 +940,8 @@ mod tests {
         }
     }
 
+    // The lock is held across awaits on purpose: it stalls the flush thread.
+    #[allow(clippy::await_holding_lock)]
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flush_waiter_gets_the_error_as_soon_as_the_store_fails_even_if_the_flush_hangs() {
         let dir = tempfile::tempdir().unwrap();

@@ -293,10 +293,19 @@ struct Entry {
 }
 
 /// The open connections, so that one can be closed to make room.
+///
+/// A connection asked to close leaves the map at once but keeps its descriptor until its task
+/// has dropped the socket, so the sockets still open are counted apart ([`Registry::open`]):
+/// the accept loop waits for them, else a burst of accepts outruns the closes and the
+/// process runs out of descriptors (EMFILE) below the cap.
 #[derive(Default)]
 pub struct Registry {
     conns: Mutex<HashMap<u64, Entry>>,
     next: std::sync::atomic::AtomicU64,
+    /// Sockets not yet dropped, evicted ones included.
+    open: AtomicUsize,
+    /// Notified whenever a socket is dropped.
+    closed: Notify,
 }
 
 /// A connection's place in the registry; removes it on drop.
@@ -312,11 +321,13 @@ impl Drop for Registered {
         if let Ok(mut m) = self.registry.conns.lock() {
             m.remove(&self.id);
         }
+        self.registry.open.fetch_sub(1, Ordering::SeqCst);
+        self.registry.closed.notify_one();
     }
 }
 
 impl Registry {
-    /// Number of open connections.
+    /// Number of open connections (not asked to close).
     pub fn len(&self) -> usize {
         self.conns.lock().map(|m| m.len()).unwrap_or(0)
     }
@@ -326,8 +337,24 @@ impl Registry {
         self.len() == 0
     }
 
+    /// Sockets still open, those asked to close included.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// Whether a connection asked to close still holds its socket.
+    pub fn is_closing(&self) -> bool {
+        self.open() > self.len()
+    }
+
+    /// Waits until a socket is dropped (returns at once if one was since the last wait).
+    pub async fn wait_closed(&self) {
+        self.closed.notified().await;
+    }
+
     /// Adds a connection.
     pub fn register(self: &Arc<Self>, activity: Arc<Activity>) -> Registered {
+        self.open.fetch_add(1, Ordering::SeqCst);
         let id = self.next.fetch_add(1, Ordering::SeqCst);
         let evict = Arc::new(Notify::new());
         if let Ok(mut m) = self.conns.lock() {
@@ -504,6 +531,24 @@ mod tests {
         assert!(!futures_ready(&n.evict));
         assert!(r.evict_oldest_idle());
         assert!(!r.evict_oldest_idle(), "only the busy one is left");
+    }
+
+    #[test]
+    fn an_evicted_connection_counts_as_open_until_its_socket_is_dropped() {
+        let r = Arc::new(Registry::default());
+        let idle = Arc::new(Activity::default());
+        idle.in_head.store(true, Ordering::SeqCst);
+        let a = r.register(idle);
+        let _b = r.register(Arc::new(Activity::default()));
+        assert_eq!((r.len(), r.open()), (2, 2));
+        assert!(!r.is_closing());
+        assert!(r.evict_oldest_idle());
+        assert_eq!((r.len(), r.open()), (1, 2), "asked to close, still open");
+        assert!(r.is_closing());
+        drop(a);
+        assert_eq!((r.len(), r.open()), (1, 1));
+        assert!(!r.is_closing());
+        assert!(futures_ready(&r.closed), "the close was announced");
     }
 
     fn futures_ready(n: &Notify) -> bool {

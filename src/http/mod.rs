@@ -179,7 +179,24 @@ pub async fn serve(
         .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true);
     let mut last_accept_warning: Option<tokio::time::Instant> = None;
-    loop {
+    'accept: loop {
+        // At the cap, the oldest connection that is between requests makes room, and the
+        // next accept waits until its socket is really closed (see `conn::Registry`). If
+        // every connection is in the middle of a request, newcomers wait in the backlog
+        // until one finishes (checked again on every close, and every 100 ms).
+        while registry.open() >= state.max_connections {
+            if !registry.is_closing() && !registry.evict_oldest_idle() {
+                tracing::debug!(
+                    "all {} connection slots are busy; new connections wait",
+                    state.max_connections
+                );
+            }
+            tokio::select! {
+                _ = registry.wait_closed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = shutdown.draining() => break 'accept,
+            }
+        }
         let (stream, _peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -187,30 +204,23 @@ pub async fn serve(
                     if !is_per_connection_error(&e) {
                         // EMFILE/ENFILE/ENOMEM. Out of descriptors (builds took more than
                         // their reserve): an idle connection makes room, as at the cap, so
-                        // that `/healthz` still gets in; the pause lets its task close the
-                        // socket. With none to close, back off instead of spinning.
+                        // that `/healthz` still gets in. With none to close, back off
+                        // instead of spinning.
                         let evicted = registry.evict_oldest_idle();
                         if last_accept_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
                             tracing::warn!("accept failed: {e}; closing idle connections, else pausing accepts for 100 ms at a time");
                             last_accept_warning = Some(tokio::time::Instant::now());
                         }
-                        let pause = if evicted { 5 } else { 100 };
-                        tokio::time::sleep(Duration::from_millis(pause)).await;
+                        tokio::select! {
+                            _ = registry.wait_closed(), if evicted => {}
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        }
                     }
                     continue;
                 }
             },
             _ = shutdown.draining() => break,
         };
-        // At the cap, the oldest connection that is between requests makes room; if every
-        // one is in the middle of a request, the newcomer is turned away.
-        if registry.len() >= state.max_connections && !registry.evict_oldest_idle() {
-            tracing::debug!(
-                "all {} connection slots are busy; refusing a connection",
-                state.max_connections
-            );
-            continue;
-        }
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(conn::Activity::default());
         let registered = registry.register(activity.clone());
@@ -720,6 +730,28 @@ mod tests {
         assert_eq!(r.template(), "/api/projects/{project}/builds");
         assert_eq!(r.trigger_source(&Method::POST), Some(TriggerSource::Api));
         assert_eq!(Route::Projects.trigger_source(&Method::POST), None);
+    }
+
+    #[test]
+    fn the_connection_cap_stays_below_the_free_descriptors() {
+        // issue 12: max(nofile - 256, 64) was 64 at nofile 64, above the ~44 free.
+        for nofile in [64, 100, 256, 400, 1024, 4096, 65536, 1 << 20] {
+            for open in [10, 20, 40] {
+                for builds in [1, 2, 8, 64] {
+                    let cap = connection_cap(nofile, open, builds) as u64;
+                    let free = nofile - open;
+                    assert!(cap >= 1);
+                    assert!(
+                        cap <= free / 2 || cap + 32 + 12 * builds as u64 <= free,
+                        "nofile {nofile}, open {open}, builds {builds}: cap {cap}"
+                    );
+                }
+            }
+        }
+        assert_eq!(connection_cap(64, 20, 2), 22);
+        assert_eq!(connection_cap(1024, 20, 2), 1024 - 20 - 56);
+        assert_eq!(connection_cap(1 << 20, 20, 2), MAX_CONNECTIONS);
+        assert_eq!(connection_cap(10, 20, 2), 1, "never zero");
     }
 
     #[test]

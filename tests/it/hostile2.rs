@@ -343,3 +343,128 @@ fn endless_chunked_bodies_on_hooks_and_git_get_413_and_memory_stays_flat() {
     assert_eq!(hooks.json()["result"][0]["trigger_count"], 0);
     assert_eq!(request(d.addr, "GET", "/healthz", &[], b"").status, 200);
 }
+
+// ---- HOSTILE 7 / issue 12 item 2: descriptor exhaustion ---------------------------------------
+
+/// Opens `n` idle connections (half with a partial head), as many as connect.
+fn idle_flood(addr: std::net::SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut flood = Vec::with_capacity(n);
+    for i in 0..n {
+        let Ok(mut s) = TcpStream::connect(addr) else {
+            continue;
+        };
+        if i % 2 == 0 {
+            let _ = s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n");
+        }
+        flood.push(s);
+    }
+    flood
+}
+
+/// Times `/healthz` on a fresh connection; panics past `limit` or on another answer.
+fn healthz_within(d: &Daemon, limit: Duration, what: &str) -> Duration {
+    let start = Instant::now();
+    let text = exchange(
+        d.addr,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(30),
+    );
+    let took = start.elapsed();
+    assert_eq!(status_of(&text), Some(200), "{what}: {text}");
+    assert!(took < limit, "{what}: /healthz took {took:?}\n{}", d.logs());
+    took
+}
+
+fn nofile_of(pid: u32) -> String {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn healthz_answers_within_a_second_beside_a_flood_at_nofile_64() {
+    let wd = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    write_config(
+        tmp.path(),
+        "",
+        &workdir_project("site", wd.path(), "echo built", ""),
+    );
+    let d = Daemon::spawn_limited(tmp.path(), &[], Some(64)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(nofile_of(d.pid()), "64");
+    // Far more connections than there are descriptors.
+    let mut flood = idle_flood(d.addr, 300);
+    for round in 0..5 {
+        healthz_within(&d, Duration::from_secs(1), &format!("round {round}"));
+        flood.extend(idle_flood(d.addr, 50));
+    }
+    // The cap is below the free descriptors: connections alone never exhaust them (the
+    // EMFILE path is the next test's).
+    assert!(
+        !d.logs().contains("accept failed"),
+        "connections alone made accept fail: the cap is above the free descriptors\n{}",
+        d.logs()
+    );
+    // A build under the same pressure still gets its log.
+    let id = d.trigger_id("site", "main");
+    let b = d.wait_status(&id, "stopped", 30);
+    assert_eq!(b["build_outcome"], "success", "{b}");
+    assert!(d.log_text(&id, "stdout").contains("built"));
+    drop(flood);
+}
+
+#[test]
+fn builds_holding_descriptors_make_accept_fail_and_idle_connections_make_room() {
+    // Twelve builds at once, each holding pipes and a log file, at nofile 64: together with
+    // the connections they take more descriptors than there are, so accept fails with EMFILE
+    // (the cap cannot know what builds will hold) and some builds cannot open their log.
+    let wd = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let projects: String = (0..12)
+        .map(|i| workdir_project(&format!("p{i}"), wd.path(), "echo started; sleep 4", ""))
+        .collect();
+    write_config(tmp.path(), "max_concurrent_builds = 12", &projects);
+    let d = Daemon::spawn_limited(tmp.path(), &[], Some(64)).unwrap_or_else(|e| panic!("{e}"));
+    let mut flood = idle_flood(d.addr, 200);
+    let ids: Vec<String> = (0..12)
+        .map(|i| d.trigger_id(&format!("p{i}"), "main"))
+        .collect();
+    flood.extend(idle_flood(d.addr, 200));
+    for round in 0..5 {
+        healthz_within(&d, Duration::from_secs(1), &format!("round {round}"));
+        flood.extend(idle_flood(d.addr, 50));
+    }
+    assert!(
+        d.logs().contains("accept failed"),
+        "the test did not reach EMFILE:\n{}",
+        d.logs()
+    );
+    // Every build ends, and none with an empty log that looks clean.
+    for id in &ids {
+        let b = d.wait_status(id, "stopped", 60);
+        let lines = d.log_lines(id);
+        let logs = d.api("GET", &format!("/api/builds/{id}/logs"), None).json();
+        eprintln!(
+            "{id}: {} {:?}, truncated {}",
+            b["build_outcome"],
+            lines
+                .iter()
+                .map(|l| l["line"].as_str().unwrap_or_default().to_string())
+                .collect::<Vec<_>>(),
+            logs["result"]["truncated"]
+        );
+        if b["build_outcome"] != "success" {
+            let said = lines.iter().any(|l| l["stream"] == "system");
+            assert!(
+                said || logs["result"]["truncated"] == true,
+                "build {id} failed with a log that looks clean: {b}"
+            );
+        }
+    }
+    drop(flood);
+    healthz_within(&d, Duration::from_secs(1), "after the flood");
+}
