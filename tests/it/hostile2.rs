@@ -468,3 +468,104 @@ fn builds_holding_descriptors_make_accept_fail_and_idle_connections_make_room() 
     drop(flood);
     healthz_within(&d, Duration::from_secs(1), "after the flood");
 }
+
+// ---- issue 12 item 4: a full log disk -------------------------------------------------------
+
+/// A tmpfs of `size` mounted on `dir`, unmounted on drop; `None` (with a message) where
+/// mounting is not allowed.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, size: &str) -> Option<SmallDisk> {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "SKIPPED: cannot mount a tmpfs (needs root): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Some(SmallDisk(dir.to_path_buf()))
+    }
+
+    /// Fills the disk to the last byte.
+    fn fill(&self) -> std::path::PathBuf {
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = vec![b'f'; 4096];
+        while f.write_all(&block).is_ok() {}
+        while f.write_all(b"f").is_ok() {}
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn output_lost_to_a_full_log_disk_is_said_in_the_log_or_the_record() {
+    let wd = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(&tmp.path().join("state/logs"), "256k") else {
+        return;
+    };
+    // About 590 KB of output into a 256 KiB log disk.
+    write_config(
+        tmp.path(),
+        "",
+        &workdir_project("site", wd.path(), "seq 1 100000", ""),
+    );
+    let d = Daemon::spawn(tmp.path(), &[]).unwrap_or_else(|e| panic!("{e}"));
+    let id = d.trigger_id("site", "main");
+    let b = d.wait_status(&id, "stopped", 60);
+    assert_eq!(b["build_outcome"], "success", "{b}");
+    let logs = d.api("GET", &format!("/api/builds/{id}/logs"), None).json();
+    assert_eq!(
+        logs["result"]["truncated"], true,
+        "output was lost, yet the log says it is complete"
+    );
+    let lines = d.log_lines(&id);
+    let note = lines
+        .iter()
+        .find(|l| {
+            l["stream"] == "system" && l["line"].as_str().unwrap().starts_with("log output lost")
+        })
+        .unwrap_or_else(|| panic!("no system line says output was lost: {:?}", lines.last()));
+    assert!(
+        note["line"]
+            .as_str()
+            .unwrap()
+            .contains("No space left on device"),
+        "{note}"
+    );
+    std::fs::remove_file(buildlog_path(&d, &id)).unwrap();
+
+    // A disk without a byte left: the log cannot even say so, the record does.
+    let filler = disk.fill();
+    let id = d.trigger_id("site", "main");
+    let b = d.wait_status(&id, "stopped", 60);
+    assert_eq!(b["build_outcome"], "success", "{b}");
+    let logs = d.api("GET", &format!("/api/builds/{id}/logs"), None).json();
+    assert_eq!(logs["result"]["lines"], serde_json::json!([]), "{logs}");
+    assert_eq!(
+        logs["result"]["truncated"], true,
+        "an empty log must not look clean: {logs}"
+    );
+    std::fs::remove_file(filler).unwrap();
+    assert_eq!(request(d.addr, "GET", "/healthz", &[], b"").status, 200);
+}
+
+fn buildlog_path(d: &Daemon, id: &str) -> std::path::PathBuf {
+    d.dir.join("state/logs").join(format!("{id}.log"))
+}
