@@ -569,3 +569,140 @@ fn output_lost_to_a_full_log_disk_is_said_in_the_log_or_the_record() {
 fn buildlog_path(d: &Daemon, id: &str) -> std::path::PathBuf {
     d.dir.join("state/logs").join(format!("{id}.log"))
 }
+
+// ---- issue 12 item 3: requests in flight when the disk fills ----------------------------------
+
+/// What became of one request.
+enum Sent {
+    /// The connection was refused: the request never reached the daemon.
+    Refused,
+    /// A complete answer.
+    Answered(Resp),
+    /// Sent, and the connection ended without a complete answer.
+    Dropped(String),
+}
+
+fn send(addr: std::net::SocketAddr, method: &str, path: &str, auth: &str, body: &[u8]) -> Sent {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return Sent::Refused;
+    };
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: {auth}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    if s.write_all(&req).is_err() {
+        return Sent::Refused;
+    }
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let complete = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .is_some_and(|end| {
+            let r = parse_response(&buf);
+            let _ = end;
+            serde_json::from_slice::<serde_json::Value>(&r.body).is_ok()
+        });
+    if complete {
+        Sent::Answered(parse_response(&buf))
+    } else {
+        Sent::Dropped(String::from_utf8_lossy(&buf).into_owned())
+    }
+}
+
+#[test]
+fn every_request_in_flight_when_the_disk_fills_gets_an_answer() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // A file-size limit makes sled's writes fail as a full disk does (see the reliability
+    // test of the same technique); six clients trigger and cancel at once so that requests
+    // are waiting on flushes when the store fails.
+    let wd = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let branches: Vec<String> = (0..6).map(|i| format!("b{i}")).collect();
+    write_config(
+        tmp.path(),
+        "builds_per_minute = 1000000\nproject_builds_per_minute = 1000000\nkeep_builds = 100000",
+        &format!(
+            "[projects.site]\nbranches = {}\nworkdir = \"{}\"\ncommand = \"sleep 60\"\n",
+            serde_json::to_string(&branches).unwrap(),
+            wd.path().display()
+        ),
+    );
+    let mut d = Daemon::spawn_after(tmp.path(), &[], Some("trap '' XFSZ; ulimit -f 1200"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let paths: Vec<String> = branches
+        .iter()
+        .map(|b| d.create_hook("site", b, b).1)
+        .collect();
+    let auth = format!("Bearer {}", d.token);
+    let stop = AtomicBool::new(false);
+    let results: Vec<(usize, Vec<u16>, Vec<String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = paths
+            .iter()
+            .map(|path| {
+                let (stop, auth, addr) = (&stop, auth.as_str(), d.addr);
+                s.spawn(move || {
+                    let body = vec![b'x'; 1500];
+                    let (mut sent, mut refusals, mut dropped) = (0, Vec::new(), Vec::new());
+                    let mut note = |what: &str, r: Sent| -> Option<Resp> {
+                        match r {
+                            Sent::Refused => None,
+                            Sent::Dropped(text) => {
+                                dropped.push(format!("{what}: {text:?}"));
+                                stop.store(true, Ordering::SeqCst);
+                                None
+                            }
+                            Sent::Answered(r) if r.status == 200 => Some(r),
+                            Sent::Answered(r) => {
+                                refusals.push(r.status);
+                                assert_eq!(
+                                    r.json()["errors"][0]["code"],
+                                    1503,
+                                    "{what}: {}",
+                                    r.error_message()
+                                );
+                                stop.store(true, Ordering::SeqCst);
+                                None
+                            }
+                        }
+                    };
+                    while !stop.load(Ordering::SeqCst) && sent < 5000 {
+                        sent += 1;
+                        let Some(r) = note("trigger", send(addr, "POST", path, auth, &body)) else {
+                            continue;
+                        };
+                        let id = r.json()["result"]["build_uuid"]
+                            .as_str()
+                            .unwrap()
+                            .to_string();
+                        note(
+                            "cancel",
+                            send(addr, "POST", &format!("/api/builds/{id}/cancel"), auth, b""),
+                        );
+                    }
+                    (sent, refusals, dropped)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let dropped: Vec<&String> = results.iter().flat_map(|r| &r.2).collect();
+    let refusals: Vec<u16> = results.iter().flat_map(|r| r.1.clone()).collect();
+    eprintln!(
+        "{} requests, {} refused with 503, {} dropped",
+        results.iter().map(|r| r.0).sum::<usize>(),
+        refusals.len(),
+        dropped.len()
+    );
+    assert!(
+        dropped.is_empty(),
+        "requests without an answer: {dropped:?}"
+    );
+    assert!(!refusals.is_empty(), "the store never failed");
+    assert!(refusals.iter().all(|s| *s == 503), "{refusals:?}");
+    let code = d.wait_exit(30);
+    assert!(matches!(code, Some(c) if c != 0), "exit code {code:?}");
+}
