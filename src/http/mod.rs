@@ -224,22 +224,35 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(conn::Activity::default());
         let registered = registry.register(activity.clone());
-        let st = state.clone();
-        let act = activity.clone();
-        let connection = builder.serve_connection(
-            TokioIo::new(conn::StrictIo::new(stream, activity)),
-            service_fn(move |req| {
-                let st = st.clone();
-                let act = act.clone();
-                async move { Ok::<_, Infallible>(handle(req, st, act).await) }
-            }),
-        );
-        let connection = graceful.watch(connection);
+        let mut io = conn::StrictIo::new(stream, activity.clone());
+        let (builder, watcher, st) = (builder.clone(), graceful.watcher(), state.clone());
+        let mut closing = shutdown.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                _ = connection => {}
-                // Dropping the connection closes its socket.
-                _ = registered.evict.notified() => {}
+            // Until its first request head is complete, a connection costs only the bytes
+            // it sent: see `StrictIo::read_first_head`. The same header timeout applies.
+            let spoke = tokio::select! {
+                r = tokio::time::timeout(HEADER_READ_TIMEOUT, io.read_first_head()) => {
+                    matches!(r, Ok(Ok(())))
+                }
+                _ = registered.evict.notified() => false,
+                _ = closing.closing() => false,
+            };
+            if spoke {
+                // Boxed: a connection waiting for its first head keeps a small task, and
+                // only one that spoke carries hyper's (large) connection state.
+                let connection = Box::pin(watcher.watch(builder.serve_connection(
+                    TokioIo::new(io),
+                    service_fn(move |req| {
+                        let st = st.clone();
+                        let act = activity.clone();
+                        async move { Ok::<_, Infallible>(handle(req, st, act).await) }
+                    }),
+                )));
+                tokio::select! {
+                    _ = connection => {}
+                    // Dropping the connection closes its socket.
+                    _ = registered.evict.notified() => {}
+                }
             }
             drop(registered);
         });
