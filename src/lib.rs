@@ -19,7 +19,7 @@
 //! - [`buildlog`]: capped append-only NDJSON log files, line splitting, paging.
 //! - [`git`]: Git-host webhook signatures and push-event parsing (pure).
 //! - [`http`]: accept loop and hardening; `api` (admin), `public` (hooks, Git, health, metrics),
-//!   `envelope` (responses and error codes), `conn` (per-connection framing checks, eviction).
+//!   `envelope` (responses and error codes), `conn` (per-connection framing checks, the first head, eviction).
 //! - [`shutdown`]: signals and the shutdown phases.
 //! - [`metrics`]: the Prometheus registry (counters, histogram) and its text exposition.
 //! - [`notify`]: systemd's readiness protocol (`READY=1`, `RELOADING=1`, `STOPPING=1`).

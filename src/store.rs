@@ -344,7 +344,7 @@ impl Store {
     /// Waits until everything written so far is on disk. See the module doc.
     ///
     /// Fails as soon as the store fails, whoever sees it first (this flush, another write,
-    /// another flush), and when the flush thread has not answered within [`FLUSH_DEADLINE`]:
+    /// another flush), and when the flush thread has not answered within 30 s:
     /// no caller may wait on a flush that hangs (issue 12).
     pub async fn durable(&self) -> Result<(), StoreError> {
         let mut failed = self.inner.failed.subscribe();

@@ -11,6 +11,9 @@
 //!   connection slots are taken, the oldest connection that is not in the middle of a request
 //!   is closed to make room (HOSTILE 7: a flood of idle or trickling connections must not lock
 //!   out `/healthz` until the header timeout frees a slot).
+//! * It reads a connection's first request head itself ([`StrictIo::read_first_head`]), so
+//!   that a connection which has not spoken yet costs only the bytes it sent, not hyper's
+//!   buffers (issue 12).
 
 use std::collections::HashMap;
 use std::io;

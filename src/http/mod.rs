@@ -8,11 +8,14 @@
 //!
 //! Hardening that lives here: a header read timeout that really fires (hyper ignores
 //! `header_read_timeout` without a timer, so the builder gets `TokioTimer`), at most 100
-//! headers and a bounded header buffer (431 past it), bare-LF request heads refused
-//! ([`conn::StrictIo`]), a body size limit checked against `Content-Length` before anything is
-//! read and enforced while reading chunked bodies (413), a deadline for the whole body (408),
-//! a shared memory budget for bodies read before their request is authenticated (503 past
-//! it), and accept errors (EMFILE) that back off instead of spinning.
+//! headers and an exact 64 KiB head limit (431 past it), bare-LF request heads refused
+//! ([`conn::StrictIo`]), `Host` checked as RFC 9112 §3.2 says (400), a body size limit
+//! checked against `Content-Length` before anything is read and enforced while reading
+//! chunked bodies (413), a deadline for the whole body (408), a shared memory budget for
+//! bodies read before their request is authenticated (503 past it), a connection cap below
+//! the free file descriptors ([`connection_cap`]), connections that reach hyper (and its
+//! buffers) only with their first complete head, and accept errors (EMFILE) that close an
+//! idle connection or back off instead of spinning.
 //!
 //! Shutdown has two steps: on SIGTERM the listener closes (new connections are refused) while
 //! open connections keep being served — `/healthz` and triggers answer 503 — until the builds
