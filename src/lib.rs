@@ -13,13 +13,18 @@
 //! - [`token`]: hook tokens, the admin token, Git secrets: generation, hashing, constant-time checks.
 //! - [`store`]: the only module that touches sled: trees, bincode records, batched durability.
 //! - [`ratelimit`]: rolling 60 s windows of new builds per project and per daemon (pure).
-//! - [`queue`]: the build state machine: trigger, dedupe, supersede, cancel, schedule, recovery.
+//! - [`machine`]: the build state machine (pure): every transition as an event in, effects out.
+//! - [`queue`]: the shell around the machine: applies its effects (store, runners, waiters, logs).
+//! - [`quietlog`]: aggregation of log lines a client can cause at request rate.
 //! - [`runner`]: one build: checkout, spawn under a supervisor, logs, timeout, stop, outcome.
-//! - [`supervisor`]: the hidden per-process supervisor mode that makes builds die with the daemon.
+//! - [`supervisor`]: the hidden per-process supervisor mode that makes builds die with the daemon,
+//!   and the daemon's handle on it (protocol, escalation, reaping) with its warm pool.
 //! - [`buildlog`]: capped append-only NDJSON log files, line splitting, paging.
-//! - [`git`]: Git-host webhook signatures and push-event parsing (pure).
+//! - [`git`]: Git-host webhooks (pure): host detection, signatures, every host's push shapes
+//!   (multi-ref, tags, System Hooks), skip markers and `paths`, delivery ids.
 //! - [`http`]: accept loop and hardening; `api` (admin), `public` (hooks, Git, health, metrics),
-//!   `envelope` (responses and error codes), `conn` (per-connection framing checks, the first head, eviction).
+//!   `envelope` (the typed envelope, responses and error codes), `error` (domain errors →
+//!   HTTP errors), `conn` (per-connection framing checks, the first head, eviction).
 //! - [`shutdown`]: signals and the shutdown phases.
 //! - [`metrics`]: the Prometheus registry (counters, histogram) and its text exposition.
 //! - [`notify`]: systemd's readiness protocol (`READY=1`, `RELOADING=1`, `STOPPING=1`).
@@ -33,10 +38,12 @@ pub mod config;
 pub mod daemon;
 pub mod git;
 pub mod http;
+pub mod machine;
 pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod queue;
+pub mod quietlog;
 pub mod ratelimit;
 pub mod runner;
 pub mod shutdown;

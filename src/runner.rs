@@ -7,9 +7,9 @@
 //! timeout, shutdown) and decides the outcome.
 //!
 //! Stopping is always: SIGTERM to the process group, SIGKILL to everything after `kill_grace`
-//! (done by the supervisor, which owns the group). If the supervisor itself stops answering,
-//! the runner escalates on its own: `K` to the supervisor, then SIGKILL to the supervisor and
-//! to the build's process group.
+//! (done by the supervisor, which owns the group; the protocol, and the escalation when a
+//! supervisor stops answering, are [`supervisor::Supervisor`]'s). This module decides *when*
+//! to stop: a stop request or the timeout while the main process runs.
 //!
 //! Output is read until EOF, but never longer than [`DRAIN_DEADLINE`] after the main process
 //! exited: a descendant that escaped the supervisor's kill (uninterruptible sleep, say) must not
@@ -20,29 +20,23 @@
 //! sharing the mirror's objects, removed when the build stops. Git is run as a plain argv, the
 //! branch always after `--` or inside a `refs/heads/` refspec, never through a shell.
 
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{
-    AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWriteExt as _, BufReader,
-};
+use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::buildlog::{self, LineSplitter, LogSender, Stream};
 use crate::config::{ProjectConfig, Source};
-use crate::model::{Build, CancelReason, Outcome};
+use crate::machine::{Exit, RunEnd};
+use crate::model::{Build, CancelReason};
 use crate::queue::{LiveLog, Queue, Resolution, Start, StopReason};
-use crate::supervisor;
+use crate::supervisor::{self, Event, MainStatus, Supervisor, SupervisorPool};
 
 /// How long output is still read after the main process exited.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(2);
-
-/// Extra time the supervisor gets beyond the kill grace before the runner escalates itself.
-const SUPERVISOR_SLACK: Duration = Duration::from_secs(3);
 
 /// Settings fixed for the daemon's lifetime.
 #[derive(Debug, Clone)]
@@ -69,91 +63,12 @@ impl RunSettings {
                 Err(_) => {}
             }
         }
-        // /proc/self/exe is the running image even if the file on disk was replaced by an
-        // upgrade, so supervisor and daemon always speak the same protocol.
-        let exe = if Path::new("/proc/self/exe").exists() {
-            PathBuf::from("/proc/self/exe")
-        } else {
-            std::env::current_exe().unwrap_or_else(|_| PathBuf::from("deployhook"))
-        };
-        let pool = Arc::new(SupervisorPool {
-            exe,
-            warm: tokio::sync::Mutex::new(None),
-        });
+        let pool = SupervisorPool::of_this_binary();
         Self {
             state_dir: state_dir.to_path_buf(),
             base_env,
             pool,
         }
-    }
-}
-
-/// A supervisor that has been started and waits for its job.
-type Warm = (tokio::process::Child, tokio::net::UnixStream);
-
-/// Keeps one supervisor started ahead of need, so that starting a build costs a socket write
-/// instead of an exec of this (large) binary: the exec, the dynamic loading and the
-/// supervisor's own set-up happen between builds, not between a trigger and its command.
-/// A warm supervisor has an empty environment and no job; if the daemon dies it reads EOF and
-/// exits, having nothing to kill.
-pub struct SupervisorPool {
-    exe: PathBuf,
-    warm: tokio::sync::Mutex<Option<Warm>>,
-}
-
-impl std::fmt::Debug for SupervisorPool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SupervisorPool")
-            .field("exe", &self.exe)
-            .finish_non_exhaustive()
-    }
-}
-
-impl SupervisorPool {
-    fn spawn(&self) -> std::io::Result<Warm> {
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-        let mut cmd = tokio::process::Command::new(&self.exe);
-        cmd.arg(supervisor::MODE_ARG)
-            .env_clear()
-            .current_dir("/")
-            // Its own process group: a Ctrl-C or a signal sent to the daemon's group must not
-            // kill a supervisor and orphan a build; stopping is the daemon's decision.
-            .process_group(0)
-            .stdin(Stdio::from(OwnedFd::from(theirs)))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // No kill_on_drop: should this handle ever be dropped mid-build, the socket closes
-        // and the supervisor kills the build's whole tree itself (SIGKILLing the supervisor
-        // instead could orphan the tree).
-        let child = cmd.spawn()?;
-        // Dropping the command drops our copy of the supervisor's end of the socket.
-        drop(cmd);
-        ours.set_nonblocking(true)?;
-        Ok((child, tokio::net::UnixStream::from_std(ours)?))
-    }
-
-    /// A supervisor waiting for its job: the warm one if it is still alive, else a new one.
-    async fn take(&self) -> std::io::Result<Warm> {
-        if let Some((mut child, ctl)) = self.warm.lock().await.take()
-            && matches!(child.try_wait(), Ok(None))
-        {
-            return Ok((child, ctl));
-        }
-        self.spawn()
-    }
-
-    /// Starts a warm supervisor in the background if there is none.
-    pub fn refill(self: &Arc<Self>) {
-        let pool = self.clone();
-        tokio::spawn(async move {
-            let mut slot = pool.warm.lock().await;
-            if slot.is_none() {
-                match pool.spawn() {
-                    Ok(w) => *slot = Some(w),
-                    Err(e) => tracing::warn!("cannot start a spare supervisor: {e}"),
-                }
-            }
-        });
     }
 }
 
@@ -216,16 +131,6 @@ enum Sink {
     Capture(Arc<Mutex<Vec<u8>>>),
 }
 
-/// How a supervised process ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum MainStatus {
-    Exited(i32),
-    Signaled(i32),
-    SpawnError(String),
-    /// The supervisor vanished without a report.
-    Lost,
-}
-
 /// The end of one supervised step.
 #[derive(Debug)]
 struct StepEnd {
@@ -279,7 +184,7 @@ pub async fn run(queue: Queue, settings: RunSettings, start: Start) {
         Err(e) => {
             tracing::error!(build = %id, "cannot create the build log {}: {e}", log_path.display());
             let summary = buildlog::record_unwritable(&log_path, &e).await;
-            queue.finish(id, Outcome::Fail, None, summary);
+            queue.finish(id, FAILED, summary);
             return;
         }
     };
@@ -307,7 +212,7 @@ pub async fn run(queue: Queue, settings: RunSettings, start: Start) {
     };
     let workspace = workspace_dir(&settings.state_dir).join(id.to_string());
     let payload = payload_dir(&settings.state_dir).join(id.to_string());
-    let (outcome, exit_code) = execute(
+    let end = execute(
         &queue,
         &mut ctx,
         &build,
@@ -324,7 +229,7 @@ pub async fn run(queue: Queue, settings: RunSettings, start: Start) {
         let _ = std::fs::remove_file(&payload);
     })
     .await;
-    queue.finish(id, outcome, exit_code, summary);
+    queue.finish(id, end, summary);
 }
 
 async fn execute(
@@ -334,7 +239,7 @@ async fn execute(
     project: Option<&ProjectConfig>,
     workspace: &Path,
     payload_path: &Path,
-) -> (Outcome, Option<i32>) {
+) -> RunEnd {
     let id = build.id;
     let Some(project) = project else {
         ctx.log
@@ -343,16 +248,16 @@ async fn execute(
                 build.project
             ))
             .await;
-        return (Outcome::Fail, None);
+        return FAILED;
     };
-    if !project.has_branch(&build.branch) {
+    if !project.allows(&build.git_ref) {
         ctx.log
             .system(format!(
-                "branch {} is no longer one of project {}'s branches; nothing was run",
-                build.branch, build.project
+                "{} is no longer one the config of project {} builds; nothing was run",
+                build.git_ref, build.project
             ))
             .await;
-        return (Outcome::Fail, None);
+        return FAILED;
     }
     let mut env = ctx.settings.base_env.clone();
     env.push(("GIT_TERMINAL_PROMPT".into(), "0".into()));
@@ -363,10 +268,12 @@ async fn execute(
             queue.resolve(id, Resolution::Workdir);
             (dir.clone(), None)
         }
-        Source::Repo(url) => match checkout(queue, ctx, build, url, &git_env, workspace).await {
-            Ok(sha) => (workspace.to_path_buf(), Some(sha)),
-            Err(end) => return end,
-        },
+        Source::Repo(url) => {
+            match checkout(queue, ctx, build, project, url, &git_env, workspace).await {
+                Ok(sha) => (workspace.to_path_buf(), Some(sha)),
+                Err(end) => return end,
+            }
+        }
     };
 
     let payload_env = if build.has_payload {
@@ -376,7 +283,7 @@ async fn execute(
                 ctx.log
                     .system(format!("cannot write the payload file: {e}"))
                     .await;
-                return (Outcome::Fail, None);
+                return FAILED;
             }
         }
     } else {
@@ -394,7 +301,15 @@ async fn execute(
     env.extend([
         ("DEPLOYHOOK_BUILD_UUID".to_owned(), id.to_string()),
         ("DEPLOYHOOK_PROJECT".to_owned(), build.project.clone()),
-        ("DEPLOYHOOK_BRANCH".to_owned(), build.branch.clone()),
+        (
+            "DEPLOYHOOK_BRANCH".to_owned(),
+            build.git_ref.branch().unwrap_or_default().to_owned(),
+        ),
+        ("DEPLOYHOOK_REF".to_owned(), build.git_ref.full()),
+        (
+            "DEPLOYHOOK_TAG".to_owned(),
+            build.git_ref.tag().unwrap_or_default().to_owned(),
+        ),
         (
             "DEPLOYHOOK_COMMIT".to_owned(),
             commit.clone().unwrap_or_default(),
@@ -406,26 +321,34 @@ async fn execute(
         ("DEPLOYHOOK_HOOK_NAME".to_owned(), hook_name),
         ("DEPLOYHOOK_PAYLOAD".to_owned(), payload_env),
     ]);
+    // SPEC §2.3: each accepted parameter as its own variable; names are validated
+    // (`^[a-z][a-z0-9_]*$`) and values carry no NUL, CR or LF, and nothing goes through a shell.
+    env.extend(build.params.iter().map(|(k, v)| {
+        (
+            format!("DEPLOYHOOK_PARAM_{}", k.to_ascii_uppercase()),
+            v.clone(),
+        )
+    }));
 
     if let Some(r) = ctx.pending_stop() {
         note_stop(ctx, r).await;
-        return (r.outcome(), None);
+        return RunEnd {
+            stopped_by: Some(r),
+            exit: Exit::Failed,
+        };
     }
     queue.mark_running(id);
     let argv: Vec<String> = vec!["/bin/sh".into(), "-c".into(), project.command.clone()];
     let out = Sink::Log(ctx.log.clone(), Stream::Stdout);
     let err = Sink::Log(ctx.log.clone(), Stream::Stderr);
     let end = step(ctx, argv, &workdir, &env, out, err).await;
-    let outcome = match (end.stopped, &end.status) {
-        (Some(r), _) => r.outcome(),
-        (None, MainStatus::Exited(0)) => Outcome::Success,
-        (None, _) => Outcome::Fail,
-    };
-    // SPEC: null when the build was ended by a stop (cancel, timeout, shutdown), even if its
-    // main process caught the SIGTERM and exited by itself.
-    let exit_code = match (end.stopped, &end.status) {
-        (None, MainStatus::Exited(c)) => Some(*c),
-        _ => None,
+    let run_end = RunEnd {
+        stopped_by: end.stopped,
+        exit: match &end.status {
+            MainStatus::Exited(c) => Exit::Code(*c),
+            MainStatus::Signaled(s) => Exit::Signal(*s),
+            MainStatus::SpawnError(_) | MainStatus::Lost => Exit::Failed,
+        },
     };
     let summary = match &end.status {
         MainStatus::Exited(c) => format!("the command exited with code {c}"),
@@ -434,10 +357,19 @@ async fn execute(
         MainStatus::Lost => "the build's supervisor vanished; its processes were killed".to_owned(),
     };
     ctx.log
-        .system(format!("{summary}; outcome {}", outcome.as_str()))
+        .system(format!(
+            "{summary}; outcome {}",
+            run_end.outcome().0.as_str()
+        ))
         .await;
-    (outcome, exit_code)
+    run_end
 }
+
+/// A build that failed before any command could run to an exit status.
+const FAILED: RunEnd = RunEnd {
+    stopped_by: None,
+    exit: Exit::Failed,
+};
 
 /// Fetches the branch into the project's mirror, resolves its head (again if a trigger
 /// joined meanwhile), and checks it out into a fresh workspace. Returns the full SHA.
@@ -445,10 +377,11 @@ async fn checkout(
     queue: &Queue,
     ctx: &mut Ctx<'_>,
     build: &Build,
+    project: &ProjectConfig,
     url: &str,
     env: &[(String, String)],
     workspace: &Path,
-) -> Result<String, (Outcome, Option<i32>)> {
+) -> Result<String, RunEnd> {
     let mirrors = ctx.settings.state_dir.join("mirrors");
     let mirror = mirrors.join(format!("{}.git", build.project));
     let sys = |log: &LogSender| Sink::Log(log.clone(), Stream::System);
@@ -456,7 +389,7 @@ async fn checkout(
         ctx.log
             .system(format!("cannot create {}: {e}", mirrors.display()))
             .await;
-        return Err((Outcome::Fail, None));
+        return Err(FAILED);
     }
     if !mirror.join("HEAD").exists() {
         let argv = git_argv(&["init", "--quiet", "--bare", "--"], &[mirror.as_path()]);
@@ -481,76 +414,49 @@ async fn checkout(
             .await;
     }
     let git_dir = format!("--git-dir={}", mirror.display());
-    let refspec = format!("+refs/heads/{0}:refs/heads/{0}", build.branch);
-    let sha = loop {
-        queue.begin_fetch(build.id);
-        ctx.log
-            .system(format!(
-                "fetching branch {} from {}",
-                build.branch,
-                redact_credentials(url)
-            ))
-            .await;
-        let argv = git_argv(
-            &[
-                // No background gc/maintenance: a detached gc would be killed with the build's
-                // tree as soon as fetch exits, leaving locks behind.
-                "-c",
-                "gc.auto=0",
-                "-c",
-                "maintenance.auto=false",
-                &git_dir,
-                "fetch",
-                "--quiet",
-                "--no-tags",
-                "--no-write-fetch-head",
-                "--",
-            ],
-            &[Path::new(url), Path::new(&refspec)],
-        );
-        let end = step(ctx, argv, &mirrors, env, sys(ctx.log), sys(ctx.log)).await;
-        if !end.ok() {
-            return Err(step_failed(ctx, "git fetch", &end).await);
-        }
-        let captured = Arc::new(Mutex::new(Vec::new()));
-        let rev = format!("refs/heads/{}^{{commit}}", build.branch);
-        let argv = git_argv(
-            &[&git_dir, "rev-parse", "--verify", "--quiet"],
-            &[Path::new(&rev)],
-        );
-        let end = step(
-            ctx,
-            argv,
-            &mirrors,
-            env,
-            Sink::Capture(captured.clone()),
-            sys(ctx.log),
-        )
-        .await;
-        if !end.ok() {
-            return Err(step_failed(ctx, "git rev-parse", &end).await);
-        }
-        let sha = captured
-            .lock()
-            .map(|v| String::from_utf8_lossy(&v).trim().to_owned())
-            .unwrap_or_default();
-        if sha.len() < 40 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+    let full_ref = build.git_ref.full();
+    let refspec = format!("+{full_ref}:{full_ref}");
+    let m = Mirror {
+        url,
+        env,
+        dir: &mirrors,
+        git_dir: &git_dir,
+    };
+    let sha = if let Some(wanted) = &build.exact_commit {
+        let sha = fetch_exact(ctx, &m, build, project, wanted).await?;
+        queue.resolve(build.id, Resolution::Fetched(sha.clone()));
+        sha
+    } else {
+        loop {
+            queue.begin_fetch(build.id);
             ctx.log
                 .system(format!(
-                    "git rev-parse gave no commit for branch {}",
-                    build.branch
+                    "fetching {} from {}",
+                    build.git_ref,
+                    redact_credentials(url)
                 ))
                 .await;
-            return Err((Outcome::Fail, None));
+            fetch(ctx, &m, &[&refspec]).await?;
+            let rev = format!("{full_ref}^{{commit}}");
+            let sha = git_output(ctx, &m, &["rev-parse", "--verify", "--quiet", &rev]).await?;
+            if !is_full_sha(&sha) {
+                ctx.log
+                    .system(format!(
+                        "git rev-parse gave no commit for {}",
+                        build.git_ref
+                    ))
+                    .await;
+                return Err(FAILED);
+            }
+            if queue.resolve(build.id, Resolution::Fetched(sha.clone())) {
+                break sha;
+            }
+            ctx.log
+                .system(
+                    "another trigger arrived during the fetch; fetching again so that it is included",
+                )
+                .await;
         }
-        if queue.resolve(build.id, Resolution::Fetched(sha.clone())) {
-            break sha;
-        }
-        ctx.log
-            .system(
-                "another trigger arrived during the fetch; fetching again so that it is included",
-            )
-            .await;
     };
     ctx.log.system(format!("checking out {sha}")).await;
     let _ = tokio::fs::remove_dir_all(workspace).await;
@@ -560,7 +466,7 @@ async fn checkout(
         ctx.log
             .system(format!("cannot create {}: {e}", parent.display()))
             .await;
-        return Err((Outcome::Fail, None));
+        return Err(FAILED);
     }
     let argv = git_argv(
         &["clone", "--quiet", "--shared", "--no-checkout", "--"],
@@ -583,6 +489,133 @@ async fn checkout(
     let end = step(ctx, argv, workspace, env, sys(ctx.log), sys(ctx.log)).await;
     if !end.ok() {
         return Err(step_failed(ctx, "git checkout", &end).await);
+    }
+    Ok(sha)
+}
+
+/// A project's bare mirror and how to reach its remote: what every git step of a checkout
+/// needs.
+struct Mirror<'a> {
+    /// The remote's URL or path (`repo`).
+    url: &'a str,
+    /// Environment of git steps.
+    env: &'a [(String, String)],
+    /// `state_dir/mirrors`, where git steps run.
+    dir: &'a Path,
+    /// `--git-dir=<the mirror>`.
+    git_dir: &'a str,
+}
+
+fn is_full_sha(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// `git fetch` of `refspecs` from the remote into the project's mirror.
+async fn fetch(ctx: &mut Ctx<'_>, m: &Mirror<'_>, refspecs: &[&str]) -> Result<(), RunEnd> {
+    let mut argv = git_argv(
+        &[
+            // No background gc/maintenance: a detached gc would be killed with the build's
+            // tree as soon as fetch exits, leaving locks behind.
+            "-c",
+            "gc.auto=0",
+            "-c",
+            "maintenance.auto=false",
+            m.git_dir,
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--no-write-fetch-head",
+            "--",
+        ],
+        &[Path::new(m.url)],
+    );
+    argv.extend(refspecs.iter().map(|r| (*r).to_owned()));
+    let sys = Sink::Log(ctx.log.clone(), Stream::System);
+    let end = step(ctx, argv, m.dir, m.env, sys.clone(), sys).await;
+    if !end.ok() {
+        return Err(step_failed(ctx, "git fetch", &end).await);
+    }
+    Ok(())
+}
+
+/// Runs `git --git-dir=<mirror> ARGS`; returns its trimmed standard output (at most 64 KiB
+/// are kept).
+async fn git_output(ctx: &mut Ctx<'_>, m: &Mirror<'_>, args: &[&str]) -> Result<String, RunEnd> {
+    let captured = Arc::new(Mutex::new(Vec::new()));
+    let mut argv = git_argv(&[m.git_dir], &[]);
+    argv.extend(args.iter().map(|a| (*a).to_owned()));
+    let what = format!("git {}", args.first().unwrap_or(&""));
+    let err = Sink::Log(ctx.log.clone(), Stream::System);
+    let out = Sink::Capture(captured.clone());
+    let end = step(ctx, argv, m.dir, m.env, out, err).await;
+    if !end.ok() {
+        return Err(step_failed(ctx, &what, &end).await);
+    }
+    Ok(captured
+        .lock()
+        .map(|v| String::from_utf8_lossy(&v).trim().to_owned())
+        .unwrap_or_default())
+}
+
+/// For a build of an exact commit (API `commit`, redeploy): fetches every branch and tag,
+/// resolves the commit to its full SHA, and checks that it is reachable from one of the
+/// project's branches or tags (SPEC §2), so that a rollback never deploys code the project
+/// does not build.
+async fn fetch_exact(
+    ctx: &mut Ctx<'_>,
+    m: &Mirror<'_>,
+    build: &Build,
+    project: &ProjectConfig,
+    wanted: &str,
+) -> Result<String, RunEnd> {
+    ctx.log
+        .system(format!(
+            "fetching every branch and tag from {} to find commit {wanted}",
+            redact_credentials(m.url)
+        ))
+        .await;
+    let all = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"];
+    fetch(ctx, m, &all).await?;
+    // `wanted` is 7–40 hex digits (checked by the API), so it cannot be read as an option.
+    let rev = format!("{wanted}^{{commit}}");
+    let sha = match git_output(ctx, m, &["rev-parse", "--verify", "--quiet", &rev]).await {
+        Ok(sha) if is_full_sha(&sha) => sha,
+        _ => {
+            ctx.log
+                .system(format!(
+                    "commit {wanted} is not in the repository after the fetch; the build fails"
+                ))
+                .await;
+            return Err(FAILED);
+        }
+    };
+    let contains = format!("--contains={sha}");
+    let args = [
+        "for-each-ref",
+        "--format=%(refname)",
+        &contains,
+        "refs/heads",
+        "refs/tags",
+    ];
+    let refs = git_output(ctx, m, &args).await?;
+    let reachable = refs.lines().any(|r| {
+        let git_ref = if let Some(b) = r.strip_prefix("refs/heads/") {
+            crate::model::GitRef::Branch(b.to_owned())
+        } else if let Some(t) = r.strip_prefix("refs/tags/") {
+            crate::model::GitRef::Tag(t.to_owned())
+        } else {
+            return false;
+        };
+        project.allows(&git_ref)
+    });
+    if !reachable {
+        ctx.log
+            .system(format!(
+                "commit {sha} is not reachable from any of project {}'s branches or tags; the build fails",
+                build.project
+            ))
+            .await;
+        return Err(FAILED);
     }
     Ok(sha)
 }
@@ -620,9 +653,12 @@ fn git_argv(args: &[&str], more: &[&Path]) -> Vec<String> {
     v
 }
 
-async fn step_failed(ctx: &mut Ctx<'_>, what: &str, end: &StepEnd) -> (Outcome, Option<i32>) {
+async fn step_failed(ctx: &mut Ctx<'_>, what: &str, end: &StepEnd) -> RunEnd {
     if let Some(r) = end.stopped {
-        return (r.outcome(), None);
+        return RunEnd {
+            stopped_by: Some(r),
+            exit: Exit::Failed,
+        };
     }
     let why = match &end.status {
         MainStatus::Exited(c) => format!("exited with code {c}"),
@@ -633,7 +669,7 @@ async fn step_failed(ctx: &mut Ctx<'_>, what: &str, end: &StepEnd) -> (Outcome, 
     ctx.log
         .system(format!("{what} {why}; the build fails"))
         .await;
-    (Outcome::Fail, None)
+    FAILED
 }
 
 async fn write_payload(queue: &Queue, build: &Build, path: &Path) -> std::io::Result<()> {
@@ -681,28 +717,6 @@ async fn note_stop(ctx: &mut Ctx<'_>, r: StopReason) {
     ctx.log.system(text).await;
 }
 
-/// One line the supervisor reported.
-#[derive(Debug, PartialEq, Eq)]
-enum Report {
-    Pid(i32),
-    Exit(i32),
-    Signal(i32),
-    SpawnError(String),
-    Done,
-}
-
-fn parse_report(line: &str) -> Option<Report> {
-    let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
-    Some(match word {
-        "pid" => Report::Pid(rest.parse().ok()?),
-        "exit" => Report::Exit(rest.parse().ok()?),
-        "signal" => Report::Signal(rest.parse().ok()?),
-        "spawn-error" => Report::SpawnError(rest.to_owned()),
-        "done" => Report::Done,
-        _ => return None,
-    })
-}
-
 /// Runs one argv under a supervisor to its end, relaying stops and the timeout.
 async fn step(
     ctx: &mut Ctx<'_>,
@@ -725,89 +739,50 @@ async fn step(
         argv,
         env: env.to_vec(),
     };
-    let (mut child, ctl) = match ctx.settings.pool.take().await {
-        Ok(x) => x,
+    let mut sup = match Supervisor::start(&ctx.settings.pool, &job, DRAIN_DEADLINE).await {
+        Ok(s) => s,
         Err(e) => {
             return StepEnd {
-                status: MainStatus::SpawnError(format!("cannot start the supervisor: {e}")),
+                status: MainStatus::SpawnError(e.to_string()),
                 stopped: None,
             };
         }
     };
-    ctx.settings.pool.refill();
-    let (rd, mut wr) = ctl.into_split();
-    if let Err(e) = wr.write_all(&job.to_line()).await {
-        let _ = child.kill().await;
-        return StepEnd {
-            status: MainStatus::SpawnError(format!("cannot hand the job to the supervisor: {e}")),
-            stopped: None,
-        };
-    }
-    let mut reports = BufReader::new(rd).lines();
+    let (stdout, stderr) = sup.take_output();
     let readers = [
-        child.stdout.take().map(|p| tokio::spawn(read_pipe(p, out))),
-        child.stderr.take().map(|p| tokio::spawn(read_pipe(p, err))),
+        stdout.map(|p| tokio::spawn(read_pipe(p, out))),
+        stderr.map(|p| tokio::spawn(read_pipe(p, err))),
     ];
 
     let mut status: Option<MainStatus> = None;
-    let mut pgid: Option<nix::unistd::Pid> = None;
     let mut exited_at: Option<Instant> = None;
     let mut stopped: Option<StopReason> = None;
-    let mut escalate: Option<(Instant, u8)> = None;
-    let far = Instant::now() + Duration::from_secs(10 * 365 * 24 * 3600);
     loop {
-        let escalate_at = escalate.map_or(far, |(t, _)| t);
         tokio::select! {
-            line = reports.next_line() => match line.ok().flatten().as_deref().and_then(parse_report) {
-                Some(Report::Pid(p)) => pgid = Some(nix::unistd::Pid::from_raw(p)),
-                Some(Report::Exit(c)) => main_ended(&mut status, &mut exited_at, &mut escalate, MainStatus::Exited(c)),
-                Some(Report::Signal(s)) => main_ended(&mut status, &mut exited_at, &mut escalate, MainStatus::Signaled(s)),
-                Some(Report::SpawnError(m)) => main_ended(&mut status, &mut exited_at, &mut escalate, MainStatus::SpawnError(m)),
-                Some(Report::Done) => break,
-                None => {
-                    // EOF or garbage: the supervisor is gone. Make sure its group is too.
-                    if let Some(g) = pgid {
-                        let _ = nix::sys::signal::killpg(g, nix::sys::signal::Signal::SIGKILL);
-                    }
-                    break;
+            event = sup.next_event() => match event {
+                Event::MainEnded(st) => {
+                    status = Some(st);
+                    exited_at = Some(Instant::now());
                 }
+                Event::Finished => break,
             },
             // Stops and the timeout act only while the main process runs: one that arrives
             // after it ended on its own did not stop anything, and the outcome stays its own.
             changed = ctx.stop.changed(), if ctx.stop_open && stopped.is_none() && status.is_none() => {
                 if changed.is_err() {
                     ctx.stop_open = false;
-                } else if let Some(r) = *ctx.stop.borrow_and_update() {
-                    stopped = Some(r);
+                } else {
+                    stopped = *ctx.stop.borrow_and_update();
                 }
                 if let Some(r) = stopped {
                     note_stop(ctx, r).await;
-                    let _ = wr.write_all(b"T").await;
-                    escalate = Some((Instant::now() + ctx.kill_grace + SUPERVISOR_SLACK, 0));
+                    sup.terminate().await;
                 }
             }
             _ = tokio::time::sleep_until(ctx.deadline), if stopped.is_none() && status.is_none() => {
                 stopped = Some(StopReason::Timeout);
                 note_stop(ctx, StopReason::Timeout).await;
-                let _ = wr.write_all(b"T").await;
-                escalate = Some((Instant::now() + ctx.kill_grace + SUPERVISOR_SLACK, 0));
-            }
-            _ = tokio::time::sleep_until(escalate_at), if escalate.is_some() => {
-                match escalate {
-                    Some((_, 0)) => {
-                        tracing::warn!("a supervisor did not finish within the kill grace; sending it K");
-                        let _ = wr.write_all(b"K").await;
-                        escalate = Some((Instant::now() + SUPERVISOR_SLACK, 1));
-                    }
-                    _ => {
-                        tracing::error!("a supervisor does not answer; killing it and its build's process group");
-                        let _ = child.start_kill();
-                        if let Some(g) = pgid {
-                            let _ = nix::sys::signal::killpg(g, nix::sys::signal::Signal::SIGKILL);
-                        }
-                        break;
-                    }
-                }
+                sup.terminate().await;
             }
         }
     }
@@ -831,34 +806,10 @@ async fn step(
             )
             .await;
     }
-    drop(wr);
-    if tokio::time::timeout(Duration::from_secs(2), child.wait())
-        .await
-        .is_err()
-    {
-        let _ = child.kill().await;
-    }
+    sup.close().await;
     StepEnd {
         status: status.unwrap_or(MainStatus::Lost),
         stopped,
-    }
-}
-
-/// Records the end of the main process. The supervisor now kills and reaps what is left and
-/// says `done`; if that does not come (a descendant stuck in uninterruptible sleep keeps
-/// `waitpid` waiting), the runner gives up on it after the drain deadline and some slack.
-fn main_ended(
-    status: &mut Option<MainStatus>,
-    exited_at: &mut Option<Instant>,
-    escalate: &mut Option<(Instant, u8)>,
-    st: MainStatus,
-) {
-    let now = Instant::now();
-    *status = Some(st);
-    *exited_at = Some(now);
-    let give_up = now + DRAIN_DEADLINE + SUPERVISOR_SLACK;
-    if escalate.is_none_or(|(t, _)| t > give_up) {
-        *escalate = Some((give_up, 1));
     }
 }
 
@@ -911,20 +862,6 @@ async fn read_pipe(mut pipe: impl AsyncRead + Unpin, sink: Sink) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reports_parse() {
-        assert_eq!(parse_report("pid 42"), Some(Report::Pid(42)));
-        assert_eq!(parse_report("exit 3"), Some(Report::Exit(3)));
-        assert_eq!(parse_report("signal 9"), Some(Report::Signal(9)));
-        assert_eq!(
-            parse_report("spawn-error no such file"),
-            Some(Report::SpawnError("no such file".into()))
-        );
-        assert_eq!(parse_report("done"), Some(Report::Done));
-        assert_eq!(parse_report("exit x"), None);
-        assert_eq!(parse_report("bogus"), None);
-    }
 
     #[test]
     fn stale_locks_are_removed_outside_objects() {

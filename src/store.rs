@@ -9,7 +9,7 @@
 //! | `builds` | build id (16) | [`Build`] |
 //! | `build_index` | project `\0` seq (u64 BE) build id | empty: newest-first listing |
 //! | `payloads` | build id | the request body for `DEPLOYHOOK_PAYLOAD` |
-//! | `deliveries` | project `\0` delivery id | seen-at (i64 BE) + build id: Git replay guard |
+//! | `deliveries` | project `\0` delivery id | seen-at (i64 BE) + build ids (16 bytes each; a nil id: still being handled): Git replay guard |
 //! | `rate_events` | created-on (order-preserving u64 BE) build id | project: rate-limit windows |
 //!
 //! Values are bincode (serde, standard config) behind a one-byte format version, so a future
@@ -61,6 +61,10 @@ use crate::token::TokenHash;
 /// Format version of every record; bump it when a record's shape changes.
 const FORMAT_V1: u8 = 1;
 
+/// Format version of build records since v2 (refs, tags, params, requested commits). Builds
+/// written by v1 ([`BuildV1`]) stay readable: they are converted when read.
+const BUILD_FORMAT_V2: u8 = 2;
+
 /// sled's page cache. Its default of 1 GiB is far too much for a small VPS, and sled cannot see
 /// a cgroup v2 `MemoryMax`, so it is set explicitly and small.
 pub const CACHE_CAPACITY_BYTES: u64 = 32 * 1024 * 1024;
@@ -105,14 +109,14 @@ pub enum HookInsert {
 }
 
 /// What [`Store::reserve_delivery`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeliverySeen {
     /// Not seen (within the window): reserved for the caller.
     New,
     /// Seen, and being handled right now by another request.
     InFlight,
-    /// Seen, and it triggered this build.
-    Built(BuildId),
+    /// Seen, and it triggered these builds (the first is the answer's `result`).
+    Built(Vec<BuildId>),
 }
 
 /// A page of builds, newest first.
@@ -188,6 +192,84 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
             "unknown record format version {v}"
         ))),
         None => Err(StoreError::Corrupt("empty record".into())),
+    }
+}
+
+fn encode_build(b: &Build) -> Result<Vec<u8>, StoreError> {
+    let mut out = encode(b)?;
+    out[0] = BUILD_FORMAT_V2;
+    Ok(out)
+}
+
+fn decode_build(bytes: &[u8]) -> Result<Build, StoreError> {
+    match bytes.split_first() {
+        Some((&BUILD_FORMAT_V2, rest)) => {
+            bincode::serde::decode_from_slice(rest, bincode::config::standard())
+                .map(|(v, _)| v)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))
+        }
+        Some((&FORMAT_V1, _)) => decode::<BuildV1>(bytes).map(Build::from),
+        Some((v, _)) => Err(StoreError::Corrupt(format!(
+            "unknown build record format version {v}"
+        ))),
+        None => Err(StoreError::Corrupt("empty record".into())),
+    }
+}
+
+/// A build as v1 stored it: read only, to upgrade a state dir in place (tests write it).
+#[derive(serde::Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+struct BuildV1 {
+    id: BuildId,
+    seq: u64,
+    project: String,
+    branch: String,
+    commit: Option<String>,
+    requested_commit: Option<String>,
+    phase: crate::model::Phase,
+    exit_code: Option<i32>,
+    trigger: crate::model::Trigger,
+    created_on: Timestamp,
+    initializing_on: Option<Timestamp>,
+    running_on: Option<Timestamp>,
+    stopped_on: Option<Timestamp>,
+    cancel_reason: Option<crate::model::CancelReason>,
+    superseded_by: Option<BuildId>,
+    has_payload: bool,
+    log_lines: u64,
+    log_bytes: u64,
+    log_truncated: bool,
+}
+
+impl From<BuildV1> for Build {
+    fn from(v: BuildV1) -> Build {
+        Build {
+            id: v.id,
+            seq: v.seq,
+            project: v.project,
+            git_ref: crate::model::GitRef::Branch(v.branch),
+            params: Default::default(),
+            commit: v.commit,
+            requested_commits: v.requested_commit.iter().cloned().collect(),
+            requested_commit: v.requested_commit,
+            exact_commit: None,
+            not_before: None,
+            redeploy_of: None,
+            superseded_commits: Vec::new(),
+            phase: v.phase,
+            exit_code: v.exit_code,
+            trigger: v.trigger,
+            created_on: v.created_on,
+            initializing_on: v.initializing_on,
+            running_on: v.running_on,
+            stopped_on: v.stopped_on,
+            cancel_reason: v.cancel_reason,
+            superseded_by: v.superseded_by,
+            has_payload: v.has_payload,
+            log_lines: v.log_lines,
+            log_bytes: v.log_bytes,
+            log_truncated: v.log_truncated,
+        }
     }
 }
 
@@ -528,7 +610,7 @@ impl Store {
     /// Inserts a new build, its index entry, its payload and its rate-limit event in one
     /// transaction.
     pub fn insert_build(&self, build: &Build, payload: Option<&[u8]>) -> Result<(), StoreError> {
-        let value = encode(build)?;
+        let value = encode_build(build)?;
         let ikey = index_key(build);
         let rkey = rate_key(build.created_on, build.id);
         let i = &self.inner;
@@ -576,7 +658,7 @@ impl Store {
 
     /// Overwrites an existing build record.
     pub fn put_build(&self, build: &Build) -> Result<(), StoreError> {
-        let value = encode(build)?;
+        let value = encode_build(build)?;
         let r = self.inner.builds.insert(build.id.as_bytes(), value);
         self.check(r.map(|_| ()).map_err(StoreError::from))
     }
@@ -584,7 +666,7 @@ impl Store {
     /// One build.
     pub fn build(&self, id: BuildId) -> Result<Option<Build>, StoreError> {
         let r = match self.inner.builds.get(id.as_bytes()) {
-            Ok(Some(v)) => decode(&v).map(Some),
+            Ok(Some(v)) => decode_build(&v).map(Some),
             Ok(None) => Ok(None),
             Err(e) => Err(e.into()),
         };
@@ -606,7 +688,7 @@ impl Store {
         let mut out = Vec::new();
         for item in self.inner.builds.iter() {
             let (_, v) = self.check(item.map_err(StoreError::from))?;
-            out.push(decode(&v)?);
+            out.push(decode_build(&v)?);
         }
         Ok(out)
     }
@@ -728,11 +810,11 @@ impl Store {
             let current = self.check(self.inner.deliveries.get(&key).map_err(StoreError::from))?;
             if let Some(v) = &current {
                 let at = delivery_time(v).unwrap_or(Timestamp(i64::MIN));
-                match delivery_build(v) {
-                    Some(id) if !id.0.is_nil() && at >= window_start => {
-                        return Ok(DeliverySeen::Built(id));
+                match delivery_builds(v) {
+                    Some(ids) if at >= window_start => {
+                        return Ok(DeliverySeen::Built(ids));
                     }
-                    Some(id) if id.0.is_nil() && at >= stale_before => {
+                    None if delivery_in_flight(v) && at >= stale_before => {
                         return Ok(DeliverySeen::InFlight);
                     }
                     _ => {} // expired or stale: take it over
@@ -749,16 +831,20 @@ impl Store {
         Ok(DeliverySeen::InFlight)
     }
 
-    /// Records the build a reserved delivery created or joined.
+    /// Records the builds a reserved delivery created or joined, in answer order (at least
+    /// one: a delivery that triggered nothing is released instead, so that it is judged
+    /// again when it comes back).
     pub fn complete_delivery(
         &self,
         project: &str,
         delivery: &str,
-        build: BuildId,
+        builds: &[BuildId],
         at: Timestamp,
     ) -> Result<(), StoreError> {
         let mut value = at.0.to_be_bytes().to_vec();
-        value.extend_from_slice(build.as_bytes());
+        for b in builds {
+            value.extend_from_slice(b.as_bytes());
+        }
         let r = self
             .inner
             .deliveries
@@ -773,16 +859,15 @@ impl Store {
         self.check(r.map(|_| ()).map_err(StoreError::from))
     }
 
-    /// The build a delivery is recorded with (`None` when unknown or still in flight).
-    pub fn delivery_build(
+    /// The builds a delivery is recorded with (`None` when unknown or still in flight).
+    pub fn delivery_builds(
         &self,
         project: &str,
         delivery: &str,
-    ) -> Result<Option<BuildId>, StoreError> {
+    ) -> Result<Option<Vec<BuildId>>, StoreError> {
         let r = self.inner.deliveries.get(name_key(project, delivery));
         let v = self.check(r.map_err(StoreError::from))?;
-        Ok(v.and_then(|v| delivery_build(&v))
-            .filter(|id| !id.0.is_nil()))
+        Ok(v.and_then(|v| delivery_builds(&v)))
     }
 
     /// Forgets deliveries seen before `before`. Returns how many were removed.
@@ -814,10 +899,29 @@ fn delivery_time(v: &[u8]) -> Option<Timestamp> {
     Some(Timestamp(i64::from_be_bytes(v.get(..8)?.try_into().ok()?)))
 }
 
-fn delivery_build(v: &[u8]) -> Option<BuildId> {
-    Some(BuildId(uuid::Uuid::from_bytes(
-        v.get(8..24)?.try_into().ok()?,
-    )))
+/// The builds of a completed delivery record: every 16-byte id after the time (records
+/// written before multi-ref deliveries hold exactly one). `None` for a claim still in flight
+/// (one nil id) or a malformed record.
+fn delivery_builds(v: &[u8]) -> Option<Vec<BuildId>> {
+    let ids = v.get(8..)?;
+    if ids.is_empty() || ids.len() % 16 != 0 {
+        return None;
+    }
+    let ids: Vec<BuildId> = ids
+        .chunks_exact(16)
+        .filter_map(|c| Some(BuildId(uuid::Uuid::from_bytes(c.try_into().ok()?))))
+        .collect();
+    if ids.iter().any(|id| id.0.is_nil()) {
+        None
+    } else {
+        Some(ids)
+    }
+}
+
+/// Whether a delivery record is a claim whose request is still being handled.
+fn delivery_in_flight(v: &[u8]) -> bool {
+    v.get(8..)
+        .is_some_and(|ids| ids.len() == 16 && ids.iter().all(|b| *b == 0))
 }
 
 /// A poisoned lock is still used: every mutation under it is a few assignments.
@@ -906,14 +1010,18 @@ mod tests {
     fn build(project: &str, seq: u64) -> Build {
         Build::new_queued(
             seq,
-            project,
-            "main",
+            &crate::model::Target {
+                project: project.into(),
+                git_ref: crate::model::GitRef::Branch("main".into()),
+                params: Default::default(),
+            },
             Trigger {
                 source: TriggerSource::Api,
                 hook: None,
             },
             None,
             false,
+            Timestamp::now(),
         )
     }
 
@@ -982,16 +1090,58 @@ mod tests {
     #[test]
     fn records_round_trip_with_a_version_byte() {
         let b = build("site", 7);
-        let bytes = encode(&b).unwrap();
-        assert_eq!(bytes[0], FORMAT_V1);
-        assert_eq!(decode::<Build>(&bytes).unwrap(), b);
+        let bytes = encode_build(&b).unwrap();
+        assert_eq!(bytes[0], BUILD_FORMAT_V2);
+        assert_eq!(decode_build(&bytes).unwrap(), b);
         let mut future = bytes.clone();
         future[0] = 9;
-        assert!(matches!(
-            decode::<Build>(&future),
-            Err(StoreError::Corrupt(_))
-        ));
-        assert!(matches!(decode::<Build>(&[]), Err(StoreError::Corrupt(_))));
+        assert!(matches!(decode_build(&future), Err(StoreError::Corrupt(_))));
+        assert!(matches!(decode_build(&[]), Err(StoreError::Corrupt(_))));
+        let h = hook("site", "cms", "dh_x");
+        let bytes = encode(&h).unwrap();
+        assert_eq!(bytes[0], FORMAT_V1);
+        assert_eq!(decode::<Hook>(&bytes).unwrap(), h);
+    }
+
+    /// A state dir written by v1 keeps working after the upgrade: its builds read as branch
+    /// builds with no params and their one requested commit.
+    #[test]
+    fn v1_build_records_are_read_and_upgraded() {
+        let id = BuildId::new();
+        let sha = "ab".repeat(20);
+        let v1 = BuildV1 {
+            id,
+            seq: 3,
+            project: "site".into(),
+            branch: "staging".into(),
+            commit: Some(sha.clone()),
+            requested_commit: Some(sha.clone()),
+            phase: Phase::Stopped(crate::model::Outcome::Success),
+            exit_code: Some(0),
+            trigger: Trigger {
+                source: TriggerSource::GitPush,
+                hook: None,
+            },
+            created_on: Timestamp(1),
+            initializing_on: Some(Timestamp(2)),
+            running_on: Some(Timestamp(3)),
+            stopped_on: Some(Timestamp(4)),
+            cancel_reason: None,
+            superseded_by: None,
+            has_payload: true,
+            log_lines: 5,
+            log_bytes: 6,
+            log_truncated: false,
+        };
+        let b = decode_build(&encode(&v1).unwrap()).unwrap();
+        assert_eq!(b.id, id);
+        assert_eq!(b.git_ref, crate::model::GitRef::Branch("staging".into()));
+        assert_eq!(b.requested_commits, vec![sha.clone()]);
+        assert_eq!(b.requested_commit.as_deref(), Some(sha.as_str()));
+        assert!(b.params.is_empty() && b.exact_commit.is_none() && b.not_before.is_none());
+        assert_eq!(b.phase, Phase::Stopped(crate::model::Outcome::Success));
+        assert_eq!((b.log_lines, b.log_bytes, b.has_payload), (5, 6, true));
+        b.check_invariants().unwrap();
     }
 
     #[tokio::test]
@@ -1105,13 +1255,13 @@ mod tests {
                 .unwrap(),
             DeliverySeen::InFlight
         );
-        s.complete_delivery("site", "d1", a, t).unwrap();
+        s.complete_delivery("site", "d1", &[a], t).unwrap();
         assert_eq!(
             s.reserve_delivery("site", "d1", t, Timestamp(0), Timestamp(0))
                 .unwrap(),
-            DeliverySeen::Built(a)
+            DeliverySeen::Built(vec![a])
         );
-        assert_eq!(s.delivery_build("site", "d1").unwrap(), Some(a));
+        assert_eq!(s.delivery_builds("site", "d1").unwrap(), Some(vec![a]));
         // Another project's delivery ids are its own.
         assert_eq!(
             s.reserve_delivery("other", "d1", t, Timestamp(0), Timestamp(0))
@@ -1152,7 +1302,46 @@ mod tests {
             2,
             "other/d1 and stale/d"
         );
-        assert_eq!(s.delivery_build("other", "d1").unwrap(), None);
+        assert_eq!(s.delivery_builds("other", "d1").unwrap(), None);
+    }
+
+    /// A multi-ref delivery remembers every build it triggered, in order, and a record
+    /// written before multi-ref deliveries (time + one id) still reads as that one build.
+    #[test]
+    fn deliveries_remember_every_build_and_read_old_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let (a, b) = (BuildId::new(), BuildId::new());
+        let t = Timestamp(1_000);
+        assert_eq!(
+            s.reserve_delivery("site", "multi", t, Timestamp(0), Timestamp(0))
+                .unwrap(),
+            DeliverySeen::New
+        );
+        assert_eq!(
+            s.delivery_builds("site", "multi").unwrap(),
+            None,
+            "in flight"
+        );
+        s.complete_delivery("site", "multi", &[a, b], t).unwrap();
+        assert_eq!(
+            s.reserve_delivery("site", "multi", t, Timestamp(0), Timestamp(0))
+                .unwrap(),
+            DeliverySeen::Built(vec![a, b])
+        );
+        // The v1 layout, written by hand: seen-at, then exactly one build id.
+        let mut old = 500i64.to_be_bytes().to_vec();
+        old.extend_from_slice(a.as_bytes());
+        s.inner
+            .deliveries
+            .insert(name_key("site", "old"), old)
+            .unwrap();
+        assert_eq!(
+            s.reserve_delivery("site", "old", t, Timestamp(0), Timestamp(0))
+                .unwrap(),
+            DeliverySeen::Built(vec![a])
+        );
+        assert_eq!(s.delivery_builds("site", "old").unwrap(), Some(vec![a]));
     }
 
     #[test]

@@ -7,16 +7,18 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt as _;
 use hyper::body::{Frame, Incoming};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use super::envelope::{self, ApiError, Body};
 use super::{AppState, query_pairs, read_body};
 use crate::buildlog;
-use crate::config::ProjectConfig;
+use crate::config::{ProjectConfig, ref_name_problem};
 use crate::model::{
-    BuildId, Hook, HookId, StatusFilter, Timestamp, Trigger, TriggerSource, validate_hook_name,
+    BuildId, GitRef, Hook, HookId, StatusFilter, Timestamp, Trigger, TriggerSource,
+    validate_hook_name,
 };
-use crate::queue::{CancelError, TriggerRequest};
+use crate::queue::TriggerRequest;
 use crate::store::{self, HookInsert};
 use crate::token::HookToken;
 
@@ -52,6 +54,85 @@ fn json_object(body: &Bytes, allowed: &[&str]) -> Result<Map<String, Value>, Api
         )));
     }
     Ok(m)
+}
+
+/// The branch a hook or trigger that names none gets: the first of `branches`, which must
+/// then be a concrete name (SPEC §3).
+fn default_branch(p: &ProjectConfig) -> Result<String, ApiError> {
+    p.default_branch().map(str::to_owned).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "project {}'s first branch {:?} is a glob: name a branch",
+            p.name,
+            p.branches.first().map(|b| b.as_str()).unwrap_or_default()
+        ))
+    })
+}
+
+/// Why `branch` cannot be the branch of a hook or API trigger of `p`, if it cannot: it must
+/// be one concrete branch name that matches `branches` (SPEC §3).
+fn branch_refusal(p: &ProjectConfig, branch: &str) -> Option<String> {
+    let shown = crate::model::clip(branch, 80);
+    if let Some(why) = ref_name_problem(branch) {
+        return Some(format!(
+            "{shown:?} is not a concrete branch name (it {why})"
+        ));
+    }
+    if p.has_branch(branch) {
+        return None;
+    }
+    let list: Vec<&str> = p.branches.iter().map(|b| b.as_str()).collect();
+    Some(format!(
+        "{shown:?} is not one of project {}'s branches ({})",
+        p.name,
+        list.join(", ")
+    ))
+}
+
+/// The ref an API trigger asks for: `branch` or `tag` (not both), else the default branch.
+/// A tag needs a project with `tags` and must match them (SPEC §4.2, v2).
+fn trigger_ref(
+    p: &ProjectConfig,
+    branch: Option<String>,
+    tag: Option<String>,
+) -> Result<GitRef, ApiError> {
+    match (branch, tag) {
+        (Some(_), Some(_)) => Err(ApiError::BadRequest(
+            "give \"branch\" or \"tag\", not both".into(),
+        )),
+        (None, Some(t)) => {
+            let shown = crate::model::clip(&t, 80);
+            if p.tags.is_empty() {
+                return Err(ApiError::BadRequest(format!(
+                    "field \"tag\": project {} builds no tags (its config has no tags key)",
+                    p.name
+                )));
+            }
+            if let Some(why) = ref_name_problem(&t) {
+                return Err(ApiError::BadRequest(format!(
+                    "field \"tag\": {shown:?} is not a concrete tag name (it {why})"
+                )));
+            }
+            if !p.has_tag(&t) {
+                let list: Vec<&str> = p.tags.iter().map(|t| t.as_str()).collect();
+                return Err(ApiError::BadRequest(format!(
+                    "field \"tag\": {shown:?} is not one of project {}'s tags ({})",
+                    p.name,
+                    list.join(", ")
+                )));
+            }
+            Ok(GitRef::Tag(t))
+        }
+        (b, None) => {
+            let b = match b {
+                Some(b) => b,
+                None => default_branch(p)?,
+            };
+            match branch_refusal(p, &b) {
+                Some(why) => Err(ApiError::BadRequest(format!("field \"branch\": {why}"))),
+                None => Ok(GitRef::Branch(b)),
+            }
+        }
+    }
 }
 
 fn string_field(m: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
@@ -118,21 +199,12 @@ pub async fn create_hook(
     validate_hook_name(&name).map_err(|e| ApiError::BadRequest(format!("field \"name\": {e}")))?;
     let branch = match string_field(&m, "branch")? {
         Some(b) => b,
-        None => p.branches[0].as_str().to_owned(),
+        None => default_branch(&p)?,
     };
-    if !p.has_branch(&branch) {
-        return Err(ApiError::BadRequest(format!(
-            "field \"branch\": {:?} is not one of project {}'s branches ({})",
-            crate::model::clip(&branch, 80),
-            p.name,
-            p.branches
-                .iter()
-                .map(|b| b.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
+    if let Some(why) = branch_refusal(&p, &branch) {
+        return Err(ApiError::BadRequest(format!("field \"branch\": {why}")));
     }
-    let token = HookToken::generate().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let token = HookToken::generate()?;
     let hook = Hook {
         id: HookId::new(),
         project: p.name.as_str().to_owned(),
@@ -181,7 +253,7 @@ pub async fn delete_hook(state: &AppState, p: &str, id: &str) -> Result<Response
 pub async fn rotate_hook(state: &AppState, p: &str, id: &str) -> Result<Response<Body>, ApiError> {
     let p = project(state, p)?;
     let id = hook_id(id)?;
-    let token = HookToken::generate().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let token = HookToken::generate()?;
     let hook = state
         .store
         .rotate_hook(p.name.as_str(), id, &token.hash())?
@@ -204,27 +276,156 @@ pub async fn trigger_build(
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
+    let wait = wait_param(req.uri().query())?;
     let p = project(state, p)?;
     let body = read_body(req, state.config.get().server.max_body_bytes).await?;
-    let m = json_object(&body, &["branch"])?;
-    let branch = match string_field(&m, "branch")? {
-        Some(b) => b,
-        None => p.branches[0].as_str().to_owned(),
+    let m = json_object(&body, &["branch", "tag", "commit"])?;
+    let git_ref = trigger_ref(&p, string_field(&m, "branch")?, string_field(&m, "tag")?)?;
+    let commit = match string_field(&m, "commit")? {
+        None => None,
+        Some(_) if p.repo().is_none() => {
+            return Err(ApiError::BadRequest(format!(
+                "project {} has no repo: there is no commit to build; trigger the branch instead",
+                p.name.as_str()
+            )));
+        }
+        Some(c) if (7..=40).contains(&c.len()) && c.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Some(c.to_ascii_lowercase())
+        }
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "commit must be 7 to 40 hexadecimal digits of a commit SHA".into(),
+            ));
+        }
+    };
+    let mut request = TriggerRequest {
+        commit,
+        ..TriggerRequest::branch(
+            p.name.as_str(),
+            "",
+            Trigger {
+                source: TriggerSource::Api,
+                hook: None,
+            },
+        )
+    };
+    request.target.git_ref = git_ref;
+    let t = state.queue.trigger(request).await?;
+    answer_trigger(state, t, wait).await
+}
+
+/// `?wait=SECONDS` (SPEC §4.3): 1 to 3600 whole seconds; absent is no wait.
+pub(super) fn wait_param(query: Option<&str>) -> Result<Option<Duration>, ApiError> {
+    let Some((_, v)) = query_pairs(query).into_iter().find(|(k, _)| *k == "wait") else {
+        return Ok(None);
+    };
+    match v.parse::<u64>() {
+        Ok(n @ 1..=3600) if v.bytes().all(|b| b.is_ascii_digit()) => {
+            Ok(Some(Duration::from_secs(n)))
+        }
+        _ => Err(ApiError::BadRequest(
+            "wait must be a whole number of seconds from 1 to 3600".into(),
+        )),
+    }
+}
+
+/// The answer to a trigger: at once, or (with `?wait=`) once its build stopped or the time
+/// ran out, as SPEC §4.3's table says.
+pub(super) async fn answer_trigger(
+    state: &AppState,
+    t: crate::queue::Triggered,
+    wait: Option<Duration>,
+) -> Result<Response<Body>, ApiError> {
+    let Some(wait) = wait else {
+        return Ok(envelope::triggered(&t.build, t.already_exists));
+    };
+    let w = state
+        .queue
+        .wait(t.build.id, wait)
+        .await?
+        .unwrap_or(crate::queue::Waited {
+            build: t.build.clone(),
+            followed_from: None,
+        });
+    let mut r = envelope::waited(&w, Some(t.already_exists));
+    r.extensions_mut().insert(envelope::TriggerAnswer {
+        build: t.build.id,
+        created: (!t.already_exists)
+            .then(|| (t.build.project.clone(), t.build.git_ref.name().to_owned())),
+        already_exists: t.already_exists,
+    });
+    Ok(r)
+}
+
+/// `POST /api/builds/{uuid}/redeploy`: the same project, ref and params again, at the same
+/// commit (SPEC §4.2); a build that stands alone, never joined.
+pub async fn redeploy_build(
+    state: &AppState,
+    id: &str,
+    query: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    if state.is_shutting_down() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let wait = wait_param(query)?;
+    let id = build_id(id)?;
+    let old = state
+        .store
+        .build(id)?
+        .ok_or_else(|| ApiError::NotFound("no build with that id".into()))?;
+    let p = project(state, &old.project)?;
+    let commit = match (p.repo(), &old.commit) {
+        (None, _) => None,
+        (Some(_), Some(c)) => Some(c.clone()),
+        (Some(_), None) => {
+            return Err(ApiError::Conflict(format!(
+                "build {id} never resolved a commit (status {}), so there is nothing to redeploy",
+                old.phase.status()
+            )));
+        }
     };
     let t = state
         .queue
         .trigger(TriggerRequest {
-            project: p.name.as_str().to_owned(),
-            branch,
+            target: old.target(),
             trigger: Trigger {
                 source: TriggerSource::Api,
                 hook: None,
             },
             requested_commit: None,
+            commit,
+            redeploy_of: Some(id),
             payload: None,
         })
         .await?;
-    Ok(envelope::triggered(&t.build, t.already_exists))
+    answer_trigger(state, t, wait).await
+}
+
+/// `GET /api/builds/{uuid}/wait?timeout=SECONDS` (SPEC §4.3).
+pub async fn wait_build(
+    state: &AppState,
+    id: &str,
+    query: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    let timeout = match query_pairs(query)
+        .into_iter()
+        .find(|(k, _)| *k == "timeout")
+    {
+        None => Duration::from_secs(3600),
+        Some((_, v)) => match v.parse::<u64>() {
+            Ok(n @ 1..=3600) if v.bytes().all(|b| b.is_ascii_digit()) => Duration::from_secs(n),
+            _ => {
+                return Err(ApiError::BadRequest(
+                    "timeout must be a whole number of seconds from 1 to 3600".into(),
+                ));
+            }
+        },
+    };
+    let id = build_id(id)?;
+    match state.queue.wait(id, timeout).await? {
+        Some(w) => Ok(envelope::waited(&w, None)),
+        None => Err(ApiError::NotFound("no build with that id".into())),
+    }
 }
 
 /// `GET /api/projects/{p}/builds?status=&limit=&cursor=`.
@@ -289,12 +490,8 @@ pub fn get_build(state: &AppState, id: &str) -> Result<Response<Body>, ApiError>
 /// `POST /api/builds/{uuid}/cancel`.
 pub async fn cancel_build(state: &AppState, id: &str) -> Result<Response<Body>, ApiError> {
     let id = build_id(id)?;
-    match state.queue.cancel(id).await {
-        Ok(b) => Ok(envelope::ok(StatusCode::OK, b.to_json())),
-        Err(CancelError::NotFound) => Err(ApiError::NotFound("no build with that id".into())),
-        Err(e @ CancelError::AlreadyStopped(_)) => Err(ApiError::Conflict(e.to_string())),
-        Err(CancelError::Store(e)) => Err(e.into()),
-    }
+    let b = state.queue.cancel(id).await?;
+    Ok(envelope::ok(StatusCode::OK, b.to_json()))
 }
 
 /// `GET /api/builds/{uuid}/logs?cursor=N[&follow=true]`.
@@ -337,25 +534,43 @@ pub async fn build_logs(
     let page = tokio::task::spawn_blocking(move || {
         buildlog::read_page(&p, cursor, LOG_PAGE_LINES, LOG_PAGE_BYTES)
     })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .await?
     .map_err(|e| ApiError::Internal(format!("cannot read the build log: {e}")))?;
     let truncated = match state.queue.live_log(id) {
         Some(l) => l.stats.truncated.load(std::sync::atomic::Ordering::Relaxed),
         None => build.log_truncated,
     };
-    let done = !live && page.at_end;
-    // The lines are already JSON objects: splice them in rather than re-encoding.
-    let mut body =
-        String::with_capacity(page.lines.iter().map(|l| l.len() + 1).sum::<usize>() + 160);
-    body.push_str(r#"{"success":true,"errors":[],"messages":[],"result":{"lines":["#);
-    body.push_str(&page.lines.join(","));
-    body.push_str(&format!(
-        r#"],"next_cursor":{},"done":{done},"truncated":{truncated}}}}}"#,
-        page.next_cursor
-    ));
-    body.push('\n');
-    Ok(envelope::raw_json(StatusCode::OK, Bytes::from(body)))
+    /// `result` of a log page. The lines are stored as JSON objects already: they are passed
+    /// through as they are (checked, not re-encoded).
+    #[derive(serde::Serialize)]
+    struct LogPage<'a> {
+        lines: Vec<&'a RawValue>,
+        next_cursor: u64,
+        done: bool,
+        truncated: bool,
+    }
+    let lines = page
+        .lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str::<&RawValue>(l).map_err(|e| {
+                ApiError::Internal(format!(
+                    "the build log is damaged at line {}: {e}",
+                    cursor + i as u64
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(envelope::ok(
+        StatusCode::OK,
+        LogPage {
+            lines,
+            next_cursor: page.next_cursor,
+            done: !live && page.at_end,
+            truncated,
+        },
+    ))
 }
 
 /// A response body fed by a channel. Unlike a body that is polled only while it has data,

@@ -28,6 +28,7 @@
 pub mod api;
 pub mod conn;
 pub mod envelope;
+pub mod error;
 pub mod public;
 
 use std::convert::Infallible;
@@ -51,7 +52,7 @@ use crate::metrics::{Metrics, TriggerResult};
 use crate::model::TriggerSource;
 use crate::queue::Queue;
 use crate::shutdown::ShutdownWatch;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use crate::token::AdminToken;
 pub use envelope::{ApiError, Body, TriggerAnswer};
 
@@ -123,10 +124,13 @@ pub struct AppState {
     pub unauthenticated_body_budget: Arc<tokio::sync::Semaphore>,
     /// The metric registry behind `GET /metrics` (shared with the queue).
     pub metrics: Arc<Metrics>,
+    /// Aggregates refusal lines that clients can cause at request rate.
+    pub quiet_log: crate::quietlog::Throttle,
 }
 
 impl AppState {
-    /// The body budget for a daemon whose `max_body_bytes` is `max_body`: room for at least
+    /// The body budget for a daemon whose `max_git_body_bytes` is `max_body` (only Git
+    /// webhooks are read before they are authenticated): room for at least
     /// four maximal bodies, and 64 MiB at least.
     pub fn body_budget(max_body: u64) -> Arc<tokio::sync::Semaphore> {
         Arc::new(tokio::sync::Semaphore::new(
@@ -151,15 +155,6 @@ impl AppState {
     /// Whether shutdown has begun.
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Corrupt(m) => ApiError::Internal(m),
-            other => ApiError::Storage(other.to_string()),
-        }
     }
 }
 
@@ -297,6 +292,8 @@ enum Route<'a> {
     Build(&'a str),
     BuildLogs(&'a str),
     BuildCancel(&'a str),
+    BuildRedeploy(&'a str),
+    BuildWait(&'a str),
 }
 
 impl Route<'_> {
@@ -319,6 +316,8 @@ impl Route<'_> {
             ["api", "builds", id] => Route::Build(id),
             ["api", "builds", id, "logs"] => Route::BuildLogs(id),
             ["api", "builds", id, "cancel"] => Route::BuildCancel(id),
+            ["api", "builds", id, "redeploy"] => Route::BuildRedeploy(id),
+            ["api", "builds", id, "wait"] => Route::BuildWait(id),
             _ => return None,
         })
     }
@@ -330,11 +329,13 @@ impl Route<'_> {
             | Route::Metrics
             | Route::Projects
             | Route::Build(_)
-            | Route::BuildLogs(_) => "GET",
+            | Route::BuildLogs(_)
+            | Route::BuildWait(_) => "GET",
             Route::Hook(_)
             | Route::Git(_)
             | Route::ProjectHookRotate(..)
-            | Route::BuildCancel(_) => "POST",
+            | Route::BuildCancel(_)
+            | Route::BuildRedeploy(_) => "POST",
             Route::ProjectHooks(_) | Route::ProjectBuilds(_) => "GET, POST",
             Route::ProjectHook(..) => "DELETE",
         }
@@ -364,6 +365,8 @@ impl Route<'_> {
             Route::Build(_) => "/api/builds/{uuid}",
             Route::BuildLogs(_) => "/api/builds/{uuid}/logs",
             Route::BuildCancel(_) => "/api/builds/{uuid}/cancel",
+            Route::BuildRedeploy(_) => "/api/builds/{uuid}/redeploy",
+            Route::BuildWait(_) => "/api/builds/{uuid}/wait",
         }
     }
 
@@ -375,7 +378,7 @@ impl Route<'_> {
         match self {
             Route::Hook(_) => Some(TriggerSource::DeployHook),
             Route::Git(_) => Some(TriggerSource::GitPush),
-            Route::ProjectBuilds(_) => Some(TriggerSource::Api),
+            Route::ProjectBuilds(_) | Route::BuildRedeploy(_) => Some(TriggerSource::Api),
             _ => None,
         }
     }
@@ -481,22 +484,36 @@ fn note_trigger(
 ) {
     match result {
         Ok(r) => {
-            if let Some(a) = r.extensions().get::<TriggerAnswer>() {
+            // Joins are logged by the queue, once per build (the first, then a count when the
+            // build leaves the queue), so a hammered hook cannot flood the journal.
+            let more = r
+                .extensions()
+                .get::<envelope::MoreTriggerAnswers>()
+                .map_or(&[][..], |m| m.0.as_slice());
+            for a in r
+                .extensions()
+                .get::<TriggerAnswer>()
+                .into_iter()
+                .chain(more)
+            {
                 let outcome = if a.already_exists {
                     TriggerResult::Deduplicated
                 } else {
                     TriggerResult::Created
                 };
                 state.metrics.count_trigger(source, outcome);
-                tracing::info!(
-                    source = %source.as_str(),
-                    result = %outcome.as_str(),
-                    project = %a.project,
-                    branch = %a.branch,
-                    build = %a.build,
-                    already_exists = a.already_exists,
-                    "trigger"
-                );
+                // New builds are bounded by the rate limits, so each gets its line.
+                if let Some((project, branch)) = &a.created {
+                    tracing::info!(
+                        source = %source.as_str(),
+                        result = %outcome.as_str(),
+                        project = %project,
+                        branch = %branch,
+                        build = %a.build,
+                        already_exists = false,
+                        "trigger"
+                    );
+                }
             }
         }
         Err(e) => {
@@ -508,25 +525,36 @@ fn note_trigger(
             };
             state.metrics.count_trigger(source, outcome);
             // Unknown tokens and projects, and API calls without the admin token, are what
-            // scanners produce: counted, but logged only at debug so that they cannot flood
-            // the journal. Every other refusal (a bad Git signature on a configured project,
-            // a limit, a wrong branch) is something an operator may need to see.
+            // scanners produce: counted, but logged only at debug. Every other refusal (a bad
+            // Git signature on a configured project, a limit, a wrong branch) is something an
+            // operator may need to see, but a client can repeat it at request rate: the first
+            // of each kind per minute is written, the rest are counted into the next one.
+            let status = e.status().as_u16();
             if e.status() == http::StatusCode::NOT_FOUND || matches!(e, ApiError::Unauthorized) {
                 tracing::debug!(
                     source = %source.as_str(),
                     result = %outcome.as_str(),
                     project,
-                    status = e.status().as_u16(),
+                    status,
                     "trigger refused: {e}"
                 );
             } else {
-                tracing::info!(
-                    source = %source.as_str(),
-                    result = %outcome.as_str(),
-                    project,
-                    status = e.status().as_u16(),
-                    "trigger refused: {e}"
-                );
+                let kind = format!("{} {status} {}", source.as_str(), project.unwrap_or("-"));
+                if let Some(left_out) = state.quiet_log.admit(&kind, std::time::Instant::now()) {
+                    tracing::info!(
+                        source = %source.as_str(),
+                        result = %outcome.as_str(),
+                        project,
+                        status,
+                        left_out,
+                        "trigger refused: {e}{}",
+                        if left_out > 0 {
+                            format!(" (and {left_out} more like it in the last minute)")
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
             }
         }
     }
@@ -583,6 +611,10 @@ async fn dispatch(
         (Route::Build(id), _) if get => api::get_build(state, id),
         (Route::BuildLogs(id), _) if get => api::build_logs(state, id, req.uri().query()).await,
         (Route::BuildCancel(id), Method::POST) => api::cancel_build(state, id).await,
+        (Route::BuildRedeploy(id), Method::POST) => {
+            api::redeploy_build(state, id, req.uri().query()).await
+        }
+        (Route::BuildWait(id), _) if get => api::wait_build(state, id, req.uri().query()).await,
         (route, _) => Err(ApiError::MethodNotAllowed(route.allow())),
     }
 }
@@ -606,7 +638,7 @@ async fn authorize(req: &Request<Incoming>, state: &AppState) -> Result<(), ApiE
 /// Reads a request body of at most `max` bytes: refused from `Content-Length` before reading
 /// when it says more, cut off while reading otherwise, and bounded in time.
 pub async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, ApiError> {
-    collect_body(req, max, None).await.map(|(b, _)| b)
+    collect_body(req, max, None, false).await.map(|(b, _)| b)
 }
 
 /// Like [`read_body`], for bodies read before the request is authenticated (Git webhooks
@@ -618,7 +650,41 @@ pub async fn read_body_budgeted(
     max: u64,
     budget: &Arc<tokio::sync::Semaphore>,
 ) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), ApiError> {
-    collect_body(req, max, Some(budget)).await
+    collect_body(req, max, Some(budget), false).await
+}
+
+/// Like [`read_body_budgeted`], except that a body over `max` is read on and discarded, up
+/// to `2 × max` bytes in all, before the 413 is answered: Git hosts write the whole body
+/// before they read the answer, and would otherwise see a broken connection instead of the
+/// 413 (SPEC §4.1). A body longer still (or declared longer) is cut off at once and its
+/// connection closed, so an endless body costs at most `2 × max` bytes of reading.
+pub async fn read_body_budgeted_draining(
+    req: Request<Incoming>,
+    max: u64,
+    budget: &Arc<tokio::sync::Semaphore>,
+) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), ApiError> {
+    collect_body(req, max, Some(budget), true).await
+}
+
+/// Reads and discards the rest of `body` until it ends or `read` (bytes so far) passes
+/// `limit`, within the body deadline; whatever happens, the caller answers 413.
+async fn discard_body(
+    body: &mut Incoming,
+    mut read: u64,
+    limit: u64,
+    deadline: tokio::time::Instant,
+) {
+    while read <= limit {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(f))) => {
+                if let Ok(data) = f.into_data() {
+                    read = read.saturating_add(data.len() as u64);
+                }
+            }
+            // The end, a broken body, or the deadline: nothing more to read.
+            _ => return,
+        }
+    }
 }
 
 /// Budget units are KiB (rounded up), so a permit count never overflows.
@@ -630,7 +696,9 @@ async fn collect_body(
     req: Request<Incoming>,
     max: u64,
     budget: Option<&Arc<tokio::sync::Semaphore>>,
+    drain: bool,
 ) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), ApiError> {
+    let drain_limit = if drain { max.saturating_mul(2) } else { 0 };
     let declared = match req.headers().get(header::CONTENT_LENGTH) {
         None => None,
         Some(len) => Some(
@@ -640,7 +708,12 @@ async fn collect_body(
                 .ok_or_else(|| ApiError::BadRequest("invalid Content-Length".into()))?,
         ),
     };
-    if declared.is_some_and(|len| len > max) {
+    if let Some(len) = declared.filter(|len| *len > max) {
+        if len <= drain_limit {
+            let mut body = req.into_body();
+            let deadline = tokio::time::Instant::now() + BODY_READ_TIMEOUT;
+            discard_body(&mut body, 0, drain_limit, deadline).await;
+        }
         return Err(ApiError::PayloadTooLarge(max));
     }
     let mut permit: Option<tokio::sync::OwnedSemaphorePermit> = None;
@@ -679,6 +752,12 @@ async fn collect_body(
         };
         if let Ok(data) = frame.into_data() {
             if (buf.len() + data.len()) as u64 > max {
+                if drain {
+                    let read = (buf.len() + data.len()) as u64;
+                    // The bytes held so far are not needed any more.
+                    drop(std::mem::take(&mut buf));
+                    discard_body(&mut body, read, drain_limit, deadline).await;
+                }
                 return Err(ApiError::PayloadTooLarge(max));
             }
             if declared.is_none() {
