@@ -71,9 +71,9 @@ pub const MAX_CONNECTIONS: usize = 16384;
 /// Descriptors kept free of connections whatever the builds: sled's snapshot files, log
 /// reads by API requests, outbox sockets, config reloads, the systemd notify socket.
 const FD_RESERVE_FIXED: u64 = 32;
-/// Descriptors kept free per concurrent build: its two pipes and log file while it runs,
-/// and while it starts (or runs git) the pipes' other ends, `/dev/null`, the exec-error
-/// pipe and a pidfd.
+/// Descriptors kept free per concurrent build: its supervisor's control socket (and the
+/// warm spare's), its pipes and log file while it runs, and while it starts (or runs git)
+/// the pipes' other ends, `/dev/null`, the exec-error pipe and a pidfd.
 const FD_RESERVE_PER_BUILD: u64 = 12;
 
 /// The connection cap for a process that may open `nofile` descriptors, has `open` open
