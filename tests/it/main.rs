@@ -9,6 +9,7 @@ mod foundation;
 mod git;
 mod git_hosts;
 mod hostile;
+mod hostile2;
 mod hostile3;
 mod machine;
 mod ops;
