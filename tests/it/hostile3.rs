@@ -501,7 +501,14 @@ fn a_restart_with_the_wall_clock_a_day_ahead_keeps_the_rate_window() {
     assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
     let retry: u64 = r.header("Retry-After").unwrap().parse().unwrap();
     assert!((1..=60).contains(&retry), "Retry-After {retry}");
-    d2.kill9();
+    stop_cleanly(d2);
+}
+
+/// Stops a daemon run under libfaketime with SIGTERM: libfaketime removes its `/dev/shm`
+/// segment only when the process exits, so a `kill -9` would leave it behind.
+fn stop_cleanly(mut d: Daemon) {
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(30), Some(0));
 }
 
 /// HOSTILE 24: the wall clock stepped a day forward, then a day back, while a build runs into
@@ -588,6 +595,7 @@ fn a_wall_clock_stepped_a_day_moves_no_timeout_grace_or_rate_window() {
         window_start.elapsed() < Duration::from_secs(55),
         "too slow to test the window"
     );
+    stop_cleanly(d);
 }
 
 /// The HMAC-SHA256 of `body` under `secret`, as GitHub's `X-Hub-Signature-256` carries it.
