@@ -25,6 +25,7 @@
 pub mod api;
 pub mod conn;
 pub mod envelope;
+pub mod outbox_api;
 pub mod public;
 
 use std::convert::Infallible;
@@ -86,6 +87,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Aggregates refusal lines that clients can cause at request rate.
     pub quiet_log: crate::quietlog::Throttle,
+    /// (v2) The outbox worker (`None` in harnesses that run no daemon), for test sends.
+    pub outbox: Option<crate::outbox::Outbox>,
 }
 
 impl AppState {
@@ -230,6 +233,10 @@ enum Route<'a> {
     Build(&'a str),
     BuildLogs(&'a str),
     BuildCancel(&'a str),
+    /// (v2) `GET /api/notifications`.
+    Notifications,
+    /// (v2) `POST /api/notifications/test`.
+    NotificationsTest,
 }
 
 impl Route<'_> {
@@ -252,6 +259,8 @@ impl Route<'_> {
             ["api", "builds", id] => Route::Build(id),
             ["api", "builds", id, "logs"] => Route::BuildLogs(id),
             ["api", "builds", id, "cancel"] => Route::BuildCancel(id),
+            ["api", "notifications"] => Route::Notifications,
+            ["api", "notifications", "test"] => Route::NotificationsTest,
             _ => return None,
         })
     }
@@ -263,11 +272,13 @@ impl Route<'_> {
             | Route::Metrics
             | Route::Projects
             | Route::Build(_)
-            | Route::BuildLogs(_) => "GET",
+            | Route::BuildLogs(_)
+            | Route::Notifications => "GET",
             Route::Hook(_)
             | Route::Git(_)
             | Route::ProjectHookRotate(..)
-            | Route::BuildCancel(_) => "POST",
+            | Route::BuildCancel(_)
+            | Route::NotificationsTest => "POST",
             Route::ProjectHooks(_) | Route::ProjectBuilds(_) => "GET, POST",
             Route::ProjectHook(..) => "DELETE",
         }
@@ -297,6 +308,8 @@ impl Route<'_> {
             Route::Build(_) => "/api/builds/{uuid}",
             Route::BuildLogs(_) => "/api/builds/{uuid}/logs",
             Route::BuildCancel(_) => "/api/builds/{uuid}/cancel",
+            Route::Notifications => "/api/notifications",
+            Route::NotificationsTest => "/api/notifications/test",
         }
     }
 
@@ -509,6 +522,8 @@ async fn dispatch(
         (Route::Build(id), _) if get => api::get_build(state, id),
         (Route::BuildLogs(id), _) if get => api::build_logs(state, id, req.uri().query()).await,
         (Route::BuildCancel(id), Method::POST) => api::cancel_build(state, id).await,
+        (Route::Notifications, _) if get => outbox_api::list(state, req.uri().query()),
+        (Route::NotificationsTest, Method::POST) => outbox_api::test(state, req).await,
         (route, _) => Err(ApiError::MethodNotAllowed(route.allow())),
     }
 }

@@ -8,5 +8,6 @@ mod git;
 mod hostile;
 mod machine;
 mod ops;
+mod outbox;
 mod reliability;
 mod util;
