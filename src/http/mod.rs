@@ -237,6 +237,8 @@ enum Route<'a> {
     Notifications,
     /// (v2) `POST /api/notifications/test`.
     NotificationsTest,
+    BuildRedeploy(&'a str),
+    BuildWait(&'a str),
 }
 
 impl Route<'_> {
@@ -261,6 +263,8 @@ impl Route<'_> {
             ["api", "builds", id, "cancel"] => Route::BuildCancel(id),
             ["api", "notifications"] => Route::Notifications,
             ["api", "notifications", "test"] => Route::NotificationsTest,
+            ["api", "builds", id, "redeploy"] => Route::BuildRedeploy(id),
+            ["api", "builds", id, "wait"] => Route::BuildWait(id),
             _ => return None,
         })
     }
@@ -273,12 +277,14 @@ impl Route<'_> {
             | Route::Projects
             | Route::Build(_)
             | Route::BuildLogs(_)
-            | Route::Notifications => "GET",
+            | Route::Notifications
+            | Route::BuildWait(_) => "GET",
             Route::Hook(_)
             | Route::Git(_)
             | Route::ProjectHookRotate(..)
             | Route::BuildCancel(_)
-            | Route::NotificationsTest => "POST",
+            | Route::NotificationsTest
+            | Route::BuildRedeploy(_) => "POST",
             Route::ProjectHooks(_) | Route::ProjectBuilds(_) => "GET, POST",
             Route::ProjectHook(..) => "DELETE",
         }
@@ -310,6 +316,8 @@ impl Route<'_> {
             Route::BuildCancel(_) => "/api/builds/{uuid}/cancel",
             Route::Notifications => "/api/notifications",
             Route::NotificationsTest => "/api/notifications/test",
+            Route::BuildRedeploy(_) => "/api/builds/{uuid}/redeploy",
+            Route::BuildWait(_) => "/api/builds/{uuid}/wait",
         }
     }
 
@@ -321,7 +329,7 @@ impl Route<'_> {
         match self {
             Route::Hook(_) => Some(TriggerSource::DeployHook),
             Route::Git(_) => Some(TriggerSource::GitPush),
-            Route::ProjectBuilds(_) => Some(TriggerSource::Api),
+            Route::ProjectBuilds(_) | Route::BuildRedeploy(_) => Some(TriggerSource::Api),
             _ => None,
         }
     }
@@ -524,6 +532,10 @@ async fn dispatch(
         (Route::BuildCancel(id), Method::POST) => api::cancel_build(state, id).await,
         (Route::Notifications, _) if get => outbox_api::list(state, req.uri().query()),
         (Route::NotificationsTest, Method::POST) => outbox_api::test(state, req).await,
+        (Route::BuildRedeploy(id), Method::POST) => {
+            api::redeploy_build(state, id, req.uri().query()).await
+        }
+        (Route::BuildWait(id), _) if get => api::wait_build(state, id, req.uri().query()).await,
         (route, _) => Err(ApiError::MethodNotAllowed(route.allow())),
     }
 }

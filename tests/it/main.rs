@@ -11,3 +11,4 @@ mod ops;
 mod outbox;
 mod reliability;
 mod util;
+mod wait;
