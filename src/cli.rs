@@ -75,6 +75,9 @@ enum Cmd {
     /// Inspect and control builds.
     #[command(subcommand)]
     Builds(BuildsCmd),
+    /// (v2) Notifications and commit statuses: recent deliveries, test sends.
+    #[command(subcommand)]
+    Notifications(notifications::NotificationsCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -626,6 +629,7 @@ async fn client(cli: Cli) -> Result<(), Failure> {
                 )?;
             }
         }
+        Cmd::Notifications(cmd) => notifications::run(&c, cmd, json).await?,
         Cmd::Builds(BuildsCmd::Show { build_uuid }) => {
             let v = c
                 .call(
@@ -758,3 +762,5 @@ async fn follow_logs(c: &Client, id: &str, json: bool) -> Result<(), Failure> {
     }
     Ok(())
 }
+
+mod notifications;

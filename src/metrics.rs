@@ -236,14 +236,20 @@ impl Metrics {
                 "sink",
                 "Notification delivery attempts by sink and result (delivered, retried, failed).",
                 &self.notifications,
-                sinks.into_iter().map(str::to_owned).collect::<BTreeSet<_>>(),
+                sinks
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect::<BTreeSet<_>>(),
             ),
             (
                 "deployhook_commit_statuses_total",
                 "project",
                 "Commit-status delivery attempts by project and result (delivered, retried, failed).",
                 &self.commit_statuses,
-                status_projects.into_iter().map(str::to_owned).collect::<BTreeSet<_>>(),
+                status_projects
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect::<BTreeSet<_>>(),
             ),
         ] {
             family(&mut out, name, "counter", help);
@@ -255,7 +261,11 @@ impl Metrics {
             for k in &keys {
                 for r in DELIVERY_RESULTS {
                     let n = counts.get(&(k.clone(), r)).copied().unwrap_or(0);
-                    let _ = writeln!(out, "{name}{{{label}=\"{}\",result=\"{r}\"}} {n}", escape(k));
+                    let _ = writeln!(
+                        out,
+                        "{name}{{{label}=\"{}\",result=\"{r}\"}} {n}",
+                        escape(k)
+                    );
                 }
             }
         }

@@ -42,8 +42,7 @@ pub fn wants_log(event: Event) -> bool {
 pub fn log_tail(state_dir: &std::path::Path, b: &Build) -> Vec<Value> {
     let path = crate::buildlog::log_path(state_dir, b.id);
     let from = b.log_lines.saturating_sub(LOG_TAIL_LINES);
-    let Ok(page) = crate::buildlog::read_page(&path, from, LOG_TAIL_LINES as usize, 2 << 20)
-    else {
+    let Ok(page) = crate::buildlog::read_page(&path, from, LOG_TAIL_LINES as usize, 2 << 20) else {
         return Vec::new();
     };
     page.lines
@@ -224,17 +223,25 @@ fn facts(n: &Notice<'_>) -> (String, Vec<(String, String)>, Option<String>) {
 /// A Slack incoming-webhook body: `text` (the notification's fallback) and `blocks`.
 pub fn slack_body(n: &Notice<'_>) -> Value {
     let (headline, fields, log) = facts(n);
-    let esc = |s: &str| s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
     let mut text = esc(&headline);
     for (k, v) in &fields {
         text.push_str(&format!("\n{k}: {}", esc(v)));
     }
-    let mut blocks = vec![json!({"type": "section", "text": {"type": "mrkdwn", "text": format!("*{}*", esc(&headline))}})];
+    let mut blocks = vec![
+        json!({"type": "section", "text": {"type": "mrkdwn", "text": format!("*{}*", esc(&headline))}}),
+    ];
     if !fields.is_empty() {
-        blocks.push(json!({"type": "section", "fields": fields.iter().map(|(k, v)| {
+        blocks.push(
+            json!({"type": "section", "fields": fields.iter().map(|(k, v)| {
             let v = if k == "Link" { format!("<{v}|open the build>") } else { esc(v) };
             json!({"type": "mrkdwn", "text": format!("*{k}*\n{v}")})
-        }).collect::<Vec<_>>()}));
+        }).collect::<Vec<_>>()}),
+        );
     }
     if let Some(log) = log {
         text.push_str(&format!("\nLast log lines:\n{}", esc(&log)));
@@ -342,13 +349,31 @@ mod tests {
         };
         let s = slack_body(&n);
         let text = s["text"].as_str().unwrap();
-        for want in ["site", "main", "fail (exit code 2)", "0123456", "api", "1m 5s", "/ui/builds/", "npm ERR! &lt;boom&gt;"] {
+        for want in [
+            "site",
+            "main",
+            "fail (exit code 2)",
+            "0123456",
+            "api",
+            "1m 5s",
+            "/ui/builds/",
+            "npm ERR! &lt;boom&gt;",
+        ] {
             assert!(text.contains(want), "slack text lacks {want:?}: {text}");
         }
         assert!(s["blocks"].as_array().unwrap().len() >= 3);
         let d = discord_body(&n);
         let all = d.to_string();
-        for want in ["site", "main", "fail (exit code 2)", "0123456", "api", "1m 5s", "/ui/builds/", "npm ERR! <boom>"] {
+        for want in [
+            "site",
+            "main",
+            "fail (exit code 2)",
+            "0123456",
+            "api",
+            "1m 5s",
+            "/ui/builds/",
+            "npm ERR! <boom>",
+        ] {
             assert!(all.contains(want), "discord body lacks {want:?}: {all}");
         }
         assert!(d["content"].as_str().unwrap().len() <= 2000);

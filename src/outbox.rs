@@ -219,8 +219,7 @@ pub fn event_of(b: &Build, tell: &Tell, prev: Option<Outcome>) -> Option<Event> 
 pub fn needs_previous(b: &Build, tell: &Tell, cfg: &Config) -> bool {
     *tell == Tell::Stopped
         && b.phase == Phase::Stopped(Outcome::Success)
-        && sinks_of(cfg, &b.project)
-            .any(|s| s.hears(Event::Succeeded) || s.hears(Event::Recovered))
+        && sinks_of(cfg, &b.project).any(|s| s.hears(Event::Succeeded) || s.hears(Event::Recovered))
 }
 
 fn sinks_of<'a>(
@@ -245,7 +244,13 @@ fn shas<'a>(lists: impl IntoIterator<Item = &'a String>) -> Vec<String> {
 }
 
 /// The entries a change causes (SPEC §5.1, §5.2).
-pub fn plan(b: &Build, tell: &Tell, cfg: &Config, prev: Option<Outcome>, now: Timestamp) -> Vec<Entry> {
+pub fn plan(
+    b: &Build,
+    tell: &Tell,
+    cfg: &Config,
+    prev: Option<Outcome>,
+    now: Timestamp,
+) -> Vec<Entry> {
     let mut out = Vec::new();
     if let Some(event) = event_of(b, tell, prev) {
         for sink in sinks_of(cfg, &b.project).filter(|s| s.hears(event)) {
@@ -266,24 +271,40 @@ pub fn plan(b: &Build, tell: &Tell, cfg: &Config, prev: Option<Outcome>, now: Ti
     let own = || shas(b.requested_commits.iter().chain(&b.commit));
     let (commits, state, description, link) = match tell {
         Tell::Queued | Tell::Initializing | Tell::Running => {
-            let Some(state) = State::of(b) else { return out };
+            let Some(state) = State::of(b) else {
+                return out;
+            };
             (own(), state, statuses::describe(b), b.id)
         }
         Tell::Joined(sha) => {
-            let Some(state) = State::of(b) else { return out };
+            let Some(state) = State::of(b) else {
+                return out;
+            };
             (vec![sha.clone()], state, statuses::describe(b), b.id)
         }
         Tell::SupersededBy(newer) => (
-            shas(b.superseded_commits.iter().chain(&b.requested_commits).chain(&b.commit)),
+            shas(
+                b.superseded_commits
+                    .iter()
+                    .chain(&b.requested_commits)
+                    .chain(&b.commit),
+            ),
             State::Superseded,
             statuses::superseded_description(*newer),
             *newer,
         ),
         Tell::Stopped => {
             // A superseded build reports nothing: its SHAs wait for the newer build.
-            let Some(state) = State::of(b) else { return out };
+            let Some(state) = State::of(b) else {
+                return out;
+            };
             (
-                shas(b.requested_commits.iter().chain(&b.commit).chain(&b.superseded_commits)),
+                shas(
+                    b.requested_commits
+                        .iter()
+                        .chain(&b.commit)
+                        .chain(&b.superseded_commits),
+                ),
                 state,
                 statuses::describe(b),
                 b.id,
@@ -390,7 +411,9 @@ pub fn judge(r: &Result<Answer, SendError>) -> Verdict {
             Verdict::Fail(format!("HTTP {} (redirects are not followed)", a.status))
         }
         Ok(a) => Verdict::Fail(format!("HTTP {}", a.status)),
-        Err(SendError::Bad(..)) => Verdict::Fail(r.as_ref().err().map(|e| e.to_string()).unwrap_or_default()),
+        Err(SendError::Bad(..)) => {
+            Verdict::Fail(r.as_ref().err().map(|e| e.to_string()).unwrap_or_default())
+        }
         Err(e) => Verdict::Retry(e.to_string()),
     }
 }
@@ -500,7 +523,12 @@ impl Outbox {
         let a = self
             .inner
             .client
-            .post(s.url.expose(), &s.url.redacted(), &r.headers, Bytes::from(r.body))
+            .post(
+                s.url.expose(),
+                &s.url.redacted(),
+                &r.headers,
+                Bytes::from(r.body),
+            )
             .await?;
         Ok(a)
     }
@@ -586,7 +614,9 @@ impl Outbox {
                         u64::try_from(wall.0.saturating_sub(entry.created_on.0)).unwrap_or(0),
                     );
                     let wait = entry.next_attempt_on.map_or(Duration::ZERO, |t| {
-                        Duration::from_micros(u64::try_from(t.0.saturating_sub(wall.0)).unwrap_or(0))
+                        Duration::from_micros(
+                            u64::try_from(t.0.saturating_sub(wall.0)).unwrap_or(0),
+                        )
                     });
                     Due {
                         born: now.checked_sub(age).unwrap_or(now),
@@ -640,9 +670,16 @@ impl Outbox {
                 Some(wait) => {
                     entry.last_error = Some(why);
                     entry.next_attempt_on = Some(Timestamp(
-                        Timestamp::now().0 + i64::try_from(wait.as_micros()).unwrap_or(i64::MAX / 2),
+                        Timestamp::now().0
+                            + i64::try_from(wait.as_micros()).unwrap_or(i64::MAX / 2),
                     ));
-                    due.insert(id, Due { born, next: now + wait });
+                    due.insert(
+                        id,
+                        Due {
+                            born,
+                            next: now + wait,
+                        },
+                    );
                     if let Err(e) = self.inner.store.outbox_update(id, &entry) {
                         tracing::error!("cannot record an outbox attempt: {e}");
                     }
@@ -652,7 +689,10 @@ impl Outbox {
                 None => {
                     entry.delivery = Delivery::Failed;
                     entry.next_attempt_on = None;
-                    let why = format!("{why}; gave up {} after it was created", humantime::format_duration(self.inner.schedule.give_up()));
+                    let why = format!(
+                        "{why}; gave up {} after it was created",
+                        humantime::format_duration(self.inner.schedule.give_up())
+                    );
                     entry.last_error = Some(why.clone());
                     ("failed", Some(why))
                 }
@@ -667,8 +707,13 @@ impl Outbox {
         due.remove(&id);
         if let Some(why) = error {
             let (kind, to) = match &entry.what {
-                What::Notification { sink, event, .. } => ("notification", format!("{} to sink {sink}", event.as_str())),
-                What::Status { provider, sha, .. } => ("commit status", format!("{} status of {sha}", provider.as_str())),
+                What::Notification { sink, event, .. } => {
+                    ("notification", format!("{} to sink {sink}", event.as_str()))
+                }
+                What::Status { provider, sha, .. } => (
+                    "commit status",
+                    format!("{} status of {sha}", provider.as_str()),
+                ),
             };
             tracing::warn!(build = %entry.build, attempts = entry.attempts, "{kind} failed ({to}): {why}");
         }
@@ -715,7 +760,12 @@ impl Outbox {
                 let res = self
                     .inner
                     .client
-                    .post(s.url.expose(), &s.url.redacted(), &r.headers, Bytes::from(r.body))
+                    .post(
+                        s.url.expose(),
+                        &s.url.redacted(),
+                        &r.headers,
+                        Bytes::from(r.body),
+                    )
                     .await;
                 judge(&res)
             }

@@ -398,7 +398,11 @@ impl Queue {
     /// The outbox entries a change causes (see [`crate::outbox::plan`]).
     fn plan_outbox(&self, b: &Build, tell: &Tell) -> Vec<crate::outbox::Entry> {
         let config = self.inner.config.get();
-        if config.sinks.is_empty() && config.project(&b.project).is_none_or(|p| p.status.is_none()) {
+        if config.sinks.is_empty()
+            && config
+                .project(&b.project)
+                .is_none_or(|p| p.status.is_none())
+        {
             return Vec::new();
         }
         let prev = if crate::outbox::needs_previous(b, tell, &config) {

@@ -233,7 +233,10 @@ pub fn request(
                 http::header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             ),
-            (http::header::ACCEPT, HeaderValue::from_static("application/json")),
+            (
+                http::header::ACCEPT,
+                HeaderValue::from_static("application/json"),
+            ),
         ],
         body: body.to_string().into_bytes(),
     })
@@ -272,20 +275,40 @@ mod tests {
         for p in [Github, Gitea, Forgejo] {
             assert_eq!(
                 row(p),
-                ["pending", "pending", "pending", "success", "failure", "error", "error"]
+                [
+                    "pending", "pending", "pending", "success", "failure", "error", "error"
+                ]
             );
         }
         assert_eq!(
             row(Gitlab),
-            ["pending", "running", "pending", "success", "failed", "canceled", "failed"]
+            [
+                "pending", "running", "pending", "success", "failed", "canceled", "failed"
+            ]
         );
         assert_eq!(
             row(Bitbucket),
-            ["INPROGRESS", "INPROGRESS", "INPROGRESS", "SUCCESSFUL", "FAILED", "STOPPED", "FAILED"]
+            [
+                "INPROGRESS",
+                "INPROGRESS",
+                "INPROGRESS",
+                "SUCCESSFUL",
+                "FAILED",
+                "STOPPED",
+                "FAILED"
+            ]
         );
         assert_eq!(
             row(BitbucketServer),
-            ["INPROGRESS", "INPROGRESS", "INPROGRESS", "SUCCESSFUL", "FAILED", "FAILED", "FAILED"]
+            [
+                "INPROGRESS",
+                "INPROGRESS",
+                "INPROGRESS",
+                "SUCCESSFUL",
+                "FAILED",
+                "FAILED",
+                "FAILED"
+            ]
         );
     }
 

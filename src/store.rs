@@ -375,12 +375,11 @@ fn write_entries(
 ) -> Result<i64, ConflictableTransactionError<StoreError>> {
     let mut delta = 0;
     for s in staged {
-        if let Some(lane) = &s.lane {
-            if let Some(old) = lanes.insert(lane.as_slice(), s.key.as_slice())?
-                && outbox.remove(old)?.is_some()
-            {
-                delta -= 1;
-            }
+        if let Some(lane) = &s.lane
+            && let Some(old) = lanes.insert(lane.as_slice(), s.key.as_slice())?
+            && outbox.remove(old)?.is_some()
+        {
+            delta -= 1;
         }
         outbox.insert(s.key.as_slice(), s.value.as_slice())?;
         delta += 1;
@@ -783,7 +782,11 @@ impl Store {
 
     /// Pending outbox entries after `after` (exclusive), oldest first, at most `limit`: the
     /// worker pages through them instead of loading them all.
-    pub fn outbox_page(&self, after: Option<u64>, limit: usize) -> Result<Vec<(u64, Entry)>, StoreError> {
+    pub fn outbox_page(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Entry)>, StoreError> {
         let start = after.map_or(0, |a| a.saturating_add(1)).to_be_bytes();
         let mut out = Vec::new();
         if after == Some(u64::MAX) {
@@ -822,8 +825,8 @@ impl Store {
         let value = encode(e)?;
         let lane = e.status_lane();
         let i = &self.inner;
-        let r: TxResult<i64> = (&i.outbox, &i.outbox_lanes, &i.outbox_done).transaction(
-            |(outbox, lanes, done)| {
+        let r: TxResult<i64> =
+            (&i.outbox, &i.outbox_lanes, &i.outbox_done).transaction(|(outbox, lanes, done)| {
                 let removed = outbox.remove(key.as_slice())?.is_some();
                 if let Some(lane) = &lane
                     && lanes.get(lane.as_slice())?.as_deref() == Some(key.as_slice())
@@ -832,8 +835,7 @@ impl Store {
                 }
                 done.insert(key.as_slice(), value.as_slice())?;
                 Ok(if removed { -1 } else { 0 })
-            },
-        );
+            });
         let delta = self.check(r.map_err(tx_err))?;
         self.inner.outbox_len.fetch_add(delta, Ordering::SeqCst);
         while self.inner.outbox_done.len() > OUTBOX_HISTORY {
@@ -856,7 +858,8 @@ impl Store {
         let mut done = self.inner.outbox_done.iter().rev().peekable();
         let mut out = Vec::new();
         let key_of = |item: Option<&Result<(sled::IVec, sled::IVec), sled::Error>>| {
-            item.and_then(|r| r.as_ref().ok()).and_then(|(k, _)| key_id(k))
+            item.and_then(|r| r.as_ref().ok())
+                .and_then(|(k, _)| key_id(k))
         };
         while out.len() < limit {
             let (p, d) = (key_of(pending.peek()), key_of(done.peek()));

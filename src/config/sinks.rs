@@ -19,7 +19,9 @@ use toml::Spanned;
 use super::{ConfigError, Ctx, resolve, span_of};
 
 /// A notification event (SPEC §5.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 pub enum Event {
     /// A build entered `running`.
     Started,
@@ -259,9 +261,7 @@ fn valid_sink_name(s: &str) -> bool {
 
 /// An http(s) URL with a host, or why not.
 fn check_url(s: &str) -> Result<(), String> {
-    let u: http::Uri = s
-        .parse()
-        .map_err(|_| "is not a valid URL".to_owned())?;
+    let u: http::Uri = s.parse().map_err(|_| "is not a valid URL".to_owned())?;
     match u.scheme_str() {
         Some("http" | "https") => {}
         _ => return Err("must be an http:// or https:// URL".into()),
@@ -333,11 +333,7 @@ pub(super) fn validate_sinks(
                 url
             }
             (Some(u), Some(_)) => {
-                return Err(ctx.err(
-                    span_of(u),
-                    &key,
-                    "set either url or url_file, not both",
-                ));
+                return Err(ctx.err(span_of(u), &key, "set either url or url_file, not both"));
             }
             (None, None) => {
                 return Err(ctx.err(
@@ -567,7 +563,11 @@ pub(super) fn summary(c: &super::Config) -> String {
             "  {:<20} {format} to {}, events [{}], projects [{}]",
             s.name,
             s.url.redacted(),
-            s.events.iter().map(|e| e.as_str()).collect::<Vec<_>>().join(", "),
+            s.events
+                .iter()
+                .map(|e| e.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
             projects.join(", ")
         );
     }

@@ -18,7 +18,9 @@ pub fn list(state: &AppState, query: Option<&str>) -> Result<Response<Body>, Api
                 .parse::<usize>()
                 .ok()
                 .filter(|n| (1..=100).contains(n))
-                .ok_or_else(|| ApiError::BadRequest("limit must be a number from 1 to 100".into()))?;
+                .ok_or_else(|| {
+                    ApiError::BadRequest("limit must be a number from 1 to 100".into())
+                })?;
         }
     }
     let entries = state.store.outbox_recent(limit)?;
