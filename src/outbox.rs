@@ -810,3 +810,210 @@ fn lane_key(e: &Entry) -> Vec<u8> {
 fn unix_now() -> i64 {
     Timestamp::now().0 / 1_000_000
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Target, Trigger, TriggerSource};
+
+    fn config(dir: &std::path::Path, extra: &str) -> Config {
+        std::fs::write(dir.join("t.token"), "tok\n").unwrap();
+        let text = format!(
+            "[projects.site]\nbranches = [\"main\"]\nrepo = \"https://example.com/r.git\"\ncommand = \"true\"\n{extra}\n[projects.site.status]\nprovider = \"github\"\nrepo = \"acme/site\"\ntoken_file = \"t.token\"\n\n[notify.ops]\nurl = \"http://127.0.0.1:9/hook\"\nevents = [\"started\", \"succeeded\", \"failed\", \"cancelled\"]\n\n[notify.alerts]\nurl = \"http://127.0.0.1:9/alerts\"\n"
+        );
+        Config::parse(&text, &dir.join("deploy.toml")).unwrap()
+    }
+
+    fn build(shas: &[&str]) -> Build {
+        let mut b = Build::new_queued(
+            1,
+            &Target::branch("site", "main"),
+            Trigger {
+                source: TriggerSource::GitPush,
+                hook: None,
+            },
+            shas.last().map(|s| s.to_string()),
+            false,
+            Timestamp(0),
+        );
+        b.requested_commits = shas.iter().map(|s| s.to_string()).collect();
+        b
+    }
+
+    fn statuses(es: &[Entry]) -> Vec<(String, State, String)> {
+        es.iter()
+            .filter_map(|e| match &e.what {
+                What::Status {
+                    sha,
+                    state,
+                    description,
+                    ..
+                } => Some((sha.clone(), *state, description.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn sinks(es: &[Entry]) -> Vec<(String, Event)> {
+        es.iter()
+            .filter_map(|e| match &e.what {
+                What::Notification { sink, event, .. } => Some((sink.clone(), *event)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn queue_and_join_are_pending_for_each_sha() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path(), "");
+        let b = build(&["a1", "b2"]);
+        let e = plan(&b, &Tell::Queued, &cfg, None, Timestamp(0));
+        assert_eq!(
+            statuses(&e),
+            [
+                ("a1".into(), State::Queued, "queued".into()),
+                ("b2".into(), State::Queued, "queued".into())
+            ]
+        );
+        assert!(sinks(&e).is_empty(), "queued is not a notification event");
+        let mut b = b;
+        b.phase = Phase::Initializing;
+        let e = plan(&b, &Tell::Joined("c3".into()), &cfg, None, Timestamp(0));
+        assert_eq!(
+            statuses(&e),
+            [("c3".into(), State::Building, "building".into())]
+        );
+    }
+
+    #[test]
+    fn superseded_shas_stay_pending_and_take_the_newer_builds_final_state() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path(), "");
+        let mut old = build(&["a1"]);
+        old.commit = Some("a1".into());
+        old.phase = Phase::Running;
+        let newer = BuildId::new();
+        let e = plan(&old, &Tell::SupersededBy(newer), &cfg, None, Timestamp(0));
+        assert_eq!(
+            statuses(&e),
+            [(
+                "a1".into(),
+                State::Superseded,
+                statuses::superseded_description(newer)
+            )]
+        );
+        let What::Status { link, .. } = &e[0].what else {
+            panic!()
+        };
+        assert_eq!(*link, newer);
+        // The old build stopping as superseded says nothing, to sinks or statuses.
+        old.phase = Phase::Stopped(Outcome::Cancelled);
+        old.cancel_reason = Some(CancelReason::Superseded);
+        assert!(plan(&old, &Tell::Stopped, &cfg, None, Timestamp(0)).is_empty());
+        // The newer build's stop covers its own SHAs and the superseded ones.
+        let mut b = build(&["b2"]);
+        b.commit = Some("b2".into());
+        b.superseded_commits = vec!["a1".into()];
+        b.phase = Phase::Stopped(Outcome::Fail);
+        b.exit_code = Some(1);
+        b.initializing_on = Some(Timestamp(0));
+        b.stopped_on = Some(Timestamp(65_000_000));
+        let e = plan(&b, &Tell::Stopped, &cfg, None, Timestamp(0));
+        let want = "failed with exit code 1 after 1m 5s".to_string();
+        assert_eq!(
+            statuses(&e),
+            [
+                ("b2".into(), State::Failure, want.clone()),
+                ("a1".into(), State::Failure, want)
+            ]
+        );
+    }
+
+    #[test]
+    fn events_go_to_sinks_that_hear_them_and_recovered_replaces_succeeded() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cfg = config(tmp.path(), "");
+        let mut b = build(&[]);
+        b.phase = Phase::Running;
+        let e = plan(&b, &Tell::Running, &cfg, None, Timestamp(0));
+        assert_eq!(sinks(&e), [("ops".into(), Event::Started)]);
+        b.phase = Phase::Stopped(Outcome::Success);
+        // No previous build, or a previous success: succeeded (alerts has the default
+        // events, which do not include it).
+        for prev in [None, Some(Outcome::Success)] {
+            let e = plan(&b, &Tell::Stopped, &cfg, prev, Timestamp(0));
+            assert_eq!(sinks(&e), [("ops".into(), Event::Succeeded)]);
+        }
+        // After a failure, timeout or interruption: recovered, to both.
+        for prev in [Outcome::Fail, Outcome::TimedOut, Outcome::Interrupted] {
+            let e = plan(&b, &Tell::Stopped, &cfg, Some(prev), Timestamp(0));
+            assert_eq!(
+                sinks(&e),
+                [
+                    ("alerts".into(), Event::Recovered),
+                    ("ops".into(), Event::Recovered)
+                ]
+            );
+        }
+        // API cancels are reported, supersedes are not.
+        b.phase = Phase::Stopped(Outcome::Cancelled);
+        b.cancel_reason = Some(CancelReason::Api);
+        assert_eq!(
+            sinks(&plan(&b, &Tell::Stopped, &cfg, None, Timestamp(0))),
+            [("ops".into(), Event::Cancelled)]
+        );
+    }
+
+    #[test]
+    fn a_projects_notify_list_limits_its_sinks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut b = build(&[]);
+        b.phase = Phase::Stopped(Outcome::Fail);
+        let only = config(tmp.path(), "notify = [\"alerts\"]");
+        assert_eq!(
+            sinks(&plan(&b, &Tell::Stopped, &only, None, Timestamp(0))),
+            [("alerts".into(), Event::Failed)]
+        );
+        let none = config(tmp.path(), "notify = []");
+        assert!(sinks(&plan(&b, &Tell::Stopped, &none, None, Timestamp(0))).is_empty());
+    }
+
+    #[test]
+    fn the_retry_schedule_is_the_specs() {
+        let s = Schedule::default();
+        let secs: Vec<u64> = (1..=8).map(|n| s.delay(n).as_secs()).collect();
+        assert_eq!(secs, [5, 30, 120, 600, 1800, 3600, 3600, 3600]);
+        // Tried at 0, 5 s, 35 s, 155 s, 755 s, 2555 s, then hourly while under 24 h.
+        let mut age = Duration::ZERO;
+        let mut attempts = 1;
+        while let Some(d) = s.next(attempts, age) {
+            age += d;
+            attempts += 1;
+        }
+        assert_eq!(attempts, 29);
+        assert!(age < Schedule::GIVE_UP);
+        let fast = Schedule { scale: 100 };
+        assert_eq!(fast.delay(1), Duration::from_millis(50));
+    }
+
+    #[test]
+    fn answers_are_judged_as_the_spec_says() {
+        let a = |status| {
+            Ok(Answer {
+                status,
+                body: Bytes::new(),
+            })
+        };
+        assert_eq!(judge(&a(200)), Verdict::Delivered);
+        assert_eq!(judge(&a(204)), Verdict::Delivered);
+        for s in [500, 502, 503, 408, 429] {
+            assert!(matches!(judge(&a(s)), Verdict::Retry(_)), "{s}");
+        }
+        for s in [301, 302, 400, 401, 404, 410] {
+            assert!(matches!(judge(&a(s)), Verdict::Fail(_)), "{s}");
+        }
+        let t: Result<Answer, SendError> = Err(SendError::Timeout("http://x".into(), 30));
+        assert!(matches!(judge(&t), Verdict::Retry(_)));
+    }
+}

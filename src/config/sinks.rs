@@ -573,3 +573,102 @@ pub(super) fn summary(c: &super::Config) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::Config;
+    use std::path::Path;
+
+    fn parse(dir: &Path, text: &str) -> Result<Config, String> {
+        let text = format!(
+            "[projects.site]\nbranches = [\"main\"]\nworkdir = \"/tmp\"\ncommand = \"true\"\n{text}"
+        );
+        Config::parse(&text, &dir.join("deploy.toml")).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn sinks_and_statuses_validate_with_positions() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        std::fs::write(
+            d.join("ok.whsec"),
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n",
+        )
+        .unwrap();
+        std::fs::write(d.join("bad.whsec"), "not-a-secret\n").unwrap();
+        std::fs::write(d.join("t.token"), "tok\n").unwrap();
+        std::fs::write(
+            d.join("ops.url"),
+            "https://hooks.slack.com/services/T/B/SECRET\n",
+        )
+        .unwrap();
+        let c = parse(
+            d,
+            "notify = [\"ops\"]\n[notify.ops]\nurl_file = \"ops.url\"\nformat = \"slack\"\n",
+        )
+        .unwrap();
+        let s = &c.sinks["ops"];
+        assert_eq!(s.url.redacted(), "https://hooks.slack.com");
+        assert!(!format!("{s:?}").contains("SECRET"));
+        assert_eq!(s.events.len(), 4, "the default events");
+        for (text, want) in [
+            (
+                "[notify.x]\nformat = \"json\"\n",
+                "notify.x.url: is required",
+            ),
+            (
+                "[notify.x]\nurl = \"ftp://h\"\n",
+                "notify.x.url: must be an http:// or https:// URL",
+            ),
+            (
+                "[notify.x]\nurl = \"http://h\"\nformat = \"teams\"\n",
+                "notify.x.format: unknown format",
+            ),
+            (
+                "[notify.x]\nurl = \"http://h\"\nevents = [\"exploded\"]\n",
+                "notify.x.events: unknown event",
+            ),
+            (
+                "[notify.x]\nurl = \"http://h\"\nsecret_file = \"bad.whsec\"\n",
+                "notify.x.secret_file:",
+            ),
+            (
+                "[notify.x]\nurl = \"http://h\"\nformat = \"slack\"\nsecret_file = \"ok.whsec\"\n",
+                "only json sinks are signed",
+            ),
+            (
+                "[notify.x]\nurl = \"http://h\"\nbogus = 1\n",
+                "unknown field",
+            ),
+            (
+                "notify = [\"nope\"]\n",
+                "projects.site.notify: no sink [notify.nope]",
+            ),
+            (
+                "[projects.site.status]\nprovider = \"svn\"\nrepo = \"a/b\"\ntoken_file = \"t.token\"\n",
+                "projects.site.status.provider: unknown provider",
+            ),
+            (
+                "[projects.site.status]\nprovider = \"gitea\"\nrepo = \"a/b\"\ntoken_file = \"t.token\"\n",
+                "projects.site.status.api_url: is required for gitea",
+            ),
+            (
+                "[projects.site.status]\nprovider = \"github\"\nrepo = \"a/b\"\ntoken_file = \"missing.token\"\n",
+                "projects.site.status.token_file: cannot read",
+            ),
+            (
+                "[projects.site.status]\nprovider = \"github\"\nrepo = \"a/b\"\n",
+                "token_file",
+            ),
+        ] {
+            let err = parse(d, text).unwrap_err();
+            assert!(err.contains(want), "{text:?}: {err}");
+            assert!(err.contains("deploy.toml:"), "{err}");
+        }
+        let c = parse(d, "[projects.site.status]\nprovider = \"gitlab\"\nrepo = \"group/site\"\ntoken_file = \"t.token\"\n").unwrap();
+        let st = c.projects.values().next().unwrap().status.as_ref().unwrap();
+        assert_eq!(st.api_url, "https://gitlab.com");
+        assert_eq!(st.context, "deployhook");
+        assert!(!format!("{st:?}").contains("tok\""));
+    }
+}

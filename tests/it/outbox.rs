@@ -370,8 +370,8 @@ fn a_receiver_failing_for_24h_is_given_up() {
     eventually(30, "failed", || notifications(&d)[0]["status"] == "failed");
     let n = rcv.requests().len();
     // Tries at 0, 5 s, 35 s, 2 m 35 s, 12 m 35 s, 42 m 35 s, then hourly while under 24 h:
-    // 28 in all (fewer only if the loaded machine stretched the scaled waits).
-    assert!((20..=28).contains(&n), "{n} attempts");
+    // 29 in all (fewer only if the loaded machine stretched the scaled waits).
+    assert!((20..=29).contains(&n), "{n} attempts");
     let e = &notifications(&d)[0];
     assert!(
         e["last_error"].as_str().unwrap().contains("HTTP 503"),
