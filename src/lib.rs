@@ -8,7 +8,8 @@
 //! # Layout
 //! - [`cli`]: clap definitions, exit codes, and the HTTP client behind the client commands.
 //! - [`daemon`]: `deployhook serve`: start-up order, SIGHUP reload, shutdown with deadlines.
-//! - [`config`]: raw TOML mirror → validated [`config::Config`]; the shared, reloadable handle.
+//! - [`config`]: raw TOML mirror → validated [`config::Config`]; the shared, reloadable handle;
+//!   `config::sinks` holds the (v2) `[notify.*]` and `[projects.*.status]` keys.
 //! - [`model`]: builds, hooks, phases, outcomes, trigger sources, and their JSON shapes.
 //! - [`token`]: hook tokens, the admin token, Git secrets: generation, hashing, constant-time checks.
 //! - [`store`]: the only module that touches sled: trees, bincode records, batched durability.
@@ -25,6 +26,11 @@
 //! - [`shutdown`]: signals and the shutdown phases.
 //! - [`metrics`]: the Prometheus registry (counters, histogram) and its text exposition.
 //! - [`notify`]: systemd's readiness protocol (`READY=1`, `RELOADING=1`, `STOPPING=1`).
+//! - [`outbox`]: what leaves the daemon (SPEC §5): entries planned from the machine's tells,
+//!   stored with the build change, and the one worker that delivers and retries them.
+//! - [`notifications`]: notification bodies (`json` signed per Standard Webhooks, Slack, Discord).
+//! - [`statuses`]: commit-status requests and state words of the six Git-host providers.
+//! - [`outbound`]: the HTTP client for both: rustls, timeouts, no redirects, bounded answers.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
