@@ -18,6 +18,10 @@ enum Ans {
     Status(u16),
     /// Reads the request and never answers.
     Hang,
+    /// 200, then an endless body (counts what it could write in `sent`).
+    Huge,
+    /// A status line, then one byte a second, forever.
+    Trickle,
 }
 
 /// One recorded request.
@@ -45,6 +49,8 @@ impl Req {
 /// default.
 struct Receiver {
     addr: SocketAddr,
+    /// Body bytes written by `Huge` answers.
+    sent: Arc<std::sync::atomic::AtomicU64>,
     reqs: Arc<Mutex<Vec<Req>>>,
     script: Arc<Mutex<VecDeque<Ans>>>,
     default: Arc<Mutex<Ans>>,
@@ -91,16 +97,19 @@ impl Receiver {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let rcv = Receiver {
             addr: l.local_addr().unwrap(),
+            sent: Default::default(),
             reqs: Default::default(),
             script: Default::default(),
             default: Arc::new(Mutex::new(default)),
         };
         let (reqs, script, def) = (rcv.reqs.clone(), rcv.script.clone(), rcv.default.clone());
+        let sent = rcv.sent.clone();
         let wrap = Arc::new(wrap);
         std::thread::spawn(move || {
             for s in l.incoming().flatten() {
                 let (reqs, script, def, wrap) =
                     (reqs.clone(), script.clone(), def.clone(), wrap.clone());
+                let sent = sent.clone();
                 std::thread::spawn(move || {
                     let mut s = wrap(s);
                     let Some((path, headers, body)) = read_request(&mut s) else {
@@ -131,6 +140,26 @@ impl Receiver {
                             let _ = s.flush();
                         }
                         Ans::Hang => std::thread::sleep(Duration::from_secs(600)),
+                        Ans::Huge => {
+                            let _ =
+                                write!(s, "HTTP/1.1 200 OK\r\nContent-Length: 10000000000\r\n\r\n");
+                            let chunk = vec![b'x'; 64 * 1024];
+                            while s.write_all(&chunk).is_ok() {
+                                sent.fetch_add(
+                                    chunk.len() as u64,
+                                    std::sync::atomic::Ordering::Relaxed,
+                                );
+                            }
+                        }
+                        Ans::Trickle => {
+                            let _ = s.write_all(b"HTTP/1.1 200 OK\r\n");
+                            for _ in 0..600 {
+                                if s.write_all(b"X").and_then(|_| s.flush()).is_err() {
+                                    break;
+                                }
+                                std::thread::sleep(Duration::from_secs(1));
+                            }
+                        }
                     }
                 });
             }
@@ -291,7 +320,26 @@ fn failures_are_retried_on_the_schedule_then_delivered_or_failed() {
     let d = daemon_env(&tmp, &rest, &[("DEPLOYHOOK_TEST_OUTBOX_SCALE", "100")]);
     let id = d.trigger_id("site", "main");
     d.wait_status(&id, "stopped", 30);
-    let reqs = rcv.wait_for(4, 60);
+    // A second failure while the first is being retried waits behind it (order per sink).
+    rcv.wait_for(1, 30);
+    let id2 = d.trigger_id("site", "main");
+    d.wait_status(&id2, "stopped", 30);
+    let all = rcv.wait_for(5, 60);
+    let builds: Vec<String> = all
+        .iter()
+        .map(|r| {
+            r.json()["data"]["build"]["build_uuid"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(
+        builds,
+        [id.clone(), id.clone(), id.clone(), id.clone(), id2.clone()],
+        "in creation order per sink"
+    );
+    let reqs: Vec<Req> = all[..4].to_vec();
     // One entry: the same webhook-id and timestamp every time, signature per attempt.
     let ids: Vec<&str> = reqs
         .iter()
@@ -309,22 +357,24 @@ fn failures_are_retried_on_the_schedule_then_delivered_or_failed() {
     assert!(gaps[1] >= Duration::from_millis(290), "{gaps:?}");
     assert!(gaps[2] >= Duration::from_millis(1190), "{gaps:?}");
     eventually(10, "delivered", || {
-        notifications(&d)[0]["status"] == "delivered"
+        notifications(&d).iter().all(|e| e["status"] == "delivered")
     });
-    let e = &notifications(&d)[0];
-    assert_eq!(e["attempts"], 4);
+    let list = notifications(&d);
+    assert_eq!(list[1]["build_uuid"], id.as_str());
+    assert_eq!(list[1]["attempts"], 4);
+    assert_eq!(list[0]["attempts"], 1);
     let m = String::from_utf8(d.api("GET", "/metrics", None).body).unwrap();
     assert!(
         m.contains("deployhook_notifications_total{sink=\"ops\",result=\"retried\"} 3"),
         "{m}"
     );
     assert!(
-        m.contains("deployhook_notifications_total{sink=\"ops\",result=\"delivered\"} 1"),
+        m.contains("deployhook_notifications_total{sink=\"ops\",result=\"delivered\"} 2"),
         "{m}"
     );
     assert!(m.contains("deployhook_outbox_pending 0"), "{m}");
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(rcv.requests().len(), 4, "nothing after the delivery");
+    assert_eq!(rcv.requests().len(), 5, "nothing after the delivery");
 
     // A 4xx (not 408/429) and a 3xx fail at once, logged once, never retried.
     for code in [400u16, 301] {
@@ -826,4 +876,205 @@ fn notification_test_endpoint_and_cli() {
     let (code, _, err) = cli(&["notifications", "test", "nope", "--config", &cfg], &env);
     assert_eq!(code, 1);
     assert!(err.contains("nope"), "{err}");
+    // `check` lists the sinks, with the URL as scheme://host only.
+    let (code, out, err) = cli(&["check", "--config", &cfg], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("chat") && out.contains("slack to http://127.0.0.1"),
+        "{out}"
+    );
+    assert!(!out.contains("SECRETPART"), "{out}");
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// HOSTILE 29: a gigabyte answer costs a kilobyte, a trickled answer a timeout, and both
+/// leave builds alone.
+#[test]
+fn gigabyte_and_trickled_answers_are_bounded() {
+    let rcv = Receiver::start(Ans::Huge);
+    let tmp = tempfile::tempdir().unwrap();
+    let rest = format!(
+        "{}{}",
+        json_sink("ops", &rcv.url("http"), "[\"failed\"]", tmp.path()),
+        workdir_project(
+            "site",
+            tmp.path(),
+            "exit 1",
+            "project_builds_per_minute = 1000"
+        )
+    );
+    // Test-only: 1 s to connect, 3 s in all, so the trickle test takes seconds.
+    let d = daemon_env(
+        &tmp,
+        &rest,
+        &[("DEPLOYHOOK_TEST_OUTBOUND_TIMEOUTS", "1000,3000")],
+    );
+    let before = rss_kib(d.pid());
+    for _ in 0..3 {
+        let id = d.trigger_id("site", "main");
+        d.wait_status(&id, "stopped", 30);
+    }
+    eventually(30, "three delivered", || {
+        notifications(&d)
+            .iter()
+            .filter(|e| e["status"] == "delivered")
+            .count()
+            == 3
+    });
+    let sent = rcv.sent.load(std::sync::atomic::Ordering::Relaxed);
+    let after = rss_kib(d.pid());
+    eprintln!(
+        "gigabyte answers: the receiver managed to write {sent} bytes in all; daemon RSS {before} KiB -> {after} KiB"
+    );
+    // The socket buffers take a few MiB at most; the daemon read 1 KiB of each.
+    assert!(
+        sent < 64 << 20,
+        "{sent} bytes were written: the answer was read on"
+    );
+    assert!(
+        after < before + 32 * 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
+
+    *rcv.default.lock().unwrap() = Ans::Trickle;
+    let id = d.trigger_id("site", "main");
+    let t = Instant::now();
+    d.wait_status(&id, "stopped", 30);
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "the build was not held up"
+    );
+    eventually(30, "a timeout", || {
+        notifications(&d)[0]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("did not answer within"))
+    });
+    assert_eq!(
+        notifications(&d)[0]["status"],
+        "pending",
+        "a timeout is retried"
+    );
+}
+
+fn git_sig(secret: &str, body: &[u8]) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    m.update(body);
+    let hex: String = m
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256={hex}")
+}
+
+/// Every SHA a build absorbs gets its statuses, in order: queued (at the push or the join),
+/// building, running, then the final state (GitLab's words).
+#[test]
+fn pushed_and_joined_shas_each_get_pending_then_the_final_state_gitlab() {
+    let rcv = Receiver::start(Ans::Status(201));
+    let tmp = tempfile::tempdir().unwrap();
+    let gate = tmp.path().join("gate");
+    std::fs::write(tmp.path().join("git.secret"), "gitsecret\n").unwrap();
+    std::fs::write(tmp.path().join("status.token"), "glpat-secret\n").unwrap();
+    let cmd = format!("while [ ! -f {} ]; do sleep 0.1; done", gate.display());
+    let rest = format!(
+        "{}\n[projects.site.status]\nprovider = \"gitlab\"\nrepo = \"group/site\"\ntoken_file = \"status.token\"\napi_url = {}\n",
+        workdir_project(
+            "site",
+            tmp.path(),
+            &cmd,
+            "cancel_superseded = false\ngit_secret_file = \"git.secret\""
+        ),
+        toml_str(&rcv.url("http"))
+    );
+    let d = daemon_env(&tmp, &rest, &[]);
+    let first = d.trigger_id("site", "main");
+    d.wait_status(&first, "running", 30);
+    let push = |sha: &str| {
+        let body = serde_json::json!({"ref": "refs/heads/main", "before": "0".repeat(40), "after": sha, "repository": {"name": "site"}}).to_string();
+        let sig = git_sig("gitsecret", body.as_bytes());
+        let r = request(
+            d.addr,
+            "POST",
+            "/git/site",
+            &[
+                ("Content-Type", "application/json"),
+                ("X-GitHub-Event", "push"),
+                ("X-Hub-Signature-256", &sig),
+            ],
+            body.as_bytes(),
+        );
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json()["result"].clone()
+    };
+    let x = "1".repeat(40);
+    let y = "2".repeat(40);
+    let q = push(&x);
+    assert_eq!(q["already_exists"], false);
+    eventually(30, "x queued", || {
+        statuses_of(&rcv, &x).iter().any(|s| s.1 == "queued")
+    });
+    let j = push(&y);
+    assert_eq!(j["already_exists"], true);
+    assert_eq!(j["build_uuid"], q["build_uuid"]);
+    eventually(30, "y queued", || {
+        statuses_of(&rcv, &y).iter().any(|s| s.1 == "queued")
+    });
+    std::fs::write(&gate, "").unwrap();
+    let qid = q["build_uuid"].as_str().unwrap().to_string();
+    d.wait_status(&qid, "stopped", 30);
+    eventually(30, "final states", || {
+        [&x, &y].iter().all(|sha| {
+            statuses_of(&rcv, sha)
+                .last()
+                .is_some_and(|s| s.0 == "success")
+        })
+    });
+    for sha in [&x, &y] {
+        let got = statuses_of(&rcv, sha);
+        let words: Vec<(&str, &str)> = got.iter().map(|s| (s.0.as_str(), s.1.as_str())).collect();
+        // A newer state may replace one not yet sent, never the other way round.
+        let order = ["queued", "building", "running", "succeeded"];
+        let pos: Vec<usize> = words
+            .iter()
+            .map(|(_, d)| order.iter().position(|o| d.starts_with(o)).unwrap())
+            .collect();
+        assert!(pos.windows(2).all(|w| w[0] < w[1]), "{words:?}");
+        assert_eq!(words[0], ("pending", "queued"), "{words:?}");
+        assert!(
+            words
+                .iter()
+                .all(|(w, d)| (*w == "running") == (*d == "running")),
+            "{words:?}"
+        );
+        assert!(
+            got.iter()
+                .all(|s| s.2.ends_with(&format!("/ui/builds/{qid}")))
+        );
+    }
+    let r = &rcv.requests()[0];
+    assert_eq!(
+        r.path,
+        format!("/api/v4/projects/group%2Fsite/statuses/{x}")
+    );
+    assert_eq!(r.header("private-token"), Some("glpat-secret"));
+    assert_eq!(r.json()["name"], "deployhook");
+    // The first build had no SHA (an API trigger of a workdir project): no status for it.
+    assert!(
+        rcv.requests()
+            .iter()
+            .all(|r| r.path.contains(&x) || r.path.contains(&y))
+    );
+    assert!(!d.logs().contains("glpat-secret"));
 }
