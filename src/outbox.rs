@@ -815,6 +815,7 @@ fn unix_now() -> i64 {
 mod tests {
     use super::*;
     use crate::model::{Target, Trigger, TriggerSource};
+    use crate::store::Store;
 
     fn config(dir: &std::path::Path, extra: &str) -> Config {
         std::fs::write(dir.join("t.token"), "tok\n").unwrap();
@@ -1015,5 +1016,86 @@ mod tests {
         }
         let t: Result<Answer, SendError> = Err(SendError::Timeout("http://x".into(), 30));
         assert!(matches!(judge(&t), Verdict::Retry(_)));
+    }
+
+    fn rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// 10 000 pending entries of ~10 KiB each (100 MiB in all) for a receiver that refuses
+    /// every connection: the worker pages through them, holds a few bytes per entry, retries
+    /// and keeps them all pending.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ten_thousand_entries_for_a_dead_receiver_stay_on_disk() {
+        let tmp = tempfile::tempdir().unwrap();
+        // A port nobody listens on: bound, then closed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let text = format!(
+            "[projects.site]\nbranches = [\"main\"]\nworkdir = \"/tmp\"\ncommand = \"true\"\n[notify.dead]\nurl = \"http://127.0.0.1:{port}/\"\nevents = [\"failed\"]\n"
+        );
+        let cfg = Config::parse(&text, &tmp.path().join("deploy.toml")).unwrap();
+        let store = Store::open(&tmp.path().join("state")).unwrap();
+        let mut b = build(&[]);
+        b.phase = Phase::Stopped(Outcome::Fail);
+        b.requested_commits = (0..250).map(|i| format!("{i:040x}")).collect();
+        let entry = plan(&b, &Tell::Stopped, &cfg, None, Timestamp::now())
+            .pop()
+            .unwrap();
+        for _ in 0..100 {
+            store.add_entries(&vec![entry.clone(); 100]).unwrap();
+        }
+        assert_eq!(store.outbox_pending(), 10_000);
+        // sled's page cache (32 MiB) fills on any pass over the tree: read it once first, so
+        // that what is measured is the worker's own memory.
+        let mut after_id = None;
+        while let Some((id, _)) = store.outbox_page(after_id, PAGE).unwrap().last() {
+            after_id = Some(*id);
+        }
+        let before = rss_kib();
+        let metrics = Arc::new(Metrics::new());
+        let ob = Outbox::start(
+            store.clone(),
+            Arc::new(SharedConfig::new(cfg)),
+            metrics.clone(),
+            Outbound::new().unwrap(),
+            Arc::new(Notify::new()),
+            "http://127.0.0.1:1".into(),
+        );
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let after = rss_kib();
+        ob.shutdown(Duration::from_secs(2)).await;
+        let text = metrics.render_outbox(["dead"], [], store.outbox_pending());
+        assert!(text.contains("deployhook_outbox_pending 10000"), "{text}");
+        // Only the sink's oldest entry is tried (the rest wait behind it), and retried.
+        assert!(
+            text.contains("deployhook_notifications_total{sink=\"dead\",result=\"retried\"} 1"),
+            "{text}"
+        );
+        let first = store.outbox_page(None, 1).unwrap();
+        assert_eq!(first[0].1.attempts, 1);
+        assert!(
+            first[0]
+                .1
+                .last_error
+                .as_deref()
+                .unwrap()
+                .contains("127.0.0.1")
+        );
+        eprintln!("RSS while delivering 10 000 pending entries: {before} KiB -> {after} KiB");
+        assert!(
+            after < before + 48 * 1024,
+            "RSS grew from {before} KiB to {after} KiB"
+        );
     }
 }
