@@ -204,7 +204,11 @@ fn json_sink(name: &str, url: &str, events: &str, dir: &Path) -> String {
 
 /// Verifies a request with the independent `standardwebhooks` crate.
 fn verify(r: &Req) {
-    let wh = standardwebhooks::Webhook::new(SECRET).unwrap();
+    verify_with(SECRET, r)
+}
+
+fn verify_with(secret: &str, r: &Req) {
+    let wh = standardwebhooks::Webhook::new(secret).unwrap();
     let mut h = http::HeaderMap::new();
     for (k, v) in &r.headers {
         h.insert(
@@ -876,6 +880,35 @@ fn notification_test_endpoint_and_cli() {
     let (code, _, err) = cli(&["notifications", "test", "nope", "--config", &cfg], &env);
     assert_eq!(code, 1);
     assert!(err.contains("nope"), "{err}");
+    // SIGHUP re-reads the signing secret: the next request is signed with the new one.
+    let new_secret = "whsec_bmV3LXNlY3JldC1mb3ItdGhlLXJlbG9hZC10ZXN0";
+    std::fs::write(tmp.path().join("ops.whsec"), format!("{new_secret}\n")).unwrap();
+    d.signal("HUP");
+    eventually(20, "reloaded", || d.logs().contains("config reloaded"));
+    let r = d.api(
+        "POST",
+        "/api/notifications/test",
+        Some(serde_json::json!({"sink": "ops"})),
+    );
+    assert_eq!(r.json()["result"]["status"], 202);
+    let got = rcv.requests();
+    let last = got.last().unwrap();
+    verify_with(new_secret, last);
+    assert!(
+        standardwebhooks::Webhook::new(SECRET)
+            .unwrap()
+            .verify(&last.body, &{
+                let mut h = http::HeaderMap::new();
+                for (k, v) in &last.headers {
+                    h.insert(
+                        http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                        http::HeaderValue::from_str(v).unwrap(),
+                    );
+                }
+                h
+            })
+            .is_err()
+    );
     // `check` lists the sinks, with the URL as scheme://host only.
     let (code, out, err) = cli(&["check", "--config", &cfg], &[]);
     assert_eq!(code, 0, "{err}");
