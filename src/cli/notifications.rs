@@ -4,7 +4,18 @@ use clap::Subcommand;
 use serde_json::json;
 use std::io::Write as _;
 
-use super::{Client, Failure, print_json, s, table};
+use serde_json::Value;
+
+use super::{Client, Failure, print_json, table};
+
+/// A JSON value as a table cell: `-` for null, strings without quotes.
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
 
 /// `deployhook notifications …`.
 #[derive(Subcommand, Debug)]
@@ -34,9 +45,9 @@ pub(super) async fn run(c: &Client, cmd: NotificationsCmd, as_json: bool) -> Res
                 )
                 .await?;
             if as_json {
-                return print_json(&v["result"]);
+                return print_json(&v);
             }
-            let rows: Vec<Vec<String>> = v["result"]
+            let rows: Vec<Vec<String>> = v
                 .as_array()
                 .map(|a| a.as_slice())
                 .unwrap_or_default()
@@ -53,7 +64,7 @@ pub(super) async fn run(c: &Client, cmd: NotificationsCmd, as_json: bool) -> Res
                         "last_error",
                     ]
                     .iter()
-                    .map(|k| s(&e[*k]))
+                    .map(|k| cell(&e[*k]))
                     .collect()
                 })
                 .collect();
@@ -79,7 +90,7 @@ pub(super) async fn run(c: &Client, cmd: NotificationsCmd, as_json: bool) -> Res
                     Some(json!({"sink": sink})),
                 )
                 .await?;
-            let r = &v["result"];
+            let r = &v;
             if as_json {
                 print_json(r)?;
             } else if let Some(status) = r["status"].as_u64() {

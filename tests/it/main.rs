@@ -2,13 +2,16 @@
 //! and through its CLI. One test crate (faster to build and link than one per file).
 
 mod builds;
+mod client;
 mod examples;
 mod foundation;
 mod git;
+mod git_hosts;
 mod hostile;
 mod machine;
 mod ops;
 mod outbox;
 mod reliability;
+mod supervisor;
 mod util;
 mod wait;
