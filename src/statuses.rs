@@ -318,4 +318,86 @@ mod tests {
         assert_eq!(s.chars().count(), MAX_DESCRIPTION);
         assert_eq!(clip("short".into()), "short");
     }
+
+    fn stopped(outcome: Outcome, exit_code: Option<i32>, secs: i64) -> Build {
+        use crate::model::{Target, Timestamp, Trigger, TriggerSource};
+        let mut b = Build::new_queued(
+            1,
+            &Target::branch("site", "main"),
+            Trigger {
+                source: TriggerSource::Api,
+                hook: None,
+            },
+            None,
+            false,
+            Timestamp(0),
+        );
+        b.phase = Phase::Stopped(outcome);
+        b.exit_code = exit_code;
+        b.initializing_on = Some(Timestamp(1_000_000));
+        b.stopped_on = Some(Timestamp(1_000_000 + secs * 1_000_000 + 400_000));
+        b
+    }
+
+    #[test]
+    fn descriptions_say_the_outcome_and_duration() {
+        assert_eq!(
+            describe(&stopped(Outcome::Success, Some(0), 42)),
+            "succeeded in 42s"
+        );
+        assert_eq!(
+            describe(&stopped(Outcome::Fail, Some(1), 65)),
+            "failed with exit code 1 after 1m 5s"
+        );
+        assert_eq!(
+            describe(&stopped(Outcome::Fail, None, 3725)),
+            "failed after 1h 2m 5s"
+        );
+        assert_eq!(
+            describe(&stopped(Outcome::TimedOut, None, 1200)),
+            "timed out after 20m"
+        );
+        let mut c = stopped(Outcome::Cancelled, None, 3);
+        c.cancel_reason = Some(CancelReason::Api);
+        assert_eq!(describe(&c), "cancelled");
+        assert_eq!(State::of(&c), Some(State::Cancelled));
+        c.cancel_reason = Some(CancelReason::Superseded);
+        assert_eq!(State::of(&c), None, "superseded builds report nothing");
+        assert_eq!(
+            describe(&stopped(Outcome::Interrupted, None, 3)),
+            "interrupted"
+        );
+        let id = crate::model::BuildId::parse("1a2b3c4d-0000-4000-8000-000000000000").unwrap();
+        assert_eq!(superseded_description(id), "superseded by build 1a2b3c4d");
+    }
+
+    #[test]
+    fn gitlab_repos_are_url_encoded_and_tokens_are_sensitive() {
+        let cfg = StatusConfig {
+            provider: Provider::Gitlab,
+            repo: "group/sub group/site".into(),
+            token: crate::config::sinks::FileSecret::for_tests(b"t0k"),
+            token_file: "/x".into(),
+            api_url: "https://gitlab.example.com".into(),
+            context: "deploy".into(),
+        };
+        let r = request(
+            &cfg,
+            "abc",
+            State::Running,
+            "running",
+            "https://d/ui/builds/x",
+        )
+        .unwrap();
+        assert_eq!(
+            r.url,
+            "https://gitlab.example.com/api/v4/projects/group%2Fsub%20group%2Fsite/statuses/abc"
+        );
+        assert!(r.headers[0].1.is_sensitive());
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(
+            body,
+            json!({"state": "running", "name": "deploy", "target_url": "https://d/ui/builds/x", "description": "running"})
+        );
+    }
 }

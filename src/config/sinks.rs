@@ -126,6 +126,12 @@ impl fmt::Debug for SinkUrl {
 pub struct FileSecret(Vec<u8>);
 
 impl FileSecret {
+    /// A secret made in a unit test.
+    #[cfg(test)]
+    pub(crate) fn for_tests(b: &[u8]) -> FileSecret {
+        FileSecret(b.to_vec())
+    }
+
     /// The secret's bytes, for the request only.
     pub fn expose(&self) -> &[u8] {
         &self.0
