@@ -592,6 +592,19 @@ fn a_superseded_sha_stays_pending_then_takes_the_newer_builds_state_github() {
     keys.sort();
     assert_eq!(keys, ["context", "description", "state", "target_url"]);
     assert_eq!(j["context"], "deployhook");
+    // Each request the receiver answered is counted once the daemon has read the answer.
+    eventually(10, "statuses counted", || {
+        let m = String::from_utf8(d.api("GET", "/metrics", None).body).unwrap();
+        let delivered = m
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    "deployhook_commit_statuses_total{project=\"site\",result=\"delivered\"} ",
+                )
+            })
+            .and_then(|n| n.parse::<u64>().ok());
+        delivered == Some(rcv.requests().len() as u64)
+    });
     // Listed with the provider as sink and the state sent as event; the token never shows.
     let list = notifications(&d);
     assert!(
