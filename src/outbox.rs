@@ -680,10 +680,11 @@ impl Outbox {
                             next: now + wait,
                         },
                     );
+                    // Counted before it is stored: whoever sees the store sees the count.
+                    self.count(&entry, "retried");
                     if let Err(e) = self.inner.store.outbox_update(id, &entry) {
                         tracing::error!("cannot record an outbox attempt: {e}");
                     }
-                    self.count(&entry, "retried");
                     return;
                 }
                 None => {
@@ -717,10 +718,10 @@ impl Outbox {
             };
             tracing::warn!(build = %entry.build, attempts = entry.attempts, "{kind} failed ({to}): {why}");
         }
+        self.count(&entry, result);
         if let Err(e) = self.inner.store.outbox_finish(id, &entry) {
             tracing::error!("cannot record an outbox delivery: {e}");
         }
-        self.count(&entry, result);
     }
 
     fn count(&self, entry: &Entry, result: &'static str) {
