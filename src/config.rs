@@ -26,6 +26,8 @@ use crate::token::GitSecret;
 pub mod sinks;
 
 pub use sinks::{Event, Provider, SinkConfig, SinkFormat, StatusConfig};
+mod access;
+pub use access::{ApiTokenConfig, ProjectAccess, valid_param_name};
 
 /// Largest `max_body_bytes` (and `max_git_body_bytes`) accepted: request bodies are held in
 /// memory while they are stored.
@@ -382,6 +384,8 @@ pub struct ProjectConfig {
     pub notify: Option<Vec<String>>,
     /// (v2) Commit statuses on the Git host (SPEC §5.2).
     pub status: Option<StatusConfig>,
+    /// Quiet period, params, `allow_from`, schedules (see `config/access.rs`).
+    pub access: ProjectAccess,
 }
 
 impl ProjectConfig {
@@ -455,6 +459,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Default tracing filter (`RUST_LOG` overrides).
     pub log_level: String,
+    /// Reverse proxies whose `X-Forwarded-For` is believed (SPEC §3 (v2)).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// `[api]`.
@@ -462,6 +468,8 @@ pub struct ServerConfig {
 pub struct ApiConfig {
     /// File holding the admin bearer token.
     pub token_file: PathBuf,
+    /// `[api.tokens.NAME]`: more tokens, each limited to a scope and projects.
+    pub tokens: BTreeMap<String, ApiTokenConfig>,
 }
 
 /// `[metrics]`.
@@ -554,6 +562,7 @@ impl Config {
             s.keep_builds,
             humantime::format_duration(s.kill_grace)
         );
+        access::summarize_api(&mut out, self);
         let _ = writeln!(out, "projects    {}", self.projects.len());
         for p in self.projects.values() {
             let branches: Vec<&str> = p.branches.iter().map(RefPattern::as_str).collect();
@@ -593,6 +602,7 @@ impl Config {
             if let Some(paths) = &p.paths {
                 let _ = writeln!(out, "  {:<20} paths [{}]", "", paths.globs().join(", "));
             }
+            access::summarize(&mut out, p);
         }
         let _ = write!(out, "{}", sinks::summary(self));
         out
@@ -661,12 +671,15 @@ struct RawServer {
     kill_grace: Option<Spanned<String>>,
     shutdown_timeout: Option<Spanned<String>>,
     log_level: Option<Spanned<String>>,
+    trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawApi {
     token_file: Option<Spanned<String>>,
+    #[serde(default)]
+    tokens: BTreeMap<Spanned<String>, access::RawApiToken>,
 }
 
 #[derive(Deserialize, Default)]
@@ -692,6 +705,12 @@ struct RawProject {
     git_secret_file: Option<Spanned<String>>,
     notify: Option<Spanned<Vec<Spanned<String>>>>,
     status: Option<sinks::RawStatus>,
+    quiet_period: Option<Spanned<String>>,
+    max_quiet_period: Option<Spanned<String>>,
+    params: Option<Spanned<Vec<Spanned<String>>>>,
+    allow_from: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    schedule: Vec<access::RawSchedule>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1004,6 +1023,8 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path) -> Result<Config, Config
     };
 
     let sinks = sinks::validate_sinks(ctx, base, raw.notify)?;
+    let trusted_proxies = access::trusted_proxies(ctx, s.trusted_proxies.as_ref())?;
+
     let mut projects = BTreeMap::new();
     for (name, mut p) in raw.projects {
         let key = format!("projects.{}", name.get_ref());
@@ -1016,6 +1037,8 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path) -> Result<Config, Config
         project.status = sinks::validate_status(ctx, base, &key, raw_status.as_ref())?;
         projects.insert(pname, Arc::new(project));
     }
+    let names = projects.keys().map(|n| n.as_str().to_owned()).collect();
+    let tokens = access::api_tokens(ctx, base, &raw.api.tokens, &token_file, &names)?;
 
     Ok(Config {
         path: ctx.file.to_path_buf(),
@@ -1034,8 +1057,9 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path) -> Result<Config, Config
             kill_grace,
             shutdown_timeout,
             log_level,
+            trusted_proxies,
         },
-        api: ApiConfig { token_file },
+        api: ApiConfig { token_file, tokens },
         metrics: MetricsConfig {
             public: raw.metrics.public.unwrap_or(false),
         },
@@ -1233,7 +1257,20 @@ fn validate_project(
             (Some(GitSecret::new(secret.as_bytes().to_vec())), Some(path))
         }
     };
+    let access = access::project_access(
+        ctx,
+        key,
+        &branches,
+        access::RawProjectAccess {
+            quiet_period: p.quiet_period.as_ref(),
+            max_quiet_period: p.max_quiet_period.as_ref(),
+            params: p.params.as_ref(),
+            allow_from: p.allow_from.as_ref(),
+            schedule: &p.schedule,
+        },
+    )?;
     Ok(ProjectConfig {
+        access,
         name,
         branches,
         tags,

@@ -9,8 +9,13 @@ use super::api::{json_object, string_field};
 use super::envelope::{self, ApiError, Body};
 use super::{AppState, query_pairs, read_body};
 
-/// `GET /api/notifications?limit=` (default 20, at most 100), newest first.
-pub fn list(state: &AppState, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+/// `GET /api/notifications?limit=` (default 20, at most 100), newest first, of the
+/// projects the token may see.
+pub fn list(
+    state: &AppState,
+    grant: &crate::access::Grant,
+    query: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
     let mut limit = 20usize;
     for (k, v) in query_pairs(query) {
         if k == "limit" && !v.is_empty() {
@@ -23,7 +28,9 @@ pub fn list(state: &AppState, query: Option<&str>) -> Result<Response<Body>, Api
                 })?;
         }
     }
-    let entries = state.store.outbox_recent(limit)?;
+    let entries = state
+        .store
+        .outbox_recent(limit, |e| grant.allows_project(e.project()))?;
     Ok(envelope::ok(
         StatusCode::OK,
         Value::Array(entries.iter().map(|(id, e)| e.to_json(*id)).collect()),

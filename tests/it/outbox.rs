@@ -248,6 +248,11 @@ fn json_notifications_are_signed_and_say_started_failed_and_recovered() {
             ""
         )
     );
+    // Tokens limited to a project see only its deliveries; test sends are for unlimited admins.
+    let rest = format!(
+        "{rest}{}[api.tokens.ro]\ntoken_file = \"ro.token\"\nscope = \"read\"\nprojects = [\"blog\"]\n[api.tokens.siteadmin]\ntoken_file = \"sa.token\"\nscope = \"admin\"\nprojects = [\"site\"]\n",
+        workdir_project("blog", &work, "true", "")
+    );
     let d = daemon_env(&tmp, &rest, &[]);
     let id = d.trigger_id("site", "main");
     d.wait_status(&id, "stopped", 30);
@@ -303,6 +308,47 @@ fn json_notifications_are_signed_and_say_started_failed_and_recovered() {
     );
     assert_eq!(list[0]["event"], "succeeded");
     assert_eq!(list[0]["build_uuid"], id3.as_str());
+    let with = |file: &str, method: &str, path: &str, body: &[u8]| {
+        let t = std::fs::read_to_string(tmp.path().join(file)).unwrap();
+        let auth = format!("Bearer {}", t.trim());
+        request(
+            d.addr,
+            method,
+            path,
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/json"),
+            ],
+            body,
+        )
+    };
+    let r = with("ro.token", "GET", "/api/notifications", b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.json()["result"],
+        serde_json::json!([]),
+        "blog's token sees none of site's"
+    );
+    let r = with("sa.token", "GET", "/api/notifications?limit=100", b"");
+    assert_eq!(r.json()["result"].as_array().unwrap().len(), 6);
+    let r = with(
+        "sa.token",
+        "POST",
+        "/api/notifications/test",
+        br#"{"sink": "ops"}"#,
+    );
+    assert_eq!(
+        r.status, 403,
+        "an admin token limited to projects cannot send tests"
+    );
+    assert_eq!(r.json()["errors"][0]["code"], 1403);
+    let r = with(
+        "ro.token",
+        "POST",
+        "/api/notifications/test",
+        br#"{"sink": "ops"}"#,
+    );
+    assert_eq!(r.status, 403);
 }
 
 #[test]
