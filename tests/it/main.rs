@@ -13,6 +13,7 @@ mod hostile2;
 mod hostile3;
 mod machine;
 mod ops;
+mod outbox;
 mod reliability;
 mod supervisor;
 mod util;
