@@ -52,6 +52,11 @@ if ! command -v mmdebstrap >/dev/null || ! command -v systemd-nspawn >/dev/null;
         skip "cannot install mmdebstrap and systemd-container"
 fi
 
+# One run at a time per host: without a host systemd, every nspawn --keep-unit container uses
+# the same cgroup (payload/ under the caller's), and a second container would fight over it.
+exec 9>/run/lock/deployhook-systemd-test.lock 2>/dev/null || exec 9>/tmp/deployhook-systemd-test.lock
+flock 9
+
 # --- the root file system, cached --------------------------------------------------------
 key=$(printf '%s %s %s\n' "$SUITE" "$PACKAGES" minbase-nodoc | sha256sum | cut -c1-16)
 tarball=$CACHE/rootfs-$SUITE-$key.tar
@@ -86,9 +91,12 @@ nspawn_pid=
 cleanup() {
     local rc=$?
     if [ -n "$nspawn_pid" ] && kill -0 "$nspawn_pid" 2>/dev/null; then
-        ct "systemctl poweroff" >/dev/null 2>&1 || true
+        [ -n "$leader" ] && { ct "systemctl poweroff" >/dev/null 2>&1 || true; }
         for _ in $(seq 100); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.2; done
         echo "systemd test: container down after $(($(date +%s) - START))s"
+        # Not down (a boot that never finished): the container's init first, then nspawn, or
+        # the container would live on without it.
+        [ -n "$leader" ] && kill -9 "$leader" 2>/dev/null
         kill -9 "$nspawn_pid" 2>/dev/null || true
         wait "$nspawn_pid" 2>/dev/null || true
     fi
@@ -117,7 +125,7 @@ ct() {
         /bin/sh -c "$1"
 }
 
-boot_deadline=$(($(date +%s) + 60))
+boot_deadline=$(($(date +%s) + 120))
 while [ "$(date +%s)" -lt "$boot_deadline" ]; do
     state=$(ct "systemctl is-system-running" 2>/dev/null || true)
     case $state in running | degraded) break ;; esac
@@ -125,7 +133,7 @@ while [ "$(date +%s)" -lt "$boot_deadline" ]; do
 done
 case $state in
     running | degraded) ;;
-    *) echo "systemd test: FAIL: the container's systemd is '$state' after 60s"; tail -30 "$work/console.log"; exit 1 ;;
+    *) echo "systemd test: FAIL: the container's systemd is '$state' after 120s"; tail -30 "$work/console.log"; exit 1 ;;
 esac
 
 # Where the pids and memory controllers are cgroup v1 only, nspawn mounts them read-only and
@@ -149,7 +157,11 @@ wait_for() { # wait_for SECONDS SHELL-CONDITION (in the container)
     return 1
 }
 journal_err() { ct "journalctl -q -u deployhook -p err --no-pager -o cat"; }
-err_has() { journal_err | grep -q -- "$1"; }
+# journald takes a moment to file a line: a line that must be there is waited for.
+err_has() {
+    for _ in $(seq 50); do journal_err | grep -q -- "$1" && return 0; sleep 0.2; done
+    return 1
+}
 err_lacks() { ! journal_err | grep -q -- "$1"; }
 # The unit leaves `reloading` only with READY=1 (systemd 252's reload job may end before).
 reload_ends_active() { ct "timeout 30 systemctl reload deployhook" && wait_for 30 "systemctl is-active --quiet deployhook"; }
@@ -208,7 +220,7 @@ check "Documentation= files are installed" \
 # reload: valid, then invalid; READY=1 after each (the unit leaves `reloading`).
 check "a valid reload is taken" reload_ends_active
 check "the journal says so" \
-    ct "journalctl -q -u deployhook --no-pager -o cat | grep -q 'config reloaded'"
+    wait_for 10 "journalctl -q -u deployhook --no-pager -o cat | grep -q 'config reloaded'"
 ct "cp /etc/deployhook/deploy.toml /root/good.toml && echo 'bogus = 1' >> /etc/deployhook/deploy.toml"
 check "an invalid reload is rejected, the unit stays active" reload_ends_active
 check "journal -p err shows the rejected reload" \
@@ -270,6 +282,7 @@ ct "systemctl start deployhook" >/dev/null 2>&1 || true
 cannot_listen_once_per_start_at_err() {
     local all errs starts
     sleep 1
+    wait_for 10 "journalctl -q -u deployhook --since @$since --no-pager -o cat -p err | grep -q 'cannot listen'" || true
     all=$(ct "journalctl -q -u deployhook --since @$since --no-pager -o cat -p debug")
     errs=$(ct "journalctl -q -u deployhook --since @$since --no-pager -o cat -p err" | grep -c 'cannot listen' || true)
     starts=$(echo "$all" | grep -c '^Starting deployhook' || true)
