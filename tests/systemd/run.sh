@@ -276,7 +276,9 @@ check "the build of the killed daemon is interrupted" \
 ct "systemctl stop deployhook; sed 's#/var/lib/deployhook#/root/other#' /etc/deployhook/deploy.toml > /root/other.toml; mkdir -p /root/other"
 ct "deployhook serve --config /root/other.toml > /root/other.log 2>&1 & echo \$! > /root/other.pid"
 wait_for 30 "grep -q 'listening on' /root/other.log" || echo "  (the port's other user did not start)"
-since=$(ct "date +%s")
+# journalctl --since has whole seconds: start in a second of its own.
+since=$(($(ct "date +%s") + 1))
+while [ "$(ct "date +%s")" -lt "$since" ]; do sleep 0.1; done
 ct "systemctl start deployhook" >/dev/null 2>&1 || true
 # Every failed start (Restart= retries too) says it once, at priority err.
 cannot_listen_once_per_start_at_err() {
