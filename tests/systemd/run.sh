@@ -106,8 +106,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# --register=no: the host may have no systemd (no machined); --keep-unit: stay in our cgroup.
-systemd-nspawn --quiet -D "$root" --register=no --keep-unit -b --console=pipe \
+# --register=no: the host may have no systemd (no machined); --keep-unit: stay in our cgroup;
+# --private-network: the daemon inside listens on 127.0.0.1:8787 of its own, not the host's.
+systemd-nspawn --quiet -D "$root" --register=no --keep-unit --private-network -b --console=pipe \
     >"$work/console.log" 2>&1 </dev/null &
 nspawn_pid=$!
 leader=
