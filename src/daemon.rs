@@ -200,6 +200,7 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
         unauthenticated_body_budget: body_budget,
         metrics,
         quiet_log: Default::default(),
+        ui: Default::default(),
     });
     tracing::info!("listening on {local}");
 

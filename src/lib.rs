@@ -22,6 +22,7 @@
 //! - [`git`]: Git-host webhook signatures and push-event parsing (pure).
 //! - [`http`]: accept loop and hardening; `api` (admin), `public` (hooks, Git, health, metrics),
 //!   `envelope` (responses and error codes), `conn` (per-connection framing checks, eviction).
+//! - [`ui`]: the status pages and badge: routes, sessions, maud templates, live log (SSE).
 //! - [`shutdown`]: signals and the shutdown phases.
 //! - [`metrics`]: the Prometheus registry (counters, histogram) and its text exposition.
 //! - [`notify`]: systemd's readiness protocol (`READY=1`, `RELOADING=1`, `STOPPING=1`).
@@ -47,3 +48,4 @@ pub mod shutdown;
 pub mod store;
 pub mod supervisor;
 pub mod token;
+pub mod ui;

@@ -141,6 +141,12 @@ impl AdminToken {
         bool::from(d.ct_eq(&self.digest))
     }
 
+    /// Whether `digest` is the SHA-256 of this token (constant time): lets a status-page
+    /// session re-check the token it was opened with without keeping the token itself.
+    pub fn matches_digest(&self, digest: &[u8; 32]) -> bool {
+        bool::from(digest.ct_eq(&self.digest))
+    }
+
     /// Reads the token file (surrounding whitespace trimmed).
     pub fn read(path: &Path) -> Result<String, TokenError> {
         let text = std::fs::read_to_string(path).map_err(|source| TokenError::Read {

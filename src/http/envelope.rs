@@ -32,6 +32,9 @@ pub enum ApiError {
     /// 401, code 1401, for Git webhooks (no hint which part failed).
     #[error("missing or invalid webhook signature")]
     BadSignature,
+    /// 403, code 1403: a token used outside its scope or projects (SPEC §4.2, v2).
+    #[error("{0}")]
+    Forbidden(String),
     /// 404, code 1404.
     #[error("{0}")]
     NotFound(String),
@@ -78,6 +81,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized | ApiError::BadSignature => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) | ApiError::HookNotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,

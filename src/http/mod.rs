@@ -86,6 +86,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Aggregates refusal lines that clients can cause at request rate.
     pub quiet_log: crate::quietlog::Throttle,
+    /// The status pages' sessions and assets.
+    pub ui: crate::ui::Ui,
 }
 
 impl AppState {
@@ -230,10 +232,16 @@ enum Route<'a> {
     Build(&'a str),
     BuildLogs(&'a str),
     BuildCancel(&'a str),
+    /// Anything under `/ui` (the status pages route inside `ui`).
+    Ui,
+    Badge(&'a str),
 }
 
 impl Route<'_> {
     fn parse(path: &str) -> Option<Route<'_>> {
+        if path == "/ui" || path.starts_with("/ui/") {
+            return Some(Route::Ui);
+        }
         let rest = path.strip_prefix('/')?;
         let segs: Vec<&str> = rest.split('/').collect();
         if segs.iter().any(|s| s.is_empty()) {
@@ -252,6 +260,7 @@ impl Route<'_> {
             ["api", "builds", id] => Route::Build(id),
             ["api", "builds", id, "logs"] => Route::BuildLogs(id),
             ["api", "builds", id, "cancel"] => Route::BuildCancel(id),
+            ["badge", file] => Route::Badge(file.strip_suffix(".svg")?),
             _ => return None,
         })
     }
@@ -263,12 +272,13 @@ impl Route<'_> {
             | Route::Metrics
             | Route::Projects
             | Route::Build(_)
-            | Route::BuildLogs(_) => "GET",
+            | Route::BuildLogs(_)
+            | Route::Badge(_) => "GET",
             Route::Hook(_)
             | Route::Git(_)
             | Route::ProjectHookRotate(..)
             | Route::BuildCancel(_) => "POST",
-            Route::ProjectHooks(_) | Route::ProjectBuilds(_) => "GET, POST",
+            Route::ProjectHooks(_) | Route::ProjectBuilds(_) | Route::Ui => "GET, POST",
             Route::ProjectHook(..) => "DELETE",
         }
     }
@@ -277,7 +287,12 @@ impl Route<'_> {
     fn is_admin(&self) -> bool {
         !matches!(
             self,
-            Route::Healthz | Route::Metrics | Route::Hook(_) | Route::Git(_)
+            Route::Healthz
+                | Route::Metrics
+                | Route::Hook(_)
+                | Route::Git(_)
+                | Route::Ui
+                | Route::Badge(_)
         )
     }
 
@@ -297,6 +312,8 @@ impl Route<'_> {
             Route::Build(_) => "/api/builds/{uuid}",
             Route::BuildLogs(_) => "/api/builds/{uuid}/logs",
             Route::BuildCancel(_) => "/api/builds/{uuid}/cancel",
+            Route::Ui => "/ui",
+            Route::Badge(_) => "/badge/{project}.svg",
         }
     }
 
@@ -509,6 +526,8 @@ async fn dispatch(
         (Route::Build(id), _) if get => api::get_build(state, id),
         (Route::BuildLogs(id), _) if get => api::build_logs(state, id, req.uri().query()).await,
         (Route::BuildCancel(id), Method::POST) => api::cancel_build(state, id).await,
+        (Route::Ui, _) => Ok(crate::ui::handle(state, req).await),
+        (Route::Badge(p), _) if get => crate::ui::badge(state, p, &req).await,
         (route, _) => Err(ApiError::MethodNotAllowed(route.allow())),
     }
 }
