@@ -9,4 +9,5 @@ mod hostile;
 mod machine;
 mod ops;
 mod reliability;
+mod ui;
 mod util;
