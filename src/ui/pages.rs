@@ -178,7 +178,7 @@ pub fn index(chrome: &Chrome<'_>, rows: &[ProjectRow<'_>], now: Timestamp) -> Ma
             } @else {
                 table.projects {
                     thead { tr {
-                        th { "Project" } th { "Last build" } th { "Branches" }
+                        th { "Project" } th { "Last build" } th.opt { "Branches" }
                         th { "Queued" } th { "Running" }
                     } }
                     tbody {
@@ -195,7 +195,7 @@ pub fn index(chrome: &Chrome<'_>, rows: &[ProjectRow<'_>], now: Timestamp) -> Ma
                                         None => { (status(None)) }
                                     }
                                 }
-                                td { @for (i, br) in r.branches.iter().enumerate() {
+                                td.opt { @for (i, br) in r.branches.iter().enumerate() {
                                     @if i > 0 { ", " } code { (br) }
                                 } }
                                 td { (r.queued) }
