@@ -232,6 +232,8 @@ enum Route<'a> {
     Build(&'a str),
     BuildLogs(&'a str),
     BuildCancel(&'a str),
+    BuildRedeploy(&'a str),
+    BuildWait(&'a str),
     /// Anything under `/ui` (the status pages route inside `ui`).
     Ui,
     Badge(&'a str),
@@ -260,6 +262,8 @@ impl Route<'_> {
             ["api", "builds", id] => Route::Build(id),
             ["api", "builds", id, "logs"] => Route::BuildLogs(id),
             ["api", "builds", id, "cancel"] => Route::BuildCancel(id),
+            ["api", "builds", id, "redeploy"] => Route::BuildRedeploy(id),
+            ["api", "builds", id, "wait"] => Route::BuildWait(id),
             ["badge", file] => Route::Badge(file.strip_suffix(".svg")?),
             _ => return None,
         })
@@ -273,11 +277,13 @@ impl Route<'_> {
             | Route::Projects
             | Route::Build(_)
             | Route::BuildLogs(_)
+            | Route::BuildWait(_)
             | Route::Badge(_) => "GET",
             Route::Hook(_)
             | Route::Git(_)
             | Route::ProjectHookRotate(..)
-            | Route::BuildCancel(_) => "POST",
+            | Route::BuildCancel(_)
+            | Route::BuildRedeploy(_) => "POST",
             Route::ProjectHooks(_) | Route::ProjectBuilds(_) | Route::Ui => "GET, POST",
             Route::ProjectHook(..) => "DELETE",
         }
@@ -312,6 +318,8 @@ impl Route<'_> {
             Route::Build(_) => "/api/builds/{uuid}",
             Route::BuildLogs(_) => "/api/builds/{uuid}/logs",
             Route::BuildCancel(_) => "/api/builds/{uuid}/cancel",
+            Route::BuildRedeploy(_) => "/api/builds/{uuid}/redeploy",
+            Route::BuildWait(_) => "/api/builds/{uuid}/wait",
             Route::Ui => "/ui",
             Route::Badge(_) => "/badge/{project}.svg",
         }
@@ -325,7 +333,7 @@ impl Route<'_> {
         match self {
             Route::Hook(_) => Some(TriggerSource::DeployHook),
             Route::Git(_) => Some(TriggerSource::GitPush),
-            Route::ProjectBuilds(_) => Some(TriggerSource::Api),
+            Route::ProjectBuilds(_) | Route::BuildRedeploy(_) => Some(TriggerSource::Api),
             _ => None,
         }
     }
@@ -526,6 +534,10 @@ async fn dispatch(
         (Route::Build(id), _) if get => api::get_build(state, id),
         (Route::BuildLogs(id), _) if get => api::build_logs(state, id, req.uri().query()).await,
         (Route::BuildCancel(id), Method::POST) => api::cancel_build(state, id).await,
+        (Route::BuildRedeploy(id), Method::POST) => {
+            api::redeploy_build(state, id, req.uri().query()).await
+        }
+        (Route::BuildWait(id), _) if get => api::wait_build(state, id, req.uri().query()).await,
         (Route::Ui, _) => Ok(crate::ui::handle(state, req).await),
         (Route::Badge(p), _) if get => crate::ui::badge(state, p, &req).await,
         (route, _) => Err(ApiError::MethodNotAllowed(route.allow())),

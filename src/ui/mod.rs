@@ -536,9 +536,49 @@ async fn action(
             }
             Err(CancelError::Store(e)) => Err(e.into()),
         },
-        Act::Redeploy(_) => Err(PageError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "Redeploying is not available in this version.",
+        // As `POST /api/builds/{uuid}/redeploy` does: same target, same commit.
+        Act::Redeploy(old) => {
+            let commit = redeploy_commit(state, &old)?;
+            let t = state
+                .queue
+                .trigger(TriggerRequest {
+                    target: old.target(),
+                    trigger: Trigger {
+                        source: TriggerSource::Api,
+                        hook: None,
+                    },
+                    requested_commit: None,
+                    commit,
+                    redeploy_of: Some(old.id),
+                    payload: None,
+                })
+                .await
+                .map_err(ApiError::from)?;
+            tracing::info!(project = %old.project, build = %t.build.id, redeploy_of = %old.id, "redeploy from the status pages");
+            Ok(redirect(&format!(
+                "/ui/builds/{}?done=redeployed",
+                t.build.id
+            )))
+        }
+    }
+}
+
+/// The commit a redeploy of `old` builds: its resolved commit for a `repo` project (409
+/// when it never resolved one), none for a workdir project (the same ref again).
+fn redeploy_commit(state: &AppState, old: &Build) -> Result<Option<String>, PageError> {
+    let config = state.config.get();
+    let p = config.project(&old.project).ok_or_else(|| {
+        PageError::new(
+            StatusCode::NOT_FOUND,
+            "This build's project is not configured any more.",
+        )
+    })?;
+    match (p.repo(), &old.commit) {
+        (None, _) => Ok(None),
+        (Some(_), Some(c)) => Ok(Some(c.clone())),
+        (Some(_), None) => Err(PageError::new(
+            StatusCode::CONFLICT,
+            "This build never resolved a commit, so there is nothing to redeploy.",
         )),
     }
 }
@@ -621,11 +661,16 @@ fn readable_build(state: &AppState, viewer: &Viewer, id: &str) -> Result<Build, 
     Ok(b)
 }
 
-fn actions<'a>(viewer: &'a Viewer, b: &Build) -> BuildActions<'a> {
+fn actions<'a>(state: &AppState, viewer: &'a Viewer, b: &Build) -> BuildActions<'a> {
     BuildActions {
         csrf: viewer.act_csrf(&b.project),
-        redeploy: false,
+        redeploy: redeployable(state, b),
     }
+}
+
+/// Whether the redeploy button is offered: for a stopped build that can be redeployed.
+fn redeployable(state: &AppState, b: &Build) -> bool {
+    b.phase.is_stopped() && redeploy_commit(state, b).is_ok()
 }
 
 fn parse_lines(raw: &[String]) -> Vec<LogLine> {
@@ -670,7 +715,7 @@ fn build_page(state: &AppState, viewer: &Viewer, id: &str, query: Option<&str>) 
     let now = Timestamp::now();
     let p = pages::BuildPage {
         build: &b,
-        actions: actions(viewer, &b),
+        actions: actions(state, viewer, &b),
         lines: parse_lines(&page.lines),
         log_from: from,
         log_more,
@@ -769,7 +814,7 @@ async fn follow(
     let send_status = |b: &Build| {
         let actions = BuildActions {
             csrf: csrf.as_deref(),
-            redeploy: false,
+            redeploy: redeployable(&state, b),
         };
         Bytes::from(sse_event(
             "status",

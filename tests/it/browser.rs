@@ -280,6 +280,14 @@ fn the_pages_work_in_a_real_browser() {
         c.goto(&format!("{base}{}", c.current_url().await.unwrap().path())).await.unwrap();
         shoot(&c, "build").await;
 
+        // Redeploy it: a new build of the same ref, linked to this one.
+        let second = c.current_url().await.unwrap().path().trim_start_matches("/ui/builds/").to_string();
+        click(&c, "form[action$='/redeploy'] button").await;
+        until(&c, 20, "the redeploy's page", "return location.search === '?done=redeployed'").await;
+        let third = c.current_url().await.unwrap().path().trim_start_matches("/ui/builds/").to_string();
+        assert_ne!(third, second);
+        assert_eq!(d.build(&third)["redeploy_of"], second.as_str());
+
         c.goto(&format!("{base}/ui/projects/site")).await.unwrap();
         shoot(&c, "project").await;
         c.goto(&format!("{base}/ui/")).await.unwrap();

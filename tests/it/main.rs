@@ -12,3 +12,4 @@ mod ops;
 mod reliability;
 mod ui;
 mod util;
+mod wait;

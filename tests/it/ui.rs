@@ -628,3 +628,36 @@ fn the_badge_shows_the_last_stopped_outcome_to_token_holders() {
     );
     assert_eq!(badge("/badge/site.png", Some(&auth)).status, 404);
 }
+
+#[test]
+fn redeploy_repeats_a_build_and_needs_the_csrf_token() {
+    let wd = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&project(wd.path(), "echo deployed $DEPLOYHOOK_BRANCH"));
+    let old = d.trigger_id("site", "other");
+    d.wait_status(&old, "stopped", 30);
+    let c = sign_in(&d, &d.token);
+    let page = text(&get(&d, &format!("/ui/builds/{old}"), Some(&c)));
+    let action = format!("/ui/builds/{old}/redeploy");
+    assert!(page.contains(&format!(r#"action="{action}""#)), "{page}");
+    let csrf = csrf_of(&page);
+    assert_eq!(post_form(&d, &action, Some(&c), "csrf=forged").status, 403);
+    assert_eq!(
+        post_form(&d, &action, None, &format!("csrf={csrf}")).status,
+        403
+    );
+    let r = post_form(&d, &action, Some(&c), &format!("csrf={csrf}"));
+    assert_eq!(r.status, 303, "{}", text(&r));
+    let loc = r.header("location").unwrap();
+    assert!(loc.ends_with("?done=redeployed"), "{loc}");
+    let new = &loc["/ui/builds/".len()..loc.find('?').unwrap()];
+    assert_ne!(new, old);
+    let b = d.wait_status(new, "stopped", 30);
+    assert_eq!(b["redeploy_of"], old.as_str());
+    assert_eq!(b["branch"], "other");
+    let page = text(&get(&d, loc, Some(&c)));
+    assert!(page.contains("Redeploy queued."), "{page}");
+    assert!(
+        page.contains(&format!(r#"href="/ui/builds/{old}""#)),
+        "links the original: {page}"
+    );
+}
