@@ -810,7 +810,9 @@ async fn follow(
         .ok()
         .and_then(Result::ok)
         .unwrap_or(0);
-    let mut shown: Option<Phase> = Some(first.phase);
+    // Nothing shown yet as far as this stream knows: the page may be older than the build's
+    // current status, so a live build's status is sent at once.
+    let mut shown: Option<Phase> = None;
     let send_status = |b: &Build| {
         let actions = BuildActions {
             csrf: csrf.as_deref(),

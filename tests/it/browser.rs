@@ -82,18 +82,33 @@ fn start_driver() -> Result<Driver, String> {
 }
 
 async fn connect(d: &Driver) -> Client {
+    connect_with(d, &[]).await
+}
+
+/// A browser session with the test's flags plus `extra`, in its own fresh profile.
+async fn connect_with(d: &Driver, extra: &[&str]) -> Client {
+    let profile = d.profile.path().join(format!("profile-{}", extra.len()));
+    let mut args: Vec<String> = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--hide-scrollbars",
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    .map(str::to_owned)
+    .collect();
+    args.push(format!("--user-data-dir={}", profile.display()));
     let mut caps = serde_json::Map::new();
     caps.insert(
         "goog:chromeOptions".into(),
-        json!({
-            "binary": d.chromium,
-            "args": [
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", "--hide-scrollbars",
-                format!("--user-data-dir={}", d.profile.path().display()),
-            ],
-        }),
+        json!({ "binary": d.chromium, "args": args }),
     );
     ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
         .capabilities(caps)
@@ -292,6 +307,17 @@ fn the_pages_work_in_a_real_browser() {
         shoot(&c, "project").await;
         c.goto(&format!("{base}/ui/")).await.unwrap();
         shoot(&c, "index").await;
+
+        // Dark mode follows the system: a second browser session that prefers dark.
+        let dark = connect_with(&driver, &["--force-dark-mode"]).await;
+        dark.set_window_size(390, 844).await.unwrap();
+        dark.goto(&format!("{base}/ui/login")).await.unwrap();
+        assert_eq!(js(&dark, "return matchMedia('(prefers-color-scheme: dark)').matches").await, json!(true));
+        let bg = js(&dark, "return getComputedStyle(document.body).backgroundColor").await;
+        assert_eq!(bg, json!("rgb(21, 23, 26)"), "the dark background");
+        let png = dark.screenshot().await.unwrap();
+        std::fs::write(artifacts().join("login-dark-390.png"), png).unwrap();
+        dark.close().await.unwrap();
 
         // Signing out ends the session.
         click(&c, "form[action='/ui/logout'] button").await;

@@ -661,3 +661,42 @@ fn redeploy_repeats_a_build_and_needs_the_csrf_token() {
         "links the original: {page}"
     );
 }
+
+#[test]
+fn a_project_page_lists_builds_newest_first_in_pages() {
+    let wd = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&workdir_project(
+        "site",
+        wd.path(),
+        "true",
+        "project_builds_per_minute = 100",
+    ));
+    let mut ids = Vec::new();
+    for _ in 0..27 {
+        let id = d.trigger_id("site", "main");
+        d.wait_status(&id, "stopped", 30);
+        ids.push(id);
+    }
+    let c = sign_in(&d, &d.token);
+    let rows = |page: &str| -> Vec<String> {
+        page.split(r#"<a class="mono" href="/ui/builds/"#)
+            .skip(1)
+            .map(|s| s[..36].to_string())
+            .collect()
+    };
+    let page = text(&get(&d, "/ui/projects/site", Some(&c)));
+    let first = rows(&page);
+    assert_eq!(first.len(), 25, "{page}");
+    assert_eq!(first[0], ids[26], "newest first");
+    let at = page
+        .find("/ui/projects/site?cursor=")
+        .expect("a link to older builds");
+    let next = &page[at..at + page[at..].find('"').unwrap()];
+    let page = text(&get(&d, &next.replace("&amp;", "&"), Some(&c)));
+    assert_eq!(rows(&page), vec![ids[1].clone(), ids[0].clone()], "{page}");
+    assert!(!page.contains("?cursor="), "the last page links no further");
+    assert_eq!(
+        get(&d, "/ui/projects/site?cursor=junk", Some(&c)).status,
+        400
+    );
+}
