@@ -240,31 +240,34 @@ fn secure_cookie(state: &AppState) -> bool {
     state.public_url().starts_with("https://")
 }
 
+/// Decodes one `application/x-www-form-urlencoded` component (`+` is a space); `None` for a
+/// broken escape or bytes that are not UTF-8.
+fn percent_decode(s: &[u8]) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut i = 0;
+    while i < s.len() {
+        match s[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = std::str::from_utf8(s.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
 /// Decodes an `application/x-www-form-urlencoded` body.
 fn form(body: &[u8]) -> Result<Vec<(String, String)>, PageError> {
-    fn decode(s: &[u8]) -> Option<String> {
-        let mut out = Vec::with_capacity(s.len());
-        let mut i = 0;
-        while i < s.len() {
-            match s[i] {
-                b'+' => out.push(b' '),
-                b'%' => {
-                    let hex = std::str::from_utf8(s.get(i + 1..i + 3)?).ok()?;
-                    out.push(u8::from_str_radix(hex, 16).ok()?);
-                    i += 2;
-                }
-                b => out.push(b),
-            }
-            i += 1;
-        }
-        String::from_utf8(out).ok()
-    }
     body.split(|b| *b == b'&')
         .filter(|kv| !kv.is_empty())
         .map(|kv| {
             let mut it = kv.splitn(2, |b| *b == b'=');
-            let k = decode(it.next().unwrap_or_default());
-            let v = decode(it.next().unwrap_or_default());
+            let k = percent_decode(it.next().unwrap_or_default());
+            let v = percent_decode(it.next().unwrap_or_default());
             k.zip(v).ok_or_else(|| {
                 PageError::new(StatusCode::BAD_REQUEST, "The form is not validly encoded.")
             })
@@ -939,10 +942,8 @@ pub async fn badge(
         .into_iter()
         .find(|(k, _)| *k == "branch")
     {
-        Some((_, v)) if !v.is_empty() => form(v.as_bytes())
-            .ok()
-            .and_then(|f| f.into_iter().next().map(|(k, _)| k))
-            .unwrap_or_default(),
+        Some((_, v)) if !v.is_empty() => percent_decode(v.as_bytes())
+            .ok_or_else(|| ApiError::BadRequest("branch is not validly percent-encoded".into()))?,
         _ => p.branches[0].as_str().to_owned(),
     };
     if !p.has_branch(&branch) {

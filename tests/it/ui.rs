@@ -627,6 +627,9 @@ fn the_badge_shows_the_last_stopped_outcome_to_token_holders() {
         404
     );
     assert_eq!(badge("/badge/site.png", Some(&auth)).status, 404);
+    assert_eq!(badge("/badge/site.svg?branch=%zz", Some(&auth)).status, 400);
+    let svg = text(&badge("/badge/site.svg?branch=%6fther", Some(&auth)));
+    assert!(svg.contains(">failed<"), "percent-decoded: {svg}");
 }
 
 #[test]
