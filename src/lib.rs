@@ -17,11 +17,14 @@
 //! - [`queue`]: the shell around the machine: applies its effects (store, runners, waiters, logs).
 //! - [`quietlog`]: aggregation of log lines a client can cause at request rate.
 //! - [`runner`]: one build: checkout, spawn under a supervisor, logs, timeout, stop, outcome.
-//! - [`supervisor`]: the hidden per-process supervisor mode that makes builds die with the daemon.
+//! - [`supervisor`]: the hidden per-process supervisor mode that makes builds die with the daemon,
+//!   and the daemon's handle on it (protocol, escalation, reaping) with its warm pool.
 //! - [`buildlog`]: capped append-only NDJSON log files, line splitting, paging.
-//! - [`git`]: Git-host webhook signatures and push-event parsing (pure).
+//! - [`git`]: Git-host webhooks (pure): host detection, signatures, every host's push shapes
+//!   (multi-ref, tags, System Hooks), skip markers and `paths`, delivery ids.
 //! - [`http`]: accept loop and hardening; `api` (admin), `public` (hooks, Git, health, metrics),
-//!   `envelope` (responses and error codes), `conn` (per-connection framing checks, eviction).
+//!   `envelope` (the typed envelope, responses and error codes), `error` (domain errors →
+//!   HTTP errors), `conn` (per-connection framing checks, eviction).
 //! - [`ui`]: the status pages and badge: routes, sessions, maud templates, live log (SSE).
 //! - [`shutdown`]: signals and the shutdown phases.
 //! - [`metrics`]: the Prometheus registry (counters, histogram) and its text exposition.

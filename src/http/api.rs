@@ -7,16 +7,18 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt as _;
 use hyper::body::{Frame, Incoming};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use super::envelope::{self, ApiError, Body};
 use super::{AppState, query_pairs, read_body};
 use crate::buildlog;
-use crate::config::ProjectConfig;
+use crate::config::{ProjectConfig, ref_name_problem};
 use crate::model::{
-    BuildId, Hook, HookId, StatusFilter, Timestamp, Trigger, TriggerSource, validate_hook_name,
+    BuildId, GitRef, Hook, HookId, StatusFilter, Timestamp, Trigger, TriggerSource,
+    validate_hook_name,
 };
-use crate::queue::{CancelError, TriggerRequest};
+use crate::queue::TriggerRequest;
 use crate::store::{self, HookInsert};
 use crate::token::HookToken;
 
@@ -52,6 +54,85 @@ fn json_object(body: &Bytes, allowed: &[&str]) -> Result<Map<String, Value>, Api
         )));
     }
     Ok(m)
+}
+
+/// The branch a hook or trigger that names none gets: the first of `branches`, which must
+/// then be a concrete name (SPEC §3).
+fn default_branch(p: &ProjectConfig) -> Result<String, ApiError> {
+    p.default_branch().map(str::to_owned).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "project {}'s first branch {:?} is a glob: name a branch",
+            p.name,
+            p.branches.first().map(|b| b.as_str()).unwrap_or_default()
+        ))
+    })
+}
+
+/// Why `branch` cannot be the branch of a hook or API trigger of `p`, if it cannot: it must
+/// be one concrete branch name that matches `branches` (SPEC §3).
+fn branch_refusal(p: &ProjectConfig, branch: &str) -> Option<String> {
+    let shown = crate::model::clip(branch, 80);
+    if let Some(why) = ref_name_problem(branch) {
+        return Some(format!(
+            "{shown:?} is not a concrete branch name (it {why})"
+        ));
+    }
+    if p.has_branch(branch) {
+        return None;
+    }
+    let list: Vec<&str> = p.branches.iter().map(|b| b.as_str()).collect();
+    Some(format!(
+        "{shown:?} is not one of project {}'s branches ({})",
+        p.name,
+        list.join(", ")
+    ))
+}
+
+/// The ref an API trigger asks for: `branch` or `tag` (not both), else the default branch.
+/// A tag needs a project with `tags` and must match them (SPEC §4.2, v2).
+fn trigger_ref(
+    p: &ProjectConfig,
+    branch: Option<String>,
+    tag: Option<String>,
+) -> Result<GitRef, ApiError> {
+    match (branch, tag) {
+        (Some(_), Some(_)) => Err(ApiError::BadRequest(
+            "give \"branch\" or \"tag\", not both".into(),
+        )),
+        (None, Some(t)) => {
+            let shown = crate::model::clip(&t, 80);
+            if p.tags.is_empty() {
+                return Err(ApiError::BadRequest(format!(
+                    "field \"tag\": project {} builds no tags (its config has no tags key)",
+                    p.name
+                )));
+            }
+            if let Some(why) = ref_name_problem(&t) {
+                return Err(ApiError::BadRequest(format!(
+                    "field \"tag\": {shown:?} is not a concrete tag name (it {why})"
+                )));
+            }
+            if !p.has_tag(&t) {
+                let list: Vec<&str> = p.tags.iter().map(|t| t.as_str()).collect();
+                return Err(ApiError::BadRequest(format!(
+                    "field \"tag\": {shown:?} is not one of project {}'s tags ({})",
+                    p.name,
+                    list.join(", ")
+                )));
+            }
+            Ok(GitRef::Tag(t))
+        }
+        (b, None) => {
+            let b = match b {
+                Some(b) => b,
+                None => default_branch(p)?,
+            };
+            match branch_refusal(p, &b) {
+                Some(why) => Err(ApiError::BadRequest(format!("field \"branch\": {why}"))),
+                None => Ok(GitRef::Branch(b)),
+            }
+        }
+    }
 }
 
 fn string_field(m: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
@@ -118,21 +199,12 @@ pub async fn create_hook(
     validate_hook_name(&name).map_err(|e| ApiError::BadRequest(format!("field \"name\": {e}")))?;
     let branch = match string_field(&m, "branch")? {
         Some(b) => b,
-        None => p.branches[0].as_str().to_owned(),
+        None => default_branch(&p)?,
     };
-    if !p.has_branch(&branch) {
-        return Err(ApiError::BadRequest(format!(
-            "field \"branch\": {:?} is not one of project {}'s branches ({})",
-            crate::model::clip(&branch, 80),
-            p.name,
-            p.branches
-                .iter()
-                .map(|b| b.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
+    if let Some(why) = branch_refusal(&p, &branch) {
+        return Err(ApiError::BadRequest(format!("field \"branch\": {why}")));
     }
-    let token = HookToken::generate().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let token = HookToken::generate()?;
     let hook = Hook {
         id: HookId::new(),
         project: p.name.as_str().to_owned(),
@@ -181,7 +253,7 @@ pub async fn delete_hook(state: &AppState, p: &str, id: &str) -> Result<Response
 pub async fn rotate_hook(state: &AppState, p: &str, id: &str) -> Result<Response<Body>, ApiError> {
     let p = project(state, p)?;
     let id = hook_id(id)?;
-    let token = HookToken::generate().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let token = HookToken::generate()?;
     let hook = state
         .store
         .rotate_hook(p.name.as_str(), id, &token.hash())?
@@ -207,11 +279,8 @@ pub async fn trigger_build(
     let wait = wait_param(req.uri().query())?;
     let p = project(state, p)?;
     let body = read_body(req, state.config.get().server.max_body_bytes).await?;
-    let m = json_object(&body, &["branch", "commit"])?;
-    let branch = match string_field(&m, "branch")? {
-        Some(b) => b,
-        None => p.branches[0].as_str().to_owned(),
-    };
+    let m = json_object(&body, &["branch", "tag", "commit"])?;
+    let git_ref = trigger_ref(&p, string_field(&m, "branch")?, string_field(&m, "tag")?)?;
     let commit = match string_field(&m, "commit")? {
         None => None,
         Some(_) if p.repo().is_none() => {
@@ -229,20 +298,19 @@ pub async fn trigger_build(
             ));
         }
     };
-    let t = state
-        .queue
-        .trigger(TriggerRequest {
-            commit,
-            ..TriggerRequest::branch(
-                p.name.as_str(),
-                &branch,
-                Trigger {
-                    source: TriggerSource::Api,
-                    hook: None,
-                },
-            )
-        })
-        .await?;
+    let mut request = TriggerRequest {
+        commit,
+        ..TriggerRequest::branch(
+            p.name.as_str(),
+            "",
+            Trigger {
+                source: TriggerSource::Api,
+                hook: None,
+            },
+        )
+    };
+    request.target.git_ref = git_ref;
+    let t = state.queue.trigger(request).await?;
     answer_trigger(state, t, wait).await
 }
 
@@ -422,12 +490,8 @@ pub fn get_build(state: &AppState, id: &str) -> Result<Response<Body>, ApiError>
 /// `POST /api/builds/{uuid}/cancel`.
 pub async fn cancel_build(state: &AppState, id: &str) -> Result<Response<Body>, ApiError> {
     let id = build_id(id)?;
-    match state.queue.cancel(id).await {
-        Ok(b) => Ok(envelope::ok(StatusCode::OK, b.to_json())),
-        Err(CancelError::NotFound) => Err(ApiError::NotFound("no build with that id".into())),
-        Err(e @ CancelError::AlreadyStopped(_)) => Err(ApiError::Conflict(e.to_string())),
-        Err(CancelError::Store(e)) => Err(e.into()),
-    }
+    let b = state.queue.cancel(id).await?;
+    Ok(envelope::ok(StatusCode::OK, b.to_json()))
 }
 
 /// `GET /api/builds/{uuid}/logs?cursor=N[&follow=true]`.
@@ -470,25 +534,43 @@ pub async fn build_logs(
     let page = tokio::task::spawn_blocking(move || {
         buildlog::read_page(&p, cursor, LOG_PAGE_LINES, LOG_PAGE_BYTES)
     })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .await?
     .map_err(|e| ApiError::Internal(format!("cannot read the build log: {e}")))?;
     let truncated = match state.queue.live_log(id) {
         Some(l) => l.stats.truncated.load(std::sync::atomic::Ordering::Relaxed),
         None => build.log_truncated,
     };
-    let done = !live && page.at_end;
-    // The lines are already JSON objects: splice them in rather than re-encoding.
-    let mut body =
-        String::with_capacity(page.lines.iter().map(|l| l.len() + 1).sum::<usize>() + 160);
-    body.push_str(r#"{"success":true,"errors":[],"messages":[],"result":{"lines":["#);
-    body.push_str(&page.lines.join(","));
-    body.push_str(&format!(
-        r#"],"next_cursor":{},"done":{done},"truncated":{truncated}}}}}"#,
-        page.next_cursor
-    ));
-    body.push('\n');
-    Ok(envelope::raw_json(StatusCode::OK, Bytes::from(body)))
+    /// `result` of a log page. The lines are stored as JSON objects already: they are passed
+    /// through as they are (checked, not re-encoded).
+    #[derive(serde::Serialize)]
+    struct LogPage<'a> {
+        lines: Vec<&'a RawValue>,
+        next_cursor: u64,
+        done: bool,
+        truncated: bool,
+    }
+    let lines = page
+        .lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str::<&RawValue>(l).map_err(|e| {
+                ApiError::Internal(format!(
+                    "the build log is damaged at line {}: {e}",
+                    cursor + i as u64
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(envelope::ok(
+        StatusCode::OK,
+        LogPage {
+            lines,
+            next_cursor: page.next_cursor,
+            done: !live && page.at_end,
+            truncated,
+        },
+    ))
 }
 
 /// A response body fed by a channel. Unlike a body that is polled only while it has data,

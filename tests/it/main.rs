@@ -3,13 +3,16 @@
 
 mod browser;
 mod builds;
+mod client;
 mod examples;
 mod foundation;
 mod git;
+mod git_hosts;
 mod hostile;
 mod machine;
 mod ops;
 mod reliability;
+mod supervisor;
 mod ui;
 mod util;
 mod wait;
