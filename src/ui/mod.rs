@@ -641,7 +641,11 @@ fn project(state: &AppState, viewer: &Viewer, name: &str, query: Option<&str>) -
         .list_builds(name, None, BUILDS_PER_PAGE, cursor)?;
     let page = pages::ProjectPage {
         name: p.name.as_str(),
-        branches: p.branches.iter().map(|b| b.as_str()).collect(),
+        branches: p
+            .branches
+            .iter()
+            .map(|b| (b.as_str(), b.is_glob()))
+            .collect(),
         hooks: state.store.hooks(Some(name))?,
         builds: page.builds,
         next_cursor: page.next_cursor,
@@ -944,6 +948,13 @@ pub async fn badge(
     {
         Some((_, v)) if !v.is_empty() => percent_decode(v.as_bytes())
             .ok_or_else(|| ApiError::BadRequest("branch is not validly percent-encoded".into()))?,
+        _ if p.branches[0].is_glob() => {
+            return Err(ApiError::BadRequest(format!(
+                "project {}'s first branch is a glob ({}): name a branch with ?branch=",
+                p.name,
+                p.branches[0].as_str()
+            )));
+        }
         _ => p.branches[0].as_str().to_owned(),
     };
     if !p.has_branch(&branch) {

@@ -216,8 +216,8 @@ pub fn index(chrome: &Chrome<'_>, rows: &[ProjectRow<'_>], now: Timestamp) -> Ma
 pub struct ProjectPage<'a> {
     /// Project name.
     pub name: &'a str,
-    /// Its branches.
-    pub branches: Vec<&'a str>,
+    /// Its `branches` entries, and whether each is a glob.
+    pub branches: Vec<(&'a str, bool)>,
     /// Its hooks.
     pub hooks: Vec<Hook>,
     /// One page of builds, newest first.
@@ -242,11 +242,19 @@ pub fn project(chrome: &Chrome<'_>, p: &ProjectPage<'_>, now: Timestamp) -> Mark
                 h2 { "Trigger a build" }
                 @if let Some(csrf) = p.act_csrf {
                     div.actions {
-                        @for br in &p.branches {
+                        @for (br, glob) in &p.branches {
                             form method="post" action={ "/ui/projects/" (p.name) "/trigger" } {
                                 input type="hidden" name="csrf" value=(csrf);
-                                input type="hidden" name="branch" value=(br);
-                                button.primary type="submit" { "Build " code { (br) } }
+                                @if *glob {
+                                    // A glob names many branches: the user types one.
+                                    input type="text" name="branch" placeholder=(br) required
+                                        aria-label={ "A branch matching " (br) };
+                                    " "
+                                    button.primary type="submit" { "Build" }
+                                } @else {
+                                    input type="hidden" name="branch" value=(br);
+                                    button.primary type="submit" { "Build " code { (br) } }
+                                }
                             }
                         }
                     }

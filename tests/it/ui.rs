@@ -703,3 +703,37 @@ fn a_project_page_lists_builds_newest_first_in_pages() {
         400
     );
 }
+
+#[test]
+fn a_glob_branch_is_triggered_by_name() {
+    let wd = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&format!(
+        "[projects.site]\nbranches = [\"main\", \"release/*\"]\nworkdir = \"{}\"\ncommand = \"true\"\n",
+        wd.path().display()
+    ));
+    let c = sign_in(&d, &d.token);
+    let page = text(&get(&d, "/ui/projects/site", Some(&c)));
+    assert!(
+        page.contains(r#"type="text" name="branch" placeholder="release/*""#),
+        "{page}"
+    );
+    let csrf = csrf_of(&page);
+    let r = post_form(
+        &d,
+        "/ui/projects/site/trigger",
+        Some(&c),
+        &format!("csrf={csrf}&branch=release%2F1.2"),
+    );
+    assert_eq!(r.status, 303, "{}", text(&r));
+    let loc = r.header("location").unwrap();
+    let id = &loc["/ui/builds/".len()..loc.find('?').unwrap()];
+    assert_eq!(d.build(id)["branch"], "release/1.2");
+    let r = post_form(
+        &d,
+        "/ui/projects/site/trigger",
+        Some(&c),
+        &format!("csrf={csrf}&branch=feature%2Fx"),
+    );
+    assert_eq!(r.status, 400);
+    assert!(text(&r).contains("feature/x"), "{}", text(&r));
+}
