@@ -89,7 +89,7 @@ pub enum ApiError {
     /// 401, code 1401, for Git webhooks (no hint which part failed).
     #[error("missing or invalid webhook signature")]
     BadSignature,
-    /// 403, code 1403: a token used outside its scope or projects (SPEC §4.2, v2).
+    /// 403, code 1403 (v2): client address outside `allow_from`, token out of scope.
     #[error("{0}")]
     Forbidden(String),
     /// 404, code 1404.

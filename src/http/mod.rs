@@ -44,13 +44,13 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::RwLock;
 
+use crate::access::{self, ApiTokens, Grant, Scope};
 use crate::config::SharedConfig;
 use crate::metrics::{Metrics, TriggerResult};
 use crate::model::TriggerSource;
 use crate::queue::Queue;
 use crate::shutdown::ShutdownWatch;
 use crate::store::Store;
-use crate::token::AdminToken;
 pub use envelope::{ApiError, Body, TriggerAnswer};
 
 /// How long a client may take to send its request headers (also the idle keep-alive limit).
@@ -72,8 +72,8 @@ pub struct AppState {
     pub store: Store,
     /// The build queue.
     pub queue: Queue,
-    /// The admin token (replaced on reload).
-    pub admin: RwLock<AdminToken>,
+    /// Every API token with its scope and projects (replaced on reload).
+    pub tokens: RwLock<ApiTokens>,
     /// Set at SIGTERM: health and triggers answer 503.
     pub shutting_down: AtomicBool,
     /// Most connections open at once.
@@ -119,7 +119,19 @@ impl AppState {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
     }
+
+    /// The scope and projects of a presented API token (the bare token, without `Bearer`),
+    /// or `None` if it is not one in force. Every token is compared in constant time (see
+    /// [`ApiTokens::authenticate`]). The admin API and the status pages both use this.
+    pub async fn authenticate(&self, presented: &[u8]) -> Option<Grant> {
+        self.tokens.read().await.authenticate(presented)
+    }
 }
+
+/// The TCP peer of a request, put in its extensions by the accept loop: what `allow_from`
+/// judges (through `trusted_proxies`, see [`crate::access::client_addr`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientPeer(pub std::net::SocketAddr);
 
 /// Serves HTTP on `listener` until `shutdown` says to close (see the module doc).
 pub async fn serve(
@@ -138,7 +150,7 @@ pub async fn serve(
         .keep_alive(true);
     let mut last_accept_warning: Option<tokio::time::Instant> = None;
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -172,9 +184,10 @@ pub async fn serve(
         let act = activity.clone();
         let connection = builder.serve_connection(
             TokioIo::new(conn::StrictIo::new(stream, activity)),
-            service_fn(move |req| {
+            service_fn(move |mut req: Request<Incoming>| {
                 let st = st.clone();
                 let act = act.clone();
+                req.extensions_mut().insert(ClientPeer(peer));
                 async move { Ok::<_, Infallible>(handle(req, st, act).await) }
             }),
         );
@@ -282,7 +295,7 @@ impl Route<'_> {
         }
     }
 
-    /// Whether the admin token is always required (`/metrics` depends on the config).
+    /// Whether an API token is always required (`/metrics` depends on the config).
     fn is_admin(&self) -> bool {
         !matches!(
             self,
@@ -293,6 +306,41 @@ impl Route<'_> {
                 | Route::Ui
                 | Route::Badge(_)
         )
+    }
+
+    /// The scope a token needs for this request (SPEC §4.2 (v2)), and what it is about.
+    /// `GET`s are `read`; triggers and cancels `trigger`; hook management and `/metrics`
+    /// `admin`. A method the route does not answer needs only `read`, so that any valid
+    /// token learns the 405.
+    fn needs(&self, method: &Method) -> (Scope, About<'_>) {
+        let post = method == Method::POST;
+        match self {
+            Route::Metrics => (Scope::Admin, About::Everything),
+            Route::Projects => (Scope::Read, About::Filtered),
+            Route::ProjectHooks(p) if post => (Scope::Admin, About::Project(p)),
+            Route::ProjectHook(p, _) if method == Method::DELETE => {
+                (Scope::Admin, About::Project(p))
+            }
+            Route::ProjectHookRotate(p, _) if post => (Scope::Admin, About::Project(p)),
+            Route::ProjectBuilds(p) if post => (Scope::Trigger, About::Project(p)),
+            Route::ProjectHooks(p)
+            | Route::ProjectHook(p, _)
+            | Route::ProjectHookRotate(p, _)
+            | Route::ProjectBuilds(p) => (Scope::Read, About::Project(p)),
+            Route::BuildCancel(id) | Route::BuildRedeploy(id) if post => {
+                (Scope::Trigger, About::Build(id))
+            }
+            Route::Build(id)
+            | Route::BuildLogs(id)
+            | Route::BuildCancel(id)
+            | Route::BuildRedeploy(id)
+            | Route::BuildWait(id) => (Scope::Read, About::Build(id)),
+            // Not token-checked (see `is_admin`; the pages check their sessions and the badge
+            // its token itself); listed for completeness.
+            Route::Healthz | Route::Hook(_) | Route::Git(_) | Route::Ui | Route::Badge(_) => {
+                (Scope::Read, About::Filtered)
+            }
+        }
     }
 
     /// The route's template, for logs and the `route` label of metrics: never the path
@@ -318,8 +366,14 @@ impl Route<'_> {
         }
     }
 
-    /// The trigger source of a trigger request (a POST to a trigger endpoint), else `None`.
+    /// The trigger source of a trigger request (a POST to a trigger endpoint, or a GET of a
+    /// hook), else `None`.
     fn trigger_source(&self, method: &Method) -> Option<TriggerSource> {
+        if let Route::Hook(_) = self
+            && method == Method::GET
+        {
+            return Some(TriggerSource::DeployHook);
+        }
         if method != Method::POST {
             return None;
         }
@@ -338,6 +392,19 @@ impl Route<'_> {
             _ => None,
         }
     }
+}
+
+/// What a request is about, for a token's project list.
+#[derive(Debug, PartialEq, Eq)]
+enum About<'a> {
+    /// This project (named in the path).
+    Project(&'a str),
+    /// The project of this build (looked up when the token is limited).
+    Build(&'a str),
+    /// Not one project: a limited token is refused.
+    Everything,
+    /// Any token may ask; the answer shows only its projects.
+    Filtered,
 }
 
 /// Template of requests whose path names no endpoint.
@@ -441,6 +508,9 @@ fn note_trigger(
                 }
             }
         }
+        // A GET of a hook that does not fire on GET (a link preview, a scanner) was never a
+        // trigger: neither counted nor logged here.
+        Err(ApiError::MethodNotAllowed(_)) => {}
         Err(e) => {
             // By status: whatever the limit that refused it, a 429 is rate_limited.
             let outcome = if e.status() == http::StatusCode::TOO_MANY_REQUESTS {
@@ -516,8 +586,10 @@ async fn dispatch(
     req: Request<Incoming>,
     state: &Arc<AppState>,
 ) -> Result<Response<Body>, ApiError> {
+    let mut grant = Grant::admin();
     if route.is_admin() || (route == Route::Metrics && !state.config.get().metrics.public) {
-        authorize(&req, state).await?;
+        grant = authorize(&req, state).await?;
+        check_scope(state, &route, req.method(), &grant)?;
     }
     let m = req.method().clone();
     let get = m == Method::GET || m == Method::HEAD;
@@ -525,8 +597,10 @@ async fn dispatch(
         (Route::Healthz, _) if get => public::healthz(state),
         (Route::Metrics, _) if get => public::metrics(state),
         (Route::Hook(token), Method::POST) => public::fire_hook(state, token, req).await,
+        (Route::Hook(token), Method::GET) => public::fire_hook(state, token, req).await,
+        (Route::Hook(token), _) => Err(public::hook_methods(state, token)),
         (Route::Git(project), Method::POST) => public::git_push(state, project, req).await,
-        (Route::Projects, _) if get => api::projects(state),
+        (Route::Projects, _) if get => api::projects(state, &grant),
         (Route::ProjectHooks(p), Method::POST) => api::create_hook(state, p, req).await,
         (Route::ProjectHooks(p), _) if get => api::list_hooks(state, p),
         (Route::ProjectHook(p, id), Method::DELETE) => api::delete_hook(state, p, id).await,
@@ -546,19 +620,44 @@ async fn dispatch(
     }
 }
 
-async fn authorize(req: &Request<Incoming>, state: &AppState) -> Result<(), ApiError> {
+/// The grant of the request's bearer token; 401 without one in force.
+async fn authorize(req: &Request<Incoming>, state: &AppState) -> Result<Grant, ApiError> {
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
-        .map(|v| v.as_bytes())
-        // The scheme is case-insensitive (RFC 9110 §11.1).
-        .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
-        .map(|v| &v[7..])
+        .and_then(|v| access::bearer(v.as_bytes()))
         .ok_or(ApiError::Unauthorized)?;
-    if state.admin.read().await.verify(presented.trim_ascii()) {
-        Ok(())
-    } else {
-        Err(ApiError::Unauthorized)
+    state
+        .authenticate(presented)
+        .await
+        .ok_or(ApiError::Unauthorized)
+}
+
+/// 403 (code 1403) unless `grant` covers the request (SPEC §4.2 (v2)). A build's project is
+/// looked up only for a project-limited token; an unknown build is left to the handler's 404.
+fn check_scope(
+    state: &AppState,
+    route: &Route<'_>,
+    method: &Method,
+    grant: &Grant,
+) -> Result<(), ApiError> {
+    let (needs, about) = route.needs(method);
+    let denied = |d: access::Denied| ApiError::Forbidden(d.to_string());
+    match about {
+        About::Project(p) => grant.require(needs, Some(p)).map_err(denied),
+        About::Everything => grant.require(needs, None).map_err(denied),
+        About::Filtered => grant.require_scope(needs).map_err(denied),
+        About::Build(id) => {
+            let project = match (&grant.projects, crate::model::BuildId::parse(id)) {
+                (Some(_), Some(id)) => state.store.build(id)?.map(|b| b.project),
+                _ => None,
+            };
+            match project {
+                Some(p) => grant.require(needs, Some(&p)).map_err(denied),
+                // Unlimited token, or no such build: the scope alone decides here.
+                None => grant.require_scope(needs).map_err(denied),
+            }
+        }
     }
 }
 
@@ -696,7 +795,8 @@ async fn collect_body(
     Ok((Bytes::from(buf), permit))
 }
 
-/// Parses `a=1&b=2` (no percent-decoding: no value this API takes needs it).
+/// Parses `a=1&b=2` without percent-decoding (no value these parameters take needs it;
+/// trigger parameters are decoded properly by [`crate::params`]).
 pub fn query_pairs(q: Option<&str>) -> Vec<(&str, &str)> {
     q.unwrap_or("")
         .split('&')
@@ -747,11 +847,55 @@ mod tests {
             r.trigger_source(&Method::POST),
             Some(TriggerSource::DeployHook)
         );
-        assert_eq!(r.trigger_source(&Method::GET), None);
+        // A GET of a hook is a trigger too (hooks created with allow_get).
+        assert_eq!(
+            r.trigger_source(&Method::GET),
+            Some(TriggerSource::DeployHook)
+        );
+        assert_eq!(r.trigger_source(&Method::PUT), None);
         let r = Route::parse("/api/projects/site/builds").unwrap();
         assert_eq!(r.template(), "/api/projects/{project}/builds");
         assert_eq!(r.trigger_source(&Method::POST), Some(TriggerSource::Api));
         assert_eq!(Route::Projects.trigger_source(&Method::POST), None);
+    }
+
+    #[test]
+    fn every_api_route_needs_its_scope() {
+        let read = |r: Route<'_>, m: Method| r.needs(&m).0;
+        assert_eq!(read(Route::Projects, Method::GET), Scope::Read);
+        assert_eq!(read(Route::ProjectHooks("p"), Method::GET), Scope::Read);
+        assert_eq!(read(Route::ProjectHooks("p"), Method::POST), Scope::Admin);
+        assert_eq!(
+            read(Route::ProjectHook("p", "i"), Method::DELETE),
+            Scope::Admin
+        );
+        assert_eq!(
+            read(Route::ProjectHookRotate("p", "i"), Method::POST),
+            Scope::Admin
+        );
+        assert_eq!(read(Route::ProjectBuilds("p"), Method::GET), Scope::Read);
+        assert_eq!(
+            read(Route::ProjectBuilds("p"), Method::POST),
+            Scope::Trigger
+        );
+        assert_eq!(read(Route::Build("u"), Method::GET), Scope::Read);
+        assert_eq!(read(Route::BuildLogs("u"), Method::GET), Scope::Read);
+        assert_eq!(read(Route::BuildCancel("u"), Method::POST), Scope::Trigger);
+        assert_eq!(
+            read(Route::BuildRedeploy("u"), Method::POST),
+            Scope::Trigger
+        );
+        assert_eq!(read(Route::BuildWait("u"), Method::GET), Scope::Read);
+        assert_eq!(read(Route::Metrics, Method::GET), Scope::Admin);
+        assert_eq!(Route::Metrics.needs(&Method::GET).1, About::Everything);
+        assert_eq!(
+            Route::ProjectBuilds("p").needs(&Method::POST).1,
+            About::Project("p")
+        );
+        assert_eq!(
+            Route::BuildCancel("u").needs(&Method::POST).1,
+            About::Build("u")
+        );
     }
 
     #[test]

@@ -30,12 +30,12 @@ use hyper::body::{Frame, Incoming};
 use maud::Markup;
 use sha2::{Digest as _, Sha256};
 
+use crate::access::ApiTokens;
 use crate::buildlog;
 use crate::http::{ApiError, AppState, Body, query_pairs, read_body};
 use crate::model::{Build, BuildId, Phase, StatusFilter, Timestamp, Trigger, TriggerSource};
 use crate::queue::{CancelError, TriggerRequest};
 use crate::store;
-use crate::token::AdminToken;
 use pages::{BuildActions, Chrome, LogLine};
 use session::{Access, Sessions, Signed, TokenCheck};
 
@@ -82,22 +82,18 @@ impl Default for Ui {
     }
 }
 
-/// The tokens in force, as the sessions see them. Today the `[api]` admin token only.
-struct TokensInForce {
-    admin: AdminToken,
-}
+/// The API tokens in force (`[api]` and `[api.tokens.*]`), as the sessions see them.
+struct TokensInForce(ApiTokens);
 
 impl TokenCheck for TokensInForce {
     fn access(&self, digest: &[u8; 32]) -> Option<Access> {
-        self.admin.matches_digest(digest).then(Access::admin)
+        self.0.grant_of_digest(digest).map(Access::from)
     }
 }
 
-/// Snapshot of the tokens in force (re-read on every request, so a reload applies at once).
+/// Snapshot of the tokens in force (taken on every request, so a reload applies at once).
 async fn tokens(state: &AppState) -> TokensInForce {
-    TokensInForce {
-        admin: state.admin.read().await.clone(),
-    }
+    TokensInForce(state.tokens.read().await.clone())
 }
 
 /// An error shown as a page.
@@ -922,18 +918,17 @@ pub async fn badge(
         let presented = req
             .headers()
             .get(header::AUTHORIZATION)
-            .map(|v| v.as_bytes())
-            .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
-            .map(|v| &v[7..])
+            .and_then(|v| crate::access::bearer(v.as_bytes()))
             .ok_or(ApiError::Unauthorized)?;
-        let access = tokens(state)
+        let grant = state
+            .authenticate(presented)
             .await
-            .access(&session::token_digest(presented))
             .ok_or(ApiError::Unauthorized)?;
-        if !access.can_read(project) {
-            return Err(ApiError::Forbidden(
-                "this token does not cover that project".into(),
-            ));
+        if !grant.allows_project(project) {
+            return Err(ApiError::Forbidden(format!(
+                "this token is not allowed on project {:?}",
+                crate::model::clip(project, 80)
+            )));
         }
     }
     let p = config.project(project).ok_or_else(|| {

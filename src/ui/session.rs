@@ -19,34 +19,14 @@ use rand::TryRngCore as _;
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 
+pub use crate::access::Scope;
+
 /// How long a session lives on the server (and the cookie's `Max-Age`).
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 60 * 60);
 /// Most sessions held at once: a token holder signing in in a loop cannot grow memory.
 pub const MAX_SESSIONS: usize = 10_000;
 /// The cookie's name.
 pub const COOKIE: &str = "dh_session";
-
-/// What a token may do (SPEC §4.2 scopes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Scope {
-    /// `GET` only.
-    Read,
-    /// Read, plus trigger, cancel and redeploy.
-    Trigger,
-    /// Everything.
-    Admin,
-}
-
-impl Scope {
-    /// The config word.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Scope::Read => "read",
-            Scope::Trigger => "trigger",
-            Scope::Admin => "admin",
-        }
-    }
-}
 
 /// A token's rights: its scope and the projects it covers (`None`: all).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,6 +35,15 @@ pub struct Access {
     pub scope: Scope,
     /// Which projects (`None`: every project).
     pub projects: Option<BTreeSet<String>>,
+}
+
+impl From<crate::access::Grant> for Access {
+    fn from(g: crate::access::Grant) -> Self {
+        Access {
+            scope: g.scope,
+            projects: g.projects,
+        }
+    }
 }
 
 impl Access {
@@ -77,7 +66,8 @@ impl Access {
     }
 }
 
-/// The SHA-256 of a presented API token (surrounding whitespace trimmed, as the API does).
+/// The SHA-256 of a presented API token (surrounding whitespace trimmed, as the API's
+/// `access::bearer` does).
 pub fn token_digest(presented: &[u8]) -> [u8; 32] {
     Sha256::digest(presented.trim_ascii()).into()
 }

@@ -1,6 +1,7 @@
 //! Integration tests: the real `deployhook` binary on a temp dir and port 0, driven over HTTP
 //! and through its CLI. One test crate (faster to build and link than one per file).
 
+mod access;
 mod browser;
 mod builds;
 mod client;

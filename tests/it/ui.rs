@@ -737,3 +737,81 @@ fn a_glob_branch_is_triggered_by_name() {
     assert_eq!(r.status, 400);
     assert!(text(&r).contains("feature/x"), "{}", text(&r));
 }
+
+#[test]
+fn a_session_has_its_token_scope_and_projects() {
+    let wd = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&format!(
+        "[api.tokens.viewer]\ntoken_file = \"viewer.token\"\nscope = \"read\"\nprojects = [\"site\"]\n\
+         [api.tokens.ci]\ntoken_file = \"ci.token\"\nscope = \"trigger\"\nprojects = [\"site\"]\n{}{}",
+        workdir_project("site", wd.path(), "true", ""),
+        workdir_project("docs", wd.path(), "true", "")
+    ));
+    let read_token = std::fs::read_to_string(d.dir.join("viewer.token")).unwrap();
+    let ci_token = std::fs::read_to_string(d.dir.join("ci.token")).unwrap();
+    let docs_build = d.trigger_id("docs", "main");
+    d.wait_status(&docs_build, "stopped", 30);
+
+    // Read scope, one project: sees only it, and no buttons.
+    let c = sign_in(&d, read_token.trim());
+    let index = text(&get(&d, "/ui/", Some(&c)));
+    assert!(index.contains("signed in (read)"), "{index}");
+    assert!(index.contains(r#"href="/ui/projects/site""#), "{index}");
+    assert!(!index.contains(r#"href="/ui/projects/docs""#), "{index}");
+    assert_eq!(get(&d, "/ui/projects/docs", Some(&c)).status, 403);
+    assert_eq!(
+        get(&d, &format!("/ui/builds/{docs_build}"), Some(&c)).status,
+        403
+    );
+    let page = text(&get(&d, "/ui/projects/site", Some(&c)));
+    assert!(
+        page.contains("may read this project but not trigger"),
+        "{page}"
+    );
+    let csrf = csrf_of(&page); // the logout form's
+    let r = post_form(
+        &d,
+        "/ui/projects/site/trigger",
+        Some(&c),
+        &format!("branch=main&csrf={csrf}"),
+    );
+    assert_eq!(r.status, 403, "read scope cannot trigger");
+
+    // Trigger scope on site: triggers site, not docs.
+    let c = sign_in(&d, ci_token.trim());
+    let csrf = csrf_of(&text(&get(&d, "/ui/projects/site", Some(&c))));
+    let form = format!("branch=main&csrf={csrf}");
+    assert_eq!(
+        post_form(&d, "/ui/projects/site/trigger", Some(&c), &form).status,
+        303
+    );
+    assert_eq!(
+        post_form(&d, "/ui/projects/docs/trigger", Some(&c), &form).status,
+        403
+    );
+
+    // The badge: any scope, but only its projects.
+    let auth = format!("Bearer {}", read_token.trim());
+    let h = [("Authorization", auth.as_str())];
+    assert_eq!(
+        request(d.addr, "GET", "/badge/site.svg", &h, b"").status,
+        200
+    );
+    let r = request(d.addr, "GET", "/badge/docs.svg", &h, b"");
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["errors"][0]["code"], 1403);
+
+    // A reload that removes the token ends its sessions.
+    let c = sign_in(&d, read_token.trim());
+    let config = std::fs::read_to_string(&d.config).unwrap();
+    let without = config.replace(
+        "[api.tokens.viewer]\ntoken_file = \"viewer.token\"\nscope = \"read\"\nprojects = [\"site\"]\n",
+        "",
+    );
+    assert_ne!(config, without);
+    std::fs::write(&d.config, without).unwrap();
+    d.signal("HUP");
+    eventually(30, "the removed token's session to end", || {
+        get(&d, "/ui/", Some(&c)).status == 303
+    });
+}
