@@ -62,9 +62,6 @@ pub enum DaemonError {
     Fatal(String),
 }
 
-/// Most connections the server keeps open at once (further ones wait in the kernel backlog).
-const MAX_CONNECTIONS: usize = 16384;
-
 /// `serve --log-format`: how log lines are written to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
@@ -164,7 +161,6 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
     init_tracing(&config.server.log_level, log_format);
     let notifier = Arc::new(Notifier::from_env());
     let nofile = raise_nofile_limit();
-    let max_connections = MAX_CONNECTIONS.min((nofile.saturating_sub(256) as usize).max(64));
 
     let store = Store::open(&config.server.state_dir)?;
     let (tokens, created) = ApiTokens::load(&config, true)?;
@@ -190,6 +186,13 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
     let metrics = Arc::new(Metrics::new());
     let queue = Queue::start(store.clone(), shared.clone(), settings, metrics.clone())?;
     let local = listener.local_addr().unwrap_or(listen);
+    // Counted now that the database, the listener and recovery have their descriptors.
+    let max_connections = http::connection_cap(
+        nofile,
+        http::open_fds().unwrap_or(64),
+        shared.get().server.max_concurrent_builds,
+    );
+    tracing::debug!("at most {max_connections} connections (open-file limit {nofile})");
     let state = Arc::new(AppState {
         config: shared.clone(),
         store: store.clone(),

@@ -29,7 +29,7 @@
 //!   (multi-ref, tags, System Hooks), skip markers and `paths`, delivery ids.
 //! - [`http`]: accept loop and hardening; `api` (admin), `public` (hooks, Git, health, metrics),
 //!   `envelope` (the typed envelope, responses and error codes), `error` (domain errors →
-//!   HTTP errors), `conn` (per-connection framing checks, eviction).
+//!   HTTP errors), `conn` (per-connection framing checks, the first head, eviction).
 //! - [`ui`]: the status pages and badge: routes, sessions, maud templates, live log (SSE).
 //! - [`shutdown`]: signals and the shutdown phases.
 //! - [`metrics`]: the Prometheus registry (counters, histogram) and its text exposition.

@@ -46,7 +46,6 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -174,8 +173,8 @@ struct Inner {
     /// state dir lock is released.
     flush_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Set after the first sled error: sled's errors are sticky, nothing written after one is
-    /// trustworthy.
-    failed: AtomicBool,
+    /// trustworthy. A watch, so that everyone waiting on a flush hears it at once.
+    failed: Arc<tokio::sync::watch::Sender<bool>>,
     state_dir: PathBuf,
     /// Held for the life of the store; dropping it releases the state dir.
     _lock: Flock<File>,
@@ -443,16 +442,17 @@ impl Store {
             flush_tx: std::sync::Mutex::new(None),
             flush_thread: std::sync::Mutex::new(None),
             fired: Arc::default(),
-            failed: AtomicBool::new(false),
+            failed: Arc::new(tokio::sync::watch::Sender::new(false)),
             state_dir: state_dir.to_path_buf(),
             db: db.clone(),
             _lock: lock,
         };
         let (tx, rx) = mpsc::channel::<FlushWaiter>();
         let (hooks, fired) = (inner.hooks.clone(), inner.fired.clone());
+        let failed = inner.failed.clone();
         let handle = std::thread::Builder::new()
             .name("deployhook-flush".into())
-            .spawn(move || flusher(db, rx, hooks, fired))
+            .spawn(move || flusher(db, rx, hooks, fired, failed))
             .map_err(|e| dir_err(format!("cannot start the flush thread: {e}")))?;
         if let Ok(mut slot) = inner.flush_tx.lock() {
             *slot = Some(tx);
@@ -472,22 +472,25 @@ impl Store {
 
     /// Whether a database error has happened (the daemon must stop).
     pub fn has_failed(&self) -> bool {
-        self.inner.failed.load(Ordering::SeqCst)
+        *self.inner.failed.borrow()
     }
 
     fn check<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
         if let Err(StoreError::Db(_)) = &r {
-            self.inner.failed.store(true, Ordering::SeqCst);
+            self.inner.failed.send_replace(true);
         }
         r
     }
 
     /// Waits until everything written so far is on disk. See the module doc.
+    ///
+    /// Fails as soon as the store fails, whoever sees it first (this flush, another write,
+    /// another flush), and when the flush thread has not answered within 30 s:
+    /// no caller may wait on a flush that hangs (issue 12).
     pub async fn durable(&self) -> Result<(), StoreError> {
-        if self.has_failed() {
-            return Err(StoreError::Db(
-                "the database failed earlier; restart deployhook".into(),
-            ));
+        let mut failed = self.inner.failed.subscribe();
+        if *failed.borrow_and_update() {
+            return Err(failed_earlier());
         }
         let (tx, rx) = oneshot::channel();
         let sent = match self.inner.flush_tx.lock() {
@@ -497,9 +500,17 @@ impl Store {
         if !sent {
             return Err(StoreError::Db("the flush thread has stopped".into()));
         }
-        let r = match rx.await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Db("the flush thread has stopped".into())),
+        let r = tokio::select! {
+            r = tokio::time::timeout(FLUSH_DEADLINE, rx) => match r {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(StoreError::Db("the flush thread has stopped".into())),
+                Err(_) => Err(StoreError::Db(format!(
+                    "the disk has not confirmed a write within {} s",
+                    FLUSH_DEADLINE.as_secs()
+                ))),
+            },
+            // Someone else saw the store fail: this flush cannot be trusted either.
+            _ = failed.wait_for(|f| *f) => Err(failed_earlier()),
         };
         self.check(r)
     }
@@ -1033,14 +1044,26 @@ fn write_fired(hooks: &sled::Tree, fired: &Mutex<Fired>) -> Result<(), StoreErro
     Ok(())
 }
 
+/// The error of a store that failed before.
+fn failed_earlier() -> StoreError {
+    StoreError::Db("the database failed earlier; restart deployhook".into())
+}
+
+/// How long [`Store::durable`] waits for the flush thread. A flush of sled's buffers takes
+/// milliseconds on a working disk; one that takes this long is stuck (sled's flush can hang
+/// after an I/O error), and the store is treated as failed.
+const FLUSH_DEADLINE: Duration = Duration::from_secs(30);
+
 /// The flush thread: batches every waiter that arrived during the previous flush. When idle
 /// for [`FIRED_WRITE_INTERVAL`] it writes back pending hook firings, so that none waits in
 /// memory longer than that (its errors are sled's sticky ones and surface at the next write).
+/// A failed flush marks the store failed, which answers every other waiter at once.
 fn flusher(
     db: sled::Db,
     rx: mpsc::Receiver<FlushWaiter>,
     hooks: sled::Tree,
     fired: Arc<Mutex<Fired>>,
+    failed: Arc<tokio::sync::watch::Sender<bool>>,
 ) {
     loop {
         let first = match rx.recv_timeout(FIRED_WRITE_INTERVAL) {
@@ -1056,6 +1079,9 @@ fn flusher(
             waiters.push(w);
         }
         let r = db.flush().map(|_| ()).map_err(StoreError::from);
+        if r.is_err() {
+            failed.send_replace(true);
+        }
         for w in waiters {
             let _ = w.send(r.clone());
         }
@@ -1169,6 +1195,45 @@ mod tests {
             Err(StoreError::InUse(p)) => assert_eq!(p, dir.path()),
             other => panic!("expected InUse, got {:?}", other.err()),
         }
+    }
+
+    // The lock is held across awaits on purpose: it stalls the flush thread.
+    #[allow(clippy::await_holding_lock)]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_waiter_gets_the_error_as_soon_as_the_store_fails_even_if_the_flush_hangs() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.durable().await.unwrap();
+        // Stall the flush thread: when idle for FIRED_WRITE_INTERVAL it takes this lock to
+        // write hook firings back.
+        let stall = lock(&s.inner.fired);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(Instant::now() < deadline, "the flush thread never stalled");
+            tokio::time::sleep(FIRED_WRITE_INTERVAL + Duration::from_millis(200)).await;
+            if tokio::time::timeout(Duration::from_millis(300), s.durable())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        // A waiter queued behind the stuck flush...
+        let waiter = tokio::spawn({
+            let s = s.clone();
+            async move { s.durable().await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished());
+        // ...hears at once that another write failed.
+        let _ = s.check::<()>(Err(StoreError::Db("disk full".into())));
+        let r = tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .expect("the waiter hung on a failed store")
+            .unwrap();
+        assert!(matches!(r, Err(StoreError::Db(_))), "{r:?}");
+        assert!(s.durable().await.is_err(), "later waiters fail at once");
+        drop(stall);
     }
 
     #[test]

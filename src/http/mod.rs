@@ -8,11 +8,14 @@
 //!
 //! Hardening that lives here: a header read timeout that really fires (hyper ignores
 //! `header_read_timeout` without a timer, so the builder gets `TokioTimer`), at most 100
-//! headers and a bounded header buffer (431 past it), bare-LF request heads refused
-//! ([`conn::StrictIo`]), a body size limit checked against `Content-Length` before anything is
-//! read and enforced while reading chunked bodies (413), a deadline for the whole body (408),
-//! a shared memory budget for bodies read before their request is authenticated (503 past
-//! it), and accept errors (EMFILE) that back off instead of spinning.
+//! headers and an exact 64 KiB head limit (431 past it), bare-LF request heads refused
+//! ([`conn::StrictIo`]), `Host` checked as RFC 9112 §3.2 says (400), a body size limit
+//! checked against `Content-Length` before anything is read and enforced while reading
+//! chunked bodies (413), a deadline for the whole body (408), a shared memory budget for
+//! bodies read before their request is authenticated (503 past it), a connection cap below
+//! the free file descriptors ([`connection_cap`]), connections that reach hyper (and its
+//! buffers) only with their first complete head, and accept errors (EMFILE) that close an
+//! idle connection or back off instead of spinning.
 //!
 //! Shutdown has two steps: on SIGTERM the listener closes (new connections are refused) while
 //! open connections keep being served — `/healthz` and triggers answer 503 — until the builds
@@ -63,6 +66,42 @@ pub const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Most headers accepted in one request.
 pub const MAX_HEADERS: usize = 100;
+/// Most connections the server keeps open at once, however many descriptors there are.
+pub const MAX_CONNECTIONS: usize = 16384;
+/// Descriptors kept free of connections whatever the builds: sled's snapshot files, log
+/// reads by API requests, outbox sockets, config reloads, the systemd notify socket.
+const FD_RESERVE_FIXED: u64 = 32;
+/// Descriptors kept free per concurrent build: its supervisor's control socket (and the
+/// warm spare's), its pipes and log file while it runs, and while it starts (or runs git)
+/// the pipes' other ends, `/dev/null`, the exec-error pipe and a pidfd.
+const FD_RESERVE_PER_BUILD: u64 = 12;
+
+/// The connection cap for a process that may open `nofile` descriptors, has `open` open
+/// now (listener and database included) and runs up to `builds` builds at once.
+///
+/// Every connection is a descriptor, so the cap must stay below what is really free, or
+/// accept fails with EMFILE before the cap is reached and no idle connection is ever
+/// closed to make room (issue 12). Room is kept for builds and the daemon's own files; when
+/// descriptors are too few for that, half of what is free goes to connections.
+pub fn connection_cap(nofile: u64, open: u64, builds: usize) -> usize {
+    let free = nofile.saturating_sub(open);
+    let reserve = FD_RESERVE_FIXED + FD_RESERVE_PER_BUILD * builds as u64;
+    let cap = if free >= 2 * reserve {
+        free - reserve
+    } else {
+        free / 2
+    };
+    usize::try_from(cap)
+        .unwrap_or(usize::MAX)
+        .clamp(1, MAX_CONNECTIONS)
+}
+
+/// How many descriptors this process has open (`/proc/self/fd`), if that can be read.
+pub fn open_fds() -> Option<u64> {
+    // The directory handle itself is one of the entries.
+    let n = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+    Some(n.saturating_sub(1))
+}
 
 /// What every handler can reach. Shared as an `Arc`; no globals.
 pub struct AppState {
@@ -146,57 +185,87 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_headers(MAX_HEADERS)
+        // Exact: hyper compares the parsed head with it. `max_buf_size` alone lets a head
+        // through when it completes in the read that passes the limit (up to twice it).
+        .max_header_size(MAX_HEADER_BYTES)
         .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true);
     let mut last_accept_warning: Option<tokio::time::Instant> = None;
-    loop {
+    'accept: loop {
+        // At the cap, the oldest connection that is between requests makes room, and the
+        // next accept waits until its socket is really closed (see `conn::Registry`). If
+        // every connection is in the middle of a request, newcomers wait in the backlog
+        // until one finishes (checked again on every close, and every 100 ms).
+        while registry.open() >= state.max_connections {
+            if !registry.is_closing() && !registry.evict_oldest_idle() {
+                tracing::debug!(
+                    "all {} connection slots are busy; new connections wait",
+                    state.max_connections
+                );
+            }
+            tokio::select! {
+                _ = registry.wait_closed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = shutdown.draining() => break 'accept,
+            }
+        }
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
                     if !is_per_connection_error(&e) {
-                        // EMFILE/ENFILE/ENOMEM: back off instead of spinning on the error,
-                        // and say so at most once a minute.
+                        // EMFILE/ENFILE/ENOMEM. Out of descriptors (builds took more than
+                        // their reserve): an idle connection makes room, as at the cap, so
+                        // that `/healthz` still gets in. With none to close, back off
+                        // instead of spinning.
+                        let evicted = registry.evict_oldest_idle();
                         if last_accept_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
-                            tracing::warn!("accept failed: {e}; pausing accepts for 100 ms at a time");
+                            tracing::warn!("accept failed: {e}; closing idle connections, else pausing accepts for 100 ms at a time");
                             last_accept_warning = Some(tokio::time::Instant::now());
                         }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        tokio::select! {
+                            _ = registry.wait_closed(), if evicted => {}
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        }
                     }
                     continue;
                 }
             },
             _ = shutdown.draining() => break,
         };
-        // At the cap, the oldest connection that is between requests makes room; if every
-        // one is in the middle of a request, the newcomer is turned away.
-        if registry.len() >= state.max_connections && !registry.evict_oldest_idle() {
-            tracing::debug!(
-                "all {} connection slots are busy; refusing a connection",
-                state.max_connections
-            );
-            continue;
-        }
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(conn::Activity::default());
         let registered = registry.register(activity.clone());
-        let st = state.clone();
-        let act = activity.clone();
-        let connection = builder.serve_connection(
-            TokioIo::new(conn::StrictIo::new(stream, activity)),
-            service_fn(move |mut req: Request<Incoming>| {
-                let st = st.clone();
-                let act = act.clone();
-                req.extensions_mut().insert(ClientPeer(peer));
-                async move { Ok::<_, Infallible>(handle(req, st, act).await) }
-            }),
-        );
-        let connection = graceful.watch(connection);
+        let mut io = conn::StrictIo::new(stream, activity.clone());
+        let (builder, watcher, st) = (builder.clone(), graceful.watcher(), state.clone());
+        let mut closing = shutdown.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                _ = connection => {}
-                // Dropping the connection closes its socket.
-                _ = registered.evict.notified() => {}
+            // Until its first request head is complete, a connection costs only the bytes
+            // it sent: see `StrictIo::read_first_head`. The same header timeout applies.
+            let spoke = tokio::select! {
+                r = tokio::time::timeout(HEADER_READ_TIMEOUT, io.read_first_head()) => {
+                    matches!(r, Ok(Ok(())))
+                }
+                _ = registered.evict.notified() => false,
+                _ = closing.closing() => false,
+            };
+            if spoke {
+                // Boxed: a connection waiting for its first head keeps a small task, and
+                // only one that spoke carries hyper's (large) connection state.
+                let connection = Box::pin(watcher.watch(builder.serve_connection(
+                    TokioIo::new(io),
+                    service_fn(move |mut req: Request<Incoming>| {
+                        let st = st.clone();
+                        let act = activity.clone();
+                        req.extensions_mut().insert(ClientPeer(peer));
+                        async move { Ok::<_, Infallible>(handle(req, st, act).await) }
+                    }),
+                )));
+                tokio::select! {
+                    _ = connection => {}
+                    // Dropping the connection closes its socket.
+                    _ = registered.evict.notified() => {}
+                }
             }
             drop(registered);
         });
@@ -424,13 +493,18 @@ async fn handle(
     let trigger = route
         .as_ref()
         .and_then(|r| Some((r.trigger_source(&method)?, r.project())));
-    let result = match route {
-        // Checked first: such a request is refused whatever it asks for.
-        _ if activity.has_ambiguous_framing() => Err(ApiError::BadRequest(
+    // Framing and Host are checked first: such a request is refused whatever it asks for.
+    let result = if activity.has_ambiguous_framing() {
+        Err(ApiError::BadRequest(
             "a request must not have both Content-Length and Transfer-Encoding".into(),
-        )),
-        None => Err(ApiError::NotFound("no such endpoint".into())),
-        Some(route) => dispatch(route, req, &state).await,
+        ))
+    } else if let Some(problem) = host_problem(&req) {
+        Err(ApiError::BadRequest(problem.into()))
+    } else {
+        match route {
+            None => Err(ApiError::NotFound("no such endpoint".into())),
+            Some(route) => dispatch(route, req, &state).await,
+        }
     };
     if let Some((source, project)) = &trigger {
         note_trigger(&state, *source, project.as_deref(), &result);
@@ -463,6 +537,24 @@ async fn handle(
         }
         .boxed()
     })
+}
+
+/// What is wrong with a request's `Host` header, if anything: RFC 9112 §3.2 wants 400 for an
+/// HTTP/1.1 request without one, and for any request with two or with an invalid value.
+/// HTTP/1.0 predates `Host`, so its absence is fine there.
+fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let Some(host) = hosts.next() else {
+        return (req.version() >= http::Version::HTTP_11)
+            .then_some("an HTTP/1.1 request must have a Host header");
+    };
+    if hosts.next().is_some() {
+        return Some("a request must not have more than one Host header");
+    }
+    // Empty is allowed (a target without an authority); anything else must be host[:port].
+    let valid = host.is_empty()
+        || http::uri::Authority::try_from(host.as_bytes()).is_ok_and(|a| !a.as_str().contains('@'));
+    (!valid).then_some("the Host header is not a valid host[:port]")
 }
 
 /// Counts a trigger request and logs its one line: what became of it, and for an answered
@@ -896,6 +988,28 @@ mod tests {
             Route::BuildCancel("u").needs(&Method::POST).1,
             About::Build("u")
         );
+    }
+
+    #[test]
+    fn the_connection_cap_stays_below_the_free_descriptors() {
+        // issue 12: max(nofile - 256, 64) was 64 at nofile 64, above the ~44 free.
+        for nofile in [64, 100, 256, 400, 1024, 4096, 65536, 1 << 20] {
+            for open in [10, 20, 40] {
+                for builds in [1, 2, 8, 64] {
+                    let cap = connection_cap(nofile, open, builds) as u64;
+                    let free = nofile - open;
+                    assert!(cap >= 1);
+                    assert!(
+                        cap <= free / 2 || cap + 32 + 12 * builds as u64 <= free,
+                        "nofile {nofile}, open {open}, builds {builds}: cap {cap}"
+                    );
+                }
+            }
+        }
+        assert_eq!(connection_cap(64, 20, 2), 22);
+        assert_eq!(connection_cap(1024, 20, 2), 1024 - 20 - 56);
+        assert_eq!(connection_cap(1 << 20, 20, 2), MAX_CONNECTIONS);
+        assert_eq!(connection_cap(10, 20, 2), 1, "never zero");
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod foundation;
 mod git;
 mod git_hosts;
 mod hostile;
+mod hostile2;
 mod machine;
 mod ops;
 mod reliability;
