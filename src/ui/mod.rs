@@ -33,6 +33,7 @@ use sha2::{Digest as _, Sha256};
 use crate::access::ApiTokens;
 use crate::buildlog;
 use crate::http::{ApiError, AppState, Body, query_pairs, read_body};
+use crate::metrics::TriggerResult;
 use crate::model::{Build, BuildId, Phase, StatusFilter, Timestamp, Trigger, TriggerSource};
 use crate::queue::{CancelError, TriggerRequest};
 use crate::store;
@@ -519,8 +520,8 @@ async fn action(
                         hook: None,
                     },
                 ))
-                .await
-                .map_err(ApiError::from)?;
+                .await;
+            let t = count_trigger(state, t)?;
             if !t.already_exists {
                 tracing::info!(project = %p, branch = %branch, build = %t.build.id, "build triggered from the status pages");
             }
@@ -551,8 +552,8 @@ async fn action(
                     redeploy_of: Some(old.id),
                     payload: None,
                 })
-                .await
-                .map_err(ApiError::from)?;
+                .await;
+            let t = count_trigger(state, t)?;
             tracing::info!(project = %old.project, build = %t.build.id, redeploy_of = %old.id, "redeploy from the status pages");
             Ok(redirect(&format!(
                 "/ui/builds/{}?done=redeployed",
@@ -580,6 +581,29 @@ fn redeploy_commit(state: &AppState, old: &Build) -> Result<Option<String>, Page
             "This build never resolved a commit, so there is nothing to redeploy.",
         )),
     }
+}
+
+/// Counts a trigger from the pages in `deployhook_triggers_total` as the API's (source
+/// `api`), and turns a refusal into its page.
+fn count_trigger(
+    state: &AppState,
+    t: Result<crate::queue::Triggered, crate::queue::TriggerError>,
+) -> Result<crate::queue::Triggered, PageError> {
+    let (result, answer) = match t {
+        Ok(t) if t.already_exists => (TriggerResult::Deduplicated, Ok(t)),
+        Ok(t) => (TriggerResult::Created, Ok(t)),
+        Err(e) => {
+            let e = ApiError::from(e);
+            let result = if e.status() == StatusCode::TOO_MANY_REQUESTS {
+                TriggerResult::RateLimited
+            } else {
+                TriggerResult::Rejected
+            };
+            (result, Err(PageError::from(e)))
+        }
+    };
+    state.metrics.count_trigger(TriggerSource::Api, result);
+    answer
 }
 
 fn load_build(state: &AppState, id: &str) -> Result<Build, PageError> {

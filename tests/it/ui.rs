@@ -350,6 +350,14 @@ fn actions_need_the_session_csrf_token() {
     );
     let joined = text(&get(&d, &third, Some(&c)));
     assert!(joined.contains("joined"), "{joined}");
+    // Counted as the API's triggers are.
+    let metrics = text(&d.api("GET", "/metrics", None));
+    for line in [
+        "deployhook_triggers_total{source=\"api\",result=\"created\"} 2",
+        "deployhook_triggers_total{source=\"api\",result=\"deduplicated\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
     // A branch the project does not build.
     let r = post_form(
         &d,
