@@ -826,6 +826,60 @@ mod tests {
         Config::parse(&text, &dir.join("deploy.toml")).unwrap()
     }
 
+    /// SPEC §5: a stale status never overwrites a newer one. A newer state for the same
+    /// (project, SHA, context) drops the older pending entry in the same transaction; another
+    /// SHA's entry and notifications are never dropped.
+    #[test]
+    fn a_newer_status_of_a_sha_drops_its_pending_older_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let status = |sha: &str, state: crate::statuses::State| Entry {
+            what: What::Status {
+                project: "site".into(),
+                provider: crate::config::sinks::Provider::Github,
+                context: "deployhook".into(),
+                sha: sha.into(),
+                state,
+                description: "x".into(),
+                link: BuildId::new(),
+            },
+            build: BuildId::new(),
+            created_on: Timestamp::now(),
+            delivery: Delivery::Pending,
+            attempts: 0,
+            last_error: None,
+            next_attempt_on: None,
+        };
+        let a = "a".repeat(40);
+        let b = "b".repeat(40);
+        store
+            .add_entries(&[status(&a, crate::statuses::State::Queued)])
+            .unwrap();
+        store
+            .add_entries(&[status(&b, crate::statuses::State::Queued)])
+            .unwrap();
+        store
+            .add_entries(&[status(&a, crate::statuses::State::Success)])
+            .unwrap();
+        let pending: Vec<(String, crate::statuses::State)> = store
+            .outbox_page(None, 100)
+            .unwrap()
+            .into_iter()
+            .filter_map(|(_, e)| match e.what {
+                What::Status { sha, state, .. } => Some((sha, state)),
+                What::Notification { .. } => None,
+            })
+            .collect();
+        assert_eq!(
+            pending,
+            vec![
+                (b.clone(), crate::statuses::State::Queued),
+                (a.clone(), crate::statuses::State::Success)
+            ]
+        );
+        assert_eq!(store.outbox_pending(), 2);
+    }
+
     fn build(shas: &[&str]) -> Build {
         let mut b = Build::new_queued(
             1,
