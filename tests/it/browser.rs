@@ -88,7 +88,7 @@ async fn connect(d: &Driver) -> Client {
 /// A browser session with the test's flags plus `extra`, in its own fresh profile.
 async fn connect_with(d: &Driver, extra: &[&str]) -> Client {
     let profile = d.profile.path().join(format!("profile-{}", extra.len()));
-    let mut args: Vec<String> = [
+    let args: Vec<String> = [
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
@@ -104,17 +104,34 @@ async fn connect_with(d: &Driver, extra: &[&str]) -> Client {
     .chain(extra.iter().copied())
     .map(str::to_owned)
     .collect();
-    args.push(format!("--user-data-dir={}", profile.display()));
-    let mut caps = serde_json::Map::new();
-    caps.insert(
-        "goog:chromeOptions".into(),
-        json!({ "binary": d.chromium, "args": args }),
-    );
-    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-        .capabilities(caps)
-        .connect(&d.url)
-        .await
-        .expect("a WebDriver session")
+    let caps = serde_json::Map::new();
+    // A loaded machine sometimes fails a browser start ("DevToolsActivePort file doesn't
+    // exist"): a few attempts, each in a fresh profile, before calling it a failure.
+    let mut last = String::new();
+    for attempt in 0..3 {
+        let mut caps = caps.clone();
+        let mut args = args.clone();
+        args.push(format!(
+            "--user-data-dir={}",
+            profile.join(attempt.to_string()).display()
+        ));
+        caps.insert(
+            "goog:chromeOptions".into(),
+            json!({ "binary": d.chromium, "args": args }),
+        );
+        match ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(caps)
+            .connect(&d.url)
+            .await
+        {
+            Ok(c) => return c,
+            Err(e) => {
+                eprintln!("browser start {attempt} failed: {e}");
+                last = e.to_string();
+            }
+        }
+    }
+    panic!("no WebDriver session after 3 attempts: {last}");
 }
 
 /// Runs `js` (a function body returning a value) until it returns `true`, or panics after
