@@ -55,7 +55,8 @@ impl http_body::Body for ChannelBody {
     }
 }
 
-/// `GET /ui/builds/{uuid}/events?cursor=N`: the log from line N (or after `Last-Event-ID`)
+/// `GET /ui/builds/{uuid}/events?cursor=N&status=S`: the log from line N (or after
+/// `Last-Event-ID`)
 /// as Server-Sent Events, `status` events when the build changes, and `end` when it has
 /// stopped and every line is sent.
 pub(super) fn events(
@@ -71,18 +72,24 @@ pub(super) fn events(
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
+    let query = query_pairs(req.uri().query());
+    let param = |name: &str| query.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
     let cursor = match resume {
         Some(n) => n,
-        None => query_pairs(req.uri().query())
-            .into_iter()
-            .find(|(k, _)| *k == "cursor")
-            .and_then(|(_, v)| v.parse().ok())
-            .unwrap_or(0),
+        None => param("cursor").and_then(|v| v.parse().ok()).unwrap_or(0),
+    };
+    // The status the page shows: a status event is sent only when the build differs from
+    // it, so the page's buttons are not replaced under the user's pointer for nothing.
+    let shown = match param("status") {
+        Some("queued") => Some(Phase::Queued),
+        Some("initializing") => Some(Phase::Initializing),
+        Some("running") => Some(Phase::Running),
+        _ => None,
     };
     let csrf = viewer.act_csrf(&b.project).map(str::to_owned);
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(2);
     let state = state.clone();
-    tokio::spawn(follow(state, b, cursor, csrf, tx));
+    tokio::spawn(follow(state, b, cursor, shown, csrf, tx));
     let mut r = Response::new(ChannelBody(rx).boxed());
     let h = r.headers_mut();
     h.insert(
@@ -97,6 +104,7 @@ async fn follow(
     state: Arc<AppState>,
     first: Build,
     cursor: u64,
+    mut shown: Option<Phase>,
     csrf: Option<String>,
     tx: tokio::sync::mpsc::Sender<Bytes>,
 ) {
@@ -108,9 +116,6 @@ async fn follow(
         .ok()
         .and_then(Result::ok)
         .unwrap_or(0);
-    // Nothing shown yet as far as this stream knows: the page may be older than the build's
-    // current status, so a live build's status is sent at once.
-    let mut shown: Option<Phase> = None;
     let send_status = |b: &Build| {
         let actions = BuildActions {
             csrf: csrf.as_deref(),

@@ -745,8 +745,14 @@ fn build_page(state: &AppState, viewer: &Viewer, id: &str, query: Option<&str>) 
     })?;
     let log_more = (!page.at_end).then_some(page.next_cursor);
     // Follow only when this page reaches the end of what is written and more can come.
-    let follow = (live && page.at_end)
-        .then(|| format!("/ui/builds/{}/events?cursor={}", b.id, page.next_cursor));
+    let follow = (live && page.at_end).then(|| {
+        format!(
+            "/ui/builds/{}/events?cursor={}&status={}",
+            b.id,
+            page.next_cursor,
+            b.phase.status()
+        )
+    });
     let now = Timestamp::now();
     let p = pages::BuildPage {
         build: &b,

@@ -183,13 +183,26 @@ async fn shoot(c: &Client, name: &str) {
     }
 }
 
+/// Clicks the element `css` finds. A live page may replace it between the find and the
+/// click (a status event redraws the build's buttons): then it is found again.
 async fn click(c: &Client, css: &str) {
-    c.find(Locator::Css(css))
-        .await
-        .unwrap_or_else(|e| panic!("{css}: {e}"))
-        .click()
-        .await
-        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let e = c
+            .find(Locator::Css(css))
+            .await
+            .unwrap_or_else(|e| panic!("{css}: {e}"));
+        match e.click().await {
+            Ok(()) => return,
+            Err(fantoccini::error::CmdError::Standard(w))
+                if w.error == fantoccini::error::ErrorStatus::StaleElementReference
+                    && Instant::now() < deadline =>
+            {
+                continue;
+            }
+            Err(e) => panic!("click {css}: {e}"),
+        }
+    }
 }
 
 #[test]

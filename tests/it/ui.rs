@@ -557,11 +557,13 @@ fn the_live_log_is_an_event_stream_that_resumes_and_ends() {
     eventually(30, "three lines", || d.log_lines(&id).len() >= 3);
     let page = text(&get(&d, &format!("/ui/builds/{id}"), Some(&c)));
     assert!(
-        page.contains(&format!(r#"data-follow="/ui/builds/{id}/events?cursor=3""#)),
+        page.contains(&format!(
+            r#"data-follow="/ui/builds/{id}/events?cursor=3&amp;status=running""#
+        )),
         "a running build's page follows from its last line: {page}"
     );
     // Let the build finish while a follower reads from line 1.
-    let path = format!("/ui/builds/{id}/events?cursor=1");
+    let path = format!("/ui/builds/{id}/events?cursor=1&status=running");
     let started = Instant::now();
     let reader = {
         let (addr, c, path) = (d.addr, c.clone(), path.clone());
@@ -570,6 +572,8 @@ fn the_live_log_is_an_event_stream_that_resumes_and_ends() {
     std::thread::sleep(Duration::from_millis(300));
     std::fs::write(&marker, "").unwrap();
     let (ty, stream) = reader.join().unwrap();
+    // The page said "running", so no status event came before the build stopped.
+    assert_eq!(stream.matches("event: status").count(), 1, "{stream}");
     assert_eq!(ty, "text/event-stream");
     assert!(
         started.elapsed() < Duration::from_secs(50),
