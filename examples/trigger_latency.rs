@@ -145,6 +145,7 @@ fn main() {
             metrics,
             quiet_log: Default::default(),
             outbox: None,
+            ui: Default::default(),
         });
         let (_trigger, watch) = deployhook::shutdown::channel();
         tokio::spawn(serve(listener, state, watch));

@@ -283,6 +283,7 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
         metrics,
         quiet_log: Default::default(),
         outbox: Some(outbox.clone()),
+        ui: Default::default(),
     });
     tracing::info!("listening on {local}");
 
