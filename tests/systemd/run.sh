@@ -90,13 +90,14 @@ cp "$REPO/docs/install.md" "$root/src/docs/"
 nspawn_pid=
 cleanup() {
     local rc=$?
+    set +e # Clean up whatever fails on the way.
     if [ -n "$nspawn_pid" ] && kill -0 "$nspawn_pid" 2>/dev/null; then
-        [ -n "$leader" ] && { ct "systemctl poweroff" >/dev/null 2>&1 || true; }
+        if [ -n "$leader" ]; then ct "systemctl poweroff" >/dev/null 2>&1; fi
         for _ in $(seq 100); do kill -0 "$nspawn_pid" 2>/dev/null || break; sleep 0.2; done
         echo "systemd test: container down after $(($(date +%s) - START))s"
         # Not down (a boot that never finished): the container's init first, then nspawn, or
         # the container would live on without it.
-        [ -n "$leader" ] && kill -9 "$leader" 2>/dev/null
+        if [ -n "$leader" ]; then kill -9 "$leader" 2>/dev/null || true; fi
         kill -9 "$nspawn_pid" 2>/dev/null || true
         wait "$nspawn_pid" 2>/dev/null || true
     fi
