@@ -88,6 +88,7 @@ cp "$REPO/docs/install.md" "$root/src/docs/"
 
 # --- boot ---------------------------------------------------------------------------------
 nspawn_pid=
+leader=
 cleanup() {
     local rc=$?
     set +e # Clean up whatever fails on the way.
