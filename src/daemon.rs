@@ -32,6 +32,7 @@ use crate::runner::RunSettings;
 use crate::shutdown::{self, Phase, SignalEvent, Signals};
 use crate::store::{Store, StoreError};
 use crate::token::{AdminToken, TokenError};
+use crate::tunables::Tunables;
 
 /// Why the daemon could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -155,8 +156,13 @@ fn raise_nofile_limit() -> u64 {
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT (or a fatal database error).
-pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), DaemonError> {
+/// Runs the daemon until SIGTERM/SIGINT (or a fatal database error). `tunables` are the
+/// production defaults except in tests (see [`crate::tunables`]).
+pub async fn run(
+    config_path: &Path,
+    log_format: LogFormat,
+    tunables: Tunables,
+) -> Result<(), DaemonError> {
     // First of all, so that a SIGHUP or SIGTERM during start-up is handled, not fatal.
     let mut signals = Signals::install().map_err(DaemonError::Signals)?;
     let config = Config::load(config_path)?;
@@ -199,6 +205,7 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
         local_addr: local,
         unauthenticated_body_budget: body_budget,
         metrics,
+        tunables,
     });
     tracing::info!("listening on {local}");
 
@@ -208,7 +215,7 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
     let pruner = tokio::spawn(prune_deliveries(store.clone()));
 
     let reloading = Arc::new(tokio::sync::Mutex::new(()));
-    let mut health = tokio::time::interval(Duration::from_secs(1));
+    let mut health = tokio::time::interval(tunables.health_check_interval);
     let mut fatal = None;
     loop {
         tokio::select! {
@@ -254,7 +261,7 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
         }
     }
     trigger.set(Phase::Closing);
-    let _ = tokio::time::timeout(http::CLOSE_DEADLINE + Duration::from_secs(1), server).await;
+    let _ = tokio::time::timeout(tunables.close_deadline + Duration::from_secs(1), server).await;
     pruner.abort();
     store.flush_blocking()?;
     store.close();

@@ -23,6 +23,7 @@
 //! - [`shutdown`]: signals and the shutdown phases.
 //! - [`metrics`]: the Prometheus registry (counters, histogram) and its text exposition.
 //! - [`notify`]: systemd's readiness protocol (`READY=1`, `RELOADING=1`, `STOPPING=1`).
+//! - [`tunables`]: internal timeouts and intervals (production defaults; tests shorten them).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -43,3 +44,4 @@ pub mod shutdown;
 pub mod store;
 pub mod supervisor;
 pub mod token;
+pub mod tunables;

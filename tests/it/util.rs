@@ -14,6 +14,9 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_deployhook");
 
+/// The hidden variable through which tests shorten the daemon's internal timeouts.
+pub const TUNABLES: &str = deployhook::tunables::ENV_VAR;
+
 /// A response.
 #[derive(Debug, Clone)]
 pub struct Resp {
@@ -206,10 +209,19 @@ impl Daemon {
 
     /// Like `start`, with extra `[server]` lines.
     pub fn start_with_server(server_extra: &str, rest: &str) -> Daemon {
+        Self::start_tuned("", server_extra, rest)
+    }
+
+    /// Like `start_with_server`, with the daemon's internal timeouts shortened by `tunables`
+    /// (`key=duration,…`, see `deployhook::tunables`), so that a test of a timeout waits
+    /// for a short one instead of the production value.
+    pub fn start_tuned(tunables: &str, server_extra: &str, rest: &str) -> Daemon {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         write_config(&dir, server_extra, rest);
-        let mut d = Self::spawn(&dir, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let env = [(TUNABLES, tunables)];
+        let env: &[(&str, &str)] = if tunables.is_empty() { &[] } else { &env };
+        let mut d = Self::spawn(&dir, env).unwrap_or_else(|e| panic!("{e}"));
         d._tmp = Some(tmp);
         d
     }
