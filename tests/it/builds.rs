@@ -530,7 +530,7 @@ fn sigterm_drains_then_interrupts_and_exits_zero() {
     // A keep-alive connection opened before the signal.
     let mut conn = std::net::TcpStream::connect(d.addr).unwrap();
     d.signal("TERM");
-    std::thread::sleep(Duration::from_millis(300));
+    wait_listener_closed(&d);
     use std::io::{Read, Write};
     conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .unwrap();
@@ -555,11 +555,14 @@ fn sigterm_drains_then_interrupts_and_exits_zero() {
 #[test]
 fn one_build_per_project_and_the_global_limit() {
     let wd = tempfile::tempdir().unwrap();
+    // Builds of `a` and `c` run until the test creates `release-<project>-<branch>`.
+    let held =
+        "while [ ! -f \"release-$DEPLOYHOOK_PROJECT-$DEPLOYHOOK_BRANCH\" ]; do sleep 0.02; done";
     let cfg = format!(
         "{}{}{}",
-        workdir_project("a", wd.path(), "sleep 3", ""),
+        workdir_project("a", wd.path(), held, ""),
         workdir_project("b", wd.path(), "sleep 20", ""),
-        workdir_project("c", wd.path(), "sleep 3", "")
+        workdir_project("c", wd.path(), held, "")
     );
     let d = Daemon::start_with_server("max_concurrent_builds = 2", &cfg);
     let a1 = d.trigger_id("a", "main");
@@ -570,6 +573,7 @@ fn one_build_per_project_and_the_global_limit() {
     d.wait_status(&b1, "running", 10);
     assert_eq!(d.build(&a2)["status"], "queued", "one build per project");
     assert_eq!(d.build(&c1)["status"], "queued", "max_concurrent_builds");
+    std::fs::write(wd.path().join("release-a-main"), "").unwrap();
     d.wait_status(&a1, "stopped", 20);
     // The oldest queued build whose project is idle goes next: a2 (older than c1).
     d.wait_status(&a2, "running", 10);
@@ -676,10 +680,12 @@ fn huge_output_leaves_the_daemons_memory_flat() {
 #[test]
 fn a_trigger_after_a_burst_is_not_absorbed_by_the_running_build() {
     let wd = tempfile::tempdir().unwrap();
+    // Each build runs until the test creates `release` in the workdir.
+    let release = wd.path().join("release");
     let d = Daemon::start(&workdir_project(
         "site",
         wd.path(),
-        "sleep 1",
+        "while [ ! -f release ]; do sleep 0.02; done",
         "cancel_superseded = false",
     ));
     let auth = format!("Bearer {}", d.token);
@@ -711,15 +717,16 @@ fn a_trigger_after_a_burst_is_not_absorbed_by_the_running_build() {
             .unwrap()
             .to_string();
         // Wait for that build (or the one queued behind it) to run, then trigger again.
-        let running = loop {
+        let mut running = String::new();
+        eventually(20, "a build of the burst running", || {
             let v = d
                 .api("GET", "/api/projects/site/builds?status=running", None)
                 .json();
             if let Some(b) = v["result"].as_array().unwrap().first() {
-                break b["build_uuid"].as_str().unwrap().to_string();
+                running = b["build_uuid"].as_str().unwrap().to_string();
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        };
+            !running.is_empty()
+        });
         let again = d.trigger("site", "main");
         assert_ne!(
             again["build_uuid"].as_str().unwrap(),
@@ -727,8 +734,10 @@ fn a_trigger_after_a_burst_is_not_absorbed_by_the_running_build() {
             "a trigger joined the running build (burst first build {first})"
         );
         // Let everything finish before the next round.
+        std::fs::write(&release, "").unwrap();
         let last = again["build_uuid"].as_str().unwrap().to_string();
         d.wait_status(&last, "stopped", 30);
+        std::fs::remove_file(&release).unwrap();
     }
 }
 
@@ -746,7 +755,7 @@ fn sighup_during_shutdown_does_not_cut_the_drain_short() {
     let id = d.trigger_id("site", "main");
     d.wait_status(&id, "running", 10);
     d.signal("TERM");
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    wait_listener_closed(&d);
     d.signal("HUP");
     assert_eq!(d.wait_exit(30), Some(0));
     let dir = d.dir.clone();

@@ -272,7 +272,7 @@ impl Daemon {
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let log2 = log.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 // Text or JSON lines: the address ends at a space or a quote.
@@ -292,7 +292,8 @@ impl Daemon {
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                std::thread::sleep(Duration::from_millis(100));
+                // The pipe is closed now: the reader has the whole log once it ends.
+                let _ = reader.join();
                 return Err(format!("daemon did not start:\n{}", log.lock().unwrap()));
             }
         };
@@ -410,11 +411,13 @@ impl Daemon {
         }
     }
 
-    /// All log lines of a build (paging through).
+    /// All log lines of a build (paging through; a log of more than 1000 pages, or a
+    /// cursor that never ends, fails the test).
     pub fn log_lines(&self, id: &str) -> Vec<Value> {
         let mut out = Vec::new();
         let mut cursor = 0;
-        loop {
+        for page in 0.. {
+            assert!(page < 1000, "build {id}: more than 1000 log pages");
             let r = self.api(
                 "GET",
                 &format!("/api/builds/{id}/logs?cursor={cursor}"),
@@ -428,9 +431,10 @@ impl Daemon {
             let empty = lines.is_empty();
             out.extend(lines);
             if done || empty {
-                return out;
+                break;
             }
         }
+        out
     }
 
     pub fn log_text(&self, id: &str, stream: &str) -> String {
@@ -499,6 +503,14 @@ pub fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
         }
         std::thread::sleep(Duration::from_millis(25));
     }
+}
+
+/// Waits until the daemon has begun its shutdown: it closes its listener once it answers
+/// health checks and triggers with 503, so a refused connection proves both.
+pub fn wait_listener_closed(d: &Daemon) {
+    eventually(10, "the listener closed by the shutdown", || {
+        TcpStream::connect(d.addr).is_err()
+    });
 }
 
 /// Reads pids written one per line into a file.
