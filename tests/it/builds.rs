@@ -745,18 +745,27 @@ fn a_trigger_after_a_burst_is_not_absorbed_by_the_running_build() {
 #[test]
 fn sighup_during_shutdown_does_not_cut_the_drain_short() {
     let wd = tempfile::tempdir().unwrap();
-    // shutdown_timeout is 3 s in tests: a 2 s build finishes within it.
-    let mut d = Daemon::start(&workdir_project(
-        "site",
-        wd.path(),
-        "sleep 2; echo finished",
-        "",
-    ));
+    // The build runs until the test creates `release`; the drain may last 60 s.
+    let mut d = Daemon::start_with_server(
+        "shutdown_timeout = \"60s\"",
+        &workdir_project(
+            "site",
+            wd.path(),
+            "while [ ! -f release ]; do sleep 0.02; done; echo finished",
+            "",
+        ),
+    );
     let id = d.trigger_id("site", "main");
     d.wait_status(&id, "running", 10);
     d.signal("TERM");
     wait_listener_closed(&d);
     d.signal("HUP");
+    eventually(10, "the SIGHUP seen during the drain", || {
+        d.logs().contains("SIGHUP ignored")
+    });
+    // Released only now: had the SIGHUP cut the drain short, the build would have been
+    // interrupted before it could finish.
+    std::fs::write(wd.path().join("release"), "").unwrap();
     assert_eq!(d.wait_exit(30), Some(0));
     let dir = d.dir.clone();
     let _tmp = d._tmp.take();

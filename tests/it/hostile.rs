@@ -330,7 +330,7 @@ fn unauthenticated_git_bodies_are_bounded_in_memory() {
 /// 10 000 connections against the production cap.
 #[test]
 fn half_open_connections_far_beyond_the_cap_do_not_stop_healthz() {
-    const FLOOD: usize = 800;
+    const FLOOD: usize = 500;
     let wd = tempfile::tempdir().unwrap();
     let tmp = tempfile::tempdir().unwrap();
     write_config(

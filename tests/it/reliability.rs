@@ -26,12 +26,16 @@ fn retry_after(r: &Resp) -> u64 {
 #[test]
 fn project_rate_limit_refuses_with_an_exact_retry_after_and_survives_restarts() {
     let wd = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project(
-        "site",
-        wd.path(),
-        "sleep 30",
-        "cancel_superseded = false\nproject_builds_per_minute = 2",
-    ));
+    // The clean restart interrupts the running build after a short drain.
+    let d = Daemon::start_with_server(
+        "shutdown_timeout = \"500ms\"",
+        &workdir_project(
+            "site",
+            wd.path(),
+            "sleep 30",
+            "cancel_superseded = false\nproject_builds_per_minute = 2",
+        ),
+    );
     let before_first = Instant::now();
     let first = d.trigger_id("site", "main");
     let after_first = Instant::now();
@@ -263,7 +267,11 @@ fn every_acknowledged_build_survives_kill_9_right_after_its_200() {
 #[test]
 fn sigint_shuts_down_like_sigterm_and_queued_builds_wait_for_the_next_start() {
     let wd = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(&workdir_project("site", wd.path(), "sleep 30", ""));
+    // The running build is interrupted after a short drain.
+    let mut d = Daemon::start_with_server(
+        "shutdown_timeout = \"500ms\"",
+        &workdir_project("site", wd.path(), "sleep 30", ""),
+    );
     let running = d.trigger_id("site", "main");
     d.wait_status(&running, "running", 10);
     let queued = d.trigger_id("site", "other");
@@ -363,8 +371,12 @@ fn a_store_write_failure_answers_503_exits_non_zero_and_loses_nothing() {
 #[test]
 fn sighup_applies_to_new_builds_only_and_a_removed_project_keeps_its_history() {
     let wd = tempfile::tempdir().unwrap();
-    let marker = wd.path().join("release");
-    let v1 = format!("sleep 2; echo v1 > {}", marker.display());
+    let marker = wd.path().join("marker");
+    // The build in flight runs until the test creates `release` in the workdir.
+    let v1 = format!(
+        "while [ ! -f release ]; do sleep 0.02; done; echo v1 > {}",
+        marker.display()
+    );
     let d = Daemon::start(&workdir_project("site", wd.path(), &v1, ""));
     let (_, path) = d.create_hook("site", "cms", "main");
     let in_flight = d.post(&path, b"").json()["result"]["build_uuid"]
@@ -381,6 +393,7 @@ fn sighup_applies_to_new_builds_only_and_a_removed_project_keeps_its_history() {
     eventually(10, "config reloaded", || {
         d.logs().contains("config reloaded")
     });
+    std::fs::write(wd.path().join("release"), "").unwrap();
     let b = d.wait_status(&in_flight, "stopped", 20);
     assert_eq!(
         b["build_outcome"], "success",

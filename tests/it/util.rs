@@ -175,14 +175,25 @@ pub fn base_config(dir: &Path) -> String {
     )
 }
 
-/// Writes `dir/deploy.toml`: `base_config`, then `server_extra` (more `[server]` lines), the
-/// `[api]` table, then `rest` (projects). Returns its path.
+/// Writes `dir/deploy.toml`: `base_config`, then `server_extra` (more `[server]` lines, which
+/// replace the base lines of the same keys), the `[api]` table, then `rest` (projects).
+/// Returns its path.
 pub fn write_config(dir: &Path, server_extra: &str, rest: &str) -> PathBuf {
     let path = dir.join("deploy.toml");
-    let text = format!(
-        "{}{server_extra}\n[api]\ntoken_file = \"admin.token\"\n{rest}",
-        base_config(dir)
-    );
+    let key = |line: &str| {
+        line.split('=')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let overridden: Vec<String> = server_extra.lines().map(key).collect();
+    let base: String = base_config(dir)
+        .lines()
+        .filter(|l| !overridden.contains(&key(l)))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let text = format!("{base}{server_extra}\n[api]\ntoken_file = \"admin.token\"\n{rest}");
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -291,10 +302,13 @@ impl Daemon {
             Ok(a) => a.parse().map_err(|e| format!("bad address {a}: {e}"))?,
             Err(_) => {
                 let _ = child.kill();
-                let _ = child.wait();
+                let status = child.wait();
                 // The pipe is closed now: the reader has the whole log once it ends.
                 let _ = reader.join();
-                return Err(format!("daemon did not start:\n{}", log.lock().unwrap()));
+                return Err(format!(
+                    "daemon did not start ({status:?}):\n{}",
+                    log.lock().unwrap()
+                ));
             }
         };
         let token = std::fs::read_to_string(dir.join("admin.token"))
