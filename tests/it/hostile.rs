@@ -24,6 +24,7 @@ fn await_continue(s: &mut TcpStream) {
     let mut interim = Vec::new();
     let mut byte = [0u8; 1];
     while !interim.ends_with(b"\r\n\r\n") {
+        assert!(interim.len() < 1024, "no end to the interim response");
         match s.read(&mut byte) {
             Ok(1) => interim.push(byte[0]),
             other => panic!(
