@@ -144,6 +144,7 @@ fn main() {
             unauthenticated_body_budget: body_budget,
             metrics,
             tunables: deployhook::tunables::Tunables::default(),
+            quiet_log: Default::default(),
         });
         let (_trigger, watch) = deployhook::shutdown::channel();
         tokio::spawn(serve(listener, state, watch));

@@ -187,6 +187,14 @@ impl ProjectConfig {
     pub fn has_branch(&self, branch: &str) -> bool {
         self.branches.iter().any(|b| b.as_str() == branch)
     }
+
+    /// Whether a trigger may build this ref (a branch of `branches`; tags are not built yet).
+    pub fn allows(&self, r: &crate::model::GitRef) -> bool {
+        match r {
+            crate::model::GitRef::Branch(b) => self.has_branch(b),
+            crate::model::GitRef::Tag(_) => false,
+        }
+    }
 }
 
 /// `[server]`.

@@ -206,6 +206,7 @@ pub async fn run(
         unauthenticated_body_budget: body_budget,
         metrics,
         tunables,
+        quiet_log: Default::default(),
     });
     tracing::info!("listening on {local}");
 

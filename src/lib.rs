@@ -13,7 +13,9 @@
 //! - [`token`]: hook tokens, the admin token, Git secrets: generation, hashing, constant-time checks.
 //! - [`store`]: the only module that touches sled: trees, bincode records, batched durability.
 //! - [`ratelimit`]: rolling 60 s windows of new builds per project and per daemon (pure).
-//! - [`queue`]: the build state machine: trigger, dedupe, supersede, cancel, schedule, recovery.
+//! - [`machine`]: the build state machine (pure): every transition as an event in, effects out.
+//! - [`queue`]: the shell around the machine: applies its effects (store, runners, waiters, logs).
+//! - [`quietlog`]: aggregation of log lines a client can cause at request rate.
 //! - [`runner`]: one build: checkout, spawn under a supervisor, logs, timeout, stop, outcome.
 //! - [`supervisor`]: the hidden per-process supervisor mode that makes builds die with the daemon.
 //! - [`buildlog`]: capped append-only NDJSON log files, line splitting, paging.
@@ -34,10 +36,12 @@ pub mod config;
 pub mod daemon;
 pub mod git;
 pub mod http;
+pub mod machine;
 pub mod metrics;
 pub mod model;
 pub mod notify;
 pub mod queue;
+pub mod quietlog;
 pub mod ratelimit;
 pub mod runner;
 pub mod shutdown;

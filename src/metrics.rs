@@ -479,14 +479,14 @@ mod tests {
         use crate::model::{Timestamp, Trigger};
         let mut b = Build::new_queued(
             1,
-            "p",
-            "main",
+            &crate::model::Target::branch("p", "main"),
             Trigger {
                 source: TriggerSource::Api,
                 hook: None,
             },
             None,
             false,
+            crate::model::Timestamp::now(),
         );
         b.stopped_on = Some(Timestamp(5_000_000));
         assert_eq!(ran_for(&b), None);

@@ -1,7 +1,10 @@
 //! The things deployhook keeps: builds and hooks, and their JSON shapes of SPEC §4.
 //!
 //! A build's status and outcome live in one [`Phase`], so "stopped without an outcome" or
-//! "running with an outcome" cannot be written down. Records are plain serde structs: the
+//! "running with an outcome" cannot be written down. The other SPEC §2 invariants (cancel
+//! fields only on cancelled builds, an exit code only for `success` and `fail`) are not in
+//! the types: the state machine (`crate::machine`) keeps them, and
+//! [`Build::check_invariants`] states them for its property test. Records are plain serde structs: the
 //! store encodes them with bincode behind a format-version byte, the HTTP layer renders them
 //! with [`Build::to_json`] and [`Hook::to_json`].
 
@@ -312,6 +315,83 @@ impl CancelReason {
     }
 }
 
+/// What a build builds: a branch, or a tag for projects with `tags` (SPEC §1 "target").
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum GitRef {
+    /// `refs/heads/<name>`.
+    Branch(String),
+    /// `refs/tags/<name>`.
+    Tag(String),
+}
+
+impl GitRef {
+    /// The full ref name (`refs/heads/main`, `refs/tags/v1.2.0`).
+    pub fn full(&self) -> String {
+        match self {
+            GitRef::Branch(b) => format!("refs/heads/{b}"),
+            GitRef::Tag(t) => format!("refs/tags/{t}"),
+        }
+    }
+
+    /// The short name, branch or tag.
+    pub fn name(&self) -> &str {
+        match self {
+            GitRef::Branch(n) | GitRef::Tag(n) => n,
+        }
+    }
+
+    /// The branch, for branch refs.
+    pub fn branch(&self) -> Option<&str> {
+        match self {
+            GitRef::Branch(b) => Some(b),
+            GitRef::Tag(_) => None,
+        }
+    }
+
+    /// The tag, for tag refs.
+    pub fn tag(&self) -> Option<&str> {
+        match self {
+            GitRef::Tag(t) => Some(t),
+            GitRef::Branch(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for GitRef {
+    /// `branch main` / `tag v1.2.0`, for messages and log lines.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GitRef::Branch(b) => write!(f, "branch {b}"),
+            GitRef::Tag(t) => write!(f, "tag {t}"),
+        }
+    }
+}
+
+/// A trigger's accepted parameters (SPEC §2.3), sorted by name so equal sets compare equal.
+pub type Params = std::collections::BTreeMap<String, String>;
+
+/// What a trigger asks to build (SPEC §1): dedupe and supersede work per target.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// Project name.
+    pub project: String,
+    /// Branch or tag.
+    pub git_ref: GitRef,
+    /// Accepted parameters (usually none).
+    pub params: Params,
+}
+
+impl Target {
+    /// A branch target with no params.
+    pub fn branch(project: &str, branch: &str) -> Self {
+        Target {
+            project: project.to_owned(),
+            git_ref: GitRef::Branch(branch.to_owned()),
+            params: Params::new(),
+        }
+    }
+}
+
 /// A build record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Build {
@@ -321,12 +401,26 @@ pub struct Build {
     pub seq: u64,
     /// Project name.
     pub project: String,
-    /// Branch to build.
-    pub branch: String,
+    /// Branch or tag to build.
+    pub git_ref: GitRef,
+    /// Accepted trigger parameters (SPEC §2.3).
+    pub params: Params,
     /// The full SHA checked out, once resolved (repo projects only).
     pub commit: Option<String>,
-    /// The SHA a Git push announced, if a push triggered it.
+    /// The newest SHA a trigger announced (a Git push's `after`).
     pub requested_commit: Option<String>,
+    /// Every SHA announced by the triggers this build absorbed, oldest first, no repeats.
+    pub requested_commits: Vec<String>,
+    /// An exact commit to build (API `commit`, redeploy): such a build never joins, is never
+    /// joined and supersedes nothing (SPEC §2.1).
+    pub exact_commit: Option<String>,
+    /// When a queued build becomes eligible to start (quiet period, SPEC §2.2).
+    pub not_before: Option<Timestamp>,
+    /// The build a redeploy repeats.
+    pub redeploy_of: Option<BuildId>,
+    /// SHAs of the builds this one superseded (and of those they had superseded): their
+    /// commit statuses take this build's final state (SPEC §5.2). Not part of the JSON.
+    pub superseded_commits: Vec<String>,
     /// Status and outcome.
     pub phase: Phase,
     /// Exit status of the main process, if it exited normally.
@@ -356,26 +450,32 @@ pub struct Build {
 }
 
 impl Build {
-    /// A new queued build.
+    /// A new queued build of `target`, created at `now`.
     pub fn new_queued(
         seq: u64,
-        project: &str,
-        branch: &str,
+        target: &Target,
         trigger: Trigger,
         requested_commit: Option<String>,
         has_payload: bool,
+        now: Timestamp,
     ) -> Self {
         Self {
             id: BuildId::new(),
             seq,
-            project: project.to_owned(),
-            branch: branch.to_owned(),
+            project: target.project.clone(),
+            git_ref: target.git_ref.clone(),
+            params: target.params.clone(),
             commit: None,
+            requested_commits: requested_commit.iter().cloned().collect(),
             requested_commit,
+            exact_commit: None,
+            not_before: None,
+            redeploy_of: None,
+            superseded_commits: Vec::new(),
             phase: Phase::Queued,
             exit_code: None,
             trigger,
-            created_on: Timestamp::now(),
+            created_on: now,
             initializing_on: None,
             running_on: None,
             stopped_on: None,
@@ -388,6 +488,22 @@ impl Build {
         }
     }
 
+    /// The build's target.
+    pub fn target(&self) -> Target {
+        Target {
+            project: self.project.clone(),
+            git_ref: self.git_ref.clone(),
+            params: self.params.clone(),
+        }
+    }
+
+    /// Whether this build is of `target` (without cloning it).
+    pub fn is_of(&self, target: &Target) -> bool {
+        self.project == target.project
+            && self.git_ref == target.git_ref
+            && self.params == target.params
+    }
+
     /// The SPEC §4 build object.
     pub fn to_json(&self) -> Value {
         // Serializing a plain struct cannot fail (no maps with non-string keys).
@@ -397,6 +513,41 @@ impl Build {
     /// The build object plus `already_exists`, as trigger responses carry it.
     pub fn to_trigger_json(&self, already_exists: bool) -> Value {
         serde_json::to_value(BuildJson::new(self, Some(already_exists))).unwrap_or(Value::Null)
+    }
+
+    /// The SPEC §2 invariants every stored build keeps; `Err` names the first one broken.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let outcome = self.phase.outcome();
+        if (outcome == Some(Outcome::Cancelled)) != self.cancel_reason.is_some() {
+            return Err(format!(
+                "cancel_reason {:?} with outcome {:?}",
+                self.cancel_reason, outcome
+            ));
+        }
+        if self.superseded_by.is_some() && self.cancel_reason != Some(CancelReason::Superseded) {
+            return Err(format!(
+                "superseded_by set with cancel_reason {:?}",
+                self.cancel_reason
+            ));
+        }
+        if self.exit_code.is_some() && !matches!(outcome, Some(Outcome::Success | Outcome::Fail)) {
+            return Err(format!("exit_code set with outcome {outcome:?}"));
+        }
+        if outcome == Some(Outcome::Success) && self.exit_code != Some(0) {
+            return Err(format!("success with exit_code {:?}", self.exit_code));
+        }
+        if self.phase.is_stopped() != self.stopped_on.is_some() {
+            return Err("stopped_on disagrees with status".into());
+        }
+        if self.phase != Phase::Queued && self.not_before.is_some() {
+            return Err("not_before set after leaving queued".into());
+        }
+        if let Some(last) = self.requested_commits.last()
+            && self.requested_commit.as_ref() != Some(last)
+        {
+            return Err("requested_commit is not the newest of requested_commits".into());
+        }
+        Ok(())
     }
 }
 
@@ -421,7 +572,7 @@ fn shown_time(t: Timestamp) -> Shown<humantime::Rfc3339Timestamp> {
 pub struct BuildJson<'a> {
     build_uuid: Shown<BuildId>,
     project: &'a str,
-    branch: &'a str,
+    branch: Option<&'a str>,
     commit: Option<&'a str>,
     requested_commit: Option<&'a str>,
     status: &'static str,
@@ -435,9 +586,29 @@ pub struct BuildJson<'a> {
     stopped_on: Option<Shown<humantime::Rfc3339Timestamp>>,
     cancel_reason: Option<&'static str>,
     superseded_by: Option<Shown<BuildId>>,
+    #[serde(rename = "ref")]
+    git_ref: Shown<RefDisplay<'a>>,
+    tag: Option<&'a str>,
+    requested_commits: &'a [String],
+    params: &'a Params,
+    not_before: Option<Shown<humantime::Rfc3339Timestamp>>,
+    redeploy_of: Option<Shown<BuildId>>,
+    followed_from: Option<Shown<BuildId>>,
     /// Only in trigger answers.
     #[serde(skip_serializing_if = "Option::is_none")]
     already_exists: Option<bool>,
+}
+
+/// A ref's full name, written without building a `String` first.
+struct RefDisplay<'a>(&'a GitRef);
+
+impl fmt::Display for RefDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            GitRef::Branch(b) => write!(f, "refs/heads/{b}"),
+            GitRef::Tag(t) => write!(f, "refs/tags/{t}"),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -453,7 +624,7 @@ impl<'a> BuildJson<'a> {
         BuildJson {
             build_uuid: Shown(b.id),
             project: &b.project,
-            branch: &b.branch,
+            branch: b.git_ref.branch(),
             commit: b.commit.as_deref(),
             requested_commit: b.requested_commit.as_deref(),
             status: b.phase.status(),
@@ -471,8 +642,21 @@ impl<'a> BuildJson<'a> {
             stopped_on: b.stopped_on.map(shown_time),
             cancel_reason: b.cancel_reason.map(CancelReason::as_str),
             superseded_by: b.superseded_by.map(Shown),
+            git_ref: Shown(RefDisplay(&b.git_ref)),
+            tag: b.git_ref.tag(),
+            requested_commits: &b.requested_commits,
+            params: &b.params,
+            not_before: b.not_before.map(shown_time),
+            redeploy_of: b.redeploy_of.map(Shown),
+            followed_from: None,
             already_exists,
         }
+    }
+
+    /// The same object for a wait that followed supersedes from `first` (SPEC §4.3).
+    pub fn followed_from(mut self, first: Option<BuildId>) -> Self {
+        self.followed_from = first.map(Shown);
+        self
     }
 }
 
@@ -533,14 +717,14 @@ mod tests {
         let hook = HookId::new();
         let mut b = Build::new_queued(
             1,
-            "site",
-            "main",
+            &crate::model::Target::branch("site", "main"),
             Trigger {
                 source: TriggerSource::DeployHook,
                 hook: Some((hook, "cms".into())),
             },
             None,
             true,
+            crate::model::Timestamp::now(),
         );
         let v = b.to_trigger_json(false);
         for key in [
@@ -581,14 +765,14 @@ mod tests {
         let hook = HookId::new();
         let mut b = Build::new_queued(
             7,
-            "site",
-            "main",
+            &crate::model::Target::branch("site", "main"),
             Trigger {
                 source: TriggerSource::GitPush,
                 hook: None,
             },
             Some("ab".repeat(20)),
             false,
+            crate::model::Timestamp::now(),
         );
         b.created_on = Timestamp(1_768_000_000_123_456);
         b.initializing_on = Some(Timestamp(1_768_000_001_000_000));
@@ -616,6 +800,13 @@ mod tests {
             "stopped_on": Timestamp(-5).rfc3339(),
             "cancel_reason": "superseded",
             "superseded_by": other.to_string(),
+            "ref": "refs/heads/main",
+            "tag": null,
+            "requested_commits": ["ab".repeat(20)],
+            "params": {},
+            "not_before": null,
+            "redeploy_of": null,
+            "followed_from": null,
         });
         // Same keys in the same order, same values: compare the serialized text.
         assert_eq!(b.to_json().to_string(), expected.to_string());
@@ -626,6 +817,85 @@ mod tests {
         assert_eq!(b.to_trigger_json(true).to_string(), with.to_string());
         b.trigger.hook = Some((hook, "cms".into()));
         assert_eq!(b.to_json()["trigger"]["hook_id"], hook.to_string());
+    }
+
+    #[test]
+    fn tag_builds_have_a_null_branch_and_params_show_sorted() {
+        let mut t = Target {
+            project: "site".into(),
+            git_ref: GitRef::Tag("v1.2.0".into()),
+            params: Params::new(),
+        };
+        t.params.insert("zone".into(), "eu".into());
+        t.params.insert("env".into(), "prod".into());
+        let mut b = Build::new_queued(
+            1,
+            &t,
+            Trigger {
+                source: TriggerSource::Api,
+                hook: None,
+            },
+            None,
+            false,
+            Timestamp(0),
+        );
+        let first = BuildId::new();
+        b.redeploy_of = Some(first);
+        let v = b.to_json();
+        assert_eq!(v["branch"], Value::Null);
+        assert_eq!(v["ref"], "refs/tags/v1.2.0");
+        assert_eq!(v["tag"], "v1.2.0");
+        assert_eq!(v["redeploy_of"], first.to_string());
+        assert_eq!(
+            serde_json::to_string(&v["params"]).unwrap(),
+            r#"{"env":"prod","zone":"eu"}"#
+        );
+        let followed =
+            serde_json::to_value(BuildJson::new(&b, None).followed_from(Some(first))).unwrap();
+        assert_eq!(followed["followed_from"], first.to_string());
+        assert!(b.is_of(&t) && b.target() == t);
+        assert_eq!(t.git_ref.full(), "refs/tags/v1.2.0");
+        assert_eq!(t.git_ref.to_string(), "tag v1.2.0");
+    }
+
+    #[test]
+    fn invariants_catch_a_self_contradicting_record() {
+        let mut b = Build::new_queued(
+            1,
+            &Target::branch("site", "main"),
+            Trigger {
+                source: TriggerSource::Api,
+                hook: None,
+            },
+            None,
+            false,
+            Timestamp(0),
+        );
+        b.check_invariants().unwrap();
+        // The stored contradiction of the outside review: success, exit 0, superseded.
+        b.phase = Phase::Stopped(Outcome::Success);
+        b.stopped_on = Some(Timestamp(1));
+        b.exit_code = Some(0);
+        b.check_invariants().unwrap();
+        b.cancel_reason = Some(CancelReason::Superseded);
+        b.superseded_by = Some(BuildId::new());
+        assert!(b.check_invariants().is_err());
+        b.cancel_reason = None;
+        assert!(
+            b.check_invariants().is_err(),
+            "superseded_by without the reason"
+        );
+        b.superseded_by = None;
+        b.phase = Phase::Stopped(Outcome::Cancelled);
+        b.exit_code = None;
+        assert!(b.check_invariants().is_err(), "cancelled without a reason");
+        b.cancel_reason = Some(CancelReason::Api);
+        b.check_invariants().unwrap();
+        b.exit_code = Some(1);
+        assert!(
+            b.check_invariants().is_err(),
+            "exit code on a cancelled build"
+        );
     }
 
     #[test]

@@ -34,7 +34,8 @@ use tokio::time::Instant;
 
 use crate::buildlog::{self, LineSplitter, LogSender, LogWriter, Stream};
 use crate::config::{ProjectConfig, Source};
-use crate::model::{Build, CancelReason, Outcome};
+use crate::machine::{Exit, RunEnd};
+use crate::model::{Build, CancelReason};
 use crate::queue::{LiveLog, Queue, Resolution, Start, StopReason};
 use crate::supervisor;
 
@@ -278,7 +279,7 @@ pub async fn run(queue: Queue, settings: RunSettings, start: Start) {
         Ok(x) => x,
         Err(e) => {
             tracing::error!(build = %id, "cannot create the build log {}: {e}", log_path.display());
-            queue.finish(id, Outcome::Fail, None, buildlog::LogSummary::default());
+            queue.finish(id, FAILED, buildlog::LogSummary::default());
             return;
         }
     };
@@ -306,7 +307,7 @@ pub async fn run(queue: Queue, settings: RunSettings, start: Start) {
     };
     let workspace = workspace_dir(&settings.state_dir).join(id.to_string());
     let payload = payload_dir(&settings.state_dir).join(id.to_string());
-    let (outcome, exit_code) = execute(
+    let end = execute(
         &queue,
         &mut ctx,
         &build,
@@ -323,7 +324,7 @@ pub async fn run(queue: Queue, settings: RunSettings, start: Start) {
         let _ = std::fs::remove_file(&payload);
     })
     .await;
-    queue.finish(id, outcome, exit_code, summary);
+    queue.finish(id, end, summary);
 }
 
 async fn execute(
@@ -333,7 +334,7 @@ async fn execute(
     project: Option<&ProjectConfig>,
     workspace: &Path,
     payload_path: &Path,
-) -> (Outcome, Option<i32>) {
+) -> RunEnd {
     let id = build.id;
     let Some(project) = project else {
         ctx.log
@@ -342,16 +343,16 @@ async fn execute(
                 build.project
             ))
             .await;
-        return (Outcome::Fail, None);
+        return FAILED;
     };
-    if !project.has_branch(&build.branch) {
+    if !project.allows(&build.git_ref) {
         ctx.log
             .system(format!(
-                "branch {} is no longer one of project {}'s branches; nothing was run",
-                build.branch, build.project
+                "{} is no longer one the config of project {} builds; nothing was run",
+                build.git_ref, build.project
             ))
             .await;
-        return (Outcome::Fail, None);
+        return FAILED;
     }
     let mut env = ctx.settings.base_env.clone();
     env.push(("GIT_TERMINAL_PROMPT".into(), "0".into()));
@@ -375,7 +376,7 @@ async fn execute(
                 ctx.log
                     .system(format!("cannot write the payload file: {e}"))
                     .await;
-                return (Outcome::Fail, None);
+                return FAILED;
             }
         }
     } else {
@@ -393,7 +394,15 @@ async fn execute(
     env.extend([
         ("DEPLOYHOOK_BUILD_UUID".to_owned(), id.to_string()),
         ("DEPLOYHOOK_PROJECT".to_owned(), build.project.clone()),
-        ("DEPLOYHOOK_BRANCH".to_owned(), build.branch.clone()),
+        (
+            "DEPLOYHOOK_BRANCH".to_owned(),
+            build.git_ref.branch().unwrap_or_default().to_owned(),
+        ),
+        ("DEPLOYHOOK_REF".to_owned(), build.git_ref.full()),
+        (
+            "DEPLOYHOOK_TAG".to_owned(),
+            build.git_ref.tag().unwrap_or_default().to_owned(),
+        ),
         (
             "DEPLOYHOOK_COMMIT".to_owned(),
             commit.clone().unwrap_or_default(),
@@ -405,26 +414,34 @@ async fn execute(
         ("DEPLOYHOOK_HOOK_NAME".to_owned(), hook_name),
         ("DEPLOYHOOK_PAYLOAD".to_owned(), payload_env),
     ]);
+    // SPEC §2.3: each accepted parameter as its own variable; names are validated
+    // (`^[a-z][a-z0-9_]*$`) and values carry no NUL, CR or LF, and nothing goes through a shell.
+    env.extend(build.params.iter().map(|(k, v)| {
+        (
+            format!("DEPLOYHOOK_PARAM_{}", k.to_ascii_uppercase()),
+            v.clone(),
+        )
+    }));
 
     if let Some(r) = ctx.pending_stop() {
         note_stop(ctx, r).await;
-        return (r.outcome(), None);
+        return RunEnd {
+            stopped_by: Some(r),
+            exit: Exit::Failed,
+        };
     }
     queue.mark_running(id);
     let argv: Vec<String> = vec!["/bin/sh".into(), "-c".into(), project.command.clone()];
     let out = Sink::Log(ctx.log.clone(), Stream::Stdout);
     let err = Sink::Log(ctx.log.clone(), Stream::Stderr);
     let end = step(ctx, argv, &workdir, &env, out, err).await;
-    let outcome = match (end.stopped, &end.status) {
-        (Some(r), _) => r.outcome(),
-        (None, MainStatus::Exited(0)) => Outcome::Success,
-        (None, _) => Outcome::Fail,
-    };
-    // SPEC: null when the build was ended by a stop (cancel, timeout, shutdown), even if its
-    // main process caught the SIGTERM and exited by itself.
-    let exit_code = match (end.stopped, &end.status) {
-        (None, MainStatus::Exited(c)) => Some(*c),
-        _ => None,
+    let run_end = RunEnd {
+        stopped_by: end.stopped,
+        exit: match &end.status {
+            MainStatus::Exited(c) => Exit::Code(*c),
+            MainStatus::Signaled(s) => Exit::Signal(*s),
+            MainStatus::SpawnError(_) | MainStatus::Lost => Exit::Failed,
+        },
     };
     let summary = match &end.status {
         MainStatus::Exited(c) => format!("the command exited with code {c}"),
@@ -433,10 +450,19 @@ async fn execute(
         MainStatus::Lost => "the build's supervisor vanished; its processes were killed".to_owned(),
     };
     ctx.log
-        .system(format!("{summary}; outcome {}", outcome.as_str()))
+        .system(format!(
+            "{summary}; outcome {}",
+            run_end.outcome().0.as_str()
+        ))
         .await;
-    (outcome, exit_code)
+    run_end
 }
+
+/// A build that failed before any command could run to an exit status.
+const FAILED: RunEnd = RunEnd {
+    stopped_by: None,
+    exit: Exit::Failed,
+};
 
 /// Fetches the branch into the project's mirror, resolves its head (again if a trigger
 /// joined meanwhile), and checks it out into a fresh workspace. Returns the full SHA.
@@ -447,7 +473,7 @@ async fn checkout(
     url: &str,
     env: &[(String, String)],
     workspace: &Path,
-) -> Result<String, (Outcome, Option<i32>)> {
+) -> Result<String, RunEnd> {
     let mirrors = ctx.settings.state_dir.join("mirrors");
     let mirror = mirrors.join(format!("{}.git", build.project));
     let sys = |log: &LogSender| Sink::Log(log.clone(), Stream::System);
@@ -455,7 +481,7 @@ async fn checkout(
         ctx.log
             .system(format!("cannot create {}: {e}", mirrors.display()))
             .await;
-        return Err((Outcome::Fail, None));
+        return Err(FAILED);
     }
     if !mirror.join("HEAD").exists() {
         let argv = git_argv(&["init", "--quiet", "--bare", "--"], &[mirror.as_path()]);
@@ -480,13 +506,14 @@ async fn checkout(
             .await;
     }
     let git_dir = format!("--git-dir={}", mirror.display());
-    let refspec = format!("+refs/heads/{0}:refs/heads/{0}", build.branch);
+    let full_ref = build.git_ref.full();
+    let refspec = format!("+{full_ref}:{full_ref}");
     let sha = loop {
         queue.begin_fetch(build.id);
         ctx.log
             .system(format!(
-                "fetching branch {} from {}",
-                build.branch,
+                "fetching {} from {}",
+                build.git_ref,
                 redact_credentials(url)
             ))
             .await;
@@ -512,7 +539,7 @@ async fn checkout(
             return Err(step_failed(ctx, "git fetch", &end).await);
         }
         let captured = Arc::new(Mutex::new(Vec::new()));
-        let rev = format!("refs/heads/{}^{{commit}}", build.branch);
+        let rev = format!("{full_ref}^{{commit}}");
         let argv = git_argv(
             &[&git_dir, "rev-parse", "--verify", "--quiet"],
             &[Path::new(&rev)],
@@ -536,11 +563,11 @@ async fn checkout(
         if sha.len() < 40 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
             ctx.log
                 .system(format!(
-                    "git rev-parse gave no commit for branch {}",
-                    build.branch
+                    "git rev-parse gave no commit for {}",
+                    build.git_ref
                 ))
                 .await;
-            return Err((Outcome::Fail, None));
+            return Err(FAILED);
         }
         if queue.resolve(build.id, Resolution::Fetched(sha.clone())) {
             break sha;
@@ -559,7 +586,7 @@ async fn checkout(
         ctx.log
             .system(format!("cannot create {}: {e}", parent.display()))
             .await;
-        return Err((Outcome::Fail, None));
+        return Err(FAILED);
     }
     let argv = git_argv(
         &["clone", "--quiet", "--shared", "--no-checkout", "--"],
@@ -619,9 +646,12 @@ fn git_argv(args: &[&str], more: &[&Path]) -> Vec<String> {
     v
 }
 
-async fn step_failed(ctx: &mut Ctx<'_>, what: &str, end: &StepEnd) -> (Outcome, Option<i32>) {
+async fn step_failed(ctx: &mut Ctx<'_>, what: &str, end: &StepEnd) -> RunEnd {
     if let Some(r) = end.stopped {
-        return (r.outcome(), None);
+        return RunEnd {
+            stopped_by: Some(r),
+            exit: Exit::Failed,
+        };
     }
     let why = match &end.status {
         MainStatus::Exited(c) => format!("exited with code {c}"),
@@ -632,7 +662,7 @@ async fn step_failed(ctx: &mut Ctx<'_>, what: &str, end: &StepEnd) -> (Outcome, 
     ctx.log
         .system(format!("{what} {why}; the build fails"))
         .await;
-    (Outcome::Fail, None)
+    FAILED
 }
 
 async fn write_payload(queue: &Queue, build: &Build, path: &Path) -> std::io::Result<()> {

@@ -62,6 +62,10 @@ use crate::token::TokenHash;
 /// Format version of every record; bump it when a record's shape changes.
 const FORMAT_V1: u8 = 1;
 
+/// Format version of build records since v2 (refs, tags, params, requested commits). Builds
+/// written by v1 ([`BuildV1`]) stay readable: they are converted when read.
+const BUILD_FORMAT_V2: u8 = 2;
+
 /// sled's page cache. Its default of 1 GiB is far too much for a small VPS, and sled cannot see
 /// a cgroup v2 `MemoryMax`, so it is set explicitly and small.
 pub const CACHE_CAPACITY_BYTES: u64 = 32 * 1024 * 1024;
@@ -189,6 +193,83 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
             "unknown record format version {v}"
         ))),
         None => Err(StoreError::Corrupt("empty record".into())),
+    }
+}
+
+fn encode_build(b: &Build) -> Result<Vec<u8>, StoreError> {
+    let mut out = encode(b)?;
+    out[0] = BUILD_FORMAT_V2;
+    Ok(out)
+}
+
+fn decode_build(bytes: &[u8]) -> Result<Build, StoreError> {
+    match bytes.split_first() {
+        Some((&BUILD_FORMAT_V2, rest)) => {
+            bincode::serde::decode_from_slice(rest, bincode::config::standard())
+                .map(|(v, _)| v)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))
+        }
+        Some((&FORMAT_V1, _)) => decode::<BuildV1>(bytes).map(Build::from),
+        Some((v, _)) => Err(StoreError::Corrupt(format!(
+            "unknown build record format version {v}"
+        ))),
+        None => Err(StoreError::Corrupt("empty record".into())),
+    }
+}
+
+/// A build as v1 stored it: read only, to upgrade a state dir in place.
+#[derive(serde::Deserialize)]
+struct BuildV1 {
+    id: BuildId,
+    seq: u64,
+    project: String,
+    branch: String,
+    commit: Option<String>,
+    requested_commit: Option<String>,
+    phase: crate::model::Phase,
+    exit_code: Option<i32>,
+    trigger: crate::model::Trigger,
+    created_on: Timestamp,
+    initializing_on: Option<Timestamp>,
+    running_on: Option<Timestamp>,
+    stopped_on: Option<Timestamp>,
+    cancel_reason: Option<crate::model::CancelReason>,
+    superseded_by: Option<BuildId>,
+    has_payload: bool,
+    log_lines: u64,
+    log_bytes: u64,
+    log_truncated: bool,
+}
+
+impl From<BuildV1> for Build {
+    fn from(v: BuildV1) -> Build {
+        Build {
+            id: v.id,
+            seq: v.seq,
+            project: v.project,
+            git_ref: crate::model::GitRef::Branch(v.branch),
+            params: Default::default(),
+            commit: v.commit,
+            requested_commits: v.requested_commit.iter().cloned().collect(),
+            requested_commit: v.requested_commit,
+            exact_commit: None,
+            not_before: None,
+            redeploy_of: None,
+            superseded_commits: Vec::new(),
+            phase: v.phase,
+            exit_code: v.exit_code,
+            trigger: v.trigger,
+            created_on: v.created_on,
+            initializing_on: v.initializing_on,
+            running_on: v.running_on,
+            stopped_on: v.stopped_on,
+            cancel_reason: v.cancel_reason,
+            superseded_by: v.superseded_by,
+            has_payload: v.has_payload,
+            log_lines: v.log_lines,
+            log_bytes: v.log_bytes,
+            log_truncated: v.log_truncated,
+        }
     }
 }
 
@@ -517,7 +598,7 @@ impl Store {
     /// Inserts a new build, its index entry, its payload and its rate-limit event in one
     /// transaction.
     pub fn insert_build(&self, build: &Build, payload: Option<&[u8]>) -> Result<(), StoreError> {
-        let value = encode(build)?;
+        let value = encode_build(build)?;
         let ikey = index_key(build);
         let rkey = rate_key(build.created_on, build.id);
         let i = &self.inner;
@@ -565,7 +646,7 @@ impl Store {
 
     /// Overwrites an existing build record.
     pub fn put_build(&self, build: &Build) -> Result<(), StoreError> {
-        let value = encode(build)?;
+        let value = encode_build(build)?;
         let r = self.inner.builds.insert(build.id.as_bytes(), value);
         self.check(r.map(|_| ()).map_err(StoreError::from))
     }
@@ -573,7 +654,7 @@ impl Store {
     /// One build.
     pub fn build(&self, id: BuildId) -> Result<Option<Build>, StoreError> {
         let r = match self.inner.builds.get(id.as_bytes()) {
-            Ok(Some(v)) => decode(&v).map(Some),
+            Ok(Some(v)) => decode_build(&v).map(Some),
             Ok(None) => Ok(None),
             Err(e) => Err(e.into()),
         };
@@ -595,7 +676,7 @@ impl Store {
         let mut out = Vec::new();
         for item in self.inner.builds.iter() {
             let (_, v) = self.check(item.map_err(StoreError::from))?;
-            out.push(decode(&v)?);
+            out.push(decode_build(&v)?);
         }
         Ok(out)
     }
@@ -880,14 +961,18 @@ mod tests {
     fn build(project: &str, seq: u64) -> Build {
         Build::new_queued(
             seq,
-            project,
-            "main",
+            &crate::model::Target {
+                project: project.into(),
+                git_ref: crate::model::GitRef::Branch("main".into()),
+                params: Default::default(),
+            },
             Trigger {
                 source: TriggerSource::Api,
                 hook: None,
             },
             None,
             false,
+            Timestamp::now(),
         )
     }
 
@@ -917,16 +1002,80 @@ mod tests {
     #[test]
     fn records_round_trip_with_a_version_byte() {
         let b = build("site", 7);
-        let bytes = encode(&b).unwrap();
-        assert_eq!(bytes[0], FORMAT_V1);
-        assert_eq!(decode::<Build>(&bytes).unwrap(), b);
+        let bytes = encode_build(&b).unwrap();
+        assert_eq!(bytes[0], BUILD_FORMAT_V2);
+        assert_eq!(decode_build(&bytes).unwrap(), b);
         let mut future = bytes.clone();
         future[0] = 9;
-        assert!(matches!(
-            decode::<Build>(&future),
-            Err(StoreError::Corrupt(_))
-        ));
-        assert!(matches!(decode::<Build>(&[]), Err(StoreError::Corrupt(_))));
+        assert!(matches!(decode_build(&future), Err(StoreError::Corrupt(_))));
+        assert!(matches!(decode_build(&[]), Err(StoreError::Corrupt(_))));
+        let h = hook("site", "cms", "dh_x");
+        let bytes = encode(&h).unwrap();
+        assert_eq!(bytes[0], FORMAT_V1);
+        assert_eq!(decode::<Hook>(&bytes).unwrap(), h);
+    }
+
+    /// A state dir written by v1 keeps working after the upgrade: its builds read as branch
+    /// builds with no params and their one requested commit.
+    #[test]
+    fn v1_build_records_are_read_and_upgraded() {
+        #[derive(serde::Serialize)]
+        struct V1<'a> {
+            id: BuildId,
+            seq: u64,
+            project: &'a str,
+            branch: &'a str,
+            commit: Option<&'a str>,
+            requested_commit: Option<&'a str>,
+            phase: Phase,
+            exit_code: Option<i32>,
+            trigger: Trigger,
+            created_on: Timestamp,
+            initializing_on: Option<Timestamp>,
+            running_on: Option<Timestamp>,
+            stopped_on: Option<Timestamp>,
+            cancel_reason: Option<crate::model::CancelReason>,
+            superseded_by: Option<BuildId>,
+            has_payload: bool,
+            log_lines: u64,
+            log_bytes: u64,
+            log_truncated: bool,
+        }
+        let id = BuildId::new();
+        let sha = "ab".repeat(20);
+        let v1 = V1 {
+            id,
+            seq: 3,
+            project: "site",
+            branch: "staging",
+            commit: Some(&sha),
+            requested_commit: Some(&sha),
+            phase: Phase::Stopped(crate::model::Outcome::Success),
+            exit_code: Some(0),
+            trigger: Trigger {
+                source: TriggerSource::GitPush,
+                hook: None,
+            },
+            created_on: Timestamp(1),
+            initializing_on: Some(Timestamp(2)),
+            running_on: Some(Timestamp(3)),
+            stopped_on: Some(Timestamp(4)),
+            cancel_reason: None,
+            superseded_by: None,
+            has_payload: true,
+            log_lines: 5,
+            log_bytes: 6,
+            log_truncated: false,
+        };
+        let b = decode_build(&encode(&v1).unwrap()).unwrap();
+        assert_eq!(b.id, id);
+        assert_eq!(b.git_ref, crate::model::GitRef::Branch("staging".into()));
+        assert_eq!(b.requested_commits, vec![sha.clone()]);
+        assert_eq!(b.requested_commit.as_deref(), Some(sha.as_str()));
+        assert!(b.params.is_empty() && b.exact_commit.is_none() && b.not_before.is_none());
+        assert_eq!(b.phase, Phase::Stopped(crate::model::Outcome::Success));
+        assert_eq!((b.log_lines, b.log_bytes, b.has_payload), (5, 6, true));
+        b.check_invariants().unwrap();
     }
 
     #[tokio::test]

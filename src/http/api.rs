@@ -213,16 +213,14 @@ pub async fn trigger_build(
     };
     let t = state
         .queue
-        .trigger(TriggerRequest {
-            project: p.name.as_str().to_owned(),
-            branch,
-            trigger: Trigger {
+        .trigger(TriggerRequest::branch(
+            p.name.as_str(),
+            &branch,
+            Trigger {
                 source: TriggerSource::Api,
                 hook: None,
             },
-            requested_commit: None,
-            payload: None,
-        })
+        ))
         .await?;
     Ok(envelope::triggered(&t.build, t.already_exists))
 }

@@ -130,10 +130,9 @@ pub fn ok(status: StatusCode, result: Value) -> Response<Body> {
 pub struct TriggerAnswer {
     /// The build created or joined.
     pub build: BuildId,
-    /// Its project.
-    pub project: String,
-    /// Its branch.
-    pub branch: String,
+    /// Project and ref name of a new build (`None` for joins, which the queue logs itself,
+    /// once per build: the hot path clones nothing for its log).
+    pub created: Option<(String, String)>,
     /// Whether the trigger joined a pending build.
     pub already_exists: bool,
 }
@@ -164,8 +163,8 @@ pub fn triggered(build: &Build, already_exists: bool) -> Response<Body> {
     };
     r.extensions_mut().insert(TriggerAnswer {
         build: build.id,
-        project: build.project.clone(),
-        branch: build.branch.clone(),
+        created: (!already_exists)
+            .then(|| (build.project.clone(), build.git_ref.name().to_owned())),
         already_exists,
     });
     r
@@ -289,14 +288,14 @@ mod tests {
     async fn a_trigger_answer_is_the_success_envelope_of_the_build_object() {
         let b = Build::new_queued(
             1,
-            "site",
-            "main",
+            &crate::model::Target::branch("site", "main"),
             crate::model::Trigger {
                 source: crate::model::TriggerSource::Api,
                 hook: None,
             },
             None,
             false,
+            crate::model::Timestamp::now(),
         );
         for already in [false, true] {
             let fast = triggered(&b, already).into_body().collect().await;

@@ -88,6 +88,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// The HTTP timeouts in force (the production values except in tests).
     pub tunables: Tunables,
+    /// Aggregates refusal lines that clients can cause at request rate.
+    pub quiet_log: crate::quietlog::Throttle,
 }
 
 impl AppState {
@@ -397,6 +399,8 @@ fn note_trigger(
 ) {
     match result {
         Ok(r) => {
+            // Joins are logged by the queue, once per build (the first, then a count when the
+            // build leaves the queue), so a hammered hook cannot flood the journal.
             if let Some(a) = r.extensions().get::<TriggerAnswer>() {
                 let outcome = if a.already_exists {
                     TriggerResult::Deduplicated
@@ -404,15 +408,18 @@ fn note_trigger(
                     TriggerResult::Created
                 };
                 state.metrics.count_trigger(source, outcome);
-                tracing::info!(
-                    source = %source.as_str(),
-                    result = %outcome.as_str(),
-                    project = %a.project,
-                    branch = %a.branch,
-                    build = %a.build,
-                    already_exists = a.already_exists,
-                    "trigger"
-                );
+                // New builds are bounded by the rate limits, so each gets its line.
+                if let Some((project, branch)) = &a.created {
+                    tracing::info!(
+                        source = %source.as_str(),
+                        result = %outcome.as_str(),
+                        project = %project,
+                        branch = %branch,
+                        build = %a.build,
+                        already_exists = false,
+                        "trigger"
+                    );
+                }
             }
         }
         Err(e) => {
@@ -424,25 +431,36 @@ fn note_trigger(
             };
             state.metrics.count_trigger(source, outcome);
             // Unknown tokens and projects, and API calls without the admin token, are what
-            // scanners produce: counted, but logged only at debug so that they cannot flood
-            // the journal. Every other refusal (a bad Git signature on a configured project,
-            // a limit, a wrong branch) is something an operator may need to see.
+            // scanners produce: counted, but logged only at debug. Every other refusal (a bad
+            // Git signature on a configured project, a limit, a wrong branch) is something an
+            // operator may need to see, but a client can repeat it at request rate: the first
+            // of each kind per minute is written, the rest are counted into the next one.
+            let status = e.status().as_u16();
             if e.status() == http::StatusCode::NOT_FOUND || matches!(e, ApiError::Unauthorized) {
                 tracing::debug!(
                     source = %source.as_str(),
                     result = %outcome.as_str(),
                     project,
-                    status = e.status().as_u16(),
+                    status,
                     "trigger refused: {e}"
                 );
             } else {
-                tracing::info!(
-                    source = %source.as_str(),
-                    result = %outcome.as_str(),
-                    project,
-                    status = e.status().as_u16(),
-                    "trigger refused: {e}"
-                );
+                let kind = format!("{} {status} {}", source.as_str(), project.unwrap_or("-"));
+                if let Some(left_out) = state.quiet_log.admit(&kind, std::time::Instant::now()) {
+                    tracing::info!(
+                        source = %source.as_str(),
+                        result = %outcome.as_str(),
+                        project,
+                        status,
+                        left_out,
+                        "trigger refused: {e}{}",
+                        if left_out > 0 {
+                            format!(" (and {left_out} more like it in the last minute)")
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
             }
         }
     }

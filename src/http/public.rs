@@ -105,14 +105,15 @@ pub async fn fire_hook(
     let result = state
         .queue
         .trigger(TriggerRequest {
-            project: hook.project.clone(),
-            branch: hook.branch.clone(),
-            trigger: Trigger {
-                source: TriggerSource::DeployHook,
-                hook: Some((hook.id, hook.name.clone())),
-            },
-            requested_commit: None,
             payload: (!body.is_empty()).then_some(body),
+            ..TriggerRequest::branch(
+                &hook.project,
+                &hook.branch,
+                Trigger {
+                    source: TriggerSource::DeployHook,
+                    hook: Some((hook.id, hook.name.clone())),
+                },
+            )
         })
         .await;
     let t = match result {
@@ -185,14 +186,16 @@ pub async fn git_push(
         Decision::Build { branch, after } => (branch, after),
     };
     let request = TriggerRequest {
-        project: project.to_owned(),
-        branch,
-        trigger: Trigger {
-            source: TriggerSource::GitPush,
-            hook: None,
-        },
         requested_commit: Some(after),
         payload: Some(body),
+        ..TriggerRequest::branch(
+            project,
+            &branch,
+            Trigger {
+                source: TriggerSource::GitPush,
+                hook: None,
+            },
+        )
     };
     // Claim, trigger and record run in their own task: if the Git host hangs up meanwhile
     // (hyper then drops this handler), the delivery is still completed or released, never
@@ -221,7 +224,7 @@ async fn handle_push(
     delivery: Option<String>,
     request: TriggerRequest,
 ) -> Result<Response<Body>, ApiError> {
-    let project = request.project.clone();
+    let project = request.target.project.clone();
     let claim = match delivery {
         None => Claim::Anonymous,
         Some(d) => {

@@ -83,6 +83,8 @@ fn environment_is_exactly_the_spec_one() {
     assert_eq!(get("DEPLOYHOOK_COMMIT"), Some(""));
     assert_eq!(get("DEPLOYHOOK_TRIGGER"), Some("deploy_hook"));
     assert_eq!(get("DEPLOYHOOK_HOOK_NAME"), Some("cms"));
+    assert_eq!(get("DEPLOYHOOK_REF"), Some("refs/heads/main"));
+    assert_eq!(get("DEPLOYHOOK_TAG"), Some(""));
     assert!(get("DEPLOYHOOK_PAYLOAD").is_some_and(|p| !p.is_empty()));
     assert_eq!(get("payload"), Some("{\"cms\":\"entry\"}"));
     assert_eq!(get("NODE_ENV"), Some("production"));
@@ -107,6 +109,8 @@ fn environment_is_exactly_the_spec_one() {
         "DEPLOYHOOK_TRIGGER",
         "DEPLOYHOOK_HOOK_NAME",
         "DEPLOYHOOK_PAYLOAD",
+        "DEPLOYHOOK_REF",
+        "DEPLOYHOOK_TAG",
         "NODE_ENV",
         "PATH",
         "HOME",

@@ -6,6 +6,7 @@ mod examples;
 mod foundation;
 mod git;
 mod hostile;
+mod machine;
 mod ops;
 mod reliability;
 mod util;
