@@ -290,12 +290,15 @@ fn no_supersede_when_disabled() {
     let d = Daemon::start(&workdir_project(
         "site",
         wd.path(),
-        "sleep 3",
+        "sleep 2",
         "cancel_superseded = false",
     ));
     let old = d.trigger_id("site", "main");
     d.wait_status(&old, "running", 20);
     let new = d.trigger_id("site", "main");
+    // The new trigger did meet the running build (else the test proves nothing): a
+    // supersede would have stopped it at once, long before its 2 s are up.
+    assert_eq!(d.build(&old)["status"], "running");
     let b = d.wait_status(&old, "stopped", 20);
     assert_eq!(b["build_outcome"], "success");
     assert_eq!(b["cancel_reason"], Value::Null);
@@ -525,8 +528,11 @@ fn kill_9_of_the_daemon_takes_its_builds_with_it() {
 fn sigterm_drains_then_interrupts_and_exits_zero() {
     let wd = tempfile::tempdir().unwrap();
     let cmd = format!("trap '' TERM; {}", pid_recording_command(wd.path()));
-    // shutdown_timeout is 3 s in tests, kill_grace 1 s.
-    let mut d = Daemon::start(&workdir_project("site", wd.path(), &cmd, ""));
+    // A 2 s drain (room for the 503 below), then the interrupt, and kill_grace 1 s.
+    let mut d = Daemon::start_with_server(
+        "shutdown_timeout = \"2s\"",
+        &workdir_project("site", wd.path(), &cmd, ""),
+    );
     let id = d.trigger_id("site", "main");
     eventually(10, "pids written", || {
         pids_in(&wd.path().join("pids")).len() == 2

@@ -299,7 +299,8 @@ fn a_store_write_failure_answers_503_exits_non_zero_and_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     write_config(
         tmp.path(),
-        "builds_per_minute = 1000000\nproject_builds_per_minute = 1000000\nkeep_builds = 100000",
+        "builds_per_minute = 1000000\nproject_builds_per_minute = 1000000\nkeep_builds = 100000\n\
+         shutdown_timeout = \"500ms\"",
         &workdir_project("site", wd.path(), "sleep 60", ""),
     );
     // The database failure is noticed at the next health check: 100 ms apart instead of 1 s.
