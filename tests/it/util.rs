@@ -57,6 +57,30 @@ pub fn raw(addr: SocketAddr, bytes: &[u8]) -> Resp {
     parse_response(&buf)
 }
 
+/// Reads one response with a `Content-Length` from a connection that stays open (keep-alive).
+pub fn read_one_response(s: &mut TcpStream) -> Resp {
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let len = parse_response(&buf[..end + 4])
+                .header("Content-Length")
+                .and_then(|v| v.parse::<usize>().ok())
+                .expect("a response with a Content-Length");
+            if buf.len() >= end + 4 + len {
+                return parse_response(&buf[..end + 4 + len]);
+            }
+        }
+        assert!(buf.len() < 1 << 20, "no end to the response");
+        match s.read(&mut chunk) {
+            Ok(0) => panic!("closed mid-response: {:?}", String::from_utf8_lossy(&buf)),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("{e}: {:?}", String::from_utf8_lossy(&buf)),
+        }
+    }
+}
+
 pub fn parse_response(buf: &[u8]) -> Resp {
     let end = buf
         .windows(4)
