@@ -167,6 +167,13 @@ pub async fn run(
     let mut signals = Signals::install().map_err(DaemonError::Signals)?;
     let config = Config::load(config_path)?;
     init_tracing(&config.server.log_level, log_format);
+    if tunables != Tunables::default() {
+        // Only tests set them; a production daemon running with them would drop clients.
+        tracing::warn!(
+            "{} is set: internal timeouts differ from the production ones: {tunables:?}",
+            crate::tunables::ENV_VAR
+        );
+    }
     let notifier = Arc::new(Notifier::from_env());
     let nofile = raise_nofile_limit();
     let max_connections = MAX_CONNECTIONS.min((nofile.saturating_sub(256) as usize).max(64));
