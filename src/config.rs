@@ -188,6 +188,14 @@ impl ProjectConfig {
         self.branches.iter().any(|b| b.as_str() == branch)
     }
 
+    /// The repository URL or path, for projects built from Git.
+    pub fn repo(&self) -> Option<&str> {
+        match &self.source {
+            Source::Repo(url) => Some(url),
+            Source::Workdir(_) => None,
+        }
+    }
+
     /// Whether a trigger may build this ref (a branch of `branches`; tags are not built yet).
     pub fn allows(&self, r: &crate::model::GitRef) -> bool {
         match r {

@@ -141,7 +141,8 @@ pub struct TriggerInput<'a> {
     pub requested_commit: Option<&'a str>,
     /// An exact commit to build (never joins, never joined, supersedes nothing).
     pub exact_commit: Option<&'a str>,
-    /// The build a redeploy repeats.
+    /// The build a redeploy repeats (a redeploy stands alone like an exact commit, also for
+    /// a workdir project, which has no commit to name).
     pub redeploy_of: Option<BuildId>,
     /// A request body is stored with a new build.
     pub has_payload: bool,
@@ -386,7 +387,7 @@ impl Machine {
                 .entry(build.project.clone())
                 .or_default()
                 .insert(build.seq);
-            if build.exact_commit.is_none() {
+            if !build.stands_alone() {
                 self.pending.insert(build.target(), build.id);
             }
         }
@@ -495,6 +496,7 @@ impl Machine {
         }
         let mut fx = Vec::new();
         if t.exact_commit.is_none()
+            && t.redeploy_of.is_none()
             && let Some(id) = self.pending.get(t.target).copied()
             && let Some(l) = self.live.get_mut(&id)
         {
@@ -556,7 +558,7 @@ impl Machine {
             log(&build, LogWhat::Queued(build.trigger.source)),
         ];
         self.limiter.record(&build.project, mono);
-        if cancel_superseded && build.exact_commit.is_none() {
+        if cancel_superseded && !build.stands_alone() {
             let target = self.active.get(&build.project).copied().filter(|old| {
                 self.live.get(old).is_some_and(|l| {
                     l.resolved && l.stop.is_none() && l.build.is_of(&build.target())

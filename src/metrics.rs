@@ -118,6 +118,18 @@ pub struct Metrics {
     http: Mutex<BTreeMap<(&'static str, u16), u64>>,
     /// `deployhook_builds_total` and `deployhook_build_duration_seconds` by project.
     builds: Mutex<BTreeMap<String, ProjectBuilds>>,
+    /// `deployhook_held_waits`: requests waiting for a build's outcome right now.
+    held_waits: AtomicU64,
+}
+
+/// Counts one held wait (SPEC §4.3) for as long as it lives: a client that hangs up drops
+/// the wait's future, and with it this guard.
+pub struct HeldWait<'a>(&'a Metrics);
+
+impl Drop for HeldWait<'_> {
+    fn drop(&mut self) {
+        self.0.held_waits.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Default for Metrics {
@@ -142,7 +154,14 @@ impl Metrics {
             triggers: Default::default(),
             http: Mutex::new(BTreeMap::new()),
             builds: Mutex::new(BTreeMap::new()),
+            held_waits: AtomicU64::new(0),
         }
+    }
+
+    /// Counts a wait that starts now, until the returned guard is dropped.
+    pub fn hold_wait(&self) -> HeldWait<'_> {
+        self.held_waits.fetch_add(1, Ordering::Relaxed);
+        HeldWait(self)
     }
 
     /// Counts an answered request. `route` must be a template, never a raw path.
@@ -282,6 +301,17 @@ impl Metrics {
             "Builds initializing or running.",
         );
         let _ = writeln!(out, "deployhook_running_builds {running}");
+        family(
+            &mut out,
+            "deployhook_held_waits",
+            "gauge",
+            "Requests waiting for a build's outcome (?wait=, /wait).",
+        );
+        let _ = writeln!(
+            out,
+            "deployhook_held_waits {}",
+            self.held_waits.load(Ordering::Relaxed)
+        );
 
         family(
             &mut out,

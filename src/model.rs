@@ -488,6 +488,12 @@ impl Build {
         }
     }
 
+    /// Whether this build stands alone (an exact commit, or a redeploy): it never joins, is
+    /// never joined and supersedes nothing (SPEC §2.1).
+    pub fn stands_alone(&self) -> bool {
+        self.exact_commit.is_some() || self.redeploy_of.is_some()
+    }
+
     /// The build's target.
     pub fn target(&self) -> Target {
         Target {
@@ -819,6 +825,14 @@ mod tests {
         assert_eq!(b.to_json()["trigger"]["hook_id"], hook.to_string());
     }
 
+    fn api_build(t: &Target) -> Build {
+        let api = Trigger {
+            source: TriggerSource::Api,
+            hook: None,
+        };
+        Build::new_queued(1, t, api, None, false, Timestamp(0))
+    }
+
     #[test]
     fn tag_builds_have_a_null_branch_and_params_show_sorted() {
         let mut t = Target {
@@ -828,17 +842,7 @@ mod tests {
         };
         t.params.insert("zone".into(), "eu".into());
         t.params.insert("env".into(), "prod".into());
-        let mut b = Build::new_queued(
-            1,
-            &t,
-            Trigger {
-                source: TriggerSource::Api,
-                hook: None,
-            },
-            None,
-            false,
-            Timestamp(0),
-        );
+        let mut b = api_build(&t);
         let first = BuildId::new();
         b.redeploy_of = Some(first);
         let v = b.to_json();
@@ -860,17 +864,7 @@ mod tests {
 
     #[test]
     fn invariants_catch_a_self_contradicting_record() {
-        let mut b = Build::new_queued(
-            1,
-            &Target::branch("site", "main"),
-            Trigger {
-                source: TriggerSource::Api,
-                hook: None,
-            },
-            None,
-            false,
-            Timestamp(0),
-        );
+        let mut b = api_build(&Target::branch("site", "main"));
         b.check_invariants().unwrap();
         // The stored contradiction of the outside review: success, exit 0, superseded.
         b.phase = Phase::Stopped(Outcome::Success);

@@ -187,6 +187,18 @@ struct Inner {
     state: Mutex<Locked>,
     /// Notified whenever a build stops (shutdown waits on it).
     stopped: Notify,
+    /// Turns true at shutdown: held waits answer at once (SPEC §4.3).
+    closing: watch::Sender<bool>,
+}
+
+/// What a wait for a build's outcome found (SPEC §4.3).
+#[derive(Debug, Clone)]
+pub struct Waited {
+    /// The build waited for, or the newest one it was superseded by; stopped unless the time
+    /// ran out or the daemon is shutting down.
+    pub build: Build,
+    /// The build first waited for, when supersedes were followed.
+    pub followed_from: Option<BuildId>,
 }
 
 /// Writes one of the machine's log lines. Branch builds carry `branch`, tag builds `tag`.
@@ -273,6 +285,7 @@ impl Queue {
                     handles: HashMap::new(),
                 }),
                 stopped: Notify::new(),
+                closing: watch::channel(false).0,
             }),
         };
         {
@@ -524,6 +537,60 @@ impl Queue {
         self.lock().handles.get(&id).map(|h| h.done_tx.subscribe())
     }
 
+    /// Waits until build `id` stops or `timeout` passes (SPEC §4.3), following supersedes to
+    /// the newest build, whose code includes the waited-for trigger. `None`: no such build.
+    /// Costs no polling and holds no lock while it waits: it watches the build's `done`
+    /// channel, and dropping the future (a client that hung up) frees everything.
+    pub async fn wait(&self, id: BuildId, timeout: Duration) -> Result<Option<Waited>, StoreError> {
+        let _held = self.inner.metrics.hold_wait();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut closing = self.inner.closing.subscribe();
+        let mut current = id;
+        let mut followed_from = None;
+        loop {
+            let done = self.done_watch(current);
+            if let Some(mut done) = done {
+                let stopped = tokio::select! {
+                    // An Err means the sender is gone: the build stopped.
+                    _ = done.wait_for(|d| *d) => true,
+                    _ = tokio::time::sleep_until(deadline) => false,
+                    _ = closing.wait_for(|c| *c) => false,
+                };
+                if !stopped {
+                    let now = self.lock().machine.build(current).cloned();
+                    let build = match now {
+                        Some(b) => b,
+                        None => match self.inner.store.build(current)? {
+                            Some(b) => b,
+                            None => return Ok(None),
+                        },
+                    };
+                    return Ok(Some(Waited {
+                        build,
+                        followed_from,
+                    }));
+                }
+                continue;
+            }
+            // Not live: the stored record is final (it is written before `done` flips).
+            let Some(build) = self.inner.store.build(current)? else {
+                return Ok(None);
+            };
+            match (build.cancel_reason, build.superseded_by) {
+                (Some(crate::model::CancelReason::Superseded), Some(next)) if next != current => {
+                    followed_from.get_or_insert(id);
+                    current = next;
+                }
+                _ => {
+                    return Ok(Some(Waited {
+                        build,
+                        followed_from,
+                    }));
+                }
+            }
+        }
+    }
+
     /// Waits until no build is active, or `deadline`; true if none is.
     async fn wait_idle(&self, deadline: tokio::time::Instant) -> bool {
         loop {
@@ -542,6 +609,7 @@ impl Queue {
     /// at the next start.
     pub async fn shutdown(&self, grace: Duration) {
         self.lock().machine.stop_accepting();
+        self.inner.closing.send_replace(true);
         if self.wait_idle(tokio::time::Instant::now() + grace).await {
             return;
         }

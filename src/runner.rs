@@ -363,10 +363,12 @@ async fn execute(
             queue.resolve(id, Resolution::Workdir);
             (dir.clone(), None)
         }
-        Source::Repo(url) => match checkout(queue, ctx, build, url, &git_env, workspace).await {
-            Ok(sha) => (workspace.to_path_buf(), Some(sha)),
-            Err(end) => return end,
-        },
+        Source::Repo(url) => {
+            match checkout(queue, ctx, build, project, url, &git_env, workspace).await {
+                Ok(sha) => (workspace.to_path_buf(), Some(sha)),
+                Err(end) => return end,
+            }
+        }
     };
 
     let payload_env = if build.has_payload {
@@ -470,6 +472,7 @@ async fn checkout(
     queue: &Queue,
     ctx: &mut Ctx<'_>,
     build: &Build,
+    project: &ProjectConfig,
     url: &str,
     env: &[(String, String)],
     workspace: &Path,
@@ -508,75 +511,47 @@ async fn checkout(
     let git_dir = format!("--git-dir={}", mirror.display());
     let full_ref = build.git_ref.full();
     let refspec = format!("+{full_ref}:{full_ref}");
-    let sha = loop {
-        queue.begin_fetch(build.id);
-        ctx.log
-            .system(format!(
-                "fetching {} from {}",
-                build.git_ref,
-                redact_credentials(url)
-            ))
-            .await;
-        let argv = git_argv(
-            &[
-                // No background gc/maintenance: a detached gc would be killed with the build's
-                // tree as soon as fetch exits, leaving locks behind.
-                "-c",
-                "gc.auto=0",
-                "-c",
-                "maintenance.auto=false",
-                &git_dir,
-                "fetch",
-                "--quiet",
-                "--no-tags",
-                "--no-write-fetch-head",
-                "--",
-            ],
-            &[Path::new(url), Path::new(&refspec)],
-        );
-        let end = step(ctx, argv, &mirrors, env, sys(ctx.log), sys(ctx.log)).await;
-        if !end.ok() {
-            return Err(step_failed(ctx, "git fetch", &end).await);
-        }
-        let captured = Arc::new(Mutex::new(Vec::new()));
-        let rev = format!("{full_ref}^{{commit}}");
-        let argv = git_argv(
-            &[&git_dir, "rev-parse", "--verify", "--quiet"],
-            &[Path::new(&rev)],
-        );
-        let end = step(
-            ctx,
-            argv,
-            &mirrors,
-            env,
-            Sink::Capture(captured.clone()),
-            sys(ctx.log),
-        )
-        .await;
-        if !end.ok() {
-            return Err(step_failed(ctx, "git rev-parse", &end).await);
-        }
-        let sha = captured
-            .lock()
-            .map(|v| String::from_utf8_lossy(&v).trim().to_owned())
-            .unwrap_or_default();
-        if sha.len() < 40 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+    let m = Mirror {
+        url,
+        env,
+        dir: &mirrors,
+        git_dir: &git_dir,
+    };
+    let sha = if let Some(wanted) = &build.exact_commit {
+        let sha = fetch_exact(ctx, &m, build, project, wanted).await?;
+        queue.resolve(build.id, Resolution::Fetched(sha.clone()));
+        sha
+    } else {
+        loop {
+            queue.begin_fetch(build.id);
             ctx.log
                 .system(format!(
-                    "git rev-parse gave no commit for {}",
-                    build.git_ref
+                    "fetching {} from {}",
+                    build.git_ref,
+                    redact_credentials(url)
                 ))
                 .await;
-            return Err(FAILED);
+            fetch(ctx, &m, &[&refspec]).await?;
+            let rev = format!("{full_ref}^{{commit}}");
+            let sha = git_output(ctx, &m, &["rev-parse", "--verify", "--quiet", &rev]).await?;
+            if !is_full_sha(&sha) {
+                ctx.log
+                    .system(format!(
+                        "git rev-parse gave no commit for {}",
+                        build.git_ref
+                    ))
+                    .await;
+                return Err(FAILED);
+            }
+            if queue.resolve(build.id, Resolution::Fetched(sha.clone())) {
+                break sha;
+            }
+            ctx.log
+                .system(
+                    "another trigger arrived during the fetch; fetching again so that it is included",
+                )
+                .await;
         }
-        if queue.resolve(build.id, Resolution::Fetched(sha.clone())) {
-            break sha;
-        }
-        ctx.log
-            .system(
-                "another trigger arrived during the fetch; fetching again so that it is included",
-            )
-            .await;
     };
     ctx.log.system(format!("checking out {sha}")).await;
     let _ = tokio::fs::remove_dir_all(workspace).await;
@@ -609,6 +584,133 @@ async fn checkout(
     let end = step(ctx, argv, workspace, env, sys(ctx.log), sys(ctx.log)).await;
     if !end.ok() {
         return Err(step_failed(ctx, "git checkout", &end).await);
+    }
+    Ok(sha)
+}
+
+/// A project's bare mirror and how to reach its remote: what every git step of a checkout
+/// needs.
+struct Mirror<'a> {
+    /// The remote's URL or path (`repo`).
+    url: &'a str,
+    /// Environment of git steps.
+    env: &'a [(String, String)],
+    /// `state_dir/mirrors`, where git steps run.
+    dir: &'a Path,
+    /// `--git-dir=<the mirror>`.
+    git_dir: &'a str,
+}
+
+fn is_full_sha(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// `git fetch` of `refspecs` from the remote into the project's mirror.
+async fn fetch(ctx: &mut Ctx<'_>, m: &Mirror<'_>, refspecs: &[&str]) -> Result<(), RunEnd> {
+    let mut argv = git_argv(
+        &[
+            // No background gc/maintenance: a detached gc would be killed with the build's
+            // tree as soon as fetch exits, leaving locks behind.
+            "-c",
+            "gc.auto=0",
+            "-c",
+            "maintenance.auto=false",
+            m.git_dir,
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--no-write-fetch-head",
+            "--",
+        ],
+        &[Path::new(m.url)],
+    );
+    argv.extend(refspecs.iter().map(|r| (*r).to_owned()));
+    let sys = Sink::Log(ctx.log.clone(), Stream::System);
+    let end = step(ctx, argv, m.dir, m.env, sys.clone(), sys).await;
+    if !end.ok() {
+        return Err(step_failed(ctx, "git fetch", &end).await);
+    }
+    Ok(())
+}
+
+/// Runs `git --git-dir=<mirror> ARGS`; returns its trimmed standard output (at most 64 KiB
+/// are kept).
+async fn git_output(ctx: &mut Ctx<'_>, m: &Mirror<'_>, args: &[&str]) -> Result<String, RunEnd> {
+    let captured = Arc::new(Mutex::new(Vec::new()));
+    let mut argv = git_argv(&[m.git_dir], &[]);
+    argv.extend(args.iter().map(|a| (*a).to_owned()));
+    let what = format!("git {}", args.first().unwrap_or(&""));
+    let err = Sink::Log(ctx.log.clone(), Stream::System);
+    let out = Sink::Capture(captured.clone());
+    let end = step(ctx, argv, m.dir, m.env, out, err).await;
+    if !end.ok() {
+        return Err(step_failed(ctx, &what, &end).await);
+    }
+    Ok(captured
+        .lock()
+        .map(|v| String::from_utf8_lossy(&v).trim().to_owned())
+        .unwrap_or_default())
+}
+
+/// For a build of an exact commit (API `commit`, redeploy): fetches every branch and tag,
+/// resolves the commit to its full SHA, and checks that it is reachable from one of the
+/// project's branches or tags (SPEC §2), so that a rollback never deploys code the project
+/// does not build.
+async fn fetch_exact(
+    ctx: &mut Ctx<'_>,
+    m: &Mirror<'_>,
+    build: &Build,
+    project: &ProjectConfig,
+    wanted: &str,
+) -> Result<String, RunEnd> {
+    ctx.log
+        .system(format!(
+            "fetching every branch and tag from {} to find commit {wanted}",
+            redact_credentials(m.url)
+        ))
+        .await;
+    let all = ["+refs/heads/*:refs/heads/*", "+refs/tags/*:refs/tags/*"];
+    fetch(ctx, m, &all).await?;
+    // `wanted` is 7–40 hex digits (checked by the API), so it cannot be read as an option.
+    let rev = format!("{wanted}^{{commit}}");
+    let sha = match git_output(ctx, m, &["rev-parse", "--verify", "--quiet", &rev]).await {
+        Ok(sha) if is_full_sha(&sha) => sha,
+        _ => {
+            ctx.log
+                .system(format!(
+                    "commit {wanted} is not in the repository after the fetch; the build fails"
+                ))
+                .await;
+            return Err(FAILED);
+        }
+    };
+    let contains = format!("--contains={sha}");
+    let args = [
+        "for-each-ref",
+        "--format=%(refname)",
+        &contains,
+        "refs/heads",
+        "refs/tags",
+    ];
+    let refs = git_output(ctx, m, &args).await?;
+    let reachable = refs.lines().any(|r| {
+        let git_ref = if let Some(b) = r.strip_prefix("refs/heads/") {
+            crate::model::GitRef::Branch(b.to_owned())
+        } else if let Some(t) = r.strip_prefix("refs/tags/") {
+            crate::model::GitRef::Tag(t.to_owned())
+        } else {
+            return false;
+        };
+        project.allows(&git_ref)
+    });
+    if !reachable {
+        ctx.log
+            .system(format!(
+                "commit {sha} is not reachable from any of project {}'s branches or tags; the build fails",
+                build.project
+            ))
+            .await;
+        return Err(FAILED);
     }
     Ok(sha)
 }

@@ -217,8 +217,9 @@ fn decode_build(bytes: &[u8]) -> Result<Build, StoreError> {
     }
 }
 
-/// A build as v1 stored it: read only, to upgrade a state dir in place.
+/// A build as v1 stored it: read only, to upgrade a state dir in place (tests write it).
 #[derive(serde::Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
 struct BuildV1 {
     id: BuildId,
     seq: u64,
@@ -1019,37 +1020,15 @@ mod tests {
     /// builds with no params and their one requested commit.
     #[test]
     fn v1_build_records_are_read_and_upgraded() {
-        #[derive(serde::Serialize)]
-        struct V1<'a> {
-            id: BuildId,
-            seq: u64,
-            project: &'a str,
-            branch: &'a str,
-            commit: Option<&'a str>,
-            requested_commit: Option<&'a str>,
-            phase: Phase,
-            exit_code: Option<i32>,
-            trigger: Trigger,
-            created_on: Timestamp,
-            initializing_on: Option<Timestamp>,
-            running_on: Option<Timestamp>,
-            stopped_on: Option<Timestamp>,
-            cancel_reason: Option<crate::model::CancelReason>,
-            superseded_by: Option<BuildId>,
-            has_payload: bool,
-            log_lines: u64,
-            log_bytes: u64,
-            log_truncated: bool,
-        }
         let id = BuildId::new();
         let sha = "ab".repeat(20);
-        let v1 = V1 {
+        let v1 = BuildV1 {
             id,
             seq: 3,
-            project: "site",
-            branch: "staging",
-            commit: Some(&sha),
-            requested_commit: Some(&sha),
+            project: "site".into(),
+            branch: "staging".into(),
+            commit: Some(sha.clone()),
+            requested_commit: Some(sha.clone()),
             phase: Phase::Stopped(crate::model::Outcome::Success),
             exit_code: Some(0),
             trigger: Trigger {

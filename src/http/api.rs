@@ -204,25 +204,160 @@ pub async fn trigger_build(
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
+    let wait = wait_param(req.uri().query())?;
     let p = project(state, p)?;
     let body = read_body(req, state.config.get().server.max_body_bytes).await?;
-    let m = json_object(&body, &["branch"])?;
+    let m = json_object(&body, &["branch", "commit"])?;
     let branch = match string_field(&m, "branch")? {
         Some(b) => b,
         None => p.branches[0].as_str().to_owned(),
     };
+    let commit = match string_field(&m, "commit")? {
+        None => None,
+        Some(_) if p.repo().is_none() => {
+            return Err(ApiError::BadRequest(format!(
+                "project {} has no repo: there is no commit to build; trigger the branch instead",
+                p.name.as_str()
+            )));
+        }
+        Some(c) if (7..=40).contains(&c.len()) && c.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Some(c.to_ascii_lowercase())
+        }
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "commit must be 7 to 40 hexadecimal digits of a commit SHA".into(),
+            ));
+        }
+    };
     let t = state
         .queue
-        .trigger(TriggerRequest::branch(
-            p.name.as_str(),
-            &branch,
-            Trigger {
+        .trigger(TriggerRequest {
+            commit,
+            ..TriggerRequest::branch(
+                p.name.as_str(),
+                &branch,
+                Trigger {
+                    source: TriggerSource::Api,
+                    hook: None,
+                },
+            )
+        })
+        .await?;
+    answer_trigger(state, t, wait).await
+}
+
+/// `?wait=SECONDS` (SPEC §4.3): 1 to 3600 whole seconds; absent is no wait.
+pub(super) fn wait_param(query: Option<&str>) -> Result<Option<Duration>, ApiError> {
+    let Some((_, v)) = query_pairs(query).into_iter().find(|(k, _)| *k == "wait") else {
+        return Ok(None);
+    };
+    match v.parse::<u64>() {
+        Ok(n @ 1..=3600) if v.bytes().all(|b| b.is_ascii_digit()) => {
+            Ok(Some(Duration::from_secs(n)))
+        }
+        _ => Err(ApiError::BadRequest(
+            "wait must be a whole number of seconds from 1 to 3600".into(),
+        )),
+    }
+}
+
+/// The answer to a trigger: at once, or (with `?wait=`) once its build stopped or the time
+/// ran out, as SPEC §4.3's table says.
+pub(super) async fn answer_trigger(
+    state: &AppState,
+    t: crate::queue::Triggered,
+    wait: Option<Duration>,
+) -> Result<Response<Body>, ApiError> {
+    let Some(wait) = wait else {
+        return Ok(envelope::triggered(&t.build, t.already_exists));
+    };
+    let w = state
+        .queue
+        .wait(t.build.id, wait)
+        .await?
+        .unwrap_or(crate::queue::Waited {
+            build: t.build.clone(),
+            followed_from: None,
+        });
+    let mut r = envelope::waited(&w, Some(t.already_exists));
+    r.extensions_mut().insert(envelope::TriggerAnswer {
+        build: t.build.id,
+        created: (!t.already_exists)
+            .then(|| (t.build.project.clone(), t.build.git_ref.name().to_owned())),
+        already_exists: t.already_exists,
+    });
+    Ok(r)
+}
+
+/// `POST /api/builds/{uuid}/redeploy`: the same project, ref and params again, at the same
+/// commit (SPEC §4.2); a build that stands alone, never joined.
+pub async fn redeploy_build(
+    state: &AppState,
+    id: &str,
+    query: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    if state.is_shutting_down() {
+        return Err(ApiError::ShuttingDown);
+    }
+    let wait = wait_param(query)?;
+    let id = build_id(id)?;
+    let old = state
+        .store
+        .build(id)?
+        .ok_or_else(|| ApiError::NotFound("no build with that id".into()))?;
+    let p = project(state, &old.project)?;
+    let commit = match (p.repo(), &old.commit) {
+        (None, _) => None,
+        (Some(_), Some(c)) => Some(c.clone()),
+        (Some(_), None) => {
+            return Err(ApiError::Conflict(format!(
+                "build {id} never resolved a commit (status {}), so there is nothing to redeploy",
+                old.phase.status()
+            )));
+        }
+    };
+    let t = state
+        .queue
+        .trigger(TriggerRequest {
+            target: old.target(),
+            trigger: Trigger {
                 source: TriggerSource::Api,
                 hook: None,
             },
-        ))
+            requested_commit: None,
+            commit,
+            redeploy_of: Some(id),
+            payload: None,
+        })
         .await?;
-    Ok(envelope::triggered(&t.build, t.already_exists))
+    answer_trigger(state, t, wait).await
+}
+
+/// `GET /api/builds/{uuid}/wait?timeout=SECONDS` (SPEC §4.3).
+pub async fn wait_build(
+    state: &AppState,
+    id: &str,
+    query: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    let timeout = match query_pairs(query)
+        .into_iter()
+        .find(|(k, _)| *k == "timeout")
+    {
+        None => Duration::from_secs(3600),
+        Some((_, v)) => match v.parse::<u64>() {
+            Ok(n @ 1..=3600) if v.bytes().all(|b| b.is_ascii_digit()) => Duration::from_secs(n),
+            _ => {
+                return Err(ApiError::BadRequest(
+                    "timeout must be a whole number of seconds from 1 to 3600".into(),
+                ));
+            }
+        },
+    };
+    let id = build_id(id)?;
+    match state.queue.wait(id, timeout).await? {
+        Some(w) => Ok(envelope::waited(&w, None)),
+        None => Err(ApiError::NotFound("no build with that id".into())),
+    }
 }
 
 /// `GET /api/projects/{p}/builds?status=&limit=&cursor=`.

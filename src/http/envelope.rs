@@ -182,6 +182,72 @@ pub fn ok_with_messages(status: StatusCode, result: Value, messages: &[String]) 
     )
 }
 
+/// The answer to a wait (SPEC §4.3): its status by the (followed) build's state, the build
+/// in `result` in every case so that `curl --fail` fails on a failed deploy and the body says
+/// why; `already_exists` for triggers that waited.
+pub fn waited(w: &crate::queue::Waited, already_exists: Option<bool>) -> Response<Body> {
+    use crate::model::{Outcome, Phase};
+    #[derive(serde::Serialize)]
+    struct Error {
+        code: u16,
+        message: String,
+    }
+    #[derive(serde::Serialize)]
+    struct Envelope<'a> {
+        success: bool,
+        errors: Vec<Error>,
+        messages: [(); 0],
+        result: BuildJson<'a>,
+    }
+    let b = &w.build;
+    let exit = b
+        .exit_code
+        .map_or(String::new(), |c| format!(" with exit code {c}"));
+    let (status, message) = match b.phase {
+        Phase::Stopped(Outcome::Success) => (StatusCode::OK, None),
+        Phase::Stopped(o @ (Outcome::Fail | Outcome::TimedOut)) => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Some(format!(
+                "build {} ended with outcome {}{exit}",
+                b.id,
+                o.as_str()
+            )),
+        ),
+        Phase::Stopped(Outcome::Cancelled) => (
+            StatusCode::CONFLICT,
+            Some(format!("build {} was cancelled", b.id)),
+        ),
+        Phase::Stopped(Outcome::Interrupted) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Some(format!(
+                "build {} was interrupted: deployhook stopped while it ran",
+                b.id
+            )),
+        ),
+        // Not stopped when the time ran out (or the daemon is shutting down).
+        _ => (StatusCode::ACCEPTED, None),
+    };
+    let envelope = Envelope {
+        success: message.is_none(),
+        errors: message
+            .into_iter()
+            .map(|message| Error {
+                code: 1000 + status.as_u16(),
+                message,
+            })
+            .collect(),
+        messages: [],
+        result: BuildJson::new(b, already_exists).followed_from(w.followed_from),
+    };
+    match serde_json::to_vec(&envelope) {
+        Ok(mut body) => {
+            body.push(b'\n');
+            raw_json(status, Bytes::from(body))
+        }
+        Err(e) => error(&ApiError::Internal(e.to_string())),
+    }
+}
+
 /// A success envelope with `result_info` (listings).
 pub fn ok_with_info(result: Value, info: Value) -> Response<Body> {
     json_response(

@@ -235,6 +235,8 @@ enum Route<'a> {
     Build(&'a str),
     BuildLogs(&'a str),
     BuildCancel(&'a str),
+    BuildRedeploy(&'a str),
+    BuildWait(&'a str),
 }
 
 impl Route<'_> {
@@ -257,6 +259,8 @@ impl Route<'_> {
             ["api", "builds", id] => Route::Build(id),
             ["api", "builds", id, "logs"] => Route::BuildLogs(id),
             ["api", "builds", id, "cancel"] => Route::BuildCancel(id),
+            ["api", "builds", id, "redeploy"] => Route::BuildRedeploy(id),
+            ["api", "builds", id, "wait"] => Route::BuildWait(id),
             _ => return None,
         })
     }
@@ -268,11 +272,13 @@ impl Route<'_> {
             | Route::Metrics
             | Route::Projects
             | Route::Build(_)
-            | Route::BuildLogs(_) => "GET",
+            | Route::BuildLogs(_)
+            | Route::BuildWait(_) => "GET",
             Route::Hook(_)
             | Route::Git(_)
             | Route::ProjectHookRotate(..)
-            | Route::BuildCancel(_) => "POST",
+            | Route::BuildCancel(_)
+            | Route::BuildRedeploy(_) => "POST",
             Route::ProjectHooks(_) | Route::ProjectBuilds(_) => "GET, POST",
             Route::ProjectHook(..) => "DELETE",
         }
@@ -302,6 +308,8 @@ impl Route<'_> {
             Route::Build(_) => "/api/builds/{uuid}",
             Route::BuildLogs(_) => "/api/builds/{uuid}/logs",
             Route::BuildCancel(_) => "/api/builds/{uuid}/cancel",
+            Route::BuildRedeploy(_) => "/api/builds/{uuid}/redeploy",
+            Route::BuildWait(_) => "/api/builds/{uuid}/wait",
         }
     }
 
@@ -313,7 +321,7 @@ impl Route<'_> {
         match self {
             Route::Hook(_) => Some(TriggerSource::DeployHook),
             Route::Git(_) => Some(TriggerSource::GitPush),
-            Route::ProjectBuilds(_) => Some(TriggerSource::Api),
+            Route::ProjectBuilds(_) | Route::BuildRedeploy(_) => Some(TriggerSource::Api),
             _ => None,
         }
     }
@@ -517,6 +525,10 @@ async fn dispatch(
         (Route::Build(id), _) if get => api::get_build(state, id),
         (Route::BuildLogs(id), _) if get => api::build_logs(state, id, req.uri().query()).await,
         (Route::BuildCancel(id), Method::POST) => api::cancel_build(state, id).await,
+        (Route::BuildRedeploy(id), Method::POST) => {
+            api::redeploy_build(state, id, req.uri().query()).await
+        }
+        (Route::BuildWait(id), _) if get => api::wait_build(state, id, req.uri().query()).await,
         (route, _) => Err(ApiError::MethodNotAllowed(route.allow())),
     }
 }

@@ -100,6 +100,7 @@ pub async fn fire_hook(
         .store
         .hook_by_token(&TokenHash::of(token))?
         .ok_or(ApiError::HookNotFound)?;
+    let wait = super::api::wait_param(req.uri().query())?;
     let max = state.config.get().server.max_body_bytes;
     let body = read_body(req, max).await?;
     let result = state
@@ -133,7 +134,7 @@ pub async fn fire_hook(
         Err(e) => return Err(e.into()),
     };
     state.store.record_hook_fired(hook.id, Timestamp::now())?;
-    Ok(triggered(&t))
+    super::api::answer_trigger(state, t, wait).await
 }
 
 /// `POST /git/{project}`: see `crate::git` for signatures and event rules.

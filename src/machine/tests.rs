@@ -21,17 +21,25 @@ fn target(project: &str, branch: &str) -> Target {
     }
 }
 
-fn api() -> Trigger {
-    Trigger {
-        source: TriggerSource::Api,
-        hook: None,
-    }
-}
+static API: Trigger = Trigger {
+    source: TriggerSource::Api,
+    hook: None,
+};
 
-fn push() -> Trigger {
-    Trigger {
-        source: TriggerSource::GitPush,
-        hook: None,
+static PUSH: Trigger = Trigger {
+    source: TriggerSource::GitPush,
+    hook: None,
+};
+
+/// An API trigger of `target` with nothing else; vary it with struct update syntax.
+fn input(target: &Target) -> TriggerInput<'_> {
+    TriggerInput {
+        target,
+        trigger: &API,
+        requested_commit: None,
+        exact_commit: None,
+        redeploy_of: None,
+        has_payload: false,
     }
 }
 
@@ -117,14 +125,11 @@ impl World {
     }
 
     fn trigger(&mut self, t: &Target, commit: Option<&str>) -> (Build, bool) {
-        let trig = if commit.is_some() { push() } else { api() };
+        let trig = if commit.is_some() { &PUSH } else { &API };
         let input = TriggerInput {
-            target: t,
-            trigger: &trig,
+            trigger: trig,
             requested_commit: commit,
-            exact_commit: None,
-            redeploy_of: None,
-            has_payload: false,
+            ..input(t)
         };
         self.trigger_with(&input, 2).expect("accepted")
     }
@@ -166,6 +171,14 @@ impl World {
     }
 }
 
+/// Asserts that the only stop requested so far is the supersede of `id`.
+fn assert_only_superseded(w: &World, id: BuildId) {
+    assert_eq!(
+        w.stops,
+        vec![(id, StopReason::Cancel(CancelReason::Superseded))]
+    );
+}
+
 fn exited(code: i32) -> RunEnd {
     RunEnd {
         stopped_by: None,
@@ -192,12 +205,8 @@ fn a_trigger_creates_a_build_and_the_next_one_joins_it() {
     let now = w.now();
     let mono = w.m.limiter.now();
     let input = TriggerInput {
-        target: &t,
-        trigger: &api(),
-        requested_commit: None,
-        exact_commit: None,
-        redeploy_of: None,
         has_payload: true,
+        ..input(&t)
     };
     // Not yet known to be flushed: a join must wait for a flush too.
     match w.m.trigger(&input, LIMITS, mono, now).unwrap().0 {
@@ -233,12 +242,9 @@ fn a_join_appends_the_pushed_sha_and_makes_it_the_requested_commit() {
     let mono = w.m.limiter.now();
     let s2 = sha(2);
     let input = TriggerInput {
-        target: &t,
-        trigger: &push(),
+        trigger: &PUSH,
         requested_commit: Some(&s2),
-        exact_commit: None,
-        redeploy_of: None,
-        has_payload: false,
+        ..input(&t)
     };
     let (plan, fx) = w.m.trigger(&input, LIMITS, mono, Timestamp(0)).unwrap();
     assert!(!fx.iter().any(|e| matches!(e, Effect::Put(_))));
@@ -268,12 +274,9 @@ fn exact_commit_builds_never_join_are_never_joined_and_supersede_nothing() {
     w.running(head.id);
     let c = sha(9);
     let input = TriggerInput {
-        target: &t,
-        trigger: &api(),
-        requested_commit: None,
         exact_commit: Some(&c),
         redeploy_of: Some(head.id),
-        has_payload: false,
+        ..input(&t)
     };
     let (r1, j1) = w.trigger_with(&input, 2).unwrap();
     let (r2, j2) = w.trigger_with(&input, 2).unwrap();
@@ -289,10 +292,7 @@ fn exact_commit_builds_never_join_are_never_joined_and_supersede_nothing() {
     // the running head build.
     let (h2, joined) = w.trigger(&t, None);
     assert!(!joined && h2.id != r1.id && h2.id != r2.id);
-    assert_eq!(
-        w.stops,
-        vec![(head.id, StopReason::Cancel(CancelReason::Superseded))]
-    );
+    assert_only_superseded(&w, head.id);
 }
 
 #[test]
@@ -304,14 +304,7 @@ fn rate_limits_count_new_builds_only_and_refusals_leave_nothing() {
     };
     let t = target("a", "main");
     let mono = w.m.limiter.now();
-    let input = TriggerInput {
-        target: &t,
-        trigger: &api(),
-        requested_commit: None,
-        exact_commit: None,
-        redeploy_of: None,
-        has_payload: false,
-    };
+    let input = input(&t);
     let (plan, _) = w.m.trigger(&input, limits, mono, Timestamp(1)).unwrap();
     let Plan::Create(b) = plan else {
         panic!("expected a new build")
@@ -343,14 +336,7 @@ fn shutting_down_refuses_triggers_and_starts_nothing() {
     let (q, _) = w.trigger(&target("a", "dev"), None);
     w.m.stop_accepting();
     let t = target("b", "main");
-    let input = TriggerInput {
-        target: &t,
-        trigger: &api(),
-        requested_commit: None,
-        exact_commit: None,
-        redeploy_of: None,
-        has_payload: false,
-    };
+    let input = input(&t);
     assert!(matches!(
         w.m.trigger(&input, LIMITS, Mono(0), Timestamp(0)),
         Err(Refusal::ShuttingDown)
@@ -375,14 +361,7 @@ fn the_scheduler_takes_the_oldest_idle_project_within_the_limit() {
     for (p, b) in [("a", "main"), ("a", "dev"), ("b", "main"), ("c", "main")] {
         let now = w.now();
         let t = target(p, b);
-        let input = TriggerInput {
-            target: &t,
-            trigger: &api(),
-            requested_commit: None,
-            exact_commit: None,
-            redeploy_of: None,
-            has_payload: false,
-        };
+        let input = input(&t);
         let Plan::Create(build) = w.m.trigger(&input, LIMITS, Mono(0), now).unwrap().0 else {
             panic!()
         };
@@ -427,10 +406,7 @@ fn a_join_during_the_fetch_makes_the_runner_fetch_again_and_leaving_pending_logs
     // Resolved: no longer pending, a new trigger makes a new build and supersedes it.
     let (n, joined) = w.trigger(&t, None);
     assert!(!joined && n.id != b.id);
-    assert_eq!(
-        w.stops,
-        vec![(b.id, StopReason::Cancel(CancelReason::Superseded))]
-    );
+    assert_only_superseded(&w, b.id);
 }
 
 #[test]
@@ -451,10 +427,7 @@ fn supersede_reaches_only_the_resolved_build_of_the_same_target_and_the_first_re
     w.trigger(&with_params, None);
     assert!(w.stops.is_empty());
     let (n, _) = w.trigger(&t, None);
-    assert_eq!(
-        w.stops,
-        vec![(b.id, StopReason::Cancel(CancelReason::Superseded))]
-    );
+    assert_only_superseded(&w, b.id);
     // The stored record says nothing of it until the build stops.
     assert_eq!(w.stored(b.id).cancel_reason, None);
     assert_eq!(w.stored(b.id).superseded_by, None);
@@ -733,7 +706,7 @@ fn check_machine(w: &World, max: usize) {
     for (target, id) in &m.pending {
         let l = &m.live[id];
         assert!(l.build.is_of(target));
-        assert!(!l.resolved && l.build.exact_commit.is_none());
+        assert!(!l.resolved && !l.build.stands_alone());
         assert!(pending_targets.insert(target.clone(), *id).is_none());
     }
     for (project, id) in &m.active {
@@ -776,14 +749,12 @@ proptest! {
                     let t = crate::machine::tests::target(p, b);
                     let c = commit.map(sha);
                     let pinned = exact.then(|| sha(200));
-                    let trig = push();
+                    let trig = &PUSH;
                     let input = TriggerInput {
-                        target: &t,
-                        trigger: &trig,
+                        trigger: trig,
                         requested_commit: c.as_deref(),
                         exact_commit: pinned.as_deref(),
-                        redeploy_of: None,
-                        has_payload: false,
+                        ..input(&t)
                     };
                     let _ = w.trigger_with(&input, max);
                 }

@@ -147,3 +147,52 @@ fn ci_trigger_exits_zero_only_when_the_build_succeeds() {
     let builds = d.api("GET", "/api/projects/good/builds", None).json();
     assert_eq!(builds["result"].as_array().unwrap().len(), 1);
 }
+
+/// Issue 14: the shipped CI step exited 1 when the build it waited for was superseded, though
+/// the newer build ships the same code. It follows the supersede and exits with the newer
+/// build's outcome; a deploy still running at DEPLOY_TIMEOUT exits 3.
+#[test]
+fn ci_trigger_follows_a_supersede_and_exits_3_when_time_runs_out() {
+    let work = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&workdir_project("site", work.path(), "sleep 3", ""));
+    let script = |timeout: &str| {
+        Command::new("sh")
+            .arg(example("ci-trigger.sh"))
+            .args(["site", "main"])
+            .env("DEPLOYHOOK_URL", format!("http://{}", d.addr))
+            .env("DEPLOYHOOK_TOKEN", &d.token)
+            .env("DEPLOY_TIMEOUT", timeout)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let child = script("120");
+    // Its build runs; a newer trigger of the same branch supersedes it.
+    eventually(30, "the script's build running", || {
+        d.api("GET", "/api/projects/site/builds", None).json()["result"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|b| b["status"] == "running"))
+    });
+    let newer = d.trigger_id("site", "main");
+    let out = child.wait_with_output().unwrap();
+    let text = format!(
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        text.contains(&format!("followed it to build {newer}")),
+        "{text}"
+    );
+    assert!(text.contains("outcome success"), "{text}");
+
+    let out = script("1").wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

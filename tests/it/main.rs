@@ -10,3 +10,4 @@ mod machine;
 mod ops;
 mod reliability;
 mod util;
+mod wait;
