@@ -106,8 +106,6 @@ fn ci_trigger_exits_zero_only_when_the_build_succeeds() {
             .args(args)
             .env("DEPLOYHOOK_URL", format!("http://{}", d.addr))
             .env("DEPLOYHOOK_TOKEN", token)
-            // GNU sleep takes fractions: the script polls every 100 ms.
-            .env("POLL_INTERVAL", "0.1")
             .output()
             .unwrap()
     };
