@@ -493,7 +493,7 @@ fn an_idle_keep_alive_connection_is_closed() {
     let mut s = std::net::TcpStream::connect(d.addr).unwrap();
     s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let started = Instant::now();
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
