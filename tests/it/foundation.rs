@@ -516,3 +516,21 @@ fn a_client_whose_stdout_is_closed_stops_quietly() {
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.code(), Some(0), "{err}");
 }
+
+/// The test-only tunables are refused when they do not parse: a typo must not leave a test
+/// waiting out the production timeout it meant to shorten.
+#[test]
+fn serve_refuses_tunables_that_do_not_parse() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), "", "");
+    let config = config.to_str().unwrap();
+    let (code, _, err) = cli(
+        &["serve", "--config", config],
+        &[(TUNABLES, "header_timeout=1s")],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("unknown key \"header_timeout\""), "{err}");
+    // Nothing was started: no state dir, no admin token.
+    assert!(!tmp.path().join("state").exists());
+    assert!(!tmp.path().join("admin.token").exists());
+}
