@@ -15,9 +15,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use clap::{Parser, Subcommand};
 use http_body_util::{BodyExt as _, Full};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
 use crate::config::Config;
+use crate::http::envelope::Envelope;
 use crate::token::AdminToken;
 
 #[derive(Parser, Debug)]
@@ -69,8 +72,19 @@ enum Cmd {
         /// Project name.
         project: String,
         /// Branch (default: the project's first).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "tag")]
         branch: Option<String>,
+        /// Tag to build instead of a branch (projects with `tags`).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Build exactly this commit (7 to 40 hex digits; projects with `repo`).
+        #[arg(long)]
+        commit: Option<String>,
+        /// A trigger parameter NAME=VALUE (the project's `params`); repeatable.
+        #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
+        params: Vec<(String, String)>,
+        #[command(flatten)]
+        wait: WaitArgs,
     },
     /// Inspect and control builds.
     #[command(subcommand)]
@@ -142,6 +156,51 @@ enum BuildsCmd {
         /// Build uuid.
         build_uuid: String,
     },
+    /// Build the same commit (ref and params) again: roll back to an older build.
+    Redeploy {
+        /// Build uuid.
+        build_uuid: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Wait for a build to stop (following supersedes); exit 0 only if it succeeded.
+    Wait {
+        /// Build uuid.
+        build_uuid: String,
+        /// How long to wait, e.g. 90s, 15m (default 1h); exit status 3 when it runs out.
+        #[arg(long, value_parser = parse_duration, default_value = "1h")]
+        timeout: Duration,
+    },
+}
+
+/// `--wait [--follow] [--timeout D]` of the commands that create a build.
+#[derive(clap::Args, Debug)]
+struct WaitArgs {
+    /// Wait for the build to stop (following supersedes); exit 0 only if it succeeded, 1 for
+    /// any other outcome, 3 when the wait times out.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: stream the build's log to stderr meanwhile.
+    #[arg(long, requires = "wait")]
+    follow: bool,
+    /// With --wait: how long to wait, e.g. 90s, 15m (default 1h).
+    #[arg(long, requires = "wait", value_parser = parse_duration, default_value = "1h")]
+    timeout: Duration,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d >= Duration::from_secs(1) => Ok(d),
+        Ok(_) => Err("must be at least 1s".into()),
+        Err(e) => Err(format!("{e} (use e.g. 90s, 15m, 1h)")),
+    }
+}
+
+fn parse_param(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err("expected NAME=VALUE".into()),
+    }
 }
 
 /// Why a client command ended early.
@@ -149,6 +208,8 @@ enum BuildsCmd {
 enum Failure {
     /// The operation failed: one line on stderr, exit status 1.
     Op(String),
+    /// A wait ran out before the build stopped: one line on stderr, exit status 3.
+    WaitTimedOut(String),
     /// Whoever read stdout went away (`… | head`): stop quietly, exit status 0.
     StdoutClosed,
 }
@@ -244,6 +305,10 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
                     eprintln!("deployhook: {m}");
                     ExitCode::from(1)
                 }
+                Err(Failure::WaitTimedOut(m)) => {
+                    eprintln!("deployhook: {m}");
+                    ExitCode::from(3)
+                }
                 Err(Failure::StdoutClosed) => ExitCode::SUCCESS,
             }
         }
@@ -251,6 +316,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
 }
 
 /// Where and how to reach the daemon.
+#[derive(Clone)]
 struct Client {
     /// `host:port` to connect to.
     authority: String,
@@ -362,7 +428,8 @@ impl Client {
         sender.send_request(req).await.map_err(|e| unreachable(&e))
     }
 
-    /// Sends a request and returns the envelope, failing with the API's error message.
+    /// Sends a request and returns the `result` of its success envelope, or fails with the
+    /// API's own error message.
     async fn call(
         &self,
         method: http::Method,
@@ -375,33 +442,137 @@ impl Client {
             .await
             .map_err(|_| Failure::Op("the daemon did not finish its answer in time".into()))??
             .to_bytes();
-        let v: Value = serde_json::from_slice(&bytes).map_err(|_| {
+        let envelope: Envelope<Value> = serde_json::from_slice(&bytes).map_err(|_| {
             Failure::Op(format!(
                 "unexpected answer from {} (HTTP {status}): not deployhook?",
                 self.url
             ))
         })?;
-        if v["success"] != Value::Bool(true) {
-            let msg = v["errors"][0]["message"]
-                .as_str()
-                .unwrap_or("request failed");
-            return Err(Failure::Op(format!("{msg} (HTTP {})", status.as_u16())));
+        if !envelope.success {
+            return Err(Failure::Op(format!(
+                "{} (HTTP {})",
+                first_error(&envelope),
+                status.as_u16()
+            )));
         }
-        Ok(v)
+        Ok(envelope.result)
     }
+}
+
+/// The message of an error envelope.
+fn first_error<R>(envelope: &Envelope<R>) -> &str {
+    envelope
+        .errors
+        .first()
+        .map_or("request failed", |e| e.message.as_str())
+}
+
+/// A typed view of (part of) a `result`, for the fields a table or a line prints. The `result`
+/// itself stays a `Value` so that `--json` prints it whole, in the API's field order.
+fn view<T: DeserializeOwned>(v: &Value) -> Result<T, Failure> {
+    T::deserialize(v).map_err(|e| Failure::Op(format!("unexpected answer from deployhook: {e}")))
+}
+
+/// `-` for a missing or null field, as the tables print it.
+fn dash<T: std::fmt::Display>(v: &Option<T>) -> String {
+    v.as_ref().map_or_else(|| "-".to_owned(), T::to_string)
+}
+
+/// A hook as `hooks list` prints it.
+#[derive(Deserialize)]
+struct HookRow {
+    id: Option<String>,
+    name: Option<String>,
+    branch: Option<String>,
+    trigger_count: Option<u64>,
+    last_triggered_on: Option<String>,
+}
+
+/// The answer to creating or rotating a hook: its URL, shown only then.
+#[derive(Deserialize)]
+struct HookUrl {
+    url: Option<String>,
+}
+
+/// A build as `builds list` prints it.
+#[derive(Deserialize)]
+struct BuildRow {
+    build_uuid: Option<String>,
+    project: Option<String>,
+    branch: Option<String>,
+    status: Option<String>,
+    build_outcome: Option<String>,
+    build_trigger_source: Option<String>,
+    created_on: Option<String>,
+}
+
+impl BuildRow {
+    /// The outcome of a stopped build, else its status.
+    fn state(&self) -> String {
+        dash(&self.build_outcome.clone().or_else(|| self.status.clone()))
+    }
+}
+
+/// A build as `builds show` and `builds cancel` print it.
+#[derive(Deserialize)]
+struct BuildView {
+    build_uuid: Option<String>,
+    project: Option<String>,
+    branch: Option<String>,
+    status: Option<String>,
+    build_outcome: Option<String>,
+    exit_code: Option<i64>,
+    commit: Option<String>,
+    requested_commit: Option<String>,
+    build_trigger_source: Option<String>,
+    created_on: Option<String>,
+    initializing_on: Option<String>,
+    running_on: Option<String>,
+    stopped_on: Option<String>,
+    cancel_reason: Option<String>,
+    superseded_by: Option<String>,
+    trigger: Option<TriggerView>,
+}
+
+#[derive(Deserialize)]
+struct TriggerView {
+    hook_name: Option<String>,
+}
+
+/// The answer to a trigger, as `trigger` prints it.
+#[derive(Deserialize)]
+struct TriggeredView {
+    build_uuid: Option<String>,
+    #[serde(default)]
+    already_exists: bool,
+}
+
+/// A project, for the commands that go over all of them.
+#[derive(Deserialize)]
+struct ProjectName {
+    name: String,
+}
+
+/// One page of `GET /api/builds/{uuid}/logs`.
+#[derive(Deserialize)]
+struct LogPage {
+    #[serde(default)]
+    lines: Vec<Value>,
+    next_cursor: Option<u64>,
+    #[serde(default)]
+    done: bool,
+}
+
+/// One log line, for the text output.
+#[derive(Deserialize)]
+struct LogLine {
+    stream: Option<String>,
+    line: Option<String>,
 }
 
 fn print_json(v: &Value) -> Result<(), Failure> {
     outln!("{}", serde_json::to_string_pretty(v)?)?;
     Ok(())
-}
-
-fn s(v: &Value) -> String {
-    match v {
-        Value::Null => "-".into(),
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }
 
 /// Prints rows as aligned columns.
@@ -430,13 +601,6 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> Result<(), Failure> {
     Ok(())
 }
 
-fn outcome(b: &Value) -> String {
-    match b["build_outcome"].as_str() {
-        Some(o) => o.to_owned(),
-        None => s(&b["status"]),
-    }
-}
-
 fn enc(s: &str) -> String {
     // Path segments we send are project names, ids and uuids; anything else is escaped so it
     // cannot change the path.
@@ -451,270 +615,389 @@ fn enc(s: &str) -> String {
         .collect()
 }
 
+/// Runs a client command (everything but `serve` and `check`).
 async fn client(cli: Cli) -> Result<(), Failure> {
     let c = Client::new(&cli)?;
     let json = cli.json;
-    use http::Method;
     match cli.cmd {
         Cmd::Serve { .. } | Cmd::Check => unreachable!("handled in main"),
-        Cmd::Hooks(HooksCmd::Create {
+        Cmd::Hooks(cmd) => hooks(&c, cmd, json).await,
+        Cmd::Trigger {
+            project,
+            branch,
+            tag,
+            commit,
+            params,
+            wait,
+        } => {
+            let mut body = serde_json::Map::new();
+            if let Some(b) = branch {
+                body.insert("branch".into(), b.into());
+            }
+            if let Some(t) = tag {
+                body.insert("tag".into(), t.into());
+            }
+            if let Some(c) = commit {
+                body.insert("commit".into(), c.into());
+            }
+            if !params.is_empty() {
+                let params: serde_json::Map<String, Value> = params
+                    .into_iter()
+                    .map(|(k, v)| (k, Value::from(v)))
+                    .collect();
+                body.insert("params".into(), params.into());
+            }
+            let path = format!("/api/projects/{}/builds", enc(&project));
+            trigger(&c, &path, Some(Value::Object(body)), &wait, json).await
+        }
+        Cmd::Builds(cmd) => builds(&c, cmd, json).await,
+    }
+}
+
+/// `deployhook hooks …`.
+async fn hooks(c: &Client, cmd: HooksCmd, json: bool) -> Result<(), Failure> {
+    use http::Method;
+    match cmd {
+        HooksCmd::Create {
             project,
             name,
             branch,
-        }) => {
+        } => {
             let mut body = json!({"name": name});
             if let Some(b) = branch {
                 body["branch"] = Value::String(b);
             }
-            let v = c
-                .call(
-                    Method::POST,
-                    &format!("/api/projects/{}/hooks", enc(&project)),
-                    Some(body),
-                )
-                .await?;
+            let path = format!("/api/projects/{}/hooks", enc(&project));
+            let r = c.call(Method::POST, &path, Some(body)).await?;
+            print_hook_url(&r, json)
+        }
+        HooksCmd::Rotate { project, hook_id } => {
+            let path = format!(
+                "/api/projects/{}/hooks/{}/rotate",
+                enc(&project),
+                enc(&hook_id)
+            );
+            let r = c.call(Method::POST, &path, None).await?;
+            print_hook_url(&r, json)
+        }
+        HooksCmd::Delete { project, hook_id } => {
+            let path = format!("/api/projects/{}/hooks/{}", enc(&project), enc(&hook_id));
+            let r = c.call(Method::DELETE, &path, None).await?;
             if json {
-                print_json(&v["result"])?;
-            } else {
-                outln!("{}", s(&v["result"]["url"]))?;
+                return print_json(&r);
             }
+            let h: HookRow = view(&r)?;
+            outln!("deleted hook {} ({})", dash(&h.id), dash(&h.name))
         }
-        Cmd::Hooks(HooksCmd::Rotate { project, hook_id }) => {
-            let v = c
-                .call(
-                    Method::POST,
-                    &format!(
-                        "/api/projects/{}/hooks/{}/rotate",
-                        enc(&project),
-                        enc(&hook_id)
-                    ),
-                    None,
-                )
-                .await?;
-            if json {
-                print_json(&v["result"])?;
-            } else {
-                outln!("{}", s(&v["result"]["url"]))?;
-            }
+        HooksCmd::List { project } => list_hooks(c, project, json).await,
+    }
+}
+
+fn print_hook_url(r: &Value, json: bool) -> Result<(), Failure> {
+    if json {
+        return print_json(r);
+    }
+    let h: HookUrl = view(r)?;
+    outln!("{}", dash(&h.url))
+}
+
+async fn list_hooks(c: &Client, project: Option<String>, json: bool) -> Result<(), Failure> {
+    let projects = match project {
+        Some(p) => vec![p],
+        None => project_names(c).await?,
+    };
+    let mut all = Vec::new();
+    let mut rows = Vec::new();
+    for p in &projects {
+        let path = format!("/api/projects/{}/hooks", enc(p));
+        let hooks: Vec<Value> = view(&c.call(http::Method::GET, &path, None).await?)?;
+        for mut h in hooks {
+            let row: HookRow = view(&h)?;
+            rows.push(vec![
+                p.clone(),
+                dash(&row.id),
+                dash(&row.name),
+                dash(&row.branch),
+                dash(&row.trigger_count),
+                dash(&row.last_triggered_on),
+            ]);
+            h["project"] = Value::String(p.clone());
+            all.push(h);
         }
-        Cmd::Hooks(HooksCmd::Delete { project, hook_id }) => {
-            let v = c
-                .call(
-                    Method::DELETE,
-                    &format!("/api/projects/{}/hooks/{}", enc(&project), enc(&hook_id)),
-                    None,
-                )
-                .await?;
-            if json {
-                print_json(&v["result"])?;
-            } else {
-                outln!(
-                    "deleted hook {} ({})",
-                    s(&v["result"]["id"]),
-                    s(&v["result"]["name"])
-                )?;
-            }
-        }
-        Cmd::Hooks(HooksCmd::List { project }) => {
-            let projects = match project {
-                Some(p) => vec![p],
-                None => project_names(&c).await?,
-            };
-            let mut all = Vec::new();
-            for p in &projects {
-                let v = c
-                    .call(
-                        Method::GET,
-                        &format!("/api/projects/{}/hooks", enc(p)),
-                        None,
-                    )
-                    .await?;
-                for h in v["result"].as_array().cloned().unwrap_or_default() {
-                    let mut h = h;
-                    h["project"] = Value::String(p.clone());
-                    all.push(h);
-                }
-            }
-            if json {
-                print_json(&Value::Array(all))?;
-            } else {
-                let rows: Vec<Vec<String>> = all
-                    .iter()
-                    .map(|h| {
-                        vec![
-                            s(&h["project"]),
-                            s(&h["id"]),
-                            s(&h["name"]),
-                            s(&h["branch"]),
-                            s(&h["trigger_count"]),
-                            s(&h["last_triggered_on"]),
-                        ]
-                    })
-                    .collect();
-                table(
-                    &[
-                        "PROJECT",
-                        "ID",
-                        "NAME",
-                        "BRANCH",
-                        "TRIGGERS",
-                        "LAST TRIGGERED",
-                    ],
-                    &rows,
-                )?;
-            }
-        }
-        Cmd::Trigger { project, branch } => {
-            let body = branch.map(|b| json!({"branch": b}));
-            let v = c
-                .call(
-                    Method::POST,
-                    &format!("/api/projects/{}/builds", enc(&project)),
-                    body,
-                )
-                .await?;
-            if json {
-                print_json(&v["result"])?;
-            } else {
-                outln!("{}", s(&v["result"]["build_uuid"]))?;
-                if v["result"]["already_exists"] == Value::Bool(true) {
-                    eprintln!("(joined a build that was already pending)");
-                }
-            }
-        }
-        Cmd::Builds(BuildsCmd::List {
-            project,
-            status,
-            limit,
-        }) => {
-            let projects = match project {
-                Some(p) => vec![p],
-                None => project_names(&c).await?,
-            };
-            let mut q = format!("limit={limit}");
-            if let Some(st) = &status {
-                q.push_str(&format!("&status={}", enc(st)));
-            }
-            let mut all = Vec::new();
-            for p in &projects {
-                let v = c
-                    .call(
-                        Method::GET,
-                        &format!("/api/projects/{}/builds?{q}", enc(p)),
-                        None,
-                    )
-                    .await?;
-                all.extend(v["result"].as_array().cloned().unwrap_or_default());
-            }
-            all.sort_by(|a, b| s(&b["created_on"]).cmp(&s(&a["created_on"])));
-            all.truncate(limit as usize);
-            if json {
-                print_json(&Value::Array(all))?;
-            } else {
-                let rows: Vec<Vec<String>> = all
-                    .iter()
-                    .map(|b| {
-                        vec![
-                            s(&b["build_uuid"]),
-                            s(&b["project"]),
-                            s(&b["branch"]),
-                            outcome(b),
-                            s(&b["build_trigger_source"]),
-                            s(&b["created_on"]),
-                        ]
-                    })
-                    .collect();
-                table(
-                    &["BUILD", "PROJECT", "BRANCH", "STATUS", "TRIGGER", "CREATED"],
-                    &rows,
-                )?;
-            }
-        }
-        Cmd::Builds(BuildsCmd::Show { build_uuid }) => {
-            let v = c
-                .call(
-                    Method::GET,
-                    &format!("/api/builds/{}", enc(&build_uuid)),
-                    None,
-                )
-                .await?;
-            show_build(&v["result"], json)?;
-        }
-        Cmd::Builds(BuildsCmd::Cancel { build_uuid }) => {
-            let v = c
-                .call(
-                    Method::POST,
-                    &format!("/api/builds/{}/cancel", enc(&build_uuid)),
-                    None,
-                )
-                .await?;
-            show_build(&v["result"], json)?;
-        }
-        Cmd::Builds(BuildsCmd::Logs { build_uuid, follow }) => {
-            if follow {
-                follow_logs(&c, &build_uuid, json).await?;
-            } else {
-                let mut cursor = 0u64;
-                loop {
-                    let v = c
-                        .call(
-                            Method::GET,
-                            &format!("/api/builds/{}/logs?cursor={cursor}", enc(&build_uuid)),
-                            None,
-                        )
-                        .await?;
-                    let r = &v["result"];
-                    let lines = r["lines"].as_array().cloned().unwrap_or_default();
-                    for l in &lines {
-                        print_log_line(l, json)?;
-                    }
-                    cursor = r["next_cursor"].as_u64().unwrap_or(cursor);
-                    if lines.is_empty() || r["done"] == Value::Bool(true) {
-                        break;
-                    }
-                }
-            }
-        }
+    }
+    if json {
+        return print_json(&Value::Array(all));
+    }
+    table(
+        &[
+            "PROJECT",
+            "ID",
+            "NAME",
+            "BRANCH",
+            "TRIGGERS",
+            "LAST TRIGGERED",
+        ],
+        &rows,
+    )
+}
+
+/// `deployhook trigger` and `builds redeploy`: creates (or joins) a build, prints its uuid at
+/// once, and with `--wait` waits for its outcome.
+async fn trigger(
+    c: &Client,
+    path: &str,
+    body: Option<Value>,
+    wait: &WaitArgs,
+    json: bool,
+) -> Result<(), Failure> {
+    let r = c.call(http::Method::POST, path, body).await?;
+    if json {
+        print_json(&r)?;
+    }
+    let t: TriggeredView = view(&r)?;
+    let id = t
+        .build_uuid
+        .ok_or_else(|| Failure::Op("the daemon's answer names no build".into()))?;
+    if !json {
+        outln!("{id}")?;
+    }
+    if t.already_exists {
+        eprintln!("(joined a build that was already pending)");
+    }
+    if wait.wait {
+        wait_for(c, &id, wait.timeout, wait.follow, false).await?;
     }
     Ok(())
 }
 
-async fn project_names(c: &Client) -> Result<Vec<String>, Failure> {
-    let v = c.call(http::Method::GET, "/api/projects", None).await?;
-    Ok(v["result"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p["name"].as_str().map(str::to_owned))
-                .collect()
+/// One `GET /api/builds/{id}/wait`: the HTTP status and the envelope (whose `result` is the
+/// build in every row of SPEC §4.3's table).
+async fn wait_once(c: &Client, id: &str, secs: u64) -> Result<(u16, Envelope<Value>), Failure> {
+    let path = format!("/api/builds/{}/wait?timeout={secs}", enc(id));
+    let resp = c.send(http::Method::GET, &path, None).await?;
+    let status = resp.status().as_u16();
+    let bytes = tokio::time::timeout(Duration::from_secs(secs + 60), resp.into_body().collect())
+        .await
+        .map_err(|_| Failure::Op("the daemon did not finish its answer in time".into()))??
+        .to_bytes();
+    let envelope: Envelope<Value> = serde_json::from_slice(&bytes)
+        .map_err(|_| Failure::Op(format!("unexpected answer from {} (HTTP {status})", c.url)))?;
+    Ok((status, envelope))
+}
+
+/// Waits for build `id` (following supersedes) for up to `timeout`, streaming its log to
+/// stderr with `follow`; with `print_json` the final build goes to stdout as JSON. Ok only
+/// when the (followed) build succeeded.
+async fn wait_for(
+    c: &Client,
+    id: &str,
+    timeout: Duration,
+    follow: bool,
+    print_json_result: bool,
+) -> Result<(), Failure> {
+    let logs = follow.then(|| {
+        let (c, id) = (c.clone(), id.to_owned());
+        tokio::spawn(async move { stream_log_to_stderr(&c, &id).await })
+    });
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut current = id.to_owned();
+    let (status, envelope) = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let secs = left.as_secs().clamp(1, 3600);
+        let (status, envelope) = wait_once(c, &current, secs).await?;
+        let b: BuildView = view(&envelope.result)?;
+        if status != 202 || tokio::time::Instant::now() >= deadline {
+            break (status, envelope);
+        }
+        if let Some(next) = b.build_uuid {
+            current = next;
+        }
+    };
+    let b: BuildView = view(&envelope.result)?;
+    let final_id = b.build_uuid.clone().unwrap_or_else(|| current.clone());
+    if let Some(task) = logs {
+        if status == 202 {
+            task.abort();
+        } else {
+            let _ = task.await;
+            if final_id != id {
+                // The wait followed a supersede: show the build that shipped the code.
+                eprintln!("[deployhook] build {id} was superseded by build {final_id}:");
+                stream_log_to_stderr(c, &final_id).await;
+            }
+        }
+    }
+    if final_id != id && !follow {
+        eprintln!("build {id} was superseded; followed it to build {final_id}");
+    }
+    if print_json_result {
+        print_json(&envelope.result)?;
+    }
+    match status {
+        200 => {
+            eprintln!("build {final_id}: outcome success");
+            Ok(())
+        }
+        202 => Err(Failure::WaitTimedOut(format!(
+            "build {final_id} is still {} after {}",
+            b.status.as_deref().unwrap_or("running"),
+            humantime::format_duration(timeout)
+        ))),
+        422 | 409 | 503 if envelope.result.is_object() => {
+            Err(Failure::Op(first_error(&envelope).to_owned()))
+        }
+        _ => Err(Failure::Op(format!(
+            "{} (HTTP {status})",
+            first_error(&envelope)
+        ))),
+    }
+}
+
+/// Streams a build's log (NDJSON follow) to stderr until it stops; errors end it quietly
+/// (the log is a convenience beside the wait, which decides the exit status).
+async fn stream_log_to_stderr(c: &Client, id: &str) {
+    let path = format!("/api/builds/{}/logs?follow=true", enc(id));
+    let Ok(resp) = c.send(http::Method::GET, &path, None).await else {
+        return;
+    };
+    if !resp.status().is_success() {
+        return;
+    }
+    let mut body = resp.into_body();
+    let mut pending = Vec::new();
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Ok(data) = frame.into_data() {
+            pending.extend_from_slice(&data);
+            while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=i).collect();
+                if let Ok(l) = serde_json::from_slice::<LogLine>(&line) {
+                    let prefix = if l.stream.as_deref() == Some("system") {
+                        "[deployhook] "
+                    } else {
+                        ""
+                    };
+                    eprintln!("{prefix}{}", dash(&l.line));
+                }
+            }
+        }
+    }
+}
+
+/// `deployhook builds …`.
+async fn builds(c: &Client, cmd: BuildsCmd, json: bool) -> Result<(), Failure> {
+    use http::Method;
+    match cmd {
+        BuildsCmd::List {
+            project,
+            status,
+            limit,
+        } => list_builds(c, project, status, limit, json).await,
+        BuildsCmd::Show { build_uuid } => {
+            let path = format!("/api/builds/{}", enc(&build_uuid));
+            show_build(&c.call(Method::GET, &path, None).await?, json)
+        }
+        BuildsCmd::Cancel { build_uuid } => {
+            let path = format!("/api/builds/{}/cancel", enc(&build_uuid));
+            show_build(&c.call(Method::POST, &path, None).await?, json)
+        }
+        BuildsCmd::Redeploy { build_uuid, wait } => {
+            let path = format!("/api/builds/{}/redeploy", enc(&build_uuid));
+            trigger(c, &path, None, &wait, json).await
+        }
+        BuildsCmd::Wait {
+            build_uuid,
+            timeout,
+        } => wait_for(c, &build_uuid, timeout, false, json).await,
+        BuildsCmd::Logs {
+            build_uuid,
+            follow: true,
+        } => follow_logs(c, &build_uuid, json).await,
+        BuildsCmd::Logs {
+            build_uuid,
+            follow: false,
+        } => print_logs(c, &build_uuid, json).await,
+    }
+}
+
+async fn list_builds(
+    c: &Client,
+    project: Option<String>,
+    status: Option<String>,
+    limit: u32,
+    json: bool,
+) -> Result<(), Failure> {
+    let projects = match project {
+        Some(p) => vec![p],
+        None => project_names(c).await?,
+    };
+    let mut q = format!("limit={limit}");
+    if let Some(st) = &status {
+        q.push_str(&format!("&status={}", enc(st)));
+    }
+    let mut all: Vec<(BuildRow, Value)> = Vec::new();
+    for p in &projects {
+        let path = format!("/api/projects/{}/builds?{q}", enc(p));
+        let builds: Vec<Value> = view(&c.call(http::Method::GET, &path, None).await?)?;
+        for b in builds {
+            all.push((view(&b)?, b));
+        }
+    }
+    // Newest first across projects (RFC 3339 UTC strings sort by time).
+    all.sort_by_key(|(b, _)| std::cmp::Reverse(dash(&b.created_on)));
+    all.truncate(limit as usize);
+    if json {
+        return print_json(&Value::Array(all.into_iter().map(|(_, v)| v).collect()));
+    }
+    let rows: Vec<Vec<String>> = all
+        .iter()
+        .map(|(b, _)| {
+            vec![
+                dash(&b.build_uuid),
+                dash(&b.project),
+                dash(&b.branch),
+                b.state(),
+                dash(&b.build_trigger_source),
+                dash(&b.created_on),
+            ]
         })
-        .unwrap_or_default())
+        .collect();
+    table(
+        &["BUILD", "PROJECT", "BRANCH", "STATUS", "TRIGGER", "CREATED"],
+        &rows,
+    )
+}
+
+async fn project_names(c: &Client) -> Result<Vec<String>, Failure> {
+    let projects: Vec<ProjectName> =
+        view(&c.call(http::Method::GET, "/api/projects", None).await?)?;
+    Ok(projects.into_iter().map(|p| p.name).collect())
 }
 
 fn show_build(b: &Value, json: bool) -> Result<(), Failure> {
     if json {
         return print_json(b);
     }
-    for key in [
-        "build_uuid",
-        "project",
-        "branch",
-        "status",
-        "build_outcome",
-        "exit_code",
-        "commit",
-        "requested_commit",
-        "build_trigger_source",
-        "created_on",
-        "initializing_on",
-        "running_on",
-        "stopped_on",
-        "cancel_reason",
-        "superseded_by",
+    let v: BuildView = view(b)?;
+    for (key, value) in [
+        ("build_uuid", dash(&v.build_uuid)),
+        ("project", dash(&v.project)),
+        ("branch", dash(&v.branch)),
+        ("status", dash(&v.status)),
+        ("build_outcome", dash(&v.build_outcome)),
+        ("exit_code", dash(&v.exit_code)),
+        ("commit", dash(&v.commit)),
+        ("requested_commit", dash(&v.requested_commit)),
+        ("build_trigger_source", dash(&v.build_trigger_source)),
+        ("created_on", dash(&v.created_on)),
+        ("initializing_on", dash(&v.initializing_on)),
+        ("running_on", dash(&v.running_on)),
+        ("stopped_on", dash(&v.stopped_on)),
+        ("cancel_reason", dash(&v.cancel_reason)),
+        ("superseded_by", dash(&v.superseded_by)),
     ] {
-        outln!("{key:<22}{}", s(&b[key]))?;
+        outln!("{key:<22}{value}")?;
     }
-    if let Some(name) = b["trigger"]["hook_name"].as_str() {
+    if let Some(name) = v.trigger.and_then(|t| t.hook_name) {
         outln!("{:<22}{name}", "hook")?;
     }
     Ok(())
@@ -722,11 +1005,29 @@ fn show_build(b: &Value, json: bool) -> Result<(), Failure> {
 
 fn print_log_line(l: &Value, json: bool) -> Result<(), Failure> {
     if json {
-        outln!("{l}")
-    } else if l["stream"] == "system" {
-        outln!("[deployhook] {}", s(&l["line"]))
+        return outln!("{l}");
+    }
+    let l: LogLine = view(l)?;
+    if l.stream.as_deref() == Some("system") {
+        outln!("[deployhook] {}", dash(&l.line))
     } else {
-        outln!("{}", s(&l["line"]))
+        outln!("{}", dash(&l.line))
+    }
+}
+
+/// `builds logs` without `--follow`: every page from the start, until the end of the log.
+async fn print_logs(c: &Client, id: &str, json: bool) -> Result<(), Failure> {
+    let mut cursor = 0u64;
+    loop {
+        let path = format!("/api/builds/{}/logs?cursor={cursor}", enc(id));
+        let page: LogPage = view(&c.call(http::Method::GET, &path, None).await?)?;
+        for l in &page.lines {
+            print_log_line(l, json)?;
+        }
+        cursor = page.next_cursor.unwrap_or(cursor);
+        if page.lines.is_empty() || page.done {
+            return Ok(());
+        }
     }
 }
 
@@ -740,11 +1041,10 @@ async fn follow_logs(c: &Client, id: &str, json: bool) -> Result<(), Failure> {
         .await?;
     if !resp.status().is_success() {
         let bytes = resp.into_body().collect().await?.to_bytes();
-        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        let msg = v["errors"][0]["message"]
-            .as_str()
-            .unwrap_or("request failed");
-        return Err(Failure::Op(msg.to_owned()));
+        let msg = serde_json::from_slice::<Envelope<Value>>(&bytes)
+            .map(|e| first_error(&e).to_owned())
+            .unwrap_or_else(|_| "request failed".to_owned());
+        return Err(Failure::Op(msg));
     }
     let mut body = resp.into_body();
     let mut pending = Vec::new();
@@ -761,4 +1061,43 @@ async fn follow_logs(c: &Client, id: &str, json: bool) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_envelopes_give_their_first_message() {
+        let e: Envelope<Value> = serde_json::from_str(
+            r#"{"success":false,"errors":[{"code":1409,"message":"busy"}],"messages":[],"result":null}"#,
+        )
+        .unwrap();
+        assert_eq!(first_error(&e), "busy");
+        let e: Envelope<Value> =
+            serde_json::from_str(r#"{"success":false,"errors":[],"messages":[],"result":null}"#)
+                .unwrap();
+        assert_eq!(first_error(&e), "request failed");
+        // Not an envelope at all (another server on that port).
+        assert!(serde_json::from_str::<Envelope<Value>>(r#"{"status":"ok"}"#).is_err());
+    }
+
+    #[test]
+    fn rows_print_dashes_for_null_and_the_outcome_over_the_status() {
+        let b: BuildRow = view(&json!({
+            "build_uuid": "u", "project": "p", "branch": "main", "status": "stopped",
+            "build_outcome": "success", "build_trigger_source": "api", "created_on": null
+        }))
+        .unwrap();
+        assert_eq!(b.state(), "success");
+        assert_eq!(dash(&b.created_on), "-");
+        let b: BuildRow = view(&json!({"status": "queued", "build_outcome": null})).unwrap();
+        assert_eq!(b.state(), "queued");
+        let h: HookRow = view(&json!({"id": "h", "trigger_count": 3})).unwrap();
+        assert_eq!(
+            (dash(&h.trigger_count), dash(&h.last_triggered_on)),
+            ("3".into(), "-".into())
+        );
+        assert!(view::<HookRow>(&json!({"trigger_count": "three"})).is_err());
+    }
 }

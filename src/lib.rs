@@ -17,11 +17,13 @@
 //! - [`queue`]: the shell around the machine: applies its effects (store, runners, waiters, logs).
 //! - [`quietlog`]: aggregation of log lines a client can cause at request rate.
 //! - [`runner`]: one build: checkout, spawn under a supervisor, logs, timeout, stop, outcome.
-//! - [`supervisor`]: the hidden per-process supervisor mode that makes builds die with the daemon.
+//! - [`supervisor`]: the hidden per-process supervisor mode that makes builds die with the daemon,
+//!   and the daemon's handle on it (protocol, escalation, reaping) with its warm pool.
 //! - [`buildlog`]: capped append-only NDJSON log files, line splitting, paging.
 //! - [`git`]: Git-host webhook signatures and push-event parsing (pure).
 //! - [`http`]: accept loop and hardening; `api` (admin), `public` (hooks, Git, health, metrics),
-//!   `envelope` (responses and error codes), `conn` (per-connection framing checks, eviction).
+//!   `envelope` (the typed envelope, responses and error codes), `error` (domain errors →
+//!   HTTP errors), `conn` (per-connection framing checks, eviction).
 //! - [`shutdown`]: signals and the shutdown phases.
 //! - [`metrics`]: the Prometheus registry (counters, histogram) and its text exposition.
 //! - [`notify`]: systemd's readiness protocol (`READY=1`, `RELOADING=1`, `STOPPING=1`).

@@ -14,8 +14,10 @@
 //! makes old events look new (they count for the whole window again: never too permissive),
 //! one set forward makes them look expired.
 //!
-//! The limiter is pure (no clock reads, no I/O): the queue passes `now` in, which is also how
-//! the unit tests below drive it.
+//! The rules live in [`Windows`], which is pure (no clock reads, no I/O): every method takes
+//! `now`, which is how the unit tests below drive it. [`RateLimiter`] is the thin shell the
+//! queue holds: those windows plus the origin of [`Mono`], read in one place,
+//! [`RateLimiter::now`].
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -129,12 +131,12 @@ impl Window {
     }
 }
 
-/// Rolling windows for the daemon and for each project.
+/// The limiter the queue holds: the pure [`Windows`] and the clock that gives them `now`.
 #[derive(Debug)]
 pub struct RateLimiter {
+    /// Zero of [`Mono`].
     origin: Instant,
-    daemon: Window,
-    projects: HashMap<String, Window>,
+    windows: Windows,
 }
 
 impl Default for RateLimiter {
@@ -148,16 +150,44 @@ impl RateLimiter {
     pub fn new(origin: Instant) -> RateLimiter {
         RateLimiter {
             origin,
-            daemon: Window::default(),
-            projects: HashMap::new(),
+            windows: Windows::default(),
         }
     }
 
-    /// The monotonic now (the one clock read the queue does for rate limits).
+    /// The monotonic now: the one clock read of rate limiting.
     pub fn now(&self) -> Mono {
         Mono(i64::try_from(self.origin.elapsed().as_micros()).unwrap_or(i64::MAX))
     }
 
+    /// See [`Windows::check`].
+    pub fn check(&mut self, project: &str, limits: Limits, now: Mono) -> Result<(), Limited> {
+        self.windows.check(project, limits, now)
+    }
+
+    /// See [`Windows::record`].
+    pub fn record(&mut self, project: &str, now: Mono) {
+        self.windows.record(project, now)
+    }
+
+    /// See [`Windows::restore`].
+    pub fn restore<'a>(
+        &mut self,
+        events: impl IntoIterator<Item = (&'a str, Timestamp)>,
+        wall_now: Timestamp,
+        now: Mono,
+    ) {
+        self.windows.restore(events, wall_now, now)
+    }
+}
+
+/// Rolling windows for the daemon and for each project: the pure rules, `now` always passed in.
+#[derive(Debug, Default)]
+pub struct Windows {
+    daemon: Window,
+    projects: HashMap<String, Window>,
+}
+
+impl Windows {
     /// Whether one more build of `project` passes now, without recording it.
     pub fn check(&mut self, project: &str, limits: Limits, now: Mono) -> Result<(), Limited> {
         self.daemon.expire(now);
@@ -239,7 +269,7 @@ mod tests {
         Limits { daemon, project }
     }
 
-    fn fill(rl: &mut RateLimiter, project: &str, times: &[i64]) {
+    fn fill(rl: &mut Windows, project: &str, times: &[i64]) {
         for &t in times {
             rl.record(project, Mono(t));
         }
@@ -247,14 +277,14 @@ mod tests {
 
     #[test]
     fn under_the_limit_passes() {
-        let mut rl = RateLimiter::new(Instant::now());
+        let mut rl = Windows::default();
         fill(&mut rl, "a", &[0, S, 2 * S]);
         assert_eq!(rl.check("a", limits(100, 4), Mono(3 * S)), Ok(()));
     }
 
     #[test]
     fn at_the_limit_waits_for_the_oldest_event() {
-        let mut rl = RateLimiter::new(Instant::now());
+        let mut rl = Windows::default();
         fill(&mut rl, "a", &[0, 10 * S, 20 * S]);
         let e = rl.check("a", limits(100, 3), Mono(30 * S)).unwrap_err();
         assert_eq!(e.wait, Duration::from_secs(30));
@@ -270,7 +300,7 @@ mod tests {
 
     #[test]
     fn retry_after_rounds_up_to_the_moment_it_passes() {
-        let mut rl = RateLimiter::new(Instant::now());
+        let mut rl = Windows::default();
         fill(&mut rl, "a", &[0]);
         let now = Mono(S / 2);
         let e = rl.check("a", limits(100, 1), now).unwrap_err();
@@ -287,7 +317,7 @@ mod tests {
 
     #[test]
     fn a_lowered_limit_waits_for_enough_events_to_leave() {
-        let mut rl = RateLimiter::new(Instant::now());
+        let mut rl = Windows::default();
         fill(&mut rl, "a", &[0, S, 2 * S, 3 * S, 4 * S]);
         // Limit 2 with 5 events: 4 must leave, the 4th oldest is at 3 s.
         let e = rl.check("a", limits(100, 2), Mono(10 * S)).unwrap_err();
@@ -296,7 +326,7 @@ mod tests {
 
     #[test]
     fn projects_are_independent_and_the_daemon_counts_all() {
-        let mut rl = RateLimiter::new(Instant::now());
+        let mut rl = Windows::default();
         fill(&mut rl, "a", &[0, S]);
         fill(&mut rl, "b", &[2 * S]);
         assert_eq!(rl.check("b", limits(100, 2), Mono(3 * S)), Ok(()));
@@ -308,7 +338,7 @@ mod tests {
 
     #[test]
     fn the_longer_wait_wins_when_both_limits_refuse() {
-        let mut rl = RateLimiter::new(Instant::now());
+        let mut rl = Windows::default();
         fill(&mut rl, "a", &[0]);
         fill(&mut rl, "b", &[10 * S]);
         fill(&mut rl, "a", &[20 * S]);
@@ -321,7 +351,7 @@ mod tests {
 
     #[test]
     fn idle_projects_are_forgotten() {
-        let mut rl = RateLimiter::new(Instant::now());
+        let mut rl = Windows::default();
         fill(&mut rl, "a", &[0]);
         fill(&mut rl, "b", &[61 * S]);
         assert_eq!(rl.projects.len(), 1);
@@ -331,7 +361,7 @@ mod tests {
     #[test]
     fn restored_events_keep_their_age() {
         let wall = Timestamp(1_800_000_000 * S);
-        let mut rl = RateLimiter::new(Instant::now());
+        let mut rl = Windows::default();
         let events = [
             ("a", Timestamp(wall.0 - 50 * S)),
             ("a", Timestamp(wall.0 - 20 * S)),

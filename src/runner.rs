@@ -7,9 +7,9 @@
 //! timeout, shutdown) and decides the outcome.
 //!
 //! Stopping is always: SIGTERM to the process group, SIGKILL to everything after `kill_grace`
-//! (done by the supervisor, which owns the group). If the supervisor itself stops answering,
-//! the runner escalates on its own: `K` to the supervisor, then SIGKILL to the supervisor and
-//! to the build's process group.
+//! (done by the supervisor, which owns the group; the protocol, and the escalation when a
+//! supervisor stops answering, are [`supervisor::Supervisor`]'s). This module decides *when*
+//! to stop: a stop request or the timeout while the main process runs.
 //!
 //! Output is read until EOF, but never longer than [`DRAIN_DEADLINE`] after the main process
 //! exited: a descendant that escaped the supervisor's kill (uninterruptible sleep, say) must not
@@ -20,15 +20,11 @@
 //! sharing the mirror's objects, removed when the build stops. Git is run as a plain argv, the
 //! branch always after `--` or inside a `refs/heads/` refspec, never through a shell.
 
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{
-    AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWriteExt as _, BufReader,
-};
+use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -37,13 +33,10 @@ use crate::config::{ProjectConfig, Source};
 use crate::machine::{Exit, RunEnd};
 use crate::model::{Build, CancelReason};
 use crate::queue::{LiveLog, Queue, Resolution, Start, StopReason};
-use crate::supervisor;
+use crate::supervisor::{self, Event, MainStatus, Supervisor, SupervisorPool};
 
 /// How long output is still read after the main process exited.
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(2);
-
-/// Extra time the supervisor gets beyond the kill grace before the runner escalates itself.
-const SUPERVISOR_SLACK: Duration = Duration::from_secs(3);
 
 /// Settings fixed for the daemon's lifetime.
 #[derive(Debug, Clone)]
@@ -70,91 +63,12 @@ impl RunSettings {
                 Err(_) => {}
             }
         }
-        // /proc/self/exe is the running image even if the file on disk was replaced by an
-        // upgrade, so supervisor and daemon always speak the same protocol.
-        let exe = if Path::new("/proc/self/exe").exists() {
-            PathBuf::from("/proc/self/exe")
-        } else {
-            std::env::current_exe().unwrap_or_else(|_| PathBuf::from("deployhook"))
-        };
-        let pool = Arc::new(SupervisorPool {
-            exe,
-            warm: tokio::sync::Mutex::new(None),
-        });
+        let pool = SupervisorPool::of_this_binary();
         Self {
             state_dir: state_dir.to_path_buf(),
             base_env,
             pool,
         }
-    }
-}
-
-/// A supervisor that has been started and waits for its job.
-type Warm = (tokio::process::Child, tokio::net::UnixStream);
-
-/// Keeps one supervisor started ahead of need, so that starting a build costs a socket write
-/// instead of an exec of this (large) binary: the exec, the dynamic loading and the
-/// supervisor's own set-up happen between builds, not between a trigger and its command.
-/// A warm supervisor has an empty environment and no job; if the daemon dies it reads EOF and
-/// exits, having nothing to kill.
-pub struct SupervisorPool {
-    exe: PathBuf,
-    warm: tokio::sync::Mutex<Option<Warm>>,
-}
-
-impl std::fmt::Debug for SupervisorPool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SupervisorPool")
-            .field("exe", &self.exe)
-            .finish_non_exhaustive()
-    }
-}
-
-impl SupervisorPool {
-    fn spawn(&self) -> std::io::Result<Warm> {
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-        let mut cmd = tokio::process::Command::new(&self.exe);
-        cmd.arg(supervisor::MODE_ARG)
-            .env_clear()
-            .current_dir("/")
-            // Its own process group: a Ctrl-C or a signal sent to the daemon's group must not
-            // kill a supervisor and orphan a build; stopping is the daemon's decision.
-            .process_group(0)
-            .stdin(Stdio::from(OwnedFd::from(theirs)))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // No kill_on_drop: should this handle ever be dropped mid-build, the socket closes
-        // and the supervisor kills the build's whole tree itself (SIGKILLing the supervisor
-        // instead could orphan the tree).
-        let child = cmd.spawn()?;
-        // Dropping the command drops our copy of the supervisor's end of the socket.
-        drop(cmd);
-        ours.set_nonblocking(true)?;
-        Ok((child, tokio::net::UnixStream::from_std(ours)?))
-    }
-
-    /// A supervisor waiting for its job: the warm one if it is still alive, else a new one.
-    async fn take(&self) -> std::io::Result<Warm> {
-        if let Some((mut child, ctl)) = self.warm.lock().await.take()
-            && matches!(child.try_wait(), Ok(None))
-        {
-            return Ok((child, ctl));
-        }
-        self.spawn()
-    }
-
-    /// Starts a warm supervisor in the background if there is none.
-    pub fn refill(self: &Arc<Self>) {
-        let pool = self.clone();
-        tokio::spawn(async move {
-            let mut slot = pool.warm.lock().await;
-            if slot.is_none() {
-                match pool.spawn() {
-                    Ok(w) => *slot = Some(w),
-                    Err(e) => tracing::warn!("cannot start a spare supervisor: {e}"),
-                }
-            }
-        });
     }
 }
 
@@ -215,16 +129,6 @@ enum Sink {
     Log(LogSender, Stream),
     /// Into memory (first 64 KiB), e.g. `git rev-parse`'s answer.
     Capture(Arc<Mutex<Vec<u8>>>),
-}
-
-/// How a supervised process ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum MainStatus {
-    Exited(i32),
-    Signaled(i32),
-    SpawnError(String),
-    /// The supervisor vanished without a report.
-    Lost,
 }
 
 /// The end of one supervised step.
@@ -812,28 +716,6 @@ async fn note_stop(ctx: &mut Ctx<'_>, r: StopReason) {
     ctx.log.system(text).await;
 }
 
-/// One line the supervisor reported.
-#[derive(Debug, PartialEq, Eq)]
-enum Report {
-    Pid(i32),
-    Exit(i32),
-    Signal(i32),
-    SpawnError(String),
-    Done,
-}
-
-fn parse_report(line: &str) -> Option<Report> {
-    let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
-    Some(match word {
-        "pid" => Report::Pid(rest.parse().ok()?),
-        "exit" => Report::Exit(rest.parse().ok()?),
-        "signal" => Report::Signal(rest.parse().ok()?),
-        "spawn-error" => Report::SpawnError(rest.to_owned()),
-        "done" => Report::Done,
-        _ => return None,
-    })
-}
-
 /// Runs one argv under a supervisor to its end, relaying stops and the timeout.
 async fn step(
     ctx: &mut Ctx<'_>,
@@ -856,89 +738,50 @@ async fn step(
         argv,
         env: env.to_vec(),
     };
-    let (mut child, ctl) = match ctx.settings.pool.take().await {
-        Ok(x) => x,
+    let mut sup = match Supervisor::start(&ctx.settings.pool, &job, DRAIN_DEADLINE).await {
+        Ok(s) => s,
         Err(e) => {
             return StepEnd {
-                status: MainStatus::SpawnError(format!("cannot start the supervisor: {e}")),
+                status: MainStatus::SpawnError(e.to_string()),
                 stopped: None,
             };
         }
     };
-    ctx.settings.pool.refill();
-    let (rd, mut wr) = ctl.into_split();
-    if let Err(e) = wr.write_all(&job.to_line()).await {
-        let _ = child.kill().await;
-        return StepEnd {
-            status: MainStatus::SpawnError(format!("cannot hand the job to the supervisor: {e}")),
-            stopped: None,
-        };
-    }
-    let mut reports = BufReader::new(rd).lines();
+    let (stdout, stderr) = sup.take_output();
     let readers = [
-        child.stdout.take().map(|p| tokio::spawn(read_pipe(p, out))),
-        child.stderr.take().map(|p| tokio::spawn(read_pipe(p, err))),
+        stdout.map(|p| tokio::spawn(read_pipe(p, out))),
+        stderr.map(|p| tokio::spawn(read_pipe(p, err))),
     ];
 
     let mut status: Option<MainStatus> = None;
-    let mut pgid: Option<nix::unistd::Pid> = None;
     let mut exited_at: Option<Instant> = None;
     let mut stopped: Option<StopReason> = None;
-    let mut escalate: Option<(Instant, u8)> = None;
-    let far = Instant::now() + Duration::from_secs(10 * 365 * 24 * 3600);
     loop {
-        let escalate_at = escalate.map_or(far, |(t, _)| t);
         tokio::select! {
-            line = reports.next_line() => match line.ok().flatten().as_deref().and_then(parse_report) {
-                Some(Report::Pid(p)) => pgid = Some(nix::unistd::Pid::from_raw(p)),
-                Some(Report::Exit(c)) => main_ended(&mut status, &mut exited_at, &mut escalate, MainStatus::Exited(c)),
-                Some(Report::Signal(s)) => main_ended(&mut status, &mut exited_at, &mut escalate, MainStatus::Signaled(s)),
-                Some(Report::SpawnError(m)) => main_ended(&mut status, &mut exited_at, &mut escalate, MainStatus::SpawnError(m)),
-                Some(Report::Done) => break,
-                None => {
-                    // EOF or garbage: the supervisor is gone. Make sure its group is too.
-                    if let Some(g) = pgid {
-                        let _ = nix::sys::signal::killpg(g, nix::sys::signal::Signal::SIGKILL);
-                    }
-                    break;
+            event = sup.next_event() => match event {
+                Event::MainEnded(st) => {
+                    status = Some(st);
+                    exited_at = Some(Instant::now());
                 }
+                Event::Finished => break,
             },
             // Stops and the timeout act only while the main process runs: one that arrives
             // after it ended on its own did not stop anything, and the outcome stays its own.
             changed = ctx.stop.changed(), if ctx.stop_open && stopped.is_none() && status.is_none() => {
                 if changed.is_err() {
                     ctx.stop_open = false;
-                } else if let Some(r) = *ctx.stop.borrow_and_update() {
-                    stopped = Some(r);
+                } else {
+                    stopped = *ctx.stop.borrow_and_update();
                 }
                 if let Some(r) = stopped {
                     note_stop(ctx, r).await;
-                    let _ = wr.write_all(b"T").await;
-                    escalate = Some((Instant::now() + ctx.kill_grace + SUPERVISOR_SLACK, 0));
+                    sup.terminate().await;
                 }
             }
             _ = tokio::time::sleep_until(ctx.deadline), if stopped.is_none() && status.is_none() => {
                 stopped = Some(StopReason::Timeout);
                 note_stop(ctx, StopReason::Timeout).await;
-                let _ = wr.write_all(b"T").await;
-                escalate = Some((Instant::now() + ctx.kill_grace + SUPERVISOR_SLACK, 0));
-            }
-            _ = tokio::time::sleep_until(escalate_at), if escalate.is_some() => {
-                match escalate {
-                    Some((_, 0)) => {
-                        tracing::warn!("a supervisor did not finish within the kill grace; sending it K");
-                        let _ = wr.write_all(b"K").await;
-                        escalate = Some((Instant::now() + SUPERVISOR_SLACK, 1));
-                    }
-                    _ => {
-                        tracing::error!("a supervisor does not answer; killing it and its build's process group");
-                        let _ = child.start_kill();
-                        if let Some(g) = pgid {
-                            let _ = nix::sys::signal::killpg(g, nix::sys::signal::Signal::SIGKILL);
-                        }
-                        break;
-                    }
-                }
+                sup.terminate().await;
             }
         }
     }
@@ -962,34 +805,10 @@ async fn step(
             )
             .await;
     }
-    drop(wr);
-    if tokio::time::timeout(Duration::from_secs(2), child.wait())
-        .await
-        .is_err()
-    {
-        let _ = child.kill().await;
-    }
+    sup.close().await;
     StepEnd {
         status: status.unwrap_or(MainStatus::Lost),
         stopped,
-    }
-}
-
-/// Records the end of the main process. The supervisor now kills and reaps what is left and
-/// says `done`; if that does not come (a descendant stuck in uninterruptible sleep keeps
-/// `waitpid` waiting), the runner gives up on it after the drain deadline and some slack.
-fn main_ended(
-    status: &mut Option<MainStatus>,
-    exited_at: &mut Option<Instant>,
-    escalate: &mut Option<(Instant, u8)>,
-    st: MainStatus,
-) {
-    let now = Instant::now();
-    *status = Some(st);
-    *exited_at = Some(now);
-    let give_up = now + DRAIN_DEADLINE + SUPERVISOR_SLACK;
-    if escalate.is_none_or(|(t, _)| t > give_up) {
-        *escalate = Some((give_up, 1));
     }
 }
 
@@ -1042,20 +861,6 @@ async fn read_pipe(mut pipe: impl AsyncRead + Unpin, sink: Sink) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reports_parse() {
-        assert_eq!(parse_report("pid 42"), Some(Report::Pid(42)));
-        assert_eq!(parse_report("exit 3"), Some(Report::Exit(3)));
-        assert_eq!(parse_report("signal 9"), Some(Report::Signal(9)));
-        assert_eq!(
-            parse_report("spawn-error no such file"),
-            Some(Report::SpawnError("no such file".into()))
-        );
-        assert_eq!(parse_report("done"), Some(Report::Done));
-        assert_eq!(parse_report("exit x"), None);
-        assert_eq!(parse_report("bogus"), None);
-    }
 
     #[test]
     fn stale_locks_are_removed_outside_objects() {

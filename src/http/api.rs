@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt as _;
 use hyper::body::{Frame, Incoming};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use super::envelope::{self, ApiError, Body};
@@ -16,7 +17,7 @@ use crate::config::ProjectConfig;
 use crate::model::{
     BuildId, Hook, HookId, StatusFilter, Timestamp, Trigger, TriggerSource, validate_hook_name,
 };
-use crate::queue::{CancelError, TriggerRequest};
+use crate::queue::TriggerRequest;
 use crate::store::{self, HookInsert};
 use crate::token::HookToken;
 
@@ -132,7 +133,7 @@ pub async fn create_hook(
                 .join(", ")
         )));
     }
-    let token = HookToken::generate().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let token = HookToken::generate()?;
     let hook = Hook {
         id: HookId::new(),
         project: p.name.as_str().to_owned(),
@@ -181,7 +182,7 @@ pub async fn delete_hook(state: &AppState, p: &str, id: &str) -> Result<Response
 pub async fn rotate_hook(state: &AppState, p: &str, id: &str) -> Result<Response<Body>, ApiError> {
     let p = project(state, p)?;
     let id = hook_id(id)?;
-    let token = HookToken::generate().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let token = HookToken::generate()?;
     let hook = state
         .store
         .rotate_hook(p.name.as_str(), id, &token.hash())?
@@ -422,12 +423,8 @@ pub fn get_build(state: &AppState, id: &str) -> Result<Response<Body>, ApiError>
 /// `POST /api/builds/{uuid}/cancel`.
 pub async fn cancel_build(state: &AppState, id: &str) -> Result<Response<Body>, ApiError> {
     let id = build_id(id)?;
-    match state.queue.cancel(id).await {
-        Ok(b) => Ok(envelope::ok(StatusCode::OK, b.to_json())),
-        Err(CancelError::NotFound) => Err(ApiError::NotFound("no build with that id".into())),
-        Err(e @ CancelError::AlreadyStopped(_)) => Err(ApiError::Conflict(e.to_string())),
-        Err(CancelError::Store(e)) => Err(e.into()),
-    }
+    let b = state.queue.cancel(id).await?;
+    Ok(envelope::ok(StatusCode::OK, b.to_json()))
 }
 
 /// `GET /api/builds/{uuid}/logs?cursor=N[&follow=true]`.
@@ -470,25 +467,43 @@ pub async fn build_logs(
     let page = tokio::task::spawn_blocking(move || {
         buildlog::read_page(&p, cursor, LOG_PAGE_LINES, LOG_PAGE_BYTES)
     })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .await?
     .map_err(|e| ApiError::Internal(format!("cannot read the build log: {e}")))?;
     let truncated = match state.queue.live_log(id) {
         Some(l) => l.stats.truncated.load(std::sync::atomic::Ordering::Relaxed),
         None => build.log_truncated,
     };
-    let done = !live && page.at_end;
-    // The lines are already JSON objects: splice them in rather than re-encoding.
-    let mut body =
-        String::with_capacity(page.lines.iter().map(|l| l.len() + 1).sum::<usize>() + 160);
-    body.push_str(r#"{"success":true,"errors":[],"messages":[],"result":{"lines":["#);
-    body.push_str(&page.lines.join(","));
-    body.push_str(&format!(
-        r#"],"next_cursor":{},"done":{done},"truncated":{truncated}}}}}"#,
-        page.next_cursor
-    ));
-    body.push('\n');
-    Ok(envelope::raw_json(StatusCode::OK, Bytes::from(body)))
+    /// `result` of a log page. The lines are stored as JSON objects already: they are passed
+    /// through as they are (checked, not re-encoded).
+    #[derive(serde::Serialize)]
+    struct LogPage<'a> {
+        lines: Vec<&'a RawValue>,
+        next_cursor: u64,
+        done: bool,
+        truncated: bool,
+    }
+    let lines = page
+        .lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str::<&RawValue>(l).map_err(|e| {
+                ApiError::Internal(format!(
+                    "the build log is damaged at line {}: {e}",
+                    cursor + i as u64
+                ))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(envelope::ok(
+        StatusCode::OK,
+        LogPage {
+            lines,
+            next_cursor: page.next_cursor,
+            done: !live && page.at_end,
+            truncated,
+        },
+    ))
 }
 
 /// A response body fed by a channel. Unlike a body that is polled only while it has data,

@@ -1,6 +1,8 @@
 //! The one place that turns results and errors into HTTP responses: the Cloudflare-style
-//! envelope of SPEC §4 and the mapping from [`ApiError`] to status code and SPEC error code.
-//! Handlers return typed errors and never build error JSON themselves.
+//! envelope of SPEC §4 ([`Envelope`], also what the CLI decodes) and the mapping from
+//! [`ApiError`] to status code and SPEC error code (domain errors reach [`ApiError`] in the
+//! sibling `error` module). Handlers return typed errors and never build error JSON
+//! themselves; every body is serialized from a type, never spliced from strings.
 
 use std::convert::Infallible;
 
@@ -8,7 +10,8 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Full};
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use crate::model::{Build, BuildId, BuildJson};
 
@@ -17,6 +20,60 @@ pub type Body = BoxBody<Bytes, Infallible>;
 
 /// Message of every unknown-token 404: one constant, so the bodies are byte-identical.
 pub const HOOK_NOT_FOUND: &str = "no deploy hook at this URL";
+
+/// The SPEC §4 envelope around every JSON answer. `result_info` only on listings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope<R, I = Value> {
+    /// Whether the request did what it asked.
+    pub success: bool,
+    /// Why it did not (one entry), empty on success.
+    pub errors: Vec<Notice>,
+    /// Notes on a success (e.g. why a Git event was ignored).
+    pub messages: Vec<Notice>,
+    /// The answer; `null` on failure.
+    pub result: R,
+    /// Paging of a listing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_info: Option<I>,
+}
+
+/// One entry of `errors` or `messages`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    /// SPEC error code: 1000 + the HTTP status.
+    pub code: u16,
+    /// One line for a person.
+    pub message: String,
+}
+
+impl Envelope<()> {
+    /// The answer to a failed request: its one error, `result` null.
+    pub fn failure(e: &ApiError) -> Self {
+        Envelope {
+            success: false,
+            errors: vec![Notice {
+                code: e.code(),
+                message: e.to_string(),
+            }],
+            messages: Vec::new(),
+            result: (),
+            result_info: None,
+        }
+    }
+}
+
+impl<R> Envelope<R> {
+    /// A success with `result` and nothing else.
+    pub fn success(result: R) -> Self {
+        Envelope {
+            success: true,
+            errors: Vec::new(),
+            messages: Vec::new(),
+            result,
+            result_info: None,
+        }
+    }
+}
 
 /// Everything a request can fail with.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -97,14 +154,27 @@ impl ApiError {
     }
 }
 
-fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
-    let mut body = serde_json::to_vec(v).unwrap_or_default();
-    body.push(b'\n');
-    raw_json(status, Bytes::from(body))
+fn json_response<R: Serialize, I: Serialize>(
+    status: StatusCode,
+    envelope: &Envelope<R, I>,
+) -> Response<Body> {
+    match serde_json::to_vec(envelope) {
+        Ok(mut body) => {
+            body.push(b'\n');
+            json_body(status, Bytes::from(body))
+        }
+        // Not reachable for the types answered (string keys, no fallible `Serialize`); if it
+        // ever is, a 500 is the honest answer, not an empty 200.
+        Err(e) => {
+            let e = ApiError::Internal(format!("cannot encode the answer: {e}"));
+            let mut body = serde_json::to_vec(&Envelope::failure(&e)).unwrap_or_default();
+            body.push(b'\n');
+            json_body(e.status(), Bytes::from(body))
+        }
+    }
 }
 
-/// A response whose body is already-serialized JSON.
-pub fn raw_json(status: StatusCode, body: Bytes) -> Response<Body> {
+fn json_body(status: StatusCode, body: Bytes) -> Response<Body> {
     let mut r = Response::new(Full::new(body).boxed());
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -117,11 +187,8 @@ pub fn raw_json(status: StatusCode, body: Bytes) -> Response<Body> {
 }
 
 /// A success envelope.
-pub fn ok(status: StatusCode, result: Value) -> Response<Body> {
-    json_response(
-        status,
-        &json!({"success": true, "errors": [], "messages": [], "result": result}),
-    )
+pub fn ok(status: StatusCode, result: impl Serialize) -> Response<Body> {
+    json_response(status, &Envelope::success(result))
 }
 
 /// What a trigger request was answered with, attached to its response's extensions so that
@@ -139,28 +206,9 @@ pub struct TriggerAnswer {
 
 /// The answer to a trigger: 200, the build object plus `already_exists` (SPEC §4).
 pub fn triggered(build: &Build, already_exists: bool) -> Response<Body> {
-    // The hot path: serialized straight from the build, no `Value` in between.
-    #[derive(serde::Serialize)]
-    struct Envelope<'a> {
-        success: bool,
-        errors: [(); 0],
-        messages: [(); 0],
-        result: BuildJson<'a>,
-    }
-    let envelope = Envelope {
-        success: true,
-        errors: [],
-        messages: [],
-        result: BuildJson::new(build, Some(already_exists)),
-    };
-    let mut r = match serde_json::to_vec(&envelope) {
-        Ok(mut body) => {
-            body.push(b'\n');
-            raw_json(StatusCode::OK, Bytes::from(body))
-        }
-        // Not reachable for a plain struct; the slow path says the same thing.
-        Err(_) => ok(StatusCode::OK, build.to_trigger_json(already_exists)),
-    };
+    // The hot path: serialized straight from the build, no `Value` in between (empty `Vec`s
+    // do not allocate).
+    let mut r = ok(StatusCode::OK, BuildJson::new(build, Some(already_exists)));
     r.extensions_mut().insert(TriggerAnswer {
         build: build.id,
         created: (!already_exists)
@@ -171,15 +219,20 @@ pub fn triggered(build: &Build, already_exists: bool) -> Response<Body> {
 }
 
 /// A success envelope with `messages` (e.g. why a Git event was ignored).
-pub fn ok_with_messages(status: StatusCode, result: Value, messages: &[String]) -> Response<Body> {
-    let messages: Vec<Value> = messages
+pub fn ok_with_messages(
+    status: StatusCode,
+    result: impl Serialize,
+    messages: &[String],
+) -> Response<Body> {
+    let mut envelope = Envelope::success(result);
+    envelope.messages = messages
         .iter()
-        .map(|m| json!({"code": 1000 + status.as_u16(), "message": m}))
+        .map(|m| Notice {
+            code: 1000 + status.as_u16(),
+            message: m.clone(),
+        })
         .collect();
-    json_response(
-        status,
-        &json!({"success": true, "errors": [], "messages": messages, "result": result}),
-    )
+    json_response(status, &envelope)
 }
 
 /// The answer to a wait (SPEC §4.3): its status by the (followed) build's state, the build
@@ -187,18 +240,6 @@ pub fn ok_with_messages(status: StatusCode, result: Value, messages: &[String]) 
 /// why; `already_exists` for triggers that waited.
 pub fn waited(w: &crate::queue::Waited, already_exists: Option<bool>) -> Response<Body> {
     use crate::model::{Outcome, Phase};
-    #[derive(serde::Serialize)]
-    struct Error {
-        code: u16,
-        message: String,
-    }
-    #[derive(serde::Serialize)]
-    struct Envelope<'a> {
-        success: bool,
-        errors: Vec<Error>,
-        messages: [(); 0],
-        result: BuildJson<'a>,
-    }
     let b = &w.build;
     let exit = b
         .exit_code
@@ -231,42 +272,31 @@ pub fn waited(w: &crate::queue::Waited, already_exists: Option<bool>) -> Respons
         success: message.is_none(),
         errors: message
             .into_iter()
-            .map(|message| Error {
+            .map(|message| Notice {
                 code: 1000 + status.as_u16(),
                 message,
             })
             .collect(),
-        messages: [],
-        result: BuildJson::new(b, already_exists).followed_from(w.followed_from),
+        ..Envelope::success(BuildJson::new(b, already_exists).followed_from(w.followed_from))
     };
-    match serde_json::to_vec(&envelope) {
-        Ok(mut body) => {
-            body.push(b'\n');
-            raw_json(status, Bytes::from(body))
-        }
-        Err(e) => error(&ApiError::Internal(e.to_string())),
-    }
+    json_response(status, &envelope)
 }
 
 /// A success envelope with `result_info` (listings).
-pub fn ok_with_info(result: Value, info: Value) -> Response<Body> {
-    json_response(
-        StatusCode::OK,
-        &json!({"success": true, "errors": [], "messages": [], "result": result, "result_info": info}),
-    )
+pub fn ok_with_info(result: impl Serialize, info: impl Serialize) -> Response<Body> {
+    let envelope = Envelope {
+        success: true,
+        errors: Vec::new(),
+        messages: Vec::new(),
+        result,
+        result_info: Some(info),
+    };
+    json_response(StatusCode::OK, &envelope)
 }
 
 /// The error envelope for `e`, with the headers its status calls for.
 pub fn error(e: &ApiError) -> Response<Body> {
-    let mut r = json_response(
-        e.status(),
-        &json!({
-            "success": false,
-            "errors": [{"code": e.code(), "message": e.to_string()}],
-            "messages": [],
-            "result": null,
-        }),
-    );
+    let mut r = json_response(e.status(), &Envelope::failure(e));
     let h = r.headers_mut();
     match e {
         ApiError::MethodNotAllowed(allow) => {
@@ -292,8 +322,9 @@ pub fn error(e: &ApiError) -> Response<Body> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+    use serde_json::json;
 
     async fn body_json(r: Response<Body>) -> Value {
         let b = r.into_body().collect().await.unwrap().to_bytes();
@@ -350,9 +381,9 @@ mod tests {
         assert_eq!(r.headers()[header::WWW_AUTHENTICATE], "Bearer");
     }
 
-    #[tokio::test]
-    async fn a_trigger_answer_is_the_success_envelope_of_the_build_object() {
-        let b = Build::new_queued(
+    /// A queued build of `site`/`main` triggered through the API.
+    pub(in crate::http) fn api_build() -> Build {
+        Build::new_queued(
             1,
             &crate::model::Target::branch("site", "main"),
             crate::model::Trigger {
@@ -362,7 +393,12 @@ mod tests {
             None,
             false,
             crate::model::Timestamp::now(),
-        );
+        )
+    }
+
+    #[tokio::test]
+    async fn a_trigger_answer_is_the_success_envelope_of_the_build_object() {
+        let b = api_build();
         for already in [false, true] {
             let fast = triggered(&b, already).into_body().collect().await;
             let slow = ok(StatusCode::OK, b.to_trigger_json(already))
@@ -371,6 +407,40 @@ mod tests {
                 .await;
             assert_eq!(fast.unwrap().to_bytes(), slow.unwrap().to_bytes());
         }
+    }
+
+    async fn body_bytes(r: Response<Body>) -> Bytes {
+        r.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn envelopes_have_the_spec_field_order_and_decode_as_envelope() {
+        let b = body_bytes(ok(StatusCode::OK, json!({"a": 1}))).await;
+        assert_eq!(
+            &b[..],
+            b"{\"success\":true,\"errors\":[],\"messages\":[],\"result\":{\"a\":1}}\n"
+        );
+        let b = body_bytes(ok_with_info(json!([]), json!({"next_cursor": null}))).await;
+        assert_eq!(
+            &b[..],
+            &b"{\"success\":true,\"errors\":[],\"messages\":[],\"result\":[],\"result_info\":{\"next_cursor\":null}}\n"[..]
+        );
+        let b = body_bytes(ok_with_messages(StatusCode::ACCEPTED, (), &["why".into()])).await;
+        assert_eq!(
+            &b[..],
+            &b"{\"success\":true,\"errors\":[],\"messages\":[{\"code\":1202,\"message\":\"why\"}],\"result\":null}\n"[..]
+        );
+        // What the CLI reads back.
+        let b = body_bytes(error(&ApiError::Conflict("busy".into()))).await;
+        let e: Envelope<Value> = serde_json::from_slice(&b).unwrap();
+        assert!(!e.success && e.result.is_null() && e.result_info.is_none());
+        assert_eq!(
+            e.errors,
+            vec![Notice {
+                code: 1409,
+                message: "busy".into()
+            }]
+        );
     }
 
     #[tokio::test]

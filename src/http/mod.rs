@@ -25,6 +25,7 @@
 pub mod api;
 pub mod conn;
 pub mod envelope;
+pub mod error;
 pub mod public;
 
 use std::convert::Infallible;
@@ -48,7 +49,7 @@ use crate::metrics::{Metrics, TriggerResult};
 use crate::model::TriggerSource;
 use crate::queue::Queue;
 use crate::shutdown::ShutdownWatch;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use crate::token::AdminToken;
 use crate::tunables::Tunables;
 pub use envelope::{ApiError, Body, TriggerAnswer};
@@ -118,15 +119,6 @@ impl AppState {
     /// Whether shutdown has begun.
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::Corrupt(m) => ApiError::Internal(m),
-            other => ApiError::Storage(other.to_string()),
-        }
     }
 }
 

@@ -13,10 +13,11 @@ use hyper::body::Incoming;
 use serde_json::json;
 
 use super::envelope::{self, ApiError, Body};
+use super::error;
 use super::{AppState, read_body, read_body_budgeted};
 use crate::git::{self, Decision};
 use crate::model::{BuildId, Timestamp, Trigger, TriggerSource};
-use crate::queue::{TriggerError, TriggerRequest, Triggered};
+use crate::queue::{TriggerRequest, Triggered};
 use crate::store::DeliverySeen;
 use crate::token::{HookToken, TokenHash};
 
@@ -63,23 +64,6 @@ pub fn healthz(state: &AppState) -> Result<Response<Body>, ApiError> {
     ))
 }
 
-impl From<TriggerError> for ApiError {
-    fn from(e: TriggerError) -> Self {
-        match e {
-            TriggerError::UnknownProject(p) => {
-                ApiError::NotFound(format!("project {p:?} is not configured"))
-            }
-            e @ TriggerError::BranchNotAllowed { .. } => ApiError::BadRequest(e.to_string()),
-            TriggerError::RateLimited(l) => ApiError::RateLimited {
-                retry_after_secs: l.retry_after_secs(),
-                message: l.to_string(),
-            },
-            TriggerError::ShuttingDown => ApiError::ShuttingDown,
-            TriggerError::Store(e) => e.into(),
-        }
-    }
-}
-
 fn triggered(t: &Triggered) -> Response<Body> {
     envelope::triggered(&t.build, t.already_exists)
 }
@@ -103,7 +87,7 @@ pub async fn fire_hook(
     let wait = super::api::wait_param(req.uri().query())?;
     let max = state.config.get().server.max_body_bytes;
     let body = read_body(req, max).await?;
-    let result = state
+    let t = state
         .queue
         .trigger(TriggerRequest {
             payload: (!body.is_empty()).then_some(body),
@@ -116,23 +100,8 @@ pub async fn fire_hook(
                 },
             )
         })
-        .await;
-    let t = match result {
-        Ok(t) => t,
-        Err(TriggerError::UnknownProject(p)) => {
-            return Err(ApiError::NotFound(format!(
-                "this hook's project {p:?} is no longer in the config"
-            )));
-        }
-        Err(TriggerError::BranchNotAllowed {
-            branch, project, ..
-        }) => {
-            return Err(ApiError::Conflict(format!(
-                "this hook's branch {branch:?} is no longer one of project {project}'s branches"
-            )));
-        }
-        Err(e) => return Err(e.into()),
-    };
+        .await
+        .map_err(error::hook_trigger)?;
     state.store.record_hook_fired(hook.id, Timestamp::now())?;
     super::api::answer_trigger(state, t, wait).await
 }
@@ -163,14 +132,11 @@ pub async fn git_push(
         &state.unauthenticated_body_budget,
     )
     .await?;
-    if git::verify(&headers, &body, &secret).is_err() {
-        return Err(ApiError::BadSignature);
-    }
+    git::verify(&headers, &body, &secret)?;
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
-    let decision =
-        git::decide(&headers, &body, &p.branches).map_err(|e| ApiError::BadRequest(e.0))?;
+    let decision = git::decide(&headers, &body, &p.branches)?;
     let (branch, after) = match decision {
         Decision::Ping => {
             tracing::debug!(project, "Git ping answered");
@@ -206,10 +172,7 @@ pub async fn git_push(
         git::delivery_id(&headers),
         request,
     ));
-    match task.await {
-        Ok(r) => r,
-        Err(e) => Err(ApiError::Internal(format!("push handler failed: {e}"))),
-    }
+    task.await?
 }
 
 /// What a push's delivery id says should happen.

@@ -2,6 +2,7 @@
 //! and through its CLI. One test crate (faster to build and link than one per file).
 
 mod builds;
+mod client;
 mod examples;
 mod foundation;
 mod git;
@@ -9,5 +10,6 @@ mod hostile;
 mod machine;
 mod ops;
 mod reliability;
+mod supervisor;
 mod util;
 mod wait;

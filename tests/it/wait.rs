@@ -382,3 +382,59 @@ fn a_hook_can_wait_too() {
     let r = request(d.addr, "POST", &format!("{hook}?wait=0"), &[], b"{}");
     assert_eq!(r.status, 400);
 }
+
+/// SPEC §7: `trigger --wait [--follow]`, `builds wait`, `builds redeploy`, exit codes 0/1/3.
+#[test]
+fn the_cli_waits_and_exits_with_the_outcome() {
+    let (d, _wd) = daemon(
+        "case \"$DEPLOYHOOK_BRANCH\" in main) echo built-it;; other) echo broke-it; exit 4;; esac",
+        "",
+    );
+    let url = format!("http://{}", d.addr);
+    let env = [
+        ("DEPLOYHOOK_URL", url.as_str()),
+        ("DEPLOYHOOK_TOKEN", d.token.as_str()),
+    ];
+    let (code, out, err) = cli(
+        &["trigger", "site", "--branch", "main", "--wait", "--follow"],
+        &env,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let id = out.trim().to_string();
+    assert_eq!(d.build(&id)["build_outcome"], "success");
+    assert!(err.contains("built-it"), "the log streams to stderr: {err}");
+    let (code, out, err) = cli(&["trigger", "site", "--branch", "other", "--wait"], &env);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("exit code 4"), "{err}");
+    let failed = out.trim().to_string();
+    let (code, _, err) = cli(&["builds", "wait", &failed], &env);
+    assert_eq!(code, 1, "{err}");
+    let (code, out, err) = cli(&["builds", "wait", &id, "--json"], &env);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["build_uuid"], id.as_str());
+    let (code, out, err) = cli(&["builds", "redeploy", &id, "--wait"], &env);
+    assert_eq!(code, 0, "{out}{err}");
+    let again = out.trim().to_string();
+    assert_ne!(again, id);
+    assert_eq!(d.build(&again)["redeploy_of"], id.as_str());
+    // --follow needs --wait: usage error.
+    let (code, _, _) = cli(&["trigger", "site", "--follow"], &env);
+    assert_eq!(code, 2);
+    let (code, _, _) = cli(&["builds", "wait", &id, "--timeout", "soon"], &env);
+    assert_eq!(code, 2);
+}
+
+#[test]
+fn the_cli_exits_3_when_the_wait_times_out() {
+    let (d, _wd) = daemon("sleep 30", "");
+    let url = format!("http://{}", d.addr);
+    let env = [
+        ("DEPLOYHOOK_URL", url.as_str()),
+        ("DEPLOYHOOK_TOKEN", d.token.as_str()),
+    ];
+    let (code, out, err) = cli(&["trigger", "site", "--wait", "--timeout", "1s"], &env);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(err.contains("still"), "{err}");
+    assert!(!out.trim().is_empty(), "the uuid is printed at once");
+}
