@@ -197,7 +197,7 @@ pub async fn run(
             addr: listen,
             source,
         })?;
-    let body_budget = AppState::body_budget(config.server.max_body_bytes);
+    let body_budget = AppState::body_budget(config.server.max_git_body_bytes);
     let shared = Arc::new(SharedConfig::new(config));
     let metrics = Arc::new(Metrics::new());
     let queue = Queue::start(store.clone(), shared.clone(), settings, metrics.clone())?;

@@ -20,7 +20,8 @@
 //! - [`supervisor`]: the hidden per-process supervisor mode that makes builds die with the daemon,
 //!   and the daemon's handle on it (protocol, escalation, reaping) with its warm pool.
 //! - [`buildlog`]: capped append-only NDJSON log files, line splitting, paging.
-//! - [`git`]: Git-host webhook signatures and push-event parsing (pure).
+//! - [`git`]: Git-host webhooks (pure): host detection, signatures, every host's push shapes
+//!   (multi-ref, tags, System Hooks), skip markers and `paths`, delivery ids.
 //! - [`http`]: accept loop and hardening; `api` (admin), `public` (hooks, Git, health, metrics),
 //!   `envelope` (the typed envelope, responses and error codes), `error` (domain errors →
 //!   HTTP errors), `conn` (per-connection framing checks, eviction).

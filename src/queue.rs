@@ -94,7 +94,7 @@ pub enum TriggerError {
         project: String,
         /// The ref asked for, as `branch NAME` or `tag NAME`.
         branch: String,
-        /// The allowed branches, comma-separated.
+        /// The allowed branches and tags (patterns), comma-separated.
         allowed: String,
     },
     /// Over a rate limit.
@@ -396,7 +396,8 @@ impl Queue {
                 allowed: project
                     .branches
                     .iter()
-                    .map(|b| b.as_str())
+                    .map(|b| format!("branch {}", b.as_str()))
+                    .chain(project.tags.iter().map(|t| format!("tag {}", t.as_str())))
                     .collect::<Vec<_>>()
                     .join(", "),
                 branch: req.target.git_ref.to_string(),

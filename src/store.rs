@@ -9,7 +9,7 @@
 //! | `builds` | build id (16) | [`Build`] |
 //! | `build_index` | project `\0` seq (u64 BE) build id | empty: newest-first listing |
 //! | `payloads` | build id | the request body for `DEPLOYHOOK_PAYLOAD` |
-//! | `deliveries` | project `\0` delivery id | seen-at (i64 BE) + build id: Git replay guard |
+//! | `deliveries` | project `\0` delivery id | seen-at (i64 BE) + build ids (16 bytes each; a nil id: still being handled): Git replay guard |
 //! | `rate_events` | created-on (order-preserving u64 BE) build id | project: rate-limit windows |
 //!
 //! Values are bincode (serde, standard config) behind a one-byte format version, so a future
@@ -110,14 +110,14 @@ pub enum HookInsert {
 }
 
 /// What [`Store::reserve_delivery`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeliverySeen {
     /// Not seen (within the window): reserved for the caller.
     New,
     /// Seen, and being handled right now by another request.
     InFlight,
-    /// Seen, and it triggered this build.
-    Built(BuildId),
+    /// Seen, and it triggered these builds (the first is the answer's `result`).
+    Built(Vec<BuildId>),
 }
 
 /// A page of builds, newest first.
@@ -799,11 +799,11 @@ impl Store {
             let current = self.check(self.inner.deliveries.get(&key).map_err(StoreError::from))?;
             if let Some(v) = &current {
                 let at = delivery_time(v).unwrap_or(Timestamp(i64::MIN));
-                match delivery_build(v) {
-                    Some(id) if !id.0.is_nil() && at >= window_start => {
-                        return Ok(DeliverySeen::Built(id));
+                match delivery_builds(v) {
+                    Some(ids) if at >= window_start => {
+                        return Ok(DeliverySeen::Built(ids));
                     }
-                    Some(id) if id.0.is_nil() && at >= stale_before => {
+                    None if delivery_in_flight(v) && at >= stale_before => {
                         return Ok(DeliverySeen::InFlight);
                     }
                     _ => {} // expired or stale: take it over
@@ -820,16 +820,20 @@ impl Store {
         Ok(DeliverySeen::InFlight)
     }
 
-    /// Records the build a reserved delivery created or joined.
+    /// Records the builds a reserved delivery created or joined, in answer order (at least
+    /// one: a delivery that triggered nothing is released instead, so that it is judged
+    /// again when it comes back).
     pub fn complete_delivery(
         &self,
         project: &str,
         delivery: &str,
-        build: BuildId,
+        builds: &[BuildId],
         at: Timestamp,
     ) -> Result<(), StoreError> {
         let mut value = at.0.to_be_bytes().to_vec();
-        value.extend_from_slice(build.as_bytes());
+        for b in builds {
+            value.extend_from_slice(b.as_bytes());
+        }
         let r = self
             .inner
             .deliveries
@@ -844,16 +848,15 @@ impl Store {
         self.check(r.map(|_| ()).map_err(StoreError::from))
     }
 
-    /// The build a delivery is recorded with (`None` when unknown or still in flight).
-    pub fn delivery_build(
+    /// The builds a delivery is recorded with (`None` when unknown or still in flight).
+    pub fn delivery_builds(
         &self,
         project: &str,
         delivery: &str,
-    ) -> Result<Option<BuildId>, StoreError> {
+    ) -> Result<Option<Vec<BuildId>>, StoreError> {
         let r = self.inner.deliveries.get(name_key(project, delivery));
         let v = self.check(r.map_err(StoreError::from))?;
-        Ok(v.and_then(|v| delivery_build(&v))
-            .filter(|id| !id.0.is_nil()))
+        Ok(v.and_then(|v| delivery_builds(&v)))
     }
 
     /// Forgets deliveries seen before `before`. Returns how many were removed.
@@ -885,10 +888,29 @@ fn delivery_time(v: &[u8]) -> Option<Timestamp> {
     Some(Timestamp(i64::from_be_bytes(v.get(..8)?.try_into().ok()?)))
 }
 
-fn delivery_build(v: &[u8]) -> Option<BuildId> {
-    Some(BuildId(uuid::Uuid::from_bytes(
-        v.get(8..24)?.try_into().ok()?,
-    )))
+/// The builds of a completed delivery record: every 16-byte id after the time (records
+/// written before multi-ref deliveries hold exactly one). `None` for a claim still in flight
+/// (one nil id) or a malformed record.
+fn delivery_builds(v: &[u8]) -> Option<Vec<BuildId>> {
+    let ids = v.get(8..)?;
+    if ids.is_empty() || ids.len() % 16 != 0 {
+        return None;
+    }
+    let ids: Vec<BuildId> = ids
+        .chunks_exact(16)
+        .filter_map(|c| Some(BuildId(uuid::Uuid::from_bytes(c.try_into().ok()?))))
+        .collect();
+    if ids.iter().any(|id| id.0.is_nil()) {
+        None
+    } else {
+        Some(ids)
+    }
+}
+
+/// Whether a delivery record is a claim whose request is still being handled.
+fn delivery_in_flight(v: &[u8]) -> bool {
+    v.get(8..)
+        .is_some_and(|ids| ids.len() == 16 && ids.iter().all(|b| *b == 0))
 }
 
 /// A poisoned lock is still used: every mutation under it is a few assignments.
@@ -1168,13 +1190,13 @@ mod tests {
                 .unwrap(),
             DeliverySeen::InFlight
         );
-        s.complete_delivery("site", "d1", a, t).unwrap();
+        s.complete_delivery("site", "d1", &[a], t).unwrap();
         assert_eq!(
             s.reserve_delivery("site", "d1", t, Timestamp(0), Timestamp(0))
                 .unwrap(),
-            DeliverySeen::Built(a)
+            DeliverySeen::Built(vec![a])
         );
-        assert_eq!(s.delivery_build("site", "d1").unwrap(), Some(a));
+        assert_eq!(s.delivery_builds("site", "d1").unwrap(), Some(vec![a]));
         // Another project's delivery ids are its own.
         assert_eq!(
             s.reserve_delivery("other", "d1", t, Timestamp(0), Timestamp(0))
@@ -1215,7 +1237,46 @@ mod tests {
             2,
             "other/d1 and stale/d"
         );
-        assert_eq!(s.delivery_build("other", "d1").unwrap(), None);
+        assert_eq!(s.delivery_builds("other", "d1").unwrap(), None);
+    }
+
+    /// A multi-ref delivery remembers every build it triggered, in order, and a record
+    /// written before multi-ref deliveries (time + one id) still reads as that one build.
+    #[test]
+    fn deliveries_remember_every_build_and_read_old_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let (a, b) = (BuildId::new(), BuildId::new());
+        let t = Timestamp(1_000);
+        assert_eq!(
+            s.reserve_delivery("site", "multi", t, Timestamp(0), Timestamp(0))
+                .unwrap(),
+            DeliverySeen::New
+        );
+        assert_eq!(
+            s.delivery_builds("site", "multi").unwrap(),
+            None,
+            "in flight"
+        );
+        s.complete_delivery("site", "multi", &[a, b], t).unwrap();
+        assert_eq!(
+            s.reserve_delivery("site", "multi", t, Timestamp(0), Timestamp(0))
+                .unwrap(),
+            DeliverySeen::Built(vec![a, b])
+        );
+        // The v1 layout, written by hand: seen-at, then exactly one build id.
+        let mut old = 500i64.to_be_bytes().to_vec();
+        old.extend_from_slice(a.as_bytes());
+        s.inner
+            .deliveries
+            .insert(name_key("site", "old"), old)
+            .unwrap();
+        assert_eq!(
+            s.reserve_delivery("site", "old", t, Timestamp(0), Timestamp(0))
+                .unwrap(),
+            DeliverySeen::Built(vec![a])
+        );
+        assert_eq!(s.delivery_builds("site", "old").unwrap(), Some(vec![a]));
     }
 
     #[test]

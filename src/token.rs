@@ -219,6 +219,16 @@ impl GitSecret {
         mac.finalize().into_bytes().into()
     }
 
+    /// Whether `expected` (raw bytes) is the HMAC-SHA1 of `body`, in constant time: the
+    /// `X-Hub-Signature: sha1=` of older GitHub Enterprise, accepted only as a last resort.
+    pub fn verify_hmac_sha1(&self, body: &[u8], expected: &[u8]) -> bool {
+        // HMAC accepts keys of any length, so this cannot fail.
+        let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(&self.0)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(body);
+        mac.verify_slice(expected).is_ok()
+    }
+
     /// Whether `expected` (raw bytes) is the HMAC-SHA256 of `body`, in constant time.
     pub fn verify_hmac(&self, body: &[u8], expected: &[u8]) -> bool {
         let mac = self.hmac_sha256(body);

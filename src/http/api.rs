@@ -13,9 +13,10 @@ use serde_json::{Map, Value, json};
 use super::envelope::{self, ApiError, Body};
 use super::{AppState, query_pairs, read_body};
 use crate::buildlog;
-use crate::config::ProjectConfig;
+use crate::config::{ProjectConfig, ref_name_problem};
 use crate::model::{
-    BuildId, Hook, HookId, StatusFilter, Timestamp, Trigger, TriggerSource, validate_hook_name,
+    BuildId, GitRef, Hook, HookId, StatusFilter, Timestamp, Trigger, TriggerSource,
+    validate_hook_name,
 };
 use crate::queue::TriggerRequest;
 use crate::store::{self, HookInsert};
@@ -53,6 +54,85 @@ fn json_object(body: &Bytes, allowed: &[&str]) -> Result<Map<String, Value>, Api
         )));
     }
     Ok(m)
+}
+
+/// The branch a hook or trigger that names none gets: the first of `branches`, which must
+/// then be a concrete name (SPEC §3).
+fn default_branch(p: &ProjectConfig) -> Result<String, ApiError> {
+    p.default_branch().map(str::to_owned).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "project {}'s first branch {:?} is a glob: name a branch",
+            p.name,
+            p.branches.first().map(|b| b.as_str()).unwrap_or_default()
+        ))
+    })
+}
+
+/// Why `branch` cannot be the branch of a hook or API trigger of `p`, if it cannot: it must
+/// be one concrete branch name that matches `branches` (SPEC §3).
+fn branch_refusal(p: &ProjectConfig, branch: &str) -> Option<String> {
+    let shown = crate::model::clip(branch, 80);
+    if let Some(why) = ref_name_problem(branch) {
+        return Some(format!(
+            "{shown:?} is not a concrete branch name (it {why})"
+        ));
+    }
+    if p.has_branch(branch) {
+        return None;
+    }
+    let list: Vec<&str> = p.branches.iter().map(|b| b.as_str()).collect();
+    Some(format!(
+        "{shown:?} is not one of project {}'s branches ({})",
+        p.name,
+        list.join(", ")
+    ))
+}
+
+/// The ref an API trigger asks for: `branch` or `tag` (not both), else the default branch.
+/// A tag needs a project with `tags` and must match them (SPEC §4.2, v2).
+fn trigger_ref(
+    p: &ProjectConfig,
+    branch: Option<String>,
+    tag: Option<String>,
+) -> Result<GitRef, ApiError> {
+    match (branch, tag) {
+        (Some(_), Some(_)) => Err(ApiError::BadRequest(
+            "give \"branch\" or \"tag\", not both".into(),
+        )),
+        (None, Some(t)) => {
+            let shown = crate::model::clip(&t, 80);
+            if p.tags.is_empty() {
+                return Err(ApiError::BadRequest(format!(
+                    "field \"tag\": project {} builds no tags (its config has no tags key)",
+                    p.name
+                )));
+            }
+            if let Some(why) = ref_name_problem(&t) {
+                return Err(ApiError::BadRequest(format!(
+                    "field \"tag\": {shown:?} is not a concrete tag name (it {why})"
+                )));
+            }
+            if !p.has_tag(&t) {
+                let list: Vec<&str> = p.tags.iter().map(|t| t.as_str()).collect();
+                return Err(ApiError::BadRequest(format!(
+                    "field \"tag\": {shown:?} is not one of project {}'s tags ({})",
+                    p.name,
+                    list.join(", ")
+                )));
+            }
+            Ok(GitRef::Tag(t))
+        }
+        (b, None) => {
+            let b = match b {
+                Some(b) => b,
+                None => default_branch(p)?,
+            };
+            match branch_refusal(p, &b) {
+                Some(why) => Err(ApiError::BadRequest(format!("field \"branch\": {why}"))),
+                None => Ok(GitRef::Branch(b)),
+            }
+        }
+    }
 }
 
 fn string_field(m: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
@@ -119,19 +199,10 @@ pub async fn create_hook(
     validate_hook_name(&name).map_err(|e| ApiError::BadRequest(format!("field \"name\": {e}")))?;
     let branch = match string_field(&m, "branch")? {
         Some(b) => b,
-        None => p.branches[0].as_str().to_owned(),
+        None => default_branch(&p)?,
     };
-    if !p.has_branch(&branch) {
-        return Err(ApiError::BadRequest(format!(
-            "field \"branch\": {:?} is not one of project {}'s branches ({})",
-            crate::model::clip(&branch, 80),
-            p.name,
-            p.branches
-                .iter()
-                .map(|b| b.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
+    if let Some(why) = branch_refusal(&p, &branch) {
+        return Err(ApiError::BadRequest(format!("field \"branch\": {why}")));
     }
     let token = HookToken::generate()?;
     let hook = Hook {
@@ -208,11 +279,8 @@ pub async fn trigger_build(
     let wait = wait_param(req.uri().query())?;
     let p = project(state, p)?;
     let body = read_body(req, state.config.get().server.max_body_bytes).await?;
-    let m = json_object(&body, &["branch", "commit"])?;
-    let branch = match string_field(&m, "branch")? {
-        Some(b) => b,
-        None => p.branches[0].as_str().to_owned(),
-    };
+    let m = json_object(&body, &["branch", "tag", "commit"])?;
+    let git_ref = trigger_ref(&p, string_field(&m, "branch")?, string_field(&m, "tag")?)?;
     let commit = match string_field(&m, "commit")? {
         None => None,
         Some(_) if p.repo().is_none() => {
@@ -230,20 +298,19 @@ pub async fn trigger_build(
             ));
         }
     };
-    let t = state
-        .queue
-        .trigger(TriggerRequest {
-            commit,
-            ..TriggerRequest::branch(
-                p.name.as_str(),
-                &branch,
-                Trigger {
-                    source: TriggerSource::Api,
-                    hook: None,
-                },
-            )
-        })
-        .await?;
+    let mut request = TriggerRequest {
+        commit,
+        ..TriggerRequest::branch(
+            p.name.as_str(),
+            "",
+            Trigger {
+                source: TriggerSource::Api,
+                hook: None,
+            },
+        )
+    };
+    request.target.git_ref = git_ref;
+    let t = state.queue.trigger(request).await?;
     answer_trigger(state, t, wait).await
 }
 

@@ -105,7 +105,7 @@ pub enum ApiError {
     #[error("{0}")]
     Conflict(String),
     /// 413, code 1413; carries the limit.
-    #[error("request body is larger than max_body_bytes ({0} bytes)")]
+    #[error("request body is larger than {0} bytes (max_body_bytes; for /git, max_git_body_bytes)")]
     PayloadTooLarge(u64),
     /// 429, code 1429; carries the seconds for `Retry-After`.
     #[error("rate limited: {message}")]
@@ -203,6 +203,11 @@ pub struct TriggerAnswer {
     /// Whether the trigger joined a pending build.
     pub already_exists: bool,
 }
+
+/// The other builds a multi-ref Git delivery created or joined (its `more_builds`), each
+/// counted and logged like the answer's own [`TriggerAnswer`].
+#[derive(Debug, Clone, Default)]
+pub struct MoreTriggerAnswers(pub Vec<TriggerAnswer>);
 
 /// The answer to a trigger: 200, the build object plus `already_exists` (SPEC §4).
 pub fn triggered(build: &Build, already_exists: bool) -> Response<Body> {

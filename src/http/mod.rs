@@ -94,7 +94,8 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// The body budget for a daemon whose `max_body_bytes` is `max_body`: room for at least
+    /// The body budget for a daemon whose `max_git_body_bytes` is `max_body` (only Git
+    /// webhooks are read before they are authenticated): room for at least
     /// four maximal bodies, and 64 MiB at least.
     pub fn body_budget(max_body: u64) -> Arc<tokio::sync::Semaphore> {
         Arc::new(tokio::sync::Semaphore::new(
@@ -401,7 +402,16 @@ fn note_trigger(
         Ok(r) => {
             // Joins are logged by the queue, once per build (the first, then a count when the
             // build leaves the queue), so a hammered hook cannot flood the journal.
-            if let Some(a) = r.extensions().get::<TriggerAnswer>() {
+            let more = r
+                .extensions()
+                .get::<envelope::MoreTriggerAnswers>()
+                .map_or(&[][..], |m| m.0.as_slice());
+            for a in r
+                .extensions()
+                .get::<TriggerAnswer>()
+                .into_iter()
+                .chain(more)
+            {
                 let outcome = if a.already_exists {
                     TriggerResult::Deduplicated
                 } else {
@@ -550,7 +560,7 @@ struct BodyDeadline(tokio::time::Instant);
 /// when it says more, cut off while reading otherwise, and bounded in time (by the request's
 /// [`BodyDeadline`], else [`BODY_READ_TIMEOUT`] from now).
 pub async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, ApiError> {
-    collect_body(req, max, None).await.map(|(b, _)| b)
+    collect_body(req, max, None, false).await.map(|(b, _)| b)
 }
 
 /// Like [`read_body`], for bodies read before the request is authenticated (Git webhooks
@@ -562,7 +572,41 @@ pub async fn read_body_budgeted(
     max: u64,
     budget: &Arc<tokio::sync::Semaphore>,
 ) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), ApiError> {
-    collect_body(req, max, Some(budget)).await
+    collect_body(req, max, Some(budget), false).await
+}
+
+/// Like [`read_body_budgeted`], except that a body over `max` is read on and discarded, up
+/// to `2 × max` bytes in all, before the 413 is answered: Git hosts write the whole body
+/// before they read the answer, and would otherwise see a broken connection instead of the
+/// 413 (SPEC §4.1). A body longer still (or declared longer) is cut off at once and its
+/// connection closed, so an endless body costs at most `2 × max` bytes of reading.
+pub async fn read_body_budgeted_draining(
+    req: Request<Incoming>,
+    max: u64,
+    budget: &Arc<tokio::sync::Semaphore>,
+) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), ApiError> {
+    collect_body(req, max, Some(budget), true).await
+}
+
+/// Reads and discards the rest of `body` until it ends or `read` (bytes so far) passes
+/// `limit`, within the body deadline; whatever happens, the caller answers 413.
+async fn discard_body(
+    body: &mut Incoming,
+    mut read: u64,
+    limit: u64,
+    deadline: tokio::time::Instant,
+) {
+    while read <= limit {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(f))) => {
+                if let Ok(data) = f.into_data() {
+                    read = read.saturating_add(data.len() as u64);
+                }
+            }
+            // The end, a broken body, or the deadline: nothing more to read.
+            _ => return,
+        }
+    }
 }
 
 /// Budget units are KiB (rounded up), so a permit count never overflows.
@@ -574,7 +618,9 @@ async fn collect_body(
     req: Request<Incoming>,
     max: u64,
     budget: Option<&Arc<tokio::sync::Semaphore>>,
+    drain: bool,
 ) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), ApiError> {
+    let drain_limit = if drain { max.saturating_mul(2) } else { 0 };
     let declared = match req.headers().get(header::CONTENT_LENGTH) {
         None => None,
         Some(len) => Some(
@@ -584,7 +630,12 @@ async fn collect_body(
                 .ok_or_else(|| ApiError::BadRequest("invalid Content-Length".into()))?,
         ),
     };
-    if declared.is_some_and(|len| len > max) {
+    if let Some(len) = declared.filter(|len| *len > max) {
+        if len <= drain_limit {
+            let mut body = req.into_body();
+            let deadline = tokio::time::Instant::now() + BODY_READ_TIMEOUT;
+            discard_body(&mut body, 0, drain_limit, deadline).await;
+        }
         return Err(ApiError::PayloadTooLarge(max));
     }
     let mut permit: Option<tokio::sync::OwnedSemaphorePermit> = None;
@@ -626,6 +677,12 @@ async fn collect_body(
         };
         if let Ok(data) = frame.into_data() {
             if (buf.len() + data.len()) as u64 > max {
+                if drain {
+                    let read = (buf.len() + data.len()) as u64;
+                    // The bytes held so far are not needed any more.
+                    drop(std::mem::take(&mut buf));
+                    discard_body(&mut body, read, drain_limit, deadline).await;
+                }
                 return Err(ApiError::PayloadTooLarge(max));
             }
             if declared.is_none() {

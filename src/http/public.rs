@@ -14,9 +14,9 @@ use serde_json::json;
 
 use super::envelope::{self, ApiError, Body};
 use super::error;
-use super::{AppState, read_body, read_body_budgeted};
+use super::{AppState, TriggerAnswer, read_body, read_body_budgeted_draining};
 use crate::git::{self, Decision};
-use crate::model::{BuildId, Timestamp, Trigger, TriggerSource};
+use crate::model::{Build, BuildId, Target, Timestamp, Trigger, TriggerSource};
 use crate::queue::{TriggerRequest, Triggered};
 use crate::store::DeliverySeen;
 use crate::token::{HookToken, TokenHash};
@@ -62,10 +62,6 @@ pub fn healthz(state: &AppState) -> Result<Response<Body>, ApiError> {
         StatusCode::OK,
         json!({"status": "ok", "queued": queued, "running": running}),
     ))
-}
-
-fn triggered(t: &Triggered) -> Response<Body> {
-    envelope::triggered(&t.build, t.already_exists)
 }
 
 /// `POST /hooks/{token}`.
@@ -126,9 +122,9 @@ pub async fn git_push(
     if !git::has_signature_header(&headers) {
         return Err(ApiError::BadSignature);
     }
-    let (body, _budget) = read_body_budgeted(
+    let (body, _budget) = read_body_budgeted_draining(
         req,
-        config.server.max_body_bytes,
+        config.server.max_git_body_bytes,
         &state.unauthenticated_body_budget,
     )
     .await?;
@@ -136,59 +132,78 @@ pub async fn git_push(
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
-    let decision = git::decide(&headers, &body, &p.branches)?;
-    let (branch, after) = match decision {
+    let decision = git::decide(&headers, &body, &p)?;
+    let (builds, ignored, payload) = match decision {
         Decision::Ping => {
             tracing::debug!(project, "Git ping answered");
             return Ok(envelope::ok(StatusCode::OK, json!({"event": "ping"})));
         }
         Decision::Ignore(why) => {
-            tracing::info!(project, "Git event ignored: {why}");
+            tracing::info!(project, "Git event ignored: {}", why.join("; "));
             return Ok(envelope::ok_with_messages(
                 StatusCode::ACCEPTED,
                 serde_json::Value::Null,
-                &[why],
+                &why,
             ));
         }
-        Decision::Build { branch, after } => (branch, after),
+        Decision::Build {
+            builds,
+            ignored,
+            payload,
+        } => (builds, ignored, payload),
     };
-    let request = TriggerRequest {
-        requested_commit: Some(after),
-        payload: Some(body),
-        ..TriggerRequest::branch(
-            project,
-            &branch,
-            Trigger {
-                source: TriggerSource::GitPush,
-                hook: None,
-            },
-        )
-    };
+    let requests = builds
+        .into_iter()
+        .map(|b| push_request(project, b, payload.clone()))
+        .collect();
     // Claim, trigger and record run in their own task: if the Git host hangs up meanwhile
     // (hyper then drops this handler), the delivery is still completed or released, never
     // left claimed-but-unhandled.
     let task = tokio::spawn(handle_push(
         state.clone(),
+        project.to_owned(),
         git::delivery_id(&headers),
-        request,
+        requests,
+        ignored,
     ));
     task.await?
 }
 
+/// The trigger of one ref a push asks to build.
+fn push_request(project: &str, build: git::RefBuild, payload: bytes::Bytes) -> TriggerRequest {
+    TriggerRequest {
+        target: Target {
+            project: project.to_owned(),
+            git_ref: build.git_ref,
+            params: Default::default(),
+        },
+        trigger: Trigger {
+            source: TriggerSource::GitPush,
+            hook: None,
+        },
+        requested_commit: Some(build.commit),
+        commit: None,
+        redeploy_of: None,
+        payload: Some(payload),
+    }
+}
+
 /// What a push's delivery id says should happen.
 enum Claim {
-    /// Not seen: build, then record the build under the id.
+    /// Not seen: build, then record the builds under the id.
     New(String),
     /// No id: build, remember nothing.
     Anonymous,
 }
 
+/// Triggers every ref of a push, in payload order, under the delivery's replay guard.
 async fn handle_push(
     state: Arc<AppState>,
+    project: String,
     delivery: Option<String>,
-    request: TriggerRequest,
+    requests: Vec<TriggerRequest>,
+    mut messages: Vec<String>,
 ) -> Result<Response<Body>, ApiError> {
-    let project = request.target.project.clone();
     let claim = match delivery {
         None => Claim::Anonymous,
         Some(d) => {
@@ -200,13 +215,13 @@ async fn handle_push(
                 .reserve_delivery(&project, &d, now, window_start, stale_before)?
             {
                 DeliverySeen::New => Claim::New(d),
-                DeliverySeen::Built(id) => return replayed(&state, id),
+                DeliverySeen::Built(ids) => return replayed(&state, &ids),
                 DeliverySeen::InFlight => {
-                    // The original is being handled right now: wait for its build.
+                    // The original is being handled right now: wait for its builds.
                     for _ in 0..50 {
                         tokio::time::sleep(Duration::from_millis(100)).await;
-                        if let Some(id) = state.store.delivery_build(&project, &d)? {
-                            return replayed(&state, id);
+                        if let Some(ids) = state.store.delivery_builds(&project, &d)? {
+                            return replayed(&state, &ids);
                         }
                     }
                     return Err(ApiError::Conflict(
@@ -216,35 +231,86 @@ async fn handle_push(
             }
         }
     };
-    let result = state.queue.trigger(request).await;
-    match (result, claim) {
-        (Ok(t), Claim::New(d)) => {
-            state
-                .store
-                .complete_delivery(&project, &d, t.build.id, Timestamp::now())?;
-            state.store.durable().await?;
-            Ok(triggered(&t))
-        }
-        (Ok(t), Claim::Anonymous) => Ok(triggered(&t)),
-        (Err(e), claim) => {
-            if let Claim::New(d) = claim {
-                state.store.release_delivery(&project, &d)?;
+    let mut triggered: Vec<Triggered> = Vec::new();
+    let mut first_error = None;
+    for request in requests {
+        let git_ref = request.target.git_ref.clone();
+        match state.queue.trigger(request).await {
+            Ok(t) => triggered.push(t),
+            Err(e) => {
+                // Refs already triggered stay triggered: the answer lists this one's failure.
+                messages.push(format!(
+                    "{} was not built: {e}",
+                    crate::model::clip(&git_ref.to_string(), 100)
+                ));
+                first_error.get_or_insert(e);
             }
-            Err(e.into())
         }
     }
+    if triggered.is_empty() {
+        if let Claim::New(d) = &claim {
+            state.store.release_delivery(&project, d)?;
+        }
+        return Err(first_error
+            .map(ApiError::from)
+            .unwrap_or_else(|| ApiError::Internal("a push with nothing to trigger".into())));
+    }
+    if let Claim::New(d) = &claim {
+        let ids: Vec<BuildId> = triggered.iter().map(|t| t.build.id).collect();
+        state
+            .store
+            .complete_delivery(&project, d, &ids, Timestamp::now())?;
+        state.store.durable().await?;
+    }
+    let answers: Vec<(Build, bool)> = triggered
+        .into_iter()
+        .map(|t| (t.build, t.already_exists))
+        .collect();
+    Ok(push_answer(&answers, &messages))
 }
 
-fn replayed(state: &AppState, id: BuildId) -> Result<Response<Body>, ApiError> {
-    match state.store.build(id)? {
-        Some(b) => Ok(envelope::triggered(&b, true)),
-        // Pruned since: the delivery was handled; say so without building again.
-        None => Ok(envelope::ok_with_messages(
-            StatusCode::OK,
-            serde_json::Value::Null,
-            &[format!(
-                "delivery already handled by build {id}, which has since been pruned"
-            )],
-        )),
+/// The 200 answer to a push: the first build (+ `already_exists`) as `result`, carrying
+/// `more_builds` (always present) with the others, and why other changes built nothing in
+/// `messages`.
+fn push_answer(builds: &[(Build, bool)], messages: &[String]) -> Response<Body> {
+    let Some(((first, first_exists), rest)) = builds.split_first() else {
+        return envelope::ok_with_messages(StatusCode::OK, serde_json::Value::Null, messages);
+    };
+    let mut result = first.to_trigger_json(*first_exists);
+    let more: Vec<serde_json::Value> = rest
+        .iter()
+        .map(|(b, exists)| b.to_trigger_json(*exists))
+        .collect();
+    if let Some(obj) = result.as_object_mut() {
+        obj.insert("more_builds".into(), serde_json::Value::Array(more));
     }
+    let answer = |b: &Build, exists: bool| TriggerAnswer {
+        build: b.id,
+        created: (!exists).then(|| (b.project.clone(), b.git_ref.name().to_owned())),
+        already_exists: exists,
+    };
+    let mut r = envelope::ok_with_messages(StatusCode::OK, result, messages);
+    r.extensions_mut().insert(answer(first, *first_exists));
+    r.extensions_mut().insert(envelope::MoreTriggerAnswers(
+        rest.iter().map(|(b, exists)| answer(b, *exists)).collect(),
+    ));
+    r
+}
+
+/// The answer to a redelivery: the builds it triggered the first time, `already_exists`.
+fn replayed(state: &AppState, ids: &[BuildId]) -> Result<Response<Body>, ApiError> {
+    let mut builds = Vec::new();
+    let mut pruned = Vec::new();
+    for id in ids {
+        match state.store.build(*id)? {
+            Some(b) => builds.push((b, true)),
+            None => pruned.push(*id),
+        }
+    }
+    // Pruned since: the delivery was handled; say so without building again.
+    let messages: Vec<String> = pruned
+        .iter()
+        .map(|id| format!("delivery already handled by build {id}, which has since been pruned"))
+        .collect();
+    Ok(push_answer(&builds, &messages))
 }

@@ -274,8 +274,8 @@ fn unauthenticated_git_bodies_are_bounded_in_memory() {
         "true",
         &format!("git_secret_file = \"{}\"", wd.path().join("s").display()),
     );
-    // 16 MiB bodies: the budget for bodies read before authentication is 4 × 16 MiB.
-    let d = Daemon::start_with_server("max_body_bytes = 16777216", &project);
+    // 16 MiB Git bodies: the budget for bodies read before authentication is 4 × 16 MiB.
+    let d = Daemon::start_with_server("max_git_body_bytes = 16777216", &project);
     // No signature header: refused before a byte of the body is read.
     let s = TcpStream::connect(d.addr).unwrap();
     let mut w = s.try_clone().unwrap();

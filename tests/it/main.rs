@@ -6,6 +6,7 @@ mod client;
 mod examples;
 mod foundation;
 mod git;
+mod git_hosts;
 mod hostile;
 mod machine;
 mod ops;
