@@ -23,6 +23,9 @@ use toml::Spanned;
 
 use crate::token::GitSecret;
 
+mod access;
+pub use access::{ApiTokenConfig, ProjectAccess, valid_param_name};
+
 /// Largest `max_body_bytes` (and `max_git_body_bytes`) accepted: request bodies are held in
 /// memory while they are stored.
 pub const MAX_BODY_LIMIT: u64 = 64 * 1024 * 1024;
@@ -374,6 +377,8 @@ pub struct ProjectConfig {
     pub git_secret: Option<GitSecret>,
     /// Where the secret came from (for `check`), never the secret itself.
     pub git_secret_file: Option<PathBuf>,
+    /// Quiet period, params, `allow_from`, schedules (see `config/access.rs`).
+    pub access: ProjectAccess,
 }
 
 impl ProjectConfig {
@@ -447,6 +452,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Default tracing filter (`RUST_LOG` overrides).
     pub log_level: String,
+    /// Reverse proxies whose `X-Forwarded-For` is believed (SPEC §3 (v2)).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// `[api]`.
@@ -454,6 +461,8 @@ pub struct ServerConfig {
 pub struct ApiConfig {
     /// File holding the admin bearer token.
     pub token_file: PathBuf,
+    /// `[api.tokens.NAME]`: more tokens, each limited to a scope and projects.
+    pub tokens: BTreeMap<String, ApiTokenConfig>,
 }
 
 /// `[metrics]`.
@@ -544,6 +553,7 @@ impl Config {
             s.keep_builds,
             humantime::format_duration(s.kill_grace)
         );
+        access::summarize_api(&mut out, self);
         let _ = writeln!(out, "projects    {}", self.projects.len());
         for p in self.projects.values() {
             let branches: Vec<&str> = p.branches.iter().map(RefPattern::as_str).collect();
@@ -572,6 +582,7 @@ impl Config {
             if let Some(paths) = &p.paths {
                 let _ = writeln!(out, "  {:<20} paths [{}]", "", paths.globs().join(", "));
             }
+            access::summarize(&mut out, p);
         }
         out
     }
@@ -637,12 +648,15 @@ struct RawServer {
     kill_grace: Option<Spanned<String>>,
     shutdown_timeout: Option<Spanned<String>>,
     log_level: Option<Spanned<String>>,
+    trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawApi {
     token_file: Option<Spanned<String>>,
+    #[serde(default)]
+    tokens: BTreeMap<Spanned<String>, access::RawApiToken>,
 }
 
 #[derive(Deserialize, Default)]
@@ -666,6 +680,12 @@ struct RawProject {
     #[serde(default)]
     env: BTreeMap<Spanned<String>, Spanned<String>>,
     git_secret_file: Option<Spanned<String>>,
+    quiet_period: Option<Spanned<String>>,
+    max_quiet_period: Option<Spanned<String>>,
+    params: Option<Spanned<Vec<Spanned<String>>>>,
+    allow_from: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    schedule: Vec<access::RawSchedule>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -977,6 +997,8 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path) -> Result<Config, Config
         Some(v) => resolve(base, v.get_ref()),
     };
 
+    let trusted_proxies = access::trusted_proxies(ctx, s.trusted_proxies.as_ref())?;
+
     let mut projects = BTreeMap::new();
     for (name, p) in raw.projects {
         let key = format!("projects.{}", name.get_ref());
@@ -986,6 +1008,8 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path) -> Result<Config, Config
             validate_project(ctx, base, &key, pname.clone(), p, project_builds_per_minute)?;
         projects.insert(pname, Arc::new(project));
     }
+    let names = projects.keys().map(|n| n.as_str().to_owned()).collect();
+    let tokens = access::api_tokens(ctx, base, &raw.api.tokens, &token_file, &names)?;
 
     Ok(Config {
         path: ctx.file.to_path_buf(),
@@ -1004,8 +1028,9 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path) -> Result<Config, Config
             kill_grace,
             shutdown_timeout,
             log_level,
+            trusted_proxies,
         },
-        api: ApiConfig { token_file },
+        api: ApiConfig { token_file, tokens },
         metrics: MetricsConfig {
             public: raw.metrics.public.unwrap_or(false),
         },
@@ -1202,7 +1227,20 @@ fn validate_project(
             (Some(GitSecret::new(secret.as_bytes().to_vec())), Some(path))
         }
     };
+    let access = access::project_access(
+        ctx,
+        key,
+        &branches,
+        access::RawProjectAccess {
+            quiet_period: p.quiet_period.as_ref(),
+            max_quiet_period: p.max_quiet_period.as_ref(),
+            params: p.params.as_ref(),
+            allow_from: p.allow_from.as_ref(),
+            schedule: &p.schedule,
+        },
+    )?;
     Ok(ProjectConfig {
+        access,
         name,
         branches,
         tags,

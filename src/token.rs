@@ -21,25 +21,25 @@ pub enum TokenError {
     /// The OS random number generator failed; nothing secret can be made without it.
     #[error("the operating system's random number generator failed: {0}")]
     Rng(String),
-    /// The admin token file exists but cannot be read.
-    #[error("cannot read the admin token file {path}: {source}")]
+    /// An API token file (`[api]` or `[api.tokens.*]`) exists but cannot be read.
+    #[error("cannot read the API token file {path}: {source}")]
     Read {
         /// The token file.
         path: PathBuf,
         /// Why.
         source: std::io::Error,
     },
-    /// The admin token file could not be created.
-    #[error("cannot create the admin token file {path}: {source}")]
+    /// An API token file could not be created.
+    #[error("cannot create the API token file {path}: {source}")]
     Create {
         /// The token file.
         path: PathBuf,
         /// Why.
         source: std::io::Error,
     },
-    /// The admin token file is empty.
+    /// An API token file is empty.
     #[error(
-        "the admin token file {0} is empty: put a token in it, or delete it to have one generated"
+        "the API token file {0} is empty: put a token in it, or delete it to have one generated"
     )]
     Empty(PathBuf),
 }

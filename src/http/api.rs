@@ -145,11 +145,18 @@ fn string_field(m: &Map<String, Value>, key: &str) -> Result<Option<String>, Api
     }
 }
 
-/// `GET /api/projects`.
-pub fn projects(state: &AppState) -> Result<Response<Body>, ApiError> {
+/// `GET /api/projects`: the projects the token may reach.
+pub fn projects(
+    state: &AppState,
+    grant: &crate::access::Grant,
+) -> Result<Response<Body>, ApiError> {
     let config = state.config.get();
     let mut out = Vec::new();
-    for p in config.projects.values() {
+    for p in config
+        .projects
+        .values()
+        .filter(|p| grant.allows_project(p.name.as_str()))
+    {
         let (queued, running) = state.queue.project_status(p.name.as_str());
         let last = state.store.list_builds(p.name.as_str(), None, 1, None)?;
         out.push(json!({
@@ -193,7 +200,16 @@ pub async fn create_hook(
 ) -> Result<Response<Body>, ApiError> {
     let p = project(state, p)?;
     let body = read_body(req, state.config.get().server.max_body_bytes).await?;
-    let m = json_object(&body, &["name", "branch"])?;
+    let m = json_object(&body, &["name", "branch", "allow_get"])?;
+    let allow_get = match m.get("allow_get") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "field \"allow_get\" must be true or false".into(),
+            ));
+        }
+    };
     let name = string_field(&m, "name")?
         .ok_or_else(|| ApiError::BadRequest("field \"name\" is required".into()))?;
     validate_hook_name(&name).map_err(|e| ApiError::BadRequest(format!("field \"name\": {e}")))?;
@@ -214,6 +230,7 @@ pub async fn create_hook(
         created_on: Timestamp::now(),
         last_triggered_on: None,
         trigger_count: 0,
+        allow_get,
     };
     match state.store.insert_hook(&hook)? {
         HookInsert::Created => {}
@@ -225,7 +242,7 @@ pub async fn create_hook(
         }
     }
     state.store.durable().await?;
-    tracing::info!(project = %hook.project, hook = %hook.id, name = %hook.name, "hook created");
+    tracing::info!(project = %hook.project, hook = %hook.id, name = %hook.name, allow_get, "hook created");
     Ok(envelope::ok(
         StatusCode::CREATED,
         hook_with_url(state, &hook, &token),
@@ -278,8 +295,9 @@ pub async fn trigger_build(
     }
     let wait = wait_param(req.uri().query())?;
     let p = project(state, p)?;
+    let query = crate::params::from_query(&p.access.params, req.uri().query())?;
     let body = read_body(req, state.config.get().server.max_body_bytes).await?;
-    let m = json_object(&body, &["branch", "tag", "commit"])?;
+    let m = json_object(&body, &["branch", "tag", "commit", "params"])?;
     let git_ref = trigger_ref(&p, string_field(&m, "branch")?, string_field(&m, "tag")?)?;
     let commit = match string_field(&m, "commit")? {
         None => None,
@@ -298,6 +316,10 @@ pub async fn trigger_build(
             ));
         }
     };
+    let params = crate::params::merge(
+        crate::params::from_api(&p.access.params, m.get("params"))?,
+        query,
+    );
     let mut request = TriggerRequest {
         commit,
         ..TriggerRequest::branch(
@@ -310,6 +332,7 @@ pub async fn trigger_build(
         )
     };
     request.target.git_ref = git_ref;
+    request.target.params = params;
     let t = state.queue.trigger(request).await?;
     answer_trigger(state, t, wait).await
 }

@@ -89,6 +89,9 @@ pub enum ApiError {
     /// 401, code 1401, for Git webhooks (no hint which part failed).
     #[error("missing or invalid webhook signature")]
     BadSignature,
+    /// 403, code 1403 (v2): client address outside `allow_from`, token out of scope.
+    #[error("{0}")]
+    Forbidden(String),
     /// 404, code 1404.
     #[error("{0}")]
     NotFound(String),
@@ -135,6 +138,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized | ApiError::BadSignature => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) | ApiError::HookNotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,

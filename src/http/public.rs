@@ -14,7 +14,8 @@ use serde_json::json;
 
 use super::envelope::{self, ApiError, Body};
 use super::error;
-use super::{AppState, TriggerAnswer, read_body, read_body_budgeted_draining};
+use super::{AppState, ClientPeer, TriggerAnswer, read_body, read_body_budgeted_draining};
+use crate::config::ProjectConfig;
 use crate::git::{self, Decision};
 use crate::model::{Build, BuildId, Target, Timestamp, Trigger, TriggerSource};
 use crate::queue::{TriggerRequest, Triggered};
@@ -64,7 +65,53 @@ pub fn healthz(state: &AppState) -> Result<Response<Body>, ApiError> {
     ))
 }
 
-/// `POST /hooks/{token}`.
+/// 403 (code 1403) unless the request's client address is in the project's `allow_from`
+/// (SPEC §4.1 (v2)). Called before the body is read. The address is the TCP peer, or, from a
+/// `trusted_proxies` peer, the one `X-Forwarded-For` names (see [`crate::access::client_addr`]).
+pub fn check_allow_from(
+    state: &AppState,
+    req: &Request<Incoming>,
+    project: &ProjectConfig,
+) -> Result<(), ApiError> {
+    let Some(nets) = project.access.allow_from.as_deref() else {
+        return Ok(());
+    };
+    let config = state.config.get();
+    let client = req.extensions().get::<ClientPeer>().and_then(|peer| {
+        crate::access::client_addr(
+            peer.0.ip(),
+            req.headers()
+                .get_all("x-forwarded-for")
+                .iter()
+                .map(|v| v.as_bytes()),
+            &config.server.trusted_proxies,
+        )
+    });
+    if crate::access::allowed_from(Some(nets), client) {
+        return Ok(());
+    }
+    Err(ApiError::Forbidden(match client {
+        Some(ip) => format!(
+            "requests from {ip} may not trigger project {}: it is not in its allow_from",
+            project.name
+        ),
+        None => format!(
+            "the client address is unknown (X-Forwarded-For holds an entry that is not an IP), and project {} has allow_from",
+            project.name
+        ),
+    }))
+}
+
+/// The 405 of a hook URL asked with a method it does not answer: `Allow: GET, POST` for a
+/// hook created with `allow_get`, else `Allow: POST` (unknown tokens included, so a 405
+/// tells nothing about a token the caller does not hold).
+pub fn hook_methods(state: &AppState, token: &str) -> ApiError {
+    let allow_get = HookToken::is_well_formed(token)
+        && matches!(state.store.hook_by_token(&TokenHash::of(token)), Ok(Some(h)) if h.allow_get);
+    ApiError::MethodNotAllowed(if allow_get { "GET, POST" } else { "POST" })
+}
+
+/// `POST /hooks/{token}`, and `GET` for hooks created with `allow_get`.
 pub async fn fire_hook(
     state: &Arc<AppState>,
     token: &str,
@@ -73,29 +120,54 @@ pub async fn fire_hook(
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
+    // A GET fires only a hook created with `allow_get`; to every other token, known or
+    // not, a GET is the same 405 `Allow: POST` it has always been, so it tells nothing.
+    let get = req.method() == http::Method::GET;
+    let unknown = || {
+        if get {
+            ApiError::MethodNotAllowed("POST")
+        } else {
+            ApiError::HookNotFound
+        }
+    };
     if !HookToken::is_well_formed(token) {
-        return Err(ApiError::HookNotFound);
+        return Err(unknown());
     }
     let hook = state
         .store
         .hook_by_token(&TokenHash::of(token))?
-        .ok_or(ApiError::HookNotFound)?;
+        .ok_or_else(unknown)?;
+    if get && !hook.allow_get {
+        return Err(ApiError::MethodNotAllowed("POST"));
+    }
+    let config = state.config.get();
+    let project = config.project(&hook.project).cloned();
+    if let Some(p) = &project {
+        check_allow_from(state, &req, p)?;
+    }
+    let allowed = project
+        .as_ref()
+        .map(|p| p.access.params.clone())
+        .unwrap_or_default();
     let wait = super::api::wait_param(req.uri().query())?;
-    let max = state.config.get().server.max_body_bytes;
-    let body = read_body(req, max).await?;
+    let query = crate::params::from_query(&allowed, req.uri().query())?;
+    let body = read_body(req, config.server.max_body_bytes).await?;
+    let params = crate::params::merge(crate::params::from_hook_body(&allowed, &body)?, query);
+    let mut request = TriggerRequest {
+        payload: (!body.is_empty()).then_some(body),
+        ..TriggerRequest::branch(
+            &hook.project,
+            &hook.branch,
+            Trigger {
+                source: TriggerSource::DeployHook,
+                hook: Some((hook.id, hook.name.clone())),
+            },
+        )
+    };
+    request.target.params = params;
     let t = state
         .queue
-        .trigger(TriggerRequest {
-            payload: (!body.is_empty()).then_some(body),
-            ..TriggerRequest::branch(
-                &hook.project,
-                &hook.branch,
-                Trigger {
-                    source: TriggerSource::DeployHook,
-                    hook: Some((hook.id, hook.name.clone())),
-                },
-            )
-        })
+        .trigger(request)
         .await
         .map_err(error::hook_trigger)?;
     state.store.record_hook_fired(hook.id, Timestamp::now())?;
@@ -117,6 +189,10 @@ pub async fn git_push(
     };
     let p = config.project(project).cloned().ok_or_else(not_found)?;
     let secret = p.git_secret.clone().ok_or_else(not_found)?;
+    check_allow_from(state, &req, &p)?;
+    // SPEC §2.3: a trigger's query string may carry the project's params (one webhook URL
+    // per target, `/git/site?env=staging`).
+    let params = crate::params::from_query(&p.access.params, req.uri().query())?;
     let headers = req.headers().clone();
     // No signature header at all: refuse before reading (and holding) any body.
     if !git::has_signature_header(&headers) {
@@ -154,7 +230,7 @@ pub async fn git_push(
     };
     let requests = builds
         .into_iter()
-        .map(|b| push_request(project, b, payload.clone()))
+        .map(|b| push_request(project, b, &params, payload.clone()))
         .collect();
     // Claim, trigger and record run in their own task: if the Git host hangs up meanwhile
     // (hyper then drops this handler), the delivery is still completed or released, never
@@ -170,12 +246,17 @@ pub async fn git_push(
 }
 
 /// The trigger of one ref a push asks to build.
-fn push_request(project: &str, build: git::RefBuild, payload: bytes::Bytes) -> TriggerRequest {
+fn push_request(
+    project: &str,
+    build: git::RefBuild,
+    params: &crate::model::Params,
+    payload: bytes::Bytes,
+) -> TriggerRequest {
     TriggerRequest {
         target: Target {
             project: project.to_owned(),
             git_ref: build.git_ref,
-            params: Default::default(),
+            params: params.clone(),
         },
         trigger: Trigger {
             source: TriggerSource::GitPush,
