@@ -66,6 +66,9 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
 /// Largest header block (plus request line) accepted.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Under descriptor pressure (EMFILE), how long a new connection may wait for its first head
+/// before it counts as idle and may be closed to make room.
+pub const EMFILE_EVICTION_GRACE: Duration = Duration::from_secs(1);
 /// Most headers accepted in one request.
 pub const MAX_HEADERS: usize = 100;
 /// Most connections the server keeps open at once, however many descriptors there are.
@@ -220,7 +223,10 @@ pub async fn serve(
                         // their reserve): an idle connection makes room, as at the cap, so
                         // that `/healthz` still gets in. With none to close, back off
                         // instead of spinning.
-                        let evicted = registry.evict_oldest_idle();
+                        let grace = std::time::Instant::now()
+                            .checked_sub(EMFILE_EVICTION_GRACE)
+                            .unwrap_or_else(std::time::Instant::now);
+                        let evicted = registry.evict_oldest_idle_opened_before(grace);
                         if last_accept_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
                             tracing::warn!("accept failed: {e}; closing idle connections, else pausing accepts for 100 ms at a time");
                             last_accept_warning = Some(tokio::time::Instant::now());
