@@ -188,6 +188,8 @@ pub struct Daemon {
     pub config: PathBuf,
     pub token: String,
     pub stderr: Arc<Mutex<String>>,
+    /// The thread that copies the daemon's stderr into `stderr`; done at EOF.
+    pub reader: Option<std::thread::JoinHandle<()>>,
     pub _tmp: Option<tempfile::TempDir>,
 }
 
@@ -346,6 +348,7 @@ impl Daemon {
             config,
             token,
             stderr: log,
+            reader: Some(reader),
             _tmp: None,
         })
     }
@@ -354,8 +357,21 @@ impl Daemon {
         self.child.as_ref().unwrap().id()
     }
 
+    /// The daemon's log so far (lines arrive through a pipe: a line the daemon wrote just now
+    /// may not be here yet; see `wait_log`, and `wait_exit`, after which the log is whole).
     pub fn logs(&self) -> String {
         self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until the log holds `needle`; panics with the log after `secs`.
+    pub fn wait_log(&self, needle: &str, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !self.logs().contains(needle) {
+            if Instant::now() > deadline {
+                panic!("no {needle:?} in the log after {secs}s:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// An admin API call with the token and a JSON body.
@@ -499,6 +515,14 @@ impl Daemon {
         loop {
             if let Some(st) = child.try_wait().unwrap() {
                 self.child = None;
+                // Its last lines may still be in the pipe: the log is whole once the reader
+                // reaches EOF (soon, as nothing of the daemon's outlives it).
+                while self.reader.as_ref().is_some_and(|r| !r.is_finished()) {
+                    if Instant::now() > deadline {
+                        panic!("the daemon's stderr is still open {secs}s after it exited");
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 return st.code();
             }
             if Instant::now() > deadline {
@@ -512,7 +536,30 @@ impl Daemon {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            self.wait_state_dir_unlocked();
         }
+    }
+
+    /// Waits until the state dir's lock is free. A killed daemon's lock can outlive it for a
+    /// moment: a process it was starting (a supervisor) shares its descriptors until its exec,
+    /// and a daemon started meanwhile would refuse the dir as in use (seen 1 run in 5).
+    fn wait_state_dir_unlocked(&self) {
+        use nix::fcntl::{Flock, FlockArg};
+        let path = self.dir.join("state").join("lock");
+        let Ok(file) = std::fs::OpenOptions::new().write(true).open(&path) else {
+            return;
+        };
+        let mut file = Some(file);
+        eventually(10, "the killed daemon's state dir lock released", || {
+            let f = file.take().expect("the lock file");
+            match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+                Ok(_released_on_drop) => true,
+                Err((f, _)) => {
+                    file = Some(f);
+                    false
+                }
+            }
+        });
     }
 }
 
