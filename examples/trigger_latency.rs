@@ -145,6 +145,7 @@ fn main() {
             metrics,
             tunables: deployhook::tunables::Tunables::default(),
             quiet_log: Default::default(),
+            outbox: None,
         });
         let (_trigger, watch) = deployhook::shutdown::channel();
         tokio::spawn(serve(listener, state, watch));

@@ -23,6 +23,9 @@ use toml::Spanned;
 
 use crate::token::GitSecret;
 
+pub mod sinks;
+
+pub use sinks::{Event, Provider, SinkConfig, SinkFormat, StatusConfig};
 mod access;
 pub use access::{ApiTokenConfig, ProjectAccess, valid_param_name};
 
@@ -377,6 +380,10 @@ pub struct ProjectConfig {
     pub git_secret: Option<GitSecret>,
     /// Where the secret came from (for `check`), never the secret itself.
     pub git_secret_file: Option<PathBuf>,
+    /// (v2) The sinks this project notifies; `None`: every sink (SPEC §5.1).
+    pub notify: Option<Vec<String>>,
+    /// (v2) Commit statuses on the Git host (SPEC §5.2).
+    pub status: Option<StatusConfig>,
     /// Quiet period, params, `allow_from`, schedules (see `config/access.rs`).
     pub access: ProjectAccess,
 }
@@ -485,6 +492,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// `[projects.*]`, by name.
     pub projects: BTreeMap<ProjectName, Arc<ProjectConfig>>,
+    /// (v2) `[notify.*]`, by name.
+    pub sinks: BTreeMap<String, SinkConfig>,
 }
 
 impl Config {
@@ -575,6 +584,17 @@ impl Config {
                 humantime::format_duration(p.timeout),
                 git
             );
+            if let Some(st) = &p.status {
+                let _ = writeln!(
+                    out,
+                    "  {:<20} commit statuses on {} {} ({}), context {:?}",
+                    "",
+                    st.provider.as_str(),
+                    st.repo,
+                    st.api_url,
+                    st.context
+                );
+            }
             if !p.tags.is_empty() {
                 let tags: Vec<&str> = p.tags.iter().map(RefPattern::as_str).collect();
                 let _ = writeln!(out, "  {:<20} tags [{}]", "", tags.join(", "));
@@ -584,6 +604,7 @@ impl Config {
             }
             access::summarize(&mut out, p);
         }
+        let _ = write!(out, "{}", sinks::summary(self));
         out
     }
 }
@@ -630,6 +651,8 @@ struct RawConfig {
     metrics: RawMetrics,
     #[serde(default)]
     projects: BTreeMap<Spanned<String>, RawProject>,
+    #[serde(default)]
+    notify: BTreeMap<Spanned<String>, sinks::RawSink>,
 }
 
 #[derive(Deserialize, Default)]
@@ -680,6 +703,8 @@ struct RawProject {
     #[serde(default)]
     env: BTreeMap<Spanned<String>, Spanned<String>>,
     git_secret_file: Option<Spanned<String>>,
+    notify: Option<Spanned<Vec<Spanned<String>>>>,
+    status: Option<sinks::RawStatus>,
     quiet_period: Option<Spanned<String>>,
     max_quiet_period: Option<Spanned<String>>,
     params: Option<Spanned<Vec<Spanned<String>>>>,
@@ -997,15 +1022,19 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path) -> Result<Config, Config
         Some(v) => resolve(base, v.get_ref()),
     };
 
+    let sinks = sinks::validate_sinks(ctx, base, raw.notify)?;
     let trusted_proxies = access::trusted_proxies(ctx, s.trusted_proxies.as_ref())?;
 
     let mut projects = BTreeMap::new();
-    for (name, p) in raw.projects {
+    for (name, mut p) in raw.projects {
         let key = format!("projects.{}", name.get_ref());
         let pname =
             ProjectName::parse(name.get_ref()).map_err(|m| ctx.err(span_of(&name), &key, m))?;
-        let project =
+        let (raw_notify, raw_status) = (p.notify.take(), p.status.take());
+        let mut project =
             validate_project(ctx, base, &key, pname.clone(), p, project_builds_per_minute)?;
+        project.notify = sinks::validate_notify(ctx, &key, raw_notify.as_ref(), &sinks)?;
+        project.status = sinks::validate_status(ctx, base, &key, raw_status.as_ref())?;
         projects.insert(pname, Arc::new(project));
     }
     let names = projects.keys().map(|n| n.as_str().to_owned()).collect();
@@ -1035,6 +1064,7 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path) -> Result<Config, Config
             public: raw.metrics.public.unwrap_or(false),
         },
         projects,
+        sinks,
     })
 }
 
@@ -1253,6 +1283,8 @@ fn validate_project(
         env,
         git_secret,
         git_secret_file,
+        notify: None,
+        status: None,
     })
 }
 

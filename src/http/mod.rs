@@ -29,6 +29,7 @@ pub mod api;
 pub mod conn;
 pub mod envelope;
 pub mod error;
+pub mod outbox_api;
 pub mod public;
 
 use std::convert::Infallible;
@@ -133,6 +134,8 @@ pub struct AppState {
     pub tunables: Tunables,
     /// Aggregates refusal lines that clients can cause at request rate.
     pub quiet_log: crate::quietlog::Throttle,
+    /// (v2) The outbox worker (`None` in harnesses that run no daemon), for test sends.
+    pub outbox: Option<crate::outbox::Outbox>,
 }
 
 impl AppState {
@@ -317,6 +320,10 @@ enum Route<'a> {
     Build(&'a str),
     BuildLogs(&'a str),
     BuildCancel(&'a str),
+    /// (v2) `GET /api/notifications`.
+    Notifications,
+    /// (v2) `POST /api/notifications/test`.
+    NotificationsTest,
     BuildRedeploy(&'a str),
     BuildWait(&'a str),
 }
@@ -341,6 +348,8 @@ impl Route<'_> {
             ["api", "builds", id] => Route::Build(id),
             ["api", "builds", id, "logs"] => Route::BuildLogs(id),
             ["api", "builds", id, "cancel"] => Route::BuildCancel(id),
+            ["api", "notifications"] => Route::Notifications,
+            ["api", "notifications", "test"] => Route::NotificationsTest,
             ["api", "builds", id, "redeploy"] => Route::BuildRedeploy(id),
             ["api", "builds", id, "wait"] => Route::BuildWait(id),
             _ => return None,
@@ -355,11 +364,13 @@ impl Route<'_> {
             | Route::Projects
             | Route::Build(_)
             | Route::BuildLogs(_)
+            | Route::Notifications
             | Route::BuildWait(_) => "GET",
             Route::Hook(_)
             | Route::Git(_)
             | Route::ProjectHookRotate(..)
             | Route::BuildCancel(_)
+            | Route::NotificationsTest
             | Route::BuildRedeploy(_) => "POST",
             Route::ProjectHooks(_) | Route::ProjectBuilds(_) => "GET, POST",
             Route::ProjectHook(..) => "DELETE",
@@ -401,6 +412,10 @@ impl Route<'_> {
             | Route::BuildCancel(id)
             | Route::BuildRedeploy(id)
             | Route::BuildWait(id) => (Scope::Read, About::Build(id)),
+            // (v2) Test sends are admin-only and about no one project: a token limited to
+            // projects is refused (SPEC §4.2). The listing shows the token's projects only.
+            Route::NotificationsTest if post => (Scope::Admin, About::Everything),
+            Route::Notifications | Route::NotificationsTest => (Scope::Read, About::Filtered),
             // Not token-checked (see `is_admin`); listed for completeness.
             Route::Healthz | Route::Hook(_) | Route::Git(_) => (Scope::Read, About::Filtered),
         }
@@ -422,6 +437,8 @@ impl Route<'_> {
             Route::Build(_) => "/api/builds/{uuid}",
             Route::BuildLogs(_) => "/api/builds/{uuid}/logs",
             Route::BuildCancel(_) => "/api/builds/{uuid}/cancel",
+            Route::Notifications => "/api/notifications",
+            Route::NotificationsTest => "/api/notifications/test",
             Route::BuildRedeploy(_) => "/api/builds/{uuid}/redeploy",
             Route::BuildWait(_) => "/api/builds/{uuid}/wait",
         }
@@ -697,6 +714,8 @@ async fn dispatch(
         (Route::Build(id), _) if get => api::get_build(state, id),
         (Route::BuildLogs(id), _) if get => api::build_logs(state, id, req.uri().query()).await,
         (Route::BuildCancel(id), Method::POST) => api::cancel_build(state, id).await,
+        (Route::Notifications, _) if get => outbox_api::list(state, &grant, req.uri().query()),
+        (Route::NotificationsTest, Method::POST) => outbox_api::test(state, req).await,
         (Route::BuildRedeploy(id), Method::POST) => {
             api::redeploy_build(state, id, req.uri().query()).await
         }

@@ -12,6 +12,7 @@ mod hostile;
 mod hostile2;
 mod machine;
 mod ops;
+mod outbox;
 mod reliability;
 mod supervisor;
 mod util;
