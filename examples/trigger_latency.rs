@@ -146,6 +146,7 @@ fn main() {
             tunables: deployhook::tunables::Tunables::default(),
             quiet_log: Default::default(),
             outbox: None,
+            ui: Default::default(),
         });
         let (_trigger, watch) = deployhook::shutdown::channel();
         tokio::spawn(serve(listener, state, watch));

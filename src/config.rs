@@ -479,6 +479,24 @@ pub struct MetricsConfig {
     pub public: bool,
 }
 
+/// `[ui]`: the status pages (SPEC §6).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UiConfig {
+    /// Whether `/ui/` is served at all (`false`: it answers 404).
+    pub enabled: bool,
+    /// Whether pages (and badges) may be read without signing in; actions still need a session.
+    pub public: bool,
+}
+
+impl Default for UiConfig {
+    fn default() -> Self {
+        UiConfig {
+            enabled: true,
+            public: false,
+        }
+    }
+}
+
 /// The whole validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -490,6 +508,8 @@ pub struct Config {
     pub api: ApiConfig,
     /// `[metrics]`.
     pub metrics: MetricsConfig,
+    /// `[ui]`.
+    pub ui: UiConfig,
     /// `[projects.*]`, by name.
     pub projects: BTreeMap<ProjectName, Arc<ProjectConfig>>,
     /// (v2) `[notify.*]`, by name.
@@ -650,6 +670,8 @@ struct RawConfig {
     #[serde(default)]
     metrics: RawMetrics,
     #[serde(default)]
+    ui: RawUi,
+    #[serde(default)]
     projects: BTreeMap<Spanned<String>, RawProject>,
     #[serde(default)]
     notify: BTreeMap<Spanned<String>, sinks::RawSink>,
@@ -685,6 +707,13 @@ struct RawApi {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawMetrics {
+    public: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawUi {
+    enabled: Option<bool>,
     public: Option<bool>,
 }
 
@@ -1063,6 +1092,10 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path) -> Result<Config, Config
         metrics: MetricsConfig {
             public: raw.metrics.public.unwrap_or(false),
         },
+        ui: UiConfig {
+            enabled: raw.ui.enabled.unwrap_or(true),
+            public: raw.ui.public.unwrap_or(false),
+        },
         projects,
         sinks,
     })
@@ -1321,6 +1354,30 @@ mod tests {
         assert!(p.cancel_superseded);
         assert_eq!(p.project_builds_per_minute, 10);
         assert_eq!(p.source, Source::Workdir(PathBuf::from("/tmp")));
+    }
+
+    #[test]
+    fn ui_keys_default_and_parse() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(
+            c.ui,
+            UiConfig {
+                enabled: true,
+                public: false
+            }
+        );
+        let c = parse(&format!("[ui]\nenabled = false\npublic = true\n{MINIMAL}")).unwrap();
+        assert_eq!(
+            c.ui,
+            UiConfig {
+                enabled: false,
+                public: true
+            }
+        );
+        let e = parse(&format!("[ui]\npublik = true\n{MINIMAL}")).unwrap_err();
+        assert_eq!(e.key, "ui.publik", "{e}");
+        let e = parse(&format!("[ui]\npublic = \"yes\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
     }
 
     #[test]

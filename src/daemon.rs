@@ -237,6 +237,7 @@ pub async fn run(
         tunables,
         quiet_log: Default::default(),
         outbox: Some(outbox.clone()),
+        ui: Default::default(),
     });
     tracing::info!("listening on {local}");
 

@@ -31,6 +31,7 @@
 //! - [`http`]: accept loop and hardening; `api` (admin), `public` (hooks, Git, health, metrics),
 //!   `envelope` (the typed envelope, responses and error codes), `error` (domain errors →
 //!   HTTP errors), `conn` (per-connection framing checks, the first head, eviction).
+//! - [`ui`]: the status pages and badge: routes, sessions, maud templates, live log (SSE).
 //! - [`shutdown`]: signals and the shutdown phases.
 //! - [`metrics`]: the Prometheus registry (counters, histogram) and its text exposition.
 //! - [`notify`]: systemd's readiness protocol (`READY=1`, `RELOADING=1`, `STOPPING=1`).
@@ -70,3 +71,4 @@ pub mod store;
 pub mod supervisor;
 pub mod token;
 pub mod tunables;
+pub mod ui;

@@ -136,6 +136,8 @@ pub struct AppState {
     pub quiet_log: crate::quietlog::Throttle,
     /// (v2) The outbox worker (`None` in harnesses that run no daemon), for test sends.
     pub outbox: Option<crate::outbox::Outbox>,
+    /// The status pages' sessions and assets.
+    pub ui: crate::ui::Ui,
 }
 
 impl AppState {
@@ -326,10 +328,16 @@ enum Route<'a> {
     NotificationsTest,
     BuildRedeploy(&'a str),
     BuildWait(&'a str),
+    /// Anything under `/ui` (the status pages route inside `ui`).
+    Ui,
+    Badge(&'a str),
 }
 
 impl Route<'_> {
     fn parse(path: &str) -> Option<Route<'_>> {
+        if path == "/ui" || path.starts_with("/ui/") {
+            return Some(Route::Ui);
+        }
         let rest = path.strip_prefix('/')?;
         let segs: Vec<&str> = rest.split('/').collect();
         if segs.iter().any(|s| s.is_empty()) {
@@ -352,6 +360,7 @@ impl Route<'_> {
             ["api", "notifications", "test"] => Route::NotificationsTest,
             ["api", "builds", id, "redeploy"] => Route::BuildRedeploy(id),
             ["api", "builds", id, "wait"] => Route::BuildWait(id),
+            ["badge", file] => Route::Badge(file.strip_suffix(".svg")?),
             _ => return None,
         })
     }
@@ -365,14 +374,15 @@ impl Route<'_> {
             | Route::Build(_)
             | Route::BuildLogs(_)
             | Route::Notifications
-            | Route::BuildWait(_) => "GET",
+            | Route::BuildWait(_)
+            | Route::Badge(_) => "GET",
             Route::Hook(_)
             | Route::Git(_)
             | Route::ProjectHookRotate(..)
             | Route::BuildCancel(_)
             | Route::NotificationsTest
             | Route::BuildRedeploy(_) => "POST",
-            Route::ProjectHooks(_) | Route::ProjectBuilds(_) => "GET, POST",
+            Route::ProjectHooks(_) | Route::ProjectBuilds(_) | Route::Ui => "GET, POST",
             Route::ProjectHook(..) => "DELETE",
         }
     }
@@ -381,7 +391,12 @@ impl Route<'_> {
     fn is_admin(&self) -> bool {
         !matches!(
             self,
-            Route::Healthz | Route::Metrics | Route::Hook(_) | Route::Git(_)
+            Route::Healthz
+                | Route::Metrics
+                | Route::Hook(_)
+                | Route::Git(_)
+                | Route::Ui
+                | Route::Badge(_)
         )
     }
 
@@ -416,8 +431,11 @@ impl Route<'_> {
             // projects is refused (SPEC §4.2). The listing shows the token's projects only.
             Route::NotificationsTest if post => (Scope::Admin, About::Everything),
             Route::Notifications | Route::NotificationsTest => (Scope::Read, About::Filtered),
-            // Not token-checked (see `is_admin`); listed for completeness.
-            Route::Healthz | Route::Hook(_) | Route::Git(_) => (Scope::Read, About::Filtered),
+            // Not token-checked (see `is_admin`; the pages check their sessions and the badge
+            // its token itself); listed for completeness.
+            Route::Healthz | Route::Hook(_) | Route::Git(_) | Route::Ui | Route::Badge(_) => {
+                (Scope::Read, About::Filtered)
+            }
         }
     }
 
@@ -441,6 +459,8 @@ impl Route<'_> {
             Route::NotificationsTest => "/api/notifications/test",
             Route::BuildRedeploy(_) => "/api/builds/{uuid}/redeploy",
             Route::BuildWait(_) => "/api/builds/{uuid}/wait",
+            Route::Ui => "/ui",
+            Route::Badge(_) => "/badge/{project}.svg",
         }
     }
 
@@ -720,6 +740,8 @@ async fn dispatch(
             api::redeploy_build(state, id, req.uri().query()).await
         }
         (Route::BuildWait(id), _) if get => api::wait_build(state, id, req.uri().query()).await,
+        (Route::Ui, _) => Ok(crate::ui::handle(state, req).await),
+        (Route::Badge(p), _) if get => crate::ui::badge(state, p, &req).await,
         (route, _) => Err(ApiError::MethodNotAllowed(route.allow())),
     }
 }
