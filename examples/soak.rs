@@ -25,7 +25,9 @@
 //! At the end, once every build has stopped, it checks that each project lists exactly its
 //! newest `--keep-builds` builds, that every build answered as new and newer than the oldest
 //! listed one is listed, that builds outside the listing answer 404, that no workspace or
-//! payload file is left, that no request failed, and that SIGTERM makes the daemon exit 0.
+//! payload file is left, and that no request failed. Then it floods the daemon with
+//! `--connections` connections (10 000 by default, half of them half-open request heads) and
+//! checks that `/healthz` still answers within 5 s, and that SIGTERM makes the daemon exit 0.
 //! Then it opens the stopped daemon's sled database and counts each tree's entries. It exits
 //! non-zero if any check failed.
 
@@ -64,6 +66,9 @@ struct Args {
     /// Time between progress reports.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     report_every: Duration,
+    /// Connections of the flood phase after the load (0: no flood).
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
 }
 
 /// An HTTP response: status, `Retry-After`, parsed JSON body (Null when not JSON).
@@ -521,6 +526,71 @@ fn run(args: &Args) -> Result<Vec<String>, String> {
     result
 }
 
+/// The connection flood: `n` connections held open at once, half of them half open (a
+/// request head that never ends), then `/healthz` must answer within 5 s, and again once
+/// they are closed. The integration suite checks the same with a few hundred connections
+/// against a lowered cap; this is the full-size run against the production cap. Returns the
+/// failed checks.
+fn flood(addr: SocketAddr, n: usize, pid: u32) -> Vec<String> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let mut failures = Vec::new();
+    // This process holds one end of every connection.
+    let n = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((_, hard)) => {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+            n.min(hard.saturating_sub(200) as usize)
+        }
+        Err(_) => n.min(800),
+    };
+    let opening = Instant::now();
+    let mut open = Vec::with_capacity(n);
+    for i in 0..n {
+        let Ok(mut s) = TcpStream::connect(addr) else {
+            break;
+        };
+        if i % 2 == 0 {
+            let _ = s.write_all(b"POST /hooks/dh_x HTTP/1.1\r\nHost: x\r\n");
+        }
+        open.push(s);
+    }
+    let opened = open.len();
+    let (_, fds) = proc_usage(pid);
+    println!(
+        "flood: {opened} connections opened in {:.1}s; the daemon holds {fds} fds",
+        opening.elapsed().as_secs_f64()
+    );
+    if opened < n / 2 {
+        failures.push(format!("flood: only {opened} of {n} connections opened"));
+    }
+    let t = Instant::now();
+    let r = http(addr, "GET", "/healthz", None, "");
+    let took = t.elapsed();
+    println!(
+        "flood: /healthz answered {:?} in {:.3}s beside {opened} connections",
+        r.as_ref().map(|r| r.status),
+        took.as_secs_f64()
+    );
+    if r.as_ref().is_none_or(|r| r.status != 200) || took > Duration::from_secs(5) {
+        failures.push(format!(
+            "flood: /healthz answered {:?} after {took:?} beside {opened} connections",
+            r.map(|r| r.status)
+        ));
+    }
+    let t = Instant::now();
+    drop(open);
+    match http(addr, "GET", "/healthz", None, "") {
+        Some(r) if r.status == 200 => println!(
+            "flood: closed; /healthz answered in {:.3}s",
+            t.elapsed().as_secs_f64()
+        ),
+        r => failures.push(format!(
+            "flood: /healthz answered {:?} after the flood",
+            r.map(|r| r.status)
+        )),
+    }
+    failures
+}
+
 fn soak(
     args: &Args,
     addr: SocketAddr,
@@ -722,6 +792,10 @@ fn soak(
     }
     if s.limited.load(Relaxed) == 0 {
         failures.push("no trigger was rate limited".into());
+    }
+
+    if args.connections > 0 {
+        failures.extend(flood(addr, args.connections, pid));
     }
 
     // SIGTERM: a clean exit 0.

@@ -143,6 +143,7 @@ fn main() {
             local_addr: addr,
             unauthenticated_body_budget: body_budget,
             metrics,
+            tunables: deployhook::tunables::Tunables::default(),
             quiet_log: Default::default(),
             outbox: None,
             ui: Default::default(),

@@ -250,10 +250,6 @@ macro_rules! outln {
     };
 }
 
-/// How long `serve` waits, once the daemon has stopped, for blocking tasks still running
-/// (retention pruning, a stuck config read) before the process exits anyway.
-const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Runs the command line; `args` includes the program name.
 pub fn main(args: Vec<OsString>) -> ExitCode {
     let cli = match Cli::try_parse_from(args) {
@@ -277,6 +273,13 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             }
         },
         Cmd::Serve { log_format } => {
+            let tunables = match crate::tunables::Tunables::from_env() {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("deployhook: {e}");
+                    return ExitCode::from(1);
+                }
+            };
             let rt = match tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -287,11 +290,12 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            let result = rt.block_on(crate::daemon::run(&cli.config, log_format));
+            let result = rt.block_on(crate::daemon::run(&cli.config, log_format, tunables));
             // `run` has flushed the store. A blocking task may still hang (a SIGHUP reload
             // reading a config on a FIFO or a hung NFS mount); dropping the runtime would wait
-            // for it forever, past systemd's `TimeoutStopSec`.
-            rt.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
+            // for it forever, past systemd's `TimeoutStopSec`: it gets
+            // `runtime_shutdown_timeout` (retention pruning, a stuck config read).
+            rt.shutdown_timeout(tunables.runtime_shutdown_timeout);
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 // Once logging is set up, the log is where the error goes (with its priority

@@ -34,6 +34,7 @@ use crate::runner::RunSettings;
 use crate::shutdown::{self, Phase, SignalEvent, Signals};
 use crate::store::{Store, StoreError};
 use crate::token::TokenError;
+use crate::tunables::Tunables;
 
 /// Why the daemon could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -213,12 +214,24 @@ fn raise_nofile_limit() -> u64 {
     }
 }
 
-/// Runs the daemon until SIGTERM/SIGINT (or a fatal database error).
-pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), DaemonError> {
+/// Runs the daemon until SIGTERM/SIGINT (or a fatal database error). `tunables` are the
+/// production defaults except in tests (see [`crate::tunables`]).
+pub async fn run(
+    config_path: &Path,
+    log_format: LogFormat,
+    tunables: Tunables,
+) -> Result<(), DaemonError> {
     // First of all, so that a SIGHUP or SIGTERM during start-up is handled, not fatal.
     let mut signals = Signals::install().map_err(DaemonError::Signals)?;
     let config = Config::load(config_path)?;
     init_tracing(&config.server.log_level, log_format);
+    if tunables != Tunables::default() {
+        // Only tests set them; a production daemon running with them would drop clients.
+        tracing::warn!(
+            "{} is set: internal timeouts differ from the production ones: {tunables:?}",
+            crate::tunables::ENV_VAR
+        );
+    }
     let notifier = Arc::new(Notifier::from_env());
     let nofile = raise_nofile_limit();
 
@@ -281,6 +294,7 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
         local_addr: local,
         unauthenticated_body_budget: body_budget,
         metrics,
+        tunables,
         quiet_log: Default::default(),
         outbox: Some(outbox.clone()),
         ui: Default::default(),
@@ -302,7 +316,7 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
     ));
 
     let reloading = Arc::new(tokio::sync::Mutex::new(()));
-    let mut health = tokio::time::interval(Duration::from_secs(1));
+    let mut health = tokio::time::interval(tunables.health_check_interval);
     let mut fatal = None;
     loop {
         tokio::select! {
@@ -351,7 +365,7 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
     // start (the outbox is durable), so shutdown is never held up by a slow receiver.
     outbox.shutdown(Duration::from_secs(2)).await;
     trigger.set(Phase::Closing);
-    let _ = tokio::time::timeout(http::CLOSE_DEADLINE + Duration::from_secs(1), server).await;
+    let _ = tokio::time::timeout(tunables.close_deadline + Duration::from_secs(1), server).await;
     pruner.abort();
     scheduler.abort();
     store.flush_blocking()?;

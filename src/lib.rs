@@ -41,6 +41,7 @@
 //! - [`notifications`]: notification bodies (`json` signed per Standard Webhooks, Slack, Discord).
 //! - [`statuses`]: commit-status requests and state words of the six Git-host providers.
 //! - [`outbound`]: the HTTP client for both: rustls, timeouts, no redirects, bounded answers.
+//! - [`tunables`]: internal timeouts and intervals (production defaults; tests shorten them).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -71,4 +72,5 @@ pub mod statuses;
 pub mod store;
 pub mod supervisor;
 pub mod token;
+pub mod tunables;
 pub mod ui;

@@ -212,8 +212,24 @@ mod tests {
         assert!(!Notifier::new(None).is_active());
         assert!(!Notifier::new(Some(OsStr::new("relative/path"))).is_active());
         assert!(!Notifier::new(Some(OsStr::new(""))).is_active());
-        // Sending to a path nobody listens on is logged, not fatal.
-        let n = Notifier::new(Some(OsStr::new("/nonexistent/deployhook-notify")));
-        n.ready("x");
+    }
+
+    #[test]
+    fn a_failed_send_is_dropped_and_later_ones_still_go_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify");
+        let n = Notifier::new(Some(path.as_os_str()));
+        assert!(n.is_active());
+        // Nobody listens yet: the send fails, is logged, and is not kept for later.
+        n.ready("nobody hears this");
+        let listener = UnixDatagram::bind(&path).unwrap();
+        n.stopping();
+        assert!(recv(&listener).starts_with("STOPPING=1\n"));
+        listener.set_nonblocking(true).unwrap();
+        let mut buf = [0u8; 512];
+        assert_eq!(
+            listener.recv(&mut buf).map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::WouldBlock)
+        );
     }
 }

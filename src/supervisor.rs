@@ -329,8 +329,11 @@ pub struct Supervisor {
     /// The job's kill grace.
     grace: Duration,
     /// How long output may still be read after the main process ended; `done` is awaited that
-    /// long plus [`SLACK`].
+    /// long plus the slack.
     linger: Duration,
+    /// Extra time before the handle escalates on its own: [`SLACK`] (tests shorten it, see
+    /// [`Supervisor::with_slack`]).
+    slack: Duration,
     escalation: Option<Escalation>,
     /// Set once `Finished` was returned.
     finished: bool,
@@ -368,9 +371,17 @@ impl Supervisor {
             group: None,
             grace: Duration::from_millis(job.grace_ms),
             linger,
+            slack: SLACK,
             escalation: None,
             finished: false,
         })
+    }
+
+    /// The same handle with `slack` instead of [`SLACK`], so that a test of the escalation
+    /// waits a fraction of a second instead of twice 3 s.
+    pub fn with_slack(mut self, slack: Duration) -> Supervisor {
+        self.slack = slack;
+        self
     }
 
     /// The supervisor's process id (while it has not been reaped).
@@ -392,11 +403,11 @@ impl Supervisor {
     }
 
     /// Asks for a graceful stop: SIGTERM to the job's group now, SIGKILL to everything after
-    /// the kill grace. Should the supervisor not finish within the grace and [`SLACK`], the
-    /// handle sends `K`, and after another [`SLACK`] kills it and the group itself.
+    /// the kill grace. Should the supervisor not finish within the grace and the slack
+    /// ([`SLACK`]), the handle sends `K`, and after another slack kills it and the group itself.
     pub async fn terminate(&mut self) {
         self.send(b'T').await;
-        self.escalate_by(Escalation::Kill(Instant::now() + self.grace + SLACK));
+        self.escalate_by(Escalation::Kill(Instant::now() + self.grace + self.slack));
     }
 
     /// SIGKILLs everything of the job now.
@@ -457,7 +468,8 @@ impl Supervisor {
                         Some(Escalation::Kill(_)) => {
                             tracing::warn!("a supervisor did not finish within the kill grace; sending it K");
                             self.kill().await;
-                            self.escalation = Some(Escalation::GiveUp(Instant::now() + SLACK));
+                            self.escalation =
+                                Some(Escalation::GiveUp(Instant::now() + self.slack));
                         }
                         _ => {
                             tracing::error!("a supervisor does not answer; killing it and its build's process group");
@@ -477,7 +489,9 @@ impl Supervisor {
     /// (a descendant stuck in uninterruptible sleep keeps `waitpid` waiting), the handle gives
     /// up on it after the caller's output linger and some slack.
     fn main_ended(&mut self, status: MainStatus) -> Event {
-        self.escalate_by(Escalation::GiveUp(Instant::now() + self.linger + SLACK));
+        self.escalate_by(Escalation::GiveUp(
+            Instant::now() + self.linger + self.slack,
+        ));
         Event::MainEnded(status)
     }
 

@@ -464,19 +464,21 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
-    async fn hook_404_bodies_are_identical() {
-        let a = error(&ApiError::HookNotFound)
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes();
-        let b = error(&ApiError::HookNotFound)
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes();
-        assert_eq!(a, b);
+    async fn the_hook_404_body_is_the_fixed_spec_envelope() {
+        // SPEC §4: a body identical for every unknown token, so it can carry nothing but the
+        // code and the fixed message (no token, no hint of why the token is unknown).
+        let r = error(&ApiError::HookNotFound);
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        let bytes = r.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(
+            v,
+            json!({
+                "success": false,
+                "errors": [{"code": 1404, "message": "no deploy hook at this URL"}],
+                "messages": [],
+                "result": null,
+            })
+        );
     }
 }

@@ -55,9 +55,11 @@ use crate::model::TriggerSource;
 use crate::queue::Queue;
 use crate::shutdown::ShutdownWatch;
 use crate::store::Store;
+use crate::tunables::Tunables;
 pub use envelope::{ApiError, Body, TriggerAnswer};
 
 /// How long a client may take to send its request headers (also the idle keep-alive limit).
+/// The production value of [`Tunables::header_read_timeout`], as are the next two.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send a request body.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -128,6 +130,8 @@ pub struct AppState {
     pub unauthenticated_body_budget: Arc<tokio::sync::Semaphore>,
     /// The metric registry behind `GET /metrics` (shared with the queue).
     pub metrics: Arc<Metrics>,
+    /// The HTTP timeouts in force (the production values except in tests).
+    pub tunables: Tunables,
     /// Aggregates refusal lines that clients can cause at request rate.
     pub quiet_log: crate::quietlog::Throttle,
     /// (v2) The outbox worker (`None` in harnesses that run no daemon), for test sends.
@@ -189,7 +193,7 @@ pub async fn serve(
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .header_read_timeout(state.tunables.header_read_timeout)
         .max_headers(MAX_HEADERS)
         // Exact: hyper compares the parsed head with it. `max_buf_size` alone lets a head
         // through when it completes in the read that passes the limit (up to twice it).
@@ -248,11 +252,12 @@ pub async fn serve(
         let mut io = conn::StrictIo::new(stream, activity.clone());
         let (builder, watcher, st) = (builder.clone(), graceful.watcher(), state.clone());
         let mut closing = shutdown.clone();
+        let header_timeout = state.tunables.header_read_timeout;
         tokio::spawn(async move {
             // Until its first request head is complete, a connection costs only the bytes
             // it sent: see `StrictIo::read_first_head`. The same header timeout applies.
             let spoke = tokio::select! {
-                r = tokio::time::timeout(HEADER_READ_TIMEOUT, io.read_first_head()) => {
+                r = tokio::time::timeout(header_timeout, io.read_first_head()) => {
                     matches!(r, Ok(Ok(())))
                 }
                 _ = registered.evict.notified() => false,
@@ -282,12 +287,13 @@ pub async fn serve(
     // New connections are refused from here on.
     drop(listener);
     shutdown.closing().await;
-    if tokio::time::timeout(CLOSE_DEADLINE, graceful.shutdown())
+    let close_deadline = state.tunables.close_deadline;
+    if tokio::time::timeout(close_deadline, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!(
-            "some HTTP connections did not close within {CLOSE_DEADLINE:?}; dropping them"
+            "some HTTP connections did not close within {close_deadline:?}; dropping them"
         );
     }
     Ok(())
@@ -503,12 +509,15 @@ enum About<'a> {
 const OTHER_ROUTE: &str = "other";
 
 async fn handle(
-    req: Request<Incoming>,
+    mut req: Request<Incoming>,
     state: Arc<AppState>,
     activity: Arc<conn::Activity>,
 ) -> Response<Body> {
     // Counts the connection as busy until the response body is dropped (streams included).
     let in_flight = activity.begin();
+    req.extensions_mut().insert(BodyDeadline(
+        tokio::time::Instant::now() + state.tunables.body_read_timeout,
+    ));
     let path = req.uri().path().to_owned();
     let method = req.method().clone();
     let route = Route::parse(&path);
@@ -778,8 +787,14 @@ fn check_scope(
     }
 }
 
+/// When the body of a request must have arrived: set by `handle` as the head arrives, from
+/// [`Tunables::body_read_timeout`] (a request extension, so that handlers need not pass it).
+#[derive(Debug, Clone, Copy)]
+struct BodyDeadline(tokio::time::Instant);
+
 /// Reads a request body of at most `max` bytes: refused from `Content-Length` before reading
-/// when it says more, cut off while reading otherwise, and bounded in time.
+/// when it says more, cut off while reading otherwise, and bounded in time (by the request's
+/// [`BodyDeadline`], else [`BODY_READ_TIMEOUT`] from now).
 pub async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, ApiError> {
     collect_body(req, max, None, false).await.map(|(b, _)| b)
 }
@@ -879,9 +894,12 @@ async fn collect_body(
     if let Some(len) = declared {
         take(len)?;
     }
+    let deadline = req
+        .extensions()
+        .get::<BodyDeadline>()
+        .map_or_else(|| tokio::time::Instant::now() + BODY_READ_TIMEOUT, |d| d.0);
     let mut body = req.into_body();
     let mut buf = Vec::new();
-    let deadline = tokio::time::Instant::now() + BODY_READ_TIMEOUT;
     loop {
         let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
             Err(_) => return Err(ApiError::RequestTimeout),

@@ -290,12 +290,15 @@ fn no_supersede_when_disabled() {
     let d = Daemon::start(&workdir_project(
         "site",
         wd.path(),
-        "sleep 3",
+        "sleep 2",
         "cancel_superseded = false",
     ));
     let old = d.trigger_id("site", "main");
     d.wait_status(&old, "running", 20);
     let new = d.trigger_id("site", "main");
+    // The new trigger did meet the running build (else the test proves nothing): a
+    // supersede would have stopped it at once, long before its 2 s are up.
+    assert_eq!(d.build(&old)["status"], "running");
     let b = d.wait_status(&old, "stopped", 20);
     assert_eq!(b["build_outcome"], "success");
     assert_eq!(b["cancel_reason"], Value::Null);
@@ -525,17 +528,21 @@ fn kill_9_of_the_daemon_takes_its_builds_with_it() {
 fn sigterm_drains_then_interrupts_and_exits_zero() {
     let wd = tempfile::tempdir().unwrap();
     let cmd = format!("trap '' TERM; {}", pid_recording_command(wd.path()));
-    // shutdown_timeout is 3 s in tests, kill_grace 1 s.
+    // shutdown_timeout is 3 s in tests (room for the 503 below), kill_grace 1 s.
     let mut d = Daemon::start(&workdir_project("site", wd.path(), &cmd, ""));
     let id = d.trigger_id("site", "main");
     eventually(10, "pids written", || {
         pids_in(&wd.path().join("pids")).len() == 2
     });
-    // A keep-alive connection opened before the signal.
+    // A keep-alive connection the daemon has accepted (it answered on it) before the signal:
+    // one only connected would sit in the listen backlog and be reset with the listener.
     let mut conn = std::net::TcpStream::connect(d.addr).unwrap();
-    d.signal("TERM");
-    std::thread::sleep(Duration::from_millis(300));
     use std::io::{Read, Write};
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert_eq!(read_one_response(&mut conn).status, 200);
+    d.signal("TERM");
+    wait_listener_closed(&d);
     conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .unwrap();
     let mut buf = Vec::new();
@@ -559,11 +566,14 @@ fn sigterm_drains_then_interrupts_and_exits_zero() {
 #[test]
 fn one_build_per_project_and_the_global_limit() {
     let wd = tempfile::tempdir().unwrap();
+    // Builds of `a` and `c` run until the test creates `release-<project>-<branch>`.
+    let held =
+        "while [ ! -f \"release-$DEPLOYHOOK_PROJECT-$DEPLOYHOOK_BRANCH\" ]; do sleep 0.02; done";
     let cfg = format!(
         "{}{}{}",
-        workdir_project("a", wd.path(), "sleep 3", ""),
+        workdir_project("a", wd.path(), held, ""),
         workdir_project("b", wd.path(), "sleep 20", ""),
-        workdir_project("c", wd.path(), "sleep 3", "")
+        workdir_project("c", wd.path(), held, "")
     );
     let d = Daemon::start_with_server("max_concurrent_builds = 2", &cfg);
     let a1 = d.trigger_id("a", "main");
@@ -574,6 +584,7 @@ fn one_build_per_project_and_the_global_limit() {
     d.wait_status(&b1, "running", 10);
     assert_eq!(d.build(&a2)["status"], "queued", "one build per project");
     assert_eq!(d.build(&c1)["status"], "queued", "max_concurrent_builds");
+    std::fs::write(wd.path().join("release-a-main"), "").unwrap();
     d.wait_status(&a1, "stopped", 20);
     // The oldest queued build whose project is idle goes next: a2 (older than c1).
     d.wait_status(&a2, "running", 10);
@@ -680,10 +691,12 @@ fn huge_output_leaves_the_daemons_memory_flat() {
 #[test]
 fn a_trigger_after_a_burst_is_not_absorbed_by_the_running_build() {
     let wd = tempfile::tempdir().unwrap();
+    // Each build runs until the test creates `release` in the workdir.
+    let release = wd.path().join("release");
     let d = Daemon::start(&workdir_project(
         "site",
         wd.path(),
-        "sleep 1",
+        "while [ ! -f release ]; do sleep 0.02; done",
         "cancel_superseded = false",
     ));
     let auth = format!("Bearer {}", d.token);
@@ -715,15 +728,16 @@ fn a_trigger_after_a_burst_is_not_absorbed_by_the_running_build() {
             .unwrap()
             .to_string();
         // Wait for that build (or the one queued behind it) to run, then trigger again.
-        let running = loop {
+        let mut running = String::new();
+        eventually(20, "a build of the burst running", || {
             let v = d
                 .api("GET", "/api/projects/site/builds?status=running", None)
                 .json();
             if let Some(b) = v["result"].as_array().unwrap().first() {
-                break b["build_uuid"].as_str().unwrap().to_string();
+                running = b["build_uuid"].as_str().unwrap().to_string();
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        };
+            !running.is_empty()
+        });
         let again = d.trigger("site", "main");
         assert_ne!(
             again["build_uuid"].as_str().unwrap(),
@@ -731,8 +745,10 @@ fn a_trigger_after_a_burst_is_not_absorbed_by_the_running_build() {
             "a trigger joined the running build (burst first build {first})"
         );
         // Let everything finish before the next round.
+        std::fs::write(&release, "").unwrap();
         let last = again["build_uuid"].as_str().unwrap().to_string();
         d.wait_status(&last, "stopped", 30);
+        std::fs::remove_file(&release).unwrap();
     }
 }
 
@@ -740,18 +756,27 @@ fn a_trigger_after_a_burst_is_not_absorbed_by_the_running_build() {
 #[test]
 fn sighup_during_shutdown_does_not_cut_the_drain_short() {
     let wd = tempfile::tempdir().unwrap();
-    // shutdown_timeout is 3 s in tests: a 2 s build finishes within it.
-    let mut d = Daemon::start(&workdir_project(
-        "site",
-        wd.path(),
-        "sleep 2; echo finished",
-        "",
-    ));
+    // The build runs until the test creates `release`; the drain may last 60 s.
+    let mut d = Daemon::start_with_server(
+        "shutdown_timeout = \"60s\"",
+        &workdir_project(
+            "site",
+            wd.path(),
+            "while [ ! -f release ]; do sleep 0.02; done; echo finished",
+            "",
+        ),
+    );
     let id = d.trigger_id("site", "main");
     d.wait_status(&id, "running", 10);
     d.signal("TERM");
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    wait_listener_closed(&d);
     d.signal("HUP");
+    eventually(10, "the SIGHUP seen during the drain", || {
+        d.logs().contains("SIGHUP ignored")
+    });
+    // Released only now: had the SIGHUP cut the drain short, the build would have been
+    // interrupted before it could finish.
+    std::fs::write(wd.path().join("release"), "").unwrap();
     assert_eq!(d.wait_exit(30), Some(0));
     let dir = d.dir.clone();
     let _tmp = d._tmp.take();

@@ -106,7 +106,6 @@ fn ci_trigger_exits_zero_only_when_the_build_succeeds() {
             .args(args)
             .env("DEPLOYHOOK_URL", format!("http://{}", d.addr))
             .env("DEPLOYHOOK_TOKEN", token)
-            .env("POLL_INTERVAL", "1")
             .output()
             .unwrap()
     };
@@ -153,7 +152,14 @@ fn ci_trigger_exits_zero_only_when_the_build_succeeds() {
 #[test]
 fn ci_trigger_follows_a_supersede_and_exits_3_when_time_runs_out() {
     let work = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project("site", work.path(), "sleep 3", ""));
+    // Builds run until the test creates `release` in the workdir.
+    let release = work.path().join("release");
+    let d = Daemon::start(&workdir_project(
+        "site",
+        work.path(),
+        "while [ ! -f release ]; do sleep 0.02; done",
+        "",
+    ));
     let script = |timeout: &str| {
         Command::new("sh")
             .arg(example("ci-trigger.sh"))
@@ -174,6 +180,8 @@ fn ci_trigger_follows_a_supersede_and_exits_3_when_time_runs_out() {
             .is_some_and(|a| a.iter().any(|b| b["status"] == "running"))
     });
     let newer = d.trigger_id("site", "main");
+    d.wait_status(&newer, "running", 30);
+    std::fs::write(&release, "").unwrap();
     let out = child.wait_with_output().unwrap();
     let text = format!(
         "stdout:\n{}\nstderr:\n{}",
@@ -187,6 +195,8 @@ fn ci_trigger_follows_a_supersede_and_exits_3_when_time_runs_out() {
     );
     assert!(text.contains("outcome success"), "{text}");
 
+    // A build that is still running when DEPLOY_TIMEOUT runs out.
+    std::fs::remove_file(&release).unwrap();
     let out = script("1").wait_with_output().unwrap();
     assert_eq!(
         out.status.code(),

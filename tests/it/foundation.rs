@@ -293,7 +293,9 @@ fn listing_pages_with_a_cursor() {
     ids.reverse();
     let mut seen = Vec::new();
     let mut cursor = String::new();
-    loop {
+    // Five builds at two a page: three pages; a cursor that never ends fails the test.
+    for page in 0.. {
+        assert!(page < 3, "more than three pages: {seen:?}");
         let q = if cursor.is_empty() {
             "limit=2".to_string()
         } else {
@@ -513,4 +515,22 @@ fn a_client_whose_stdout_is_closed_stops_quietly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!err.contains("panicked"), "{err}");
     assert_eq!(out.status.code(), Some(0), "{err}");
+}
+
+/// The test-only tunables are refused when they do not parse: a typo must not leave a test
+/// waiting out the production timeout it meant to shorten.
+#[test]
+fn serve_refuses_tunables_that_do_not_parse() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = write_config(tmp.path(), "", "");
+    let config = config.to_str().unwrap();
+    let (code, _, err) = cli(
+        &["serve", "--config", config],
+        &[(TUNABLES, "header_timeout=1s")],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("unknown key \"header_timeout\""), "{err}");
+    // Nothing was started: no state dir, no admin token.
+    assert!(!tmp.path().join("state").exists());
+    assert!(!tmp.path().join("admin.token").exists());
 }

@@ -16,6 +16,30 @@ fn healthy(d: &Daemon) {
     assert_eq!(request(d.addr, "GET", "/healthz", &[], b"").status, 200);
 }
 
+/// Waits for the `100 Continue` of a request sent with `Expect: 100-continue`: hyper sends
+/// it when the handler starts reading the body, so from then on the request is under way on
+/// the daemon's side (its connection busy, its body budget taken).
+fn await_continue(s: &mut TcpStream) {
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut interim = Vec::new();
+    let mut byte = [0u8; 1];
+    while !interim.ends_with(b"\r\n\r\n") {
+        assert!(interim.len() < 1024, "no end to the interim response");
+        match s.read(&mut byte) {
+            Ok(1) => interim.push(byte[0]),
+            other => panic!(
+                "no 100 Continue ({other:?}): {:?}",
+                String::from_utf8_lossy(&interim)
+            ),
+        }
+    }
+    assert!(
+        interim.starts_with(b"HTTP/1.1 100"),
+        "{}",
+        String::from_utf8_lossy(&interim)
+    );
+}
+
 /// Reads until EOF or error; returns what arrived and how long it took.
 fn read_all(mut s: TcpStream, limit: Duration) -> (Vec<u8>, Duration) {
     s.set_read_timeout(Some(limit)).unwrap();
@@ -25,9 +49,18 @@ fn read_all(mut s: TcpStream, limit: Duration) -> (Vec<u8>, Duration) {
     (buf, start.elapsed())
 }
 
+/// The header read timeout shortened from 10 s to 1 s: the tests of it wait 1 s, and a
+/// connection still open after 8 s proves the timer is not there (or not the one set).
+const SHORT_HEADER_TIMEOUT: &str = "header_read_timeout=1s";
+
 #[test]
 fn slowloris_and_silent_connections_are_closed_at_the_header_timeout() {
-    let (d, _wd) = daemon();
+    let wd = tempfile::tempdir().unwrap();
+    let d = Daemon::start_tuned(
+        SHORT_HEADER_TIMEOUT,
+        "",
+        &workdir_project("site", wd.path(), "true", ""),
+    );
     // hyper ignores header_read_timeout without a timer: this proves the timer is there.
     let mut trickle = TcpStream::connect(d.addr).unwrap();
     trickle
@@ -36,18 +69,18 @@ fn slowloris_and_silent_connections_are_closed_at_the_header_timeout() {
     let silent = TcpStream::connect(d.addr).unwrap();
     let (_, waited) = read_all(silent, Duration::from_secs(30));
     assert!(
-        waited < Duration::from_secs(25),
+        waited < Duration::from_secs(8),
         "silent connection kept open {waited:?}"
     );
-    // Keep trickling one header line a second: still cut off, as the whole head is bounded.
+    // Keep trickling a header line every 100 ms: still cut off, as the whole head is bounded.
     let start = Instant::now();
     let mut closed = false;
-    while start.elapsed() < Duration::from_secs(25) {
+    while start.elapsed() < Duration::from_secs(8) {
         if trickle.write_all(b"X-Slow: 1\r\n").is_err() {
             closed = true;
             break;
         }
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(100));
     }
     assert!(closed, "trickled headers kept the connection open");
     healthy(&d);
@@ -147,20 +180,26 @@ fn odd_paths_get_4xx() {
 
 #[test]
 fn a_trickled_body_times_out_and_frees_the_connection() {
-    let (d, _wd) = daemon();
+    // The body timeout shortened from 30 s to 1 s.
+    let wd = tempfile::tempdir().unwrap();
+    let d = Daemon::start_tuned(
+        "body_read_timeout=1s",
+        "",
+        &workdir_project("site", wd.path(), "true", ""),
+    );
     let (_, path) = d.create_hook("site", "cms", "main");
     let mut s = TcpStream::connect(d.addr).unwrap();
     s.write_all(
         format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc").as_bytes(),
     )
     .unwrap();
-    let (buf, waited) = read_all(s, Duration::from_secs(60));
+    let (buf, waited) = read_all(s, Duration::from_secs(30));
     let text = String::from_utf8_lossy(&buf);
     assert!(
         text.is_empty() || text.starts_with("HTTP/1.1 408"),
         "{text}"
     );
-    assert!(waited < Duration::from_secs(50), "{waited:?}");
+    assert!(waited < Duration::from_secs(8), "{waited:?}");
     healthy(&d);
 }
 
@@ -206,17 +245,17 @@ fn a_flood_of_idle_connections_does_not_lock_out_healthz() {
     let mut busy = TcpStream::connect(d.addr).unwrap();
     busy.write_all(
         format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nConnection: close\r\n\r\nab"
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
         )
         .as_bytes(),
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    await_continue(&mut busy);
     for _ in 0..200 {
         idle.push(TcpStream::connect(d.addr).unwrap());
     }
     assert_eq!(request(d.addr, "GET", "/healthz", &[], b"").status, 200);
-    busy.write_all(b"cd").unwrap();
+    busy.write_all(b"abcd").unwrap();
     let (buf, _) = read_all(busy, Duration::from_secs(10));
     assert!(
         String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"),
@@ -248,79 +287,103 @@ fn unauthenticated_git_bodies_are_bounded_in_memory() {
         String::from_utf8_lossy(&buf)
     );
     // Four slow 16 MiB uploads with a (bogus) signature hold the whole budget...
-    let head = "POST /git/site HTTP/1.1\r\nHost: x\r\nContent-Length: 16777216\r\nX-GitHub-Event: push\r\nX-Hub-Signature-256: sha256=00\r\n\r\n";
+    let head = "POST /git/site HTTP/1.1\r\nHost: x\r\nContent-Length: 16777216\r\nX-GitHub-Event: push\r\nX-Hub-Signature-256: sha256=00\r\n";
     let mut slow = Vec::new();
     for _ in 0..4 {
         let mut s = TcpStream::connect(d.addr).unwrap();
-        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(format!("{head}Expect: 100-continue\r\n\r\n").as_bytes())
+            .unwrap();
+        // Its body is being read: its 16 MiB are counted.
+        await_continue(&mut s);
         s.write_all(&[b'x'; 1000]).unwrap();
         slow.push(s);
     }
-    std::thread::sleep(Duration::from_millis(300));
     // ...so a fifth is turned away at once instead of growing the daemon's memory.
     let s = TcpStream::connect(d.addr).unwrap();
     let mut w = s.try_clone().unwrap();
-    w.write_all(head.as_bytes()).unwrap();
+    w.write_all(format!("{head}\r\n").as_bytes()).unwrap();
     let (buf, _) = read_all(s, Duration::from_secs(10));
     let text = String::from_utf8_lossy(&buf).to_string();
     assert!(text.starts_with("HTTP/1.1 503"), "{text}");
     assert!(text.contains("1503"), "{text}");
-    // Once they go, there is room again (and the bogus signature gets its 401).
+    // Once they go, there is room again (and the bogus signature gets its 401), as soon as
+    // the daemon has seen them close.
     drop(slow);
-    std::thread::sleep(Duration::from_millis(300));
-    let r = request(
-        d.addr,
-        "POST",
-        "/git/site",
-        &[
-            ("X-GitHub-Event", "push"),
-            ("X-Hub-Signature-256", "sha256=00"),
-        ],
-        b"{}",
-    );
-    assert_eq!(r.status, 401);
+    eventually(10, "the body budget freed", || {
+        let r = request(
+            d.addr,
+            "POST",
+            "/git/site",
+            &[
+                ("X-GitHub-Event", "push"),
+                ("X-Hub-Signature-256", "sha256=00"),
+            ],
+            b"{}",
+        );
+        assert!(r.status == 401 || r.status == 503, "{}", r.status);
+        r.status == 401
+    });
 }
 
+/// Connections far beyond the cap, half of them half open, do not stop `/healthz`. The cap
+/// is lowered (open-file limit 200: about a hundred connections, as the daemon logs) so that
+/// a few hundred connections exceed it several times over; `examples/soak.rs` runs the same flood with
+/// 10 000 connections against the production cap.
 #[test]
-fn ten_thousand_half_open_connections_do_not_stop_healthz() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    // This test process holds one end of every connection: raise its own open-file limit
-    // (the daemon raises its own at start). Where the hard limit is lower than 10 000 plus
-    // headroom, the flood is as large as it allows.
-    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
-    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
-    let n = 10_000.min(hard.saturating_sub(2_000) as usize);
-    let (d, _wd) = daemon();
-    let mut flood = Vec::with_capacity(n);
+fn half_open_connections_far_beyond_the_cap_do_not_stop_healthz() {
+    const FLOOD: usize = 500;
+    let wd = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    write_config(
+        tmp.path(),
+        "",
+        &workdir_project("site", wd.path(), "true", ""),
+    );
+    let d = Daemon::spawn_limited(tmp.path(), &[], Some(200)).unwrap();
+    let cap: usize = d
+        .logs()
+        .lines()
+        .find(|l| l.contains("connections (open-file limit"))
+        .and_then(|l| l.split("at most ").nth(1)?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no connection cap in the log:\n{}", d.logs()));
+    assert!(3 * cap <= FLOOD, "a cap of {cap} is not far below {FLOOD}");
+    let mut flood = Vec::with_capacity(FLOOD);
     let opening = Instant::now();
-    for i in 0..n {
-        let Ok(mut s) = TcpStream::connect(d.addr) else {
-            break;
-        };
+    for i in 0..FLOOD {
+        let mut s = TcpStream::connect(d.addr).expect("connect");
         if i % 2 == 0 {
             // Half open: a request head that never ends.
             let _ = s.write_all(b"POST /hooks/dh_x HTTP/1.1\r\nHost: x\r\n");
         }
         flood.push(s);
     }
-    assert!(flood.len() >= n / 2, "only {} connections", flood.len());
-    eprintln!(
-        "opened {} connections in {:?}",
-        flood.len(),
-        opening.elapsed()
-    );
+    eprintln!("opened {FLOOD} connections in {:?}", opening.elapsed());
     let start = Instant::now();
     let r = request(d.addr, "GET", "/healthz", &[], b"");
     let took = start.elapsed();
-    eprintln!(
-        "/healthz answered in {took:?} beside {} open connections",
-        flood.len()
-    );
+    eprintln!("/healthz answered in {took:?} beside {FLOOD} connections");
     assert_eq!(r.status, 200);
-    // HOSTILE 7: within a second (measured: about 10 ms on a loaded 2-core machine).
+    // HOSTILE 7: within a second (the answer did not wait for a slot to time out).
     assert!(took < Duration::from_secs(1), "{took:?}");
-    let closing = Instant::now();
+    // The flood did exceed the cap: the daemon closed the connections it evicted.
+    let mut open: Vec<TcpStream> = flood;
+    for s in &open {
+        s.set_nonblocking(true).unwrap();
+    }
+    // Sooner than the header timeout (10 s) would have closed them.
+    eventually(6, "evicted connections closed", || {
+        open.retain_mut(|s| {
+            let mut b = [0u8; 64];
+            match s.read(&mut b) {
+                Ok(0) => false,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+                Err(_) => false,
+                Ok(_) => true,
+            }
+        });
+        open.len() <= cap
+    });
+    let flood = open;
     drop(flood);
     healthy(&d);
-    eprintln!("closed them in {:?}", closing.elapsed());
 }

@@ -563,5 +563,5 @@ fn metrics_count_rate_limited_triggers() {
         Some(1.0),
         "{t}"
     );
-    assert!(d.logs().contains("result=rate_limited"), "{}", d.logs());
+    d.wait_log("result=rate_limited", 10);
 }

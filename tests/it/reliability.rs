@@ -26,12 +26,16 @@ fn retry_after(r: &Resp) -> u64 {
 #[test]
 fn project_rate_limit_refuses_with_an_exact_retry_after_and_survives_restarts() {
     let wd = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project(
-        "site",
-        wd.path(),
-        "sleep 30",
-        "cancel_superseded = false\nproject_builds_per_minute = 2",
-    ));
+    // The clean restart interrupts the running build after a short drain.
+    let d = Daemon::start_with_server(
+        "shutdown_timeout = \"500ms\"",
+        &workdir_project(
+            "site",
+            wd.path(),
+            "sleep 30",
+            "cancel_superseded = false\nproject_builds_per_minute = 2",
+        ),
+    );
     let before_first = Instant::now();
     let first = d.trigger_id("site", "main");
     let after_first = Instant::now();
@@ -129,9 +133,10 @@ fn daemon_rate_limit_counts_every_project() {
     assert!((1..=60).contains(&secs), "{secs}");
 }
 
-/// Fires `n` triggers for distinct branches from `n` threads; returns the build uuids of the
-/// ones answered 200 (the others were cut off by a kill).
-fn fire(d: &Daemon, project: &str, branches: &[String]) -> Vec<String> {
+/// Fires one trigger per item of `branches`, each from its own thread; returns the build
+/// uuids of the ones answered 200 (the others were cut off by a kill). `on_200` is called
+/// as each 200 arrives.
+fn fire(d: &Daemon, project: &str, branches: &[String], on_200: &(dyn Fn() + Sync)) -> Vec<String> {
     std::thread::scope(|s| {
         let hs: Vec<_> = branches
             .iter()
@@ -139,7 +144,7 @@ fn fire(d: &Daemon, project: &str, branches: &[String]) -> Vec<String> {
                 s.spawn(move || {
                     let body = json!({"branch": b}).to_string();
                     let auth = format!("Bearer {}", d.token);
-                    try_request(
+                    let r = try_request(
                         d.addr,
                         "POST",
                         &format!("/api/projects/{project}/builds"),
@@ -148,7 +153,11 @@ fn fire(d: &Daemon, project: &str, branches: &[String]) -> Vec<String> {
                             ("Content-Type", "application/json"),
                         ],
                         body.as_bytes(),
-                    )
+                    );
+                    if r.as_ref().is_some_and(|r| r.status == 200) {
+                        on_200();
+                    }
+                    r
                 })
             })
             .collect();
@@ -184,48 +193,71 @@ fn every_acknowledged_build_survives_kill_9_right_after_its_200() {
         "[projects.site]\nbranches = [{list}]\nworkdir = {}\ncommand = \"sleep 30\"\n",
         toml_str(&wd.path().display().to_string())
     );
+    // Room for every build the test creates: retention would otherwise prune the oldest
+    // (interrupted at each restart) and the test would find them gone for the wrong reason.
     let mut d = Daemon::start_with_server(
-        "builds_per_minute = 1000000\nproject_builds_per_minute = 1000000",
+        &format!(
+            "builds_per_minute = 1000000\nproject_builds_per_minute = 1000000\nkeep_builds = {}",
+            branches.len()
+        ),
         &cfg,
     );
     let mut acknowledged: Vec<String> = Vec::new();
     for (round, set) in branches.chunks(PER_ROUND).take(ROUNDS).enumerate() {
         // Concurrent creations (one group commit), then kill -9 the moment they are answered.
-        let ids = fire(&d, "site", set);
+        let ids = fire(&d, "site", set, &|| {});
         assert_eq!(ids.len(), PER_ROUND, "round {round}: not all answered");
         let dir = d.dir.clone();
         let tmp = d._tmp.take();
         d.kill9();
-        acknowledged.extend(ids);
         d = Daemon::spawn(&dir, &[]).unwrap_or_else(|e| panic!("{e}"));
         d._tmp = tmp;
-        for id in &acknowledged {
+        // This round's builds now; the earlier rounds' are all checked again at the end (a
+        // build lost by any later restart stays lost).
+        for id in &ids {
             let r = d.api("GET", &format!("/api/builds/{id}"), None);
             assert_eq!(
                 r.status, 200,
                 "acknowledged build {id} lost in round {round}"
             );
         }
+        acknowledged.extend(ids);
     }
-    // A kill in the middle of a burst in which every branch is triggered three times at once:
-    // whatever was answered is there, a build that a trigger joined (`already_exists: true`)
-    // included.
+    // A kill in the middle of a burst in which every branch is triggered three times at once,
+    // right after its first answer: whatever was answered is there, a build that a trigger
+    // joined (`already_exists: true`) included.
     let last: Vec<String> = branches[ROUNDS * PER_ROUND..]
         .iter()
         .flat_map(|b| [b.clone(), b.clone(), b.clone()])
         .collect();
     let dir = d.dir.clone();
     let tmp = d._tmp.take();
+    let (answered, first_answer) = std::sync::mpsc::channel::<()>();
+    let answered = std::sync::Mutex::new(answered);
     let ids = std::thread::scope(|s| {
-        let h = s.spawn(|| fire(&d, "site", &last));
-        std::thread::sleep(Duration::from_millis(5));
-        let pid = d.pid();
-        let _ = std::process::Command::new("kill")
-            .args(["-9", &pid.to_string()])
-            .status();
+        let h = s.spawn(|| {
+            fire(&d, "site", &last, &|| {
+                let _ = answered.lock().unwrap().send(());
+            })
+        });
+        first_answer
+            .recv_timeout(Duration::from_secs(30))
+            .expect("no trigger of the burst was answered in 30 s");
+        // At once (no `kill` process to start): the other triggers are still under way.
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(d.pid() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
         h.join().unwrap()
     });
     d.kill9();
+    assert!(!ids.is_empty(), "no trigger of the burst was answered");
+    eprintln!(
+        "{} of {} triggers answered before the kill",
+        ids.len(),
+        last.len()
+    );
     let d = Daemon::spawn(&dir, &[]).unwrap_or_else(|e| panic!("{e}"));
     let _tmp = tmp;
     for id in ids.iter().chain(&acknowledged) {
@@ -237,7 +269,11 @@ fn every_acknowledged_build_survives_kill_9_right_after_its_200() {
 #[test]
 fn sigint_shuts_down_like_sigterm_and_queued_builds_wait_for_the_next_start() {
     let wd = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(&workdir_project("site", wd.path(), "sleep 30", ""));
+    // The running build is interrupted after a short drain.
+    let mut d = Daemon::start_with_server(
+        "shutdown_timeout = \"500ms\"",
+        &workdir_project("site", wd.path(), "sleep 30", ""),
+    );
     let running = d.trigger_id("site", "main");
     d.wait_status(&running, "running", 10);
     let queued = d.trigger_id("site", "other");
@@ -265,14 +301,21 @@ fn a_store_write_failure_answers_503_exits_non_zero_and_loses_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     write_config(
         tmp.path(),
-        "builds_per_minute = 1000000\nproject_builds_per_minute = 1000000\nkeep_builds = 100000",
+        "builds_per_minute = 1000000\nproject_builds_per_minute = 1000000\nkeep_builds = 100000\n\
+         shutdown_timeout = \"500ms\"",
         &workdir_project("site", wd.path(), "sleep 60", ""),
     );
-    let mut d = Daemon::spawn_after(tmp.path(), &[], Some("trap '' XFSZ; ulimit -f 1200"))
-        .unwrap_or_else(|e| panic!("{e}"));
+    // The database failure is noticed at the next health check: 100 ms apart instead of 1 s.
+    let mut d = Daemon::spawn_after(
+        tmp.path(),
+        &[(TUNABLES, "health_check_interval=100ms")],
+        Some("trap '' XFSZ; ulimit -f 1200"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
     let (_, path) = d.create_hook("site", "cms", "main");
     let auth = format!("Bearer {}", d.token);
-    let body = vec![b'x'; 1500];
+    // Large payloads fill the file-size limit in a dozen builds.
+    let body = vec![b'x'; 16 * 1024];
     let mut acknowledged = Vec::new();
     let mut refusal = None;
     for _ in 0..5000 {
@@ -332,8 +375,12 @@ fn a_store_write_failure_answers_503_exits_non_zero_and_loses_nothing() {
 #[test]
 fn sighup_applies_to_new_builds_only_and_a_removed_project_keeps_its_history() {
     let wd = tempfile::tempdir().unwrap();
-    let marker = wd.path().join("release");
-    let v1 = format!("sleep 2; echo v1 > {}", marker.display());
+    let marker = wd.path().join("marker");
+    // The build in flight runs until the test creates `release` in the workdir.
+    let v1 = format!(
+        "while [ ! -f release ]; do sleep 0.02; done; echo v1 > {}",
+        marker.display()
+    );
     let d = Daemon::start(&workdir_project("site", wd.path(), &v1, ""));
     let (_, path) = d.create_hook("site", "cms", "main");
     let in_flight = d.post(&path, b"").json()["result"]["build_uuid"]
@@ -350,6 +397,7 @@ fn sighup_applies_to_new_builds_only_and_a_removed_project_keeps_its_history() {
     eventually(10, "config reloaded", || {
         d.logs().contains("config reloaded")
     });
+    std::fs::write(wd.path().join("release"), "").unwrap();
     let b = d.wait_status(&in_flight, "stopped", 20);
     assert_eq!(
         b["build_outcome"], "success",
@@ -442,11 +490,12 @@ fn kill_9_mid_build_interrupts_it_removes_its_workspace_kills_escapees_and_resum
 #[test]
 fn an_idle_keep_alive_connection_is_closed() {
     use std::io::{Read, Write};
-    let d = Daemon::start("");
+    // The idle limit (the header read timeout) shortened from 10 s to 1 s.
+    let d = Daemon::start_tuned("header_read_timeout=1s", "", "");
     let mut s = std::net::TcpStream::connect(d.addr).unwrap();
     s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let started = Instant::now();
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
@@ -458,12 +507,15 @@ fn an_idle_keep_alive_connection_is_closed() {
             Err(e) => panic!("not closed after {:?}: {e}", started.elapsed()),
         }
     }
+    let idle = started.elapsed();
     let text = String::from_utf8_lossy(&buf);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(
         !text.to_ascii_lowercase().contains("connection: close"),
         "{text}"
     );
+    // Closed by the idle limit in force, not the 10 s default.
+    assert!(idle < Duration::from_secs(8), "closed after {idle:?}");
 }
 
 #[test]
@@ -543,9 +595,13 @@ fn sigterm_exits_even_while_a_reload_is_stuck_reading_the_config() {
         "",
         &workdir_project("site", wd.path(), "true", ""),
     );
+    // The stuck read is given up after `runtime_shutdown_timeout`: 500 ms instead of 5 s.
     let mut d = Daemon::spawn(
         tmp.path(),
-        &[("NOTIFY_SOCKET", sock_path.to_str().unwrap())],
+        &[
+            ("NOTIFY_SOCKET", sock_path.to_str().unwrap()),
+            (TUNABLES, "runtime_shutdown_timeout=500ms"),
+        ],
     )
     .unwrap_or_else(|e| panic!("{e}"));
     assert!(recv().starts_with("READY=1"));
@@ -560,6 +616,10 @@ fn sigterm_exits_even_while_a_reload_is_stuck_reading_the_config() {
     // Nobody ever writes to the FIFO: the reload's read blocks for good.
     d.signal("HUP");
     assert!(recv().starts_with("RELOADING=1"));
+    let stopping = Instant::now();
     d.signal("TERM");
     assert_eq!(d.wait_exit(60), Some(0), "{}", d.logs());
+    // It waited for the blocked read as long as the shortened timeout, not the default 5 s.
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(4), "exited after {took:?}");
 }

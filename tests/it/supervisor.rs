@@ -123,14 +123,22 @@ async fn terminate_stops_the_main_process_and_what_it_left_behind() {
 }
 
 /// A supervisor that stops answering (here: SIGSTOPped) is escalated by the handle itself: `K`
-/// after the grace and the slack, then SIGKILL to the supervisor and the job's group (about
-/// 2 × `SLACK` with a zero grace).
+/// after the grace and the slack, then SIGKILL to the supervisor and the job's group (2 × the
+/// slack with a zero grace: the slack is shortened from 3 s to 300 ms).
 #[tokio::test]
 async fn a_supervisor_that_does_not_answer_is_killed_with_its_job() {
-    let (mut sup, pids) = start_and_read_pids("sleep 1000 & echo $!; exec sleep 1000", 0, 1).await;
+    let (sup, pids) = start_and_read_pids("sleep 1000 & echo $!; exec sleep 1000", 0, 1).await;
+    let mut sup = sup.with_slack(Duration::from_millis(300));
     let sup_pid = sup.pid().unwrap();
     // Wait for the job's main process (the exec'd sleep, the group leader) to be running.
     let group_leader = eventually_child_of(sup_pid).await;
+    // And for the supervisor to have reported the job's group, which it does before it starts
+    // its control thread: stopped before that report, it would leave the handle no group to
+    // kill (this test failed 1 run in 8 that way).
+    eventually("the supervisor's control thread", || {
+        has_thread(sup_pid, "control")
+    })
+    .await;
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(sup_pid as i32),
         nix::sys::signal::Signal::SIGSTOP,
@@ -144,6 +152,15 @@ async fn a_supervisor_that_does_not_answer_is_killed_with_its_job() {
         !alive(group_leader) && pids.iter().all(|&p| !alive(p))
     })
     .await;
+}
+
+/// Whether process `pid` has a thread named `name`.
+fn has_thread(pid: u32, name: &str) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == name))
 }
 
 /// The first child of `pid`, once it has one.

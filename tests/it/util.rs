@@ -14,6 +14,9 @@ use serde_json::Value;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_deployhook");
 
+/// The hidden variable through which tests shorten the daemon's internal timeouts.
+pub const TUNABLES: &str = deployhook::tunables::ENV_VAR;
+
 /// A response.
 #[derive(Debug, Clone)]
 pub struct Resp {
@@ -52,6 +55,30 @@ pub fn raw(addr: SocketAddr, bytes: &[u8]) -> Resp {
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
     parse_response(&buf)
+}
+
+/// Reads one response with a `Content-Length` from a connection that stays open (keep-alive).
+pub fn read_one_response(s: &mut TcpStream) -> Resp {
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let len = parse_response(&buf[..end + 4])
+                .header("Content-Length")
+                .and_then(|v| v.parse::<usize>().ok())
+                .expect("a response with a Content-Length");
+            if buf.len() >= end + 4 + len {
+                return parse_response(&buf[..end + 4 + len]);
+            }
+        }
+        assert!(buf.len() < 1 << 20, "no end to the response");
+        match s.read(&mut chunk) {
+            Ok(0) => panic!("closed mid-response: {:?}", String::from_utf8_lossy(&buf)),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("{e}: {:?}", String::from_utf8_lossy(&buf)),
+        }
+    }
 }
 
 pub fn parse_response(buf: &[u8]) -> Resp {
@@ -161,6 +188,8 @@ pub struct Daemon {
     pub config: PathBuf,
     pub token: String,
     pub stderr: Arc<Mutex<String>>,
+    /// The thread that copies the daemon's stderr into `stderr`; done at EOF.
+    pub reader: Option<std::thread::JoinHandle<()>>,
     pub _tmp: Option<tempfile::TempDir>,
 }
 
@@ -172,14 +201,25 @@ pub fn base_config(dir: &Path) -> String {
     )
 }
 
-/// Writes `dir/deploy.toml`: `base_config`, then `server_extra` (more `[server]` lines), the
-/// `[api]` table, then `rest` (projects). Returns its path.
+/// Writes `dir/deploy.toml`: `base_config`, then `server_extra` (more `[server]` lines, which
+/// replace the base lines of the same keys), the `[api]` table, then `rest` (projects).
+/// Returns its path.
 pub fn write_config(dir: &Path, server_extra: &str, rest: &str) -> PathBuf {
     let path = dir.join("deploy.toml");
-    let text = format!(
-        "{}{server_extra}\n[api]\ntoken_file = \"admin.token\"\n{rest}",
-        base_config(dir)
-    );
+    let key = |line: &str| {
+        line.split('=')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let overridden: Vec<String> = server_extra.lines().map(key).collect();
+    let base: String = base_config(dir)
+        .lines()
+        .filter(|l| !overridden.contains(&key(l)))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let text = format!("{base}{server_extra}\n[api]\ntoken_file = \"admin.token\"\n{rest}");
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -206,10 +246,19 @@ impl Daemon {
 
     /// Like `start`, with extra `[server]` lines.
     pub fn start_with_server(server_extra: &str, rest: &str) -> Daemon {
+        Self::start_tuned("", server_extra, rest)
+    }
+
+    /// Like `start_with_server`, with the daemon's internal timeouts shortened by `tunables`
+    /// (`key=duration,…`, see `deployhook::tunables`), so that a test of a timeout waits
+    /// for a short one instead of the production value.
+    pub fn start_tuned(tunables: &str, server_extra: &str, rest: &str) -> Daemon {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
         write_config(&dir, server_extra, rest);
-        let mut d = Self::spawn(&dir, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let env = [(TUNABLES, tunables)];
+        let env: &[(&str, &str)] = if tunables.is_empty() { &[] } else { &env };
+        let mut d = Self::spawn(&dir, env).unwrap_or_else(|e| panic!("{e}"));
         d._tmp = Some(tmp);
         d
     }
@@ -260,7 +309,7 @@ impl Daemon {
         let log = Arc::new(Mutex::new(String::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         let log2 = log.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 // Text or JSON lines: the address ends at a space or a quote.
@@ -279,9 +328,13 @@ impl Daemon {
             Ok(a) => a.parse().map_err(|e| format!("bad address {a}: {e}"))?,
             Err(_) => {
                 let _ = child.kill();
-                let _ = child.wait();
-                std::thread::sleep(Duration::from_millis(100));
-                return Err(format!("daemon did not start:\n{}", log.lock().unwrap()));
+                let status = child.wait();
+                // The pipe is closed now: the reader has the whole log once it ends.
+                let _ = reader.join();
+                return Err(format!(
+                    "daemon did not start ({status:?}):\n{}",
+                    log.lock().unwrap()
+                ));
             }
         };
         let token = std::fs::read_to_string(dir.join("admin.token"))
@@ -295,6 +348,7 @@ impl Daemon {
             config,
             token,
             stderr: log,
+            reader: Some(reader),
             _tmp: None,
         })
     }
@@ -303,8 +357,21 @@ impl Daemon {
         self.child.as_ref().unwrap().id()
     }
 
+    /// The daemon's log so far (lines arrive through a pipe: a line the daemon wrote just now
+    /// may not be here yet; see `wait_log`, and `wait_exit`, after which the log is whole).
     pub fn logs(&self) -> String {
         self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until the log holds `needle`; panics with the log after `secs`.
+    pub fn wait_log(&self, needle: &str, secs: u64) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !self.logs().contains(needle) {
+            if Instant::now() > deadline {
+                panic!("no {needle:?} in the log after {secs}s:\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// An admin API call with the token and a JSON body.
@@ -398,11 +465,13 @@ impl Daemon {
         }
     }
 
-    /// All log lines of a build (paging through).
+    /// All log lines of a build (paging through; a log of more than 1000 pages, or a
+    /// cursor that never ends, fails the test).
     pub fn log_lines(&self, id: &str) -> Vec<Value> {
         let mut out = Vec::new();
         let mut cursor = 0;
-        loop {
+        for page in 0.. {
+            assert!(page < 1000, "build {id}: more than 1000 log pages");
             let r = self.api(
                 "GET",
                 &format!("/api/builds/{id}/logs?cursor={cursor}"),
@@ -416,9 +485,10 @@ impl Daemon {
             let empty = lines.is_empty();
             out.extend(lines);
             if done || empty {
-                return out;
+                break;
             }
         }
+        out
     }
 
     pub fn log_text(&self, id: &str, stream: &str) -> String {
@@ -445,6 +515,14 @@ impl Daemon {
         loop {
             if let Some(st) = child.try_wait().unwrap() {
                 self.child = None;
+                // Its last lines may still be in the pipe: the log is whole once the reader
+                // reaches EOF (soon, as nothing of the daemon's outlives it).
+                while self.reader.as_ref().is_some_and(|r| !r.is_finished()) {
+                    if Instant::now() > deadline {
+                        panic!("the daemon's stderr is still open {secs}s after it exited");
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
                 return st.code();
             }
             if Instant::now() > deadline {
@@ -458,7 +536,30 @@ impl Daemon {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+            self.wait_state_dir_unlocked();
         }
+    }
+
+    /// Waits until the state dir's lock is free. A killed daemon's lock can outlive it for a
+    /// moment: a process it was starting (a supervisor) shares its descriptors until its exec,
+    /// and a daemon started meanwhile would refuse the dir as in use (seen 1 run in 5).
+    fn wait_state_dir_unlocked(&self) {
+        use nix::fcntl::{Flock, FlockArg};
+        let path = self.dir.join("state").join("lock");
+        let Ok(file) = std::fs::OpenOptions::new().write(true).open(&path) else {
+            return;
+        };
+        let mut file = Some(file);
+        eventually(10, "the killed daemon's state dir lock released", || {
+            let f = file.take().expect("the lock file");
+            match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+                Ok(_released_on_drop) => true,
+                Err((f, _)) => {
+                    file = Some(f);
+                    false
+                }
+            }
+        });
     }
 }
 
@@ -487,6 +588,14 @@ pub fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
         }
         std::thread::sleep(Duration::from_millis(25));
     }
+}
+
+/// Waits until the daemon has begun its shutdown: it closes its listener once it answers
+/// health checks and triggers with 503, so a refused connection proves both.
+pub fn wait_listener_closed(d: &Daemon) {
+    eventually(10, "the listener closed by the shutdown", || {
+        TcpStream::connect(d.addr).is_err()
+    });
 }
 
 /// Reads pids written one per line into a file.

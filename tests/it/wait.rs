@@ -201,10 +201,12 @@ fn clients_that_hang_up_free_their_waits() {
 fn shutdown_answers_held_waits_at_once() {
     let tmp = tempfile::tempdir().unwrap();
     let wd = tempfile::tempdir().unwrap();
-    // The build ignores TERM for a while, so a wait that held on would see it stopped.
+    // The build ignores TERM for a while, so a wait that held on would see it stopped. The
+    // drain is short: the build is interrupted (and stops a kill grace later) before the
+    // server closes, whatever the drain's length.
     write_config(
         tmp.path(),
-        "",
+        "shutdown_timeout = \"500ms\"",
         &workdir_project("site", wd.path(), "trap '' TERM; sleep 30", ""),
     );
     let mut d = Daemon::spawn(tmp.path(), &[]).unwrap_or_else(|e| panic!("{e}"));
