@@ -69,7 +69,7 @@ pub const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Under descriptor pressure (EMFILE), how long a new connection may wait for its first head
 /// before it counts as idle and may be closed to make room.
-pub const EMFILE_EVICTION_GRACE: Duration = Duration::from_secs(1);
+pub const EMFILE_EVICTION_GRACE: Duration = Duration::from_millis(250);
 /// Most headers accepted in one request.
 pub const MAX_HEADERS: usize = 100;
 /// Most connections the server keeps open at once, however many descriptors there are.
