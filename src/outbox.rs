@@ -38,7 +38,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use crate::config::{Config, Event, Provider, SharedConfig};
+use crate::config::{Config, Event, Provider, SharedConfig, SinkConfig};
 use crate::machine::Tell;
 use crate::metrics::Metrics;
 use crate::model::{Build, BuildId, CancelReason, Outcome, Phase, Timestamp};
@@ -519,18 +519,27 @@ impl Outbox {
             public_url: &self.inner.public_url,
         };
         let id = format!("test_{}", BuildId::new().0.simple());
-        let r = notifications::render(s, &n, &id, unix_now());
-        let a = self
-            .inner
+        Ok(self.post_notice(s, &n, &id).await?)
+    }
+
+    /// Renders a notice for one sink and posts it: the one way a notice leaves, whether a
+    /// `test` event or an outbox delivery, so both sign and redact alike.
+    async fn post_notice(
+        &self,
+        sink: &SinkConfig,
+        n: &Notice<'_>,
+        id: &str,
+    ) -> Result<Answer, SendError> {
+        let r = notifications::render(sink, n, id, unix_now());
+        self.inner
             .client
             .post(
-                s.url.expose(),
-                &s.url.redacted(),
+                sink.url.expose(),
+                &sink.url.redacted(),
                 &r.headers,
                 Bytes::from(r.body),
             )
-            .await?;
-        Ok(a)
+            .await
     }
 
     async fn run(self) {
@@ -761,18 +770,7 @@ impl Outbox {
                 };
                 // The entry's id: the same on every retry, so receivers can deduplicate.
                 let id = format!("msg_{entry_id:016x}");
-                let r = notifications::render(s, &n, &id, unix_now());
-                let res = self
-                    .inner
-                    .client
-                    .post(
-                        s.url.expose(),
-                        &s.url.redacted(),
-                        &r.headers,
-                        Bytes::from(r.body),
-                    )
-                    .await;
-                judge(&res)
+                judge(&self.post_notice(s, &n, &id).await)
             }
             What::Status {
                 project,
