@@ -31,7 +31,8 @@
 //!   (multi-ref, tags, System Hooks), skip markers and `paths`, delivery ids.
 //! - [`http`]: accept loop and hardening; `api` (admin), `public` (hooks, Git, health, metrics),
 //!   `envelope` (the typed envelope, responses and error codes), `error` (domain errors →
-//!   HTTP errors), `conn` (per-connection framing checks, the first head, eviction).
+//!   HTTP errors), `conn` (per-connection framing checks, the first head, eviction), `follow`
+//!   (what the NDJSON and SSE log followers share: the wait for more lines).
 //! - [`ui`]: the status pages and badge: routes, sessions, maud templates, live log (SSE).
 //! - [`shutdown`]: signals and the shutdown phases.
 //! - [`metrics`]: the Prometheus registry (counters, histogram) and its text exposition.

@@ -6,11 +6,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt as _;
-use hyper::body::{Frame, Incoming};
+use hyper::body::Incoming;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use super::envelope::{self, ApiError, Body};
+use super::follow::{ChannelBody, Wake};
 use super::{AppState, query_pairs, read_body};
 use crate::blocking;
 use crate::buildlog;
@@ -607,23 +608,6 @@ pub async fn build_logs(
     ))
 }
 
-/// A response body fed by a channel. Unlike a body that is polled only while it has data,
-/// its sender learns (`closed()`) as soon as hyper drops it, so a follower of a quiet build
-/// notices a client that went away.
-struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
-    }
-}
-
 /// Streams NDJSON lines from byte `offset` on until the build stops and its log is read to
 /// the end.
 fn follow_response(
@@ -638,9 +622,7 @@ fn follow_response(
     let body = ChannelBody(rx);
     tokio::spawn(async move {
         loop {
-            let live = state.queue.is_live(id);
-            let watch = state.queue.live_log(id).map(|l| l.lines);
-            let done = state.queue.done_watch(id);
+            let wake = Wake::take(&state, id);
             let p = path.clone();
             let read = blocking::run("reading a build log", move || {
                 buildlog::read_from_offset(&p, offset, 64 * 1024)
@@ -668,32 +650,11 @@ fn follow_response(
                 }
                 continue;
             }
-            if !live {
+            if !wake.live {
                 return; // Stopped and read to the end.
             }
-            // Wait for more lines, the end of the build, or a periodic re-check.
-            let wait_lines = async {
-                match watch {
-                    Some(mut w) => {
-                        let _ = w.changed().await;
-                    }
-                    None => std::future::pending().await,
-                }
-            };
-            let wait_done = async {
-                match done {
-                    Some(mut d) => {
-                        let _ = d.wait_for(|d| *d).await;
-                    }
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = wait_lines => {}
-                _ = wait_done => {}
-                // The client hung up: hyper dropped the body, stop following.
-                _ = tx.closed() => return,
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            if !wake.wait(&tx).await {
+                return; // The client hung up.
             }
         }
     });

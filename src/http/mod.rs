@@ -29,6 +29,7 @@ pub mod api;
 pub mod conn;
 pub mod envelope;
 pub mod error;
+pub mod follow;
 pub mod outbox_api;
 pub mod public;
 

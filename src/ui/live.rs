@@ -8,16 +8,16 @@
 //! event closes the stream (after the final status, which comes after the last line).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, header};
 use http_body_util::BodyExt as _;
-use hyper::body::{Frame, Incoming};
+use hyper::body::Incoming;
 
 use super::pages::{self, BuildActions};
 use super::{PageResult, Viewer, parse_lines, readable_build, redeployable};
 use crate::buildlog;
+use crate::http::follow::{ChannelBody, Wake};
 use crate::http::{AppState, query_pairs};
 use crate::model::{Build, Phase, Timestamp};
 
@@ -37,22 +37,6 @@ fn sse_event(event: &str, id: Option<u64>, data: &str) -> String {
     }
     out.push('\n');
     out
-}
-
-/// A response body fed by a channel: its sender learns (`closed()`) as soon as hyper drops
-/// it, so the follower of a quiet build notices a browser that went away.
-struct ChannelBody(tokio::sync::mpsc::Receiver<Bytes>);
-
-impl http_body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = std::convert::Infallible;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
-    }
 }
 
 /// `GET /ui/builds/{uuid}/events?cursor=N&status=S`: the log from line N (or after
@@ -128,9 +112,8 @@ async fn follow(
         ))
     };
     loop {
-        let live = state.queue.is_live(id);
-        let watch = state.queue.live_log(id).map(|l| l.lines);
-        let done = state.queue.done_watch(id);
+        let wake = Wake::take(&state, id);
+        let live = wake.live;
         // The status, when it changed since the page (or the last event) showed it.
         let now_build = state.store.build(id).ok().flatten();
         if let Some(b) = &now_build
@@ -180,27 +163,8 @@ async fn follow(
             let _ = tx.send(Bytes::from(sse_event("end", None, ""))).await;
             return;
         }
-        let wait_lines = async {
-            match watch {
-                Some(mut w) => {
-                    let _ = w.changed().await;
-                }
-                None => std::future::pending().await,
-            }
-        };
-        let wait_done = async {
-            match done {
-                Some(mut d) => {
-                    let _ = d.wait_for(|d| *d).await;
-                }
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = wait_lines => {}
-            _ = wait_done => {}
-            _ = tx.closed() => return,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        if !wake.wait(&tx).await {
+            return; // The browser went away.
         }
     }
 }
