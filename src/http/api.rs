@@ -17,7 +17,7 @@ use crate::blocking;
 use crate::buildlog;
 use crate::config::{ProjectConfig, ref_name_problem};
 use crate::model::{
-    BuildId, GitRef, Hook, HookId, StatusFilter, Timestamp, Trigger, TriggerSource,
+    Build, BuildId, GitRef, Hook, HookId, StatusFilter, Timestamp, Trigger, TriggerSource,
     validate_hook_name,
 };
 use crate::queue::TriggerRequest;
@@ -399,31 +399,37 @@ pub async fn redeploy_build(
         .build(id)?
         .ok_or_else(|| ApiError::NotFound("no build with that id".into()))?;
     let p = project(state, &old.project)?;
-    let commit = match (p.repo(), &old.commit) {
+    let request = redeploy_request(&old, &p).ok_or_else(|| {
+        ApiError::Conflict(format!(
+            "build {id} never resolved a commit (status {}), so there is nothing to redeploy",
+            old.phase.status()
+        ))
+    })?;
+    let t = state.queue.trigger(request).await?;
+    answer_trigger(state, t, wait).await
+}
+
+/// The trigger that redeploys `old` (SPEC §4.2): the same target and, when the project
+/// builds from a repository, the same commit. `None` when the project has a repository but
+/// `old` never resolved a commit: there is nothing to redeploy. The API and the status pages
+/// both redeploy through this one request, so a redeploy means the same from either.
+pub fn redeploy_request(old: &Build, project: &ProjectConfig) -> Option<TriggerRequest> {
+    let commit = match (project.repo(), &old.commit) {
         (None, _) => None,
         (Some(_), Some(c)) => Some(c.clone()),
-        (Some(_), None) => {
-            return Err(ApiError::Conflict(format!(
-                "build {id} never resolved a commit (status {}), so there is nothing to redeploy",
-                old.phase.status()
-            )));
-        }
+        (Some(_), None) => return None,
     };
-    let t = state
-        .queue
-        .trigger(TriggerRequest {
-            target: old.target(),
-            trigger: Trigger {
-                source: TriggerSource::Api,
-                hook: None,
-            },
-            requested_commit: None,
-            commit,
-            redeploy_of: Some(id),
-            payload: None,
-        })
-        .await?;
-    answer_trigger(state, t, wait).await
+    Some(TriggerRequest {
+        target: old.target(),
+        trigger: Trigger {
+            source: TriggerSource::Api,
+            hook: None,
+        },
+        requested_commit: None,
+        commit,
+        redeploy_of: Some(old.id),
+        payload: None,
+    })
 }
 
 /// `GET /api/builds/{uuid}/wait?timeout=SECONDS` (SPEC §4.3).

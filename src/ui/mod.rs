@@ -546,21 +546,8 @@ async fn action(
         },
         // As `POST /api/builds/{uuid}/redeploy` does: same target, same commit.
         Act::Redeploy(old) => {
-            let commit = redeploy_commit(state, &old)?;
-            let t = state
-                .queue
-                .trigger(TriggerRequest {
-                    target: old.target(),
-                    trigger: Trigger {
-                        source: TriggerSource::Api,
-                        hook: None,
-                    },
-                    requested_commit: None,
-                    commit,
-                    redeploy_of: Some(old.id),
-                    payload: None,
-                })
-                .await;
+            let request = redeploy_request(state, &old)?;
+            let t = state.queue.trigger(request).await;
             let t = count_trigger(state, t)?;
             tracing::info!(project = %old.project, build = %t.build.id, redeploy_of = %old.id, "redeploy from the status pages");
             Ok(redirect(&format!(
@@ -571,9 +558,10 @@ async fn action(
     }
 }
 
-/// The commit a redeploy of `old` builds: its resolved commit for a `repo` project (409
-/// when it never resolved one), none for a workdir project (the same ref again).
-fn redeploy_commit(state: &AppState, old: &Build) -> Result<Option<String>, PageError> {
+/// The trigger a redeploy of `old` sends, as the API's (its resolved commit for a `repo`
+/// project, none for a workdir project): 404 when its project is gone, 409 when it never
+/// resolved a commit.
+fn redeploy_request(state: &AppState, old: &Build) -> Result<TriggerRequest, PageError> {
     let config = state.config.get();
     let p = config.project(&old.project).ok_or_else(|| {
         PageError::new(
@@ -581,14 +569,12 @@ fn redeploy_commit(state: &AppState, old: &Build) -> Result<Option<String>, Page
             "This build's project is not configured any more.",
         )
     })?;
-    match (p.repo(), &old.commit) {
-        (None, _) => Ok(None),
-        (Some(_), Some(c)) => Ok(Some(c.clone())),
-        (Some(_), None) => Err(PageError::new(
+    crate::http::api::redeploy_request(old, p).ok_or_else(|| {
+        PageError::new(
             StatusCode::CONFLICT,
             "This build never resolved a commit, so there is nothing to redeploy.",
-        )),
-    }
+        )
+    })
 }
 
 /// Counts a trigger from the pages in `deployhook_triggers_total` as the API's (source
@@ -705,7 +691,7 @@ fn actions<'a>(state: &AppState, viewer: &'a Viewer, b: &Build) -> BuildActions<
 
 /// Whether the redeploy button is offered: for a stopped build that can be redeployed.
 fn redeployable(state: &AppState, b: &Build) -> bool {
-    b.phase.is_stopped() && redeploy_commit(state, b).is_ok()
+    b.phase.is_stopped() && redeploy_request(state, b).is_ok()
 }
 
 fn parse_lines(raw: &[String]) -> Vec<LogLine> {
