@@ -478,15 +478,7 @@ pub fn list_builds(
                     )
                 })?);
             }
-            "limit" if !v.is_empty() => {
-                limit = v
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=100).contains(n))
-                    .ok_or_else(|| {
-                        ApiError::BadRequest("limit must be a number from 1 to 100".into())
-                    })?;
-            }
+            "limit" if !v.is_empty() => limit = limit_param(v)?,
             "cursor" if !v.is_empty() => {
                 cursor = Some(store::decode_cursor(v).ok_or_else(|| {
                     ApiError::BadRequest("cursor is not one this API returned".into())
@@ -502,6 +494,15 @@ pub fn list_builds(
         Value::Array(page.builds.iter().map(|b| b.to_json()).collect()),
         json!({"next_cursor": page.next_cursor}),
     ))
+}
+
+/// A list's `limit=` value: a number from 1 to 100 (the lists of builds and of deliveries
+/// page alike).
+pub fn limit_param(v: &str) -> Result<usize, ApiError> {
+    v.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=100).contains(n))
+        .ok_or_else(|| ApiError::BadRequest("limit must be a number from 1 to 100".into()))
 }
 
 fn build_id(id: &str) -> Result<BuildId, ApiError> {

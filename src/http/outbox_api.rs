@@ -5,7 +5,7 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{Value, json};
 
-use super::api::{json_object, string_field};
+use super::api::{json_object, limit_param, string_field};
 use super::envelope::{self, ApiError, Body};
 use super::{AppState, query_pairs, read_body};
 
@@ -19,13 +19,7 @@ pub fn list(
     let mut limit = 20usize;
     for (k, v) in query_pairs(query) {
         if k == "limit" && !v.is_empty() {
-            limit = v
-                .parse::<usize>()
-                .ok()
-                .filter(|n| (1..=100).contains(n))
-                .ok_or_else(|| {
-                    ApiError::BadRequest("limit must be a number from 1 to 100".into())
-                })?;
+            limit = limit_param(v)?;
         }
     }
     let entries = state
