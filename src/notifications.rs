@@ -275,11 +275,19 @@ pub fn discord_body(n: &Notice<'_>) -> Value {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::model::{Target, Trigger, TriggerSource};
 
-    fn build() -> Build {
+    /// A build of `site`/`main` triggered through the API at `created`, stopped with
+    /// `outcome` and `exit_code` after running from `ran.0` to `ran.1`: the finished build
+    /// the notification and the commit-status tests both describe.
+    pub(crate) fn stopped_build(
+        outcome: Outcome,
+        exit_code: Option<i32>,
+        created: Timestamp,
+        ran: (Timestamp, Timestamp),
+    ) -> Build {
         let mut b = Build::new_queued(
             1,
             &Target::branch("site", "main"),
@@ -289,13 +297,26 @@ mod tests {
             },
             None,
             false,
-            Timestamp(1_700_000_000_000_000),
+            created,
         );
-        b.phase = Phase::Stopped(Outcome::Fail);
-        b.exit_code = Some(2);
+        b.phase = Phase::Stopped(outcome);
+        b.exit_code = exit_code;
+        b.initializing_on = Some(ran.0);
+        b.stopped_on = Some(ran.1);
+        b
+    }
+
+    fn build() -> Build {
+        let mut b = stopped_build(
+            Outcome::Fail,
+            Some(2),
+            Timestamp(1_700_000_000_000_000),
+            (
+                Timestamp(1_700_000_000_000_000),
+                Timestamp(1_700_000_065_000_000),
+            ),
+        );
         b.commit = Some("0123456789abcdef0123456789abcdef01234567".into());
-        b.initializing_on = Some(Timestamp(1_700_000_000_000_000));
-        b.stopped_on = Some(Timestamp(1_700_000_065_000_000));
         b
     }
 

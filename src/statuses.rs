@@ -320,23 +320,16 @@ mod tests {
     }
 
     fn stopped(outcome: Outcome, exit_code: Option<i32>, secs: i64) -> Build {
-        use crate::model::{Target, Timestamp, Trigger, TriggerSource};
-        let mut b = Build::new_queued(
-            1,
-            &Target::branch("site", "main"),
-            Trigger {
-                source: TriggerSource::Api,
-                hook: None,
-            },
-            None,
-            false,
+        use crate::model::Timestamp;
+        crate::notifications::tests::stopped_build(
+            outcome,
+            exit_code,
             Timestamp(0),
-        );
-        b.phase = Phase::Stopped(outcome);
-        b.exit_code = exit_code;
-        b.initializing_on = Some(Timestamp(1_000_000));
-        b.stopped_on = Some(Timestamp(1_000_000 + secs * 1_000_000 + 400_000));
-        b
+            (
+                Timestamp(1_000_000),
+                Timestamp(1_000_000 + secs * 1_000_000 + 400_000),
+            ),
+        )
     }
 
     #[test]
