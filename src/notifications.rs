@@ -320,6 +320,22 @@ pub(crate) mod tests {
         b
     }
 
+    /// The `failed` notice of `b` with its log tail, as the outbox would render it.
+    fn failed<'a>(
+        b: &'a Build,
+        tail: &'a [Value],
+        at: Timestamp,
+        public_url: &'a str,
+    ) -> Notice<'a> {
+        Notice {
+            event: Event::Failed,
+            at,
+            build: Some(b),
+            log_tail: tail,
+            public_url,
+        }
+    }
+
     #[test]
     fn signatures_match_the_standard_webhooks_example() {
         // The example of the Standard Webhooks specification.
@@ -339,13 +355,12 @@ pub(crate) mod tests {
     fn json_body_has_type_timestamp_build_tail_and_link() {
         let b = build();
         let tail = vec![json!({"n": 0, "ts": "x", "stream": "stderr", "line": "boom"})];
-        let n = Notice {
-            event: Event::Failed,
-            at: Timestamp(1_700_000_065_000_000),
-            build: Some(&b),
-            log_tail: &tail,
-            public_url: "https://deploy.example",
-        };
+        let n = failed(
+            &b,
+            &tail,
+            Timestamp(1_700_000_065_000_000),
+            "https://deploy.example",
+        );
         let v = json_body(&n);
         assert_eq!(v["type"], "build.failed");
         assert_eq!(v["timestamp"], Timestamp(1_700_000_065_000_000).rfc3339());
@@ -361,40 +376,29 @@ pub(crate) mod tests {
     fn chat_bodies_say_project_ref_outcome_commit_trigger_duration_link_and_log() {
         let b = build();
         let tail = vec![json!({"n": 0, "ts": "x", "stream": "stderr", "line": "npm ERR! <boom>"})];
-        let n = Notice {
-            event: Event::Failed,
-            at: Timestamp(0),
-            build: Some(&b),
-            log_tail: &tail,
-            public_url: "https://d.example",
+        let n = failed(&b, &tail, Timestamp(0), "https://d.example");
+        // Both say the same things; only the log line is escaped for Slack's mrkdwn.
+        let wants = |log_line| {
+            [
+                "site",
+                "main",
+                "fail (exit code 2)",
+                "0123456",
+                "api",
+                "1m 5s",
+                "/ui/builds/",
+                log_line,
+            ]
         };
         let s = slack_body(&n);
         let text = s["text"].as_str().unwrap();
-        for want in [
-            "site",
-            "main",
-            "fail (exit code 2)",
-            "0123456",
-            "api",
-            "1m 5s",
-            "/ui/builds/",
-            "npm ERR! &lt;boom&gt;",
-        ] {
+        for want in wants("npm ERR! &lt;boom&gt;") {
             assert!(text.contains(want), "slack text lacks {want:?}: {text}");
         }
         assert!(s["blocks"].as_array().unwrap().len() >= 3);
         let d = discord_body(&n);
         let all = d.to_string();
-        for want in [
-            "site",
-            "main",
-            "fail (exit code 2)",
-            "0123456",
-            "api",
-            "1m 5s",
-            "/ui/builds/",
-            "npm ERR! <boom>",
-        ] {
+        for want in wants("npm ERR! <boom>") {
             assert!(all.contains(want), "discord body lacks {want:?}: {all}");
         }
         assert!(d["content"].as_str().unwrap().len() <= 2000);
