@@ -82,7 +82,7 @@ pub async fn fire_hook(
     }
     let hook = state
         .store
-        .hook_by_token(&TokenHash::of(token))?
+        .hook_by_token(&TokenHash::of(token))
         .ok_or(ApiError::HookNotFound)?;
     let wait = super::api::wait_param(req.uri().query())?;
     let max = state.config.get().server.max_body_bytes;
@@ -96,7 +96,7 @@ pub async fn fire_hook(
                 &hook.branch,
                 Trigger {
                     source: TriggerSource::DeployHook,
-                    hook: Some((hook.id, hook.name.clone())),
+                    hook: Some((hook.id, hook.name.to_string())),
                 },
             )
         })
