@@ -1786,6 +1786,7 @@ fn million_hooks(
                                 created_on: Timestamp::now(),
                                 last_triggered_on: None,
                                 trigger_count: 0,
+                                allow_get: false,
                             };
                             match store.insert_hook(&h) {
                                 Ok(HookInsert::Created) => {}

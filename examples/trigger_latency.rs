@@ -121,7 +121,7 @@ fn main() {
 
     let (addr, token) = rt.block_on(async {
         let store = Store::open(&config.server.state_dir).expect("store");
-        let (admin, _) = AdminToken::load_or_create(&config.api.token_file).expect("token");
+        let (admin, _) = deployhook::access::ApiTokens::load(&config, true).expect("token");
         let token = AdminToken::read(&config.api.token_file).expect("token text");
         let settings = RunSettings::from_env(&config.server.state_dir);
         let body_budget = AppState::body_budget(config.server.max_body_bytes);
@@ -137,7 +137,7 @@ fn main() {
             config: shared,
             store,
             queue,
-            admin: tokio::sync::RwLock::new(admin),
+            tokens: tokio::sync::RwLock::new(admin),
             shutting_down: AtomicBool::new(false),
             max_connections: 1024,
             local_addr: addr,

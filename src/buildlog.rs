@@ -16,7 +16,7 @@
 //! served.
 
 use std::fs::File;
-use std::io::{BufRead as _, BufReader, BufWriter, Seek as _, SeekFrom, Write as _};
+use std::io::{BufRead as _, BufReader, Seek as _, SeekFrom, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -169,59 +169,204 @@ fn write_loop(
     stats: Arc<LogStats>,
     max_bytes: u64,
 ) -> LogSummary {
-    let mut out = BufWriter::with_capacity(64 * 1024, file);
-    let mut n = stats.lines.load(Ordering::Relaxed);
-    let mut bytes = stats.bytes.load(Ordering::Relaxed);
-    let mut truncated = false;
-    let mut failed = false;
-    let mut buf = Vec::with_capacity(MAX_LINE_BYTES + 256);
+    let mut log = LogFile::new(
+        file,
+        stats.lines.load(Ordering::Relaxed),
+        stats.bytes.load(Ordering::Relaxed),
+        max_bytes,
+    );
+    let publish = |log: &LogFile<File>| {
+        stats.lines.store(log.lines, Ordering::Relaxed);
+        stats.bytes.store(log.bytes, Ordering::Relaxed);
+        if log.output_dropped() {
+            // The senders stop sending output: the file cannot take it.
+            stats.truncated.store(true, Ordering::Relaxed);
+        }
+        lines_tx.send_replace(log.lines);
+    };
     while let Some(first) = rx.blocking_recv() {
         let mut next = Some(first);
         while let Some(LogMsg::Line(stream, raw)) = next.take() {
-            if !(truncated && stream != Stream::System || failed) {
-                let text = String::from_utf8_lossy(&raw);
-                buf.clear();
-                encode_line(&mut buf, n, stream, &text);
-                let room = max_bytes.saturating_sub(bytes);
-                if stream != Stream::System
-                    && !truncated
-                    && buf.len() as u64 + TRUNCATION_RESERVE > room
-                {
-                    truncated = true;
-                    stats.truncated.store(true, Ordering::Relaxed);
-                    buf.clear();
-                    let note = format!(
-                        "log truncated: it reached max_log_bytes ({max_bytes} bytes); further output is discarded while the build runs"
-                    );
-                    encode_line(&mut buf, n, Stream::System, &note);
-                }
-                if out.write_all(&buf).is_ok() {
-                    n += 1;
-                    bytes += buf.len() as u64;
-                } else {
-                    // Disk trouble: stop writing rather than spin; the build goes on.
-                    failed = true;
-                }
-            }
+            log.line(stream, &raw);
             next = rx.try_recv().ok();
         }
         // The channel is empty for now: make what we have visible to readers.
-        if out.flush().is_err() {
-            failed = true;
-        }
-        stats.lines.store(n, Ordering::Relaxed);
-        stats.bytes.store(bytes, Ordering::Relaxed);
-        lines_tx.send_replace(n);
+        log.flush();
+        publish(&log);
     }
-    let _ = out.flush();
-    let _ = out.get_ref().sync_data();
-    stats.lines.store(n, Ordering::Relaxed);
-    stats.bytes.store(bytes, Ordering::Relaxed);
-    lines_tx.send_replace(n);
-    LogSummary {
-        lines: n,
-        bytes,
-        truncated,
+    log.finish();
+    let _ = log.file.sync_data();
+    publish(&log);
+    log.summary()
+}
+
+/// Where a log's bytes go: the file, or a fake in tests.
+trait Sink {
+    /// Appends `buf` at the end.
+    fn append(&mut self, buf: &[u8]) -> std::io::Result<()>;
+    /// Cuts the file back to `len` bytes (a write that failed half way).
+    fn cut(&mut self, len: u64) -> std::io::Result<()>;
+}
+
+impl Sink for File {
+    fn append(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        // Opened in append mode: every write goes to the end, even after a cut.
+        self.write_all(buf)
+    }
+
+    fn cut(&mut self, len: u64) -> std::io::Result<()> {
+        self.set_len(len)
+    }
+}
+
+/// The writer's state: lines are numbered and buffered, and written in batches.
+///
+/// Only whole lines ever stay in the file: when a write fails (disk full, file size limit),
+/// the file is cut back to its last complete line, the output from there on is dropped
+/// (counted, and `truncated` is set, so the record says output was lost), and a `system` line
+/// says so as soon as the file takes one: at once if it can, else before the next `system`
+/// line or at the end of the build (issue 12).
+struct LogFile<W> {
+    file: W,
+    /// Lines in the file, written or buffered.
+    lines: u64,
+    /// Bytes in the file, written or buffered.
+    bytes: u64,
+    /// Lines and bytes known to be on file.
+    written: (u64, u64),
+    /// Encoded lines not written yet.
+    pending: Vec<u8>,
+    max_bytes: u64,
+    /// Output dropped at `max_bytes`.
+    truncated: bool,
+    /// Why the file could not be written, once it could not.
+    failure: Option<String>,
+    /// Lines dropped because the file could not take them.
+    lost: u64,
+    /// Whether a `system` line has said that output is lost.
+    loss_told: bool,
+    /// Scratch space for encoding one line.
+    buf: Vec<u8>,
+}
+
+/// Batches are written once they hold this much, or when the channel is empty.
+const WRITE_BATCH_BYTES: usize = 64 * 1024;
+
+impl<W: Sink> LogFile<W> {
+    fn new(file: W, lines: u64, bytes: u64, max_bytes: u64) -> Self {
+        Self {
+            file,
+            lines,
+            bytes,
+            written: (lines, bytes),
+            pending: Vec::with_capacity(WRITE_BATCH_BYTES),
+            max_bytes,
+            truncated: false,
+            failure: None,
+            lost: 0,
+            loss_told: false,
+            buf: Vec::with_capacity(MAX_LINE_BYTES + 256),
+        }
+    }
+
+    /// Whether output (not `system` lines) is being dropped now.
+    fn output_dropped(&self) -> bool {
+        self.truncated || self.failure.is_some()
+    }
+
+    fn line(&mut self, stream: Stream, raw: &[u8]) {
+        if stream != Stream::System && self.failure.is_some() {
+            self.lost += 1;
+            return;
+        }
+        if stream != Stream::System && self.truncated {
+            return;
+        }
+        if stream == Stream::System {
+            self.tell_loss();
+        }
+        let text = String::from_utf8_lossy(raw);
+        self.buf.clear();
+        encode_line(&mut self.buf, self.lines, stream, &text);
+        let room = self.max_bytes.saturating_sub(self.bytes);
+        if stream != Stream::System
+            && !self.truncated
+            && self.buf.len() as u64 + TRUNCATION_RESERVE > room
+        {
+            self.truncated = true;
+            self.buf.clear();
+            let note = format!(
+                "log truncated: it reached max_log_bytes ({} bytes); further output is discarded while the build runs",
+                self.max_bytes
+            );
+            encode_line(&mut self.buf, self.lines, Stream::System, &note);
+        }
+        self.pending.extend_from_slice(&self.buf);
+        self.lines += 1;
+        self.bytes += self.buf.len() as u64;
+        if self.pending.len() >= WRITE_BATCH_BYTES || stream == Stream::System {
+            self.flush();
+        }
+    }
+
+    /// Writes the batch; on failure, cuts the file back to whole lines and drops the batch.
+    fn flush(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        match self.file.append(&self.pending) {
+            Ok(()) => self.written = (self.lines, self.bytes),
+            Err(e) => {
+                let (lines, bytes) = self.written;
+                self.lost += self.lines - lines;
+                (self.lines, self.bytes) = (lines, bytes);
+                // Part of the batch may have landed; a partial line must never be served.
+                let _ = self.file.cut(bytes);
+                if self.failure.is_none() {
+                    self.failure = Some(e.to_string());
+                }
+            }
+        }
+        self.pending.clear();
+        self.tell_loss();
+    }
+
+    /// Writes the `system` line saying that output was lost, if it is due and the file takes it.
+    fn tell_loss(&mut self) {
+        let Some(why) = &self.failure else { return };
+        // Nothing is buffered once the file has failed (output is dropped, `system` lines are
+        // written at once), so the note lands in its place.
+        if self.loss_told || !self.pending.is_empty() {
+            return;
+        }
+        let note = format!(
+            "log output lost: the log file could not be written ({why}); {} lines were dropped and further output is discarded",
+            self.lost
+        );
+        let mut buf = Vec::new();
+        encode_line(&mut buf, self.lines, Stream::System, &note);
+        if self.file.append(&buf).is_ok() {
+            self.lines += 1;
+            self.bytes += buf.len() as u64;
+            self.written = (self.lines, self.bytes);
+            self.loss_told = true;
+        } else {
+            let _ = self.file.cut(self.bytes);
+        }
+    }
+
+    /// The build is over: the last batch, and the loss note if it is still owed.
+    fn finish(&mut self) {
+        self.flush();
+        self.tell_loss();
+    }
+
+    fn summary(&self) -> LogSummary {
+        LogSummary {
+            lines: self.lines,
+            bytes: self.bytes,
+            truncated: self.output_dropped(),
+        }
     }
 }
 
@@ -239,6 +384,58 @@ fn encode_line(buf: &mut Vec<u8>, n: u64, stream: Stream, line: &str) {
     // Serializing a struct of strings and numbers into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *buf, &rec);
     buf.push(b'\n');
+}
+
+/// How long [`create_log`] keeps trying while the process is out of descriptors.
+const CREATE_RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// [`LogWriter::create`], tried again for a few seconds while the process is out of file
+/// descriptors (EMFILE, ENFILE): under a connection flood the server closes idle connections
+/// to make room, and a build should not fail for a descriptor that comes back moments later.
+pub async fn create_log(path: &Path, max_bytes: u64) -> std::io::Result<(LogWriter, LogSender)> {
+    let deadline = tokio::time::Instant::now() + CREATE_RETRY_FOR;
+    let mut pause = std::time::Duration::from_millis(20);
+    loop {
+        match LogWriter::create(path, max_bytes) {
+            Err(e) if out_of_descriptors(&e) && tokio::time::Instant::now() + pause < deadline => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_millis(500));
+            }
+            r => return r,
+        }
+    }
+}
+
+fn out_of_descriptors(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(c) if c == nix::errno::Errno::EMFILE as i32 || c == nix::errno::Errno::ENFILE as i32
+    )
+}
+
+/// For a build that cannot run because its log could not be created (`error`): writes a
+/// `system` line saying so into the log, trying for a few seconds as [`create_log`] does.
+/// If even that cannot be written, the figures say `truncated`, so the build never shows an
+/// empty log that looks clean (issue 12).
+pub async fn record_unwritable(path: &Path, error: &std::io::Error) -> LogSummary {
+    let note = format!("cannot write the build log ({error}); the build did not run");
+    let deadline = tokio::time::Instant::now() + CREATE_RETRY_FOR;
+    let mut pause = std::time::Duration::from_millis(20);
+    loop {
+        match append_system_line(path, &note) {
+            Ok(summary) => return summary,
+            Err(_) if tokio::time::Instant::now() + pause < deadline => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_millis(500));
+            }
+            Err(_) => {
+                return LogSummary {
+                    truncated: true,
+                    ..LogSummary::default()
+                };
+            }
+        }
+    }
 }
 
 /// Appends one `system` line to a log that no writer owns (startup recovery). Returns the
@@ -588,6 +785,156 @@ mod tests {
         let off = offset_of_line(&path, 2).unwrap();
         let (lines, _) = read_from_offset(&path, off, 1 << 20).unwrap();
         assert_eq!(lines[0], page.lines[2]);
+    }
+
+    /// A disk with room for `cap` bytes: a write that does not fit lands in part and fails,
+    /// as a real one does at ENOSPC.
+    struct SmallDisk {
+        data: Vec<u8>,
+        cap: usize,
+    }
+
+    impl Sink for SmallDisk {
+        fn append(&mut self, buf: &[u8]) -> std::io::Result<()> {
+            let room = self.cap.saturating_sub(self.data.len());
+            self.data.extend_from_slice(&buf[..buf.len().min(room)]);
+            if buf.len() > room {
+                return Err(std::io::Error::from_raw_os_error(28));
+            }
+            Ok(())
+        }
+
+        fn cut(&mut self, len: u64) -> std::io::Result<()> {
+            self.data.truncate(len as usize);
+            Ok(())
+        }
+    }
+
+    fn parsed(data: &[u8]) -> Vec<serde_json::Value> {
+        assert!(
+            data.is_empty() || data.ends_with(b"\n"),
+            "a partial line was left"
+        );
+        data.split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).expect("every line is whole JSON"))
+            .collect()
+    }
+
+    #[test]
+    fn output_lost_to_a_full_disk_is_said_as_soon_as_there_is_room() {
+        let mut log = LogFile::new(
+            SmallDisk {
+                data: Vec::new(),
+                cap: 1000,
+            },
+            0,
+            0,
+            1 << 20,
+        );
+        for i in 0..50 {
+            log.line(Stream::Stdout, format!("line {i}").as_bytes());
+            if i % 7 == 0 {
+                log.flush();
+            }
+        }
+        log.flush();
+        // Full: only whole lines stayed, output is dropped and the summary says so. Cutting
+        // the half-written batch made room for the note at once.
+        let all = parsed(&log.file.data);
+        let kept = all.iter().filter(|v| v["stream"] == "stdout").count();
+        assert!(kept > 0 && kept < 50, "{kept}");
+        assert_eq!(log.lines, all.len() as u64);
+        assert!(log.summary().truncated, "lost output must not look clean");
+        let note = all.last().unwrap();
+        assert_eq!(note["stream"], "system");
+        let text = note["line"].as_str().unwrap();
+        assert!(text.starts_with("log output lost"), "{text}");
+        // Counted when the note was written: the batch that failed.
+        assert!(text.contains(" lines were dropped"), "{text}");
+    }
+
+    #[test]
+    fn the_loss_note_waits_for_room_and_comes_before_the_next_system_line() {
+        let mut log = LogFile::new(
+            SmallDisk {
+                data: Vec::new(),
+                cap: 1 << 20,
+            },
+            0,
+            0,
+            1 << 20,
+        );
+        log.line(Stream::Stdout, b"before");
+        log.flush();
+        // Someone else fills the disk to the last byte.
+        log.file.cap = log.file.data.len();
+        log.line(Stream::Stdout, b"lost 1");
+        log.line(Stream::Stdout, b"lost 2");
+        log.flush();
+        log.line(Stream::Stdout, b"lost 3");
+        assert!(!log.loss_told, "no room for the note yet");
+        assert_eq!(parsed(&log.file.data).len(), 1);
+        log.file.cap = 1 << 20;
+        log.line(Stream::System, b"exited with code 0; outcome success");
+        log.finish();
+        let all = parsed(&log.file.data);
+        assert_eq!(all.len(), 3, "{all:?}");
+        let text = all[1]["line"].as_str().unwrap();
+        assert!(text.starts_with("log output lost"), "{text}");
+        assert!(text.contains("3 lines were dropped"), "{text}");
+        assert_eq!(all[2]["line"], "exited with code 0; outcome success");
+        for (i, v) in all.iter().enumerate() {
+            assert_eq!(v["n"], i as u64, "numbers stay contiguous");
+        }
+        let sum = log.summary();
+        assert!(sum.truncated);
+        assert_eq!(sum.lines, 3);
+        assert_eq!(sum.bytes, log.file.data.len() as u64);
+    }
+
+    #[test]
+    fn a_log_that_never_takes_a_byte_is_truncated_not_empty_and_clean() {
+        let mut log = LogFile::new(
+            SmallDisk {
+                data: Vec::new(),
+                cap: 0,
+            },
+            0,
+            0,
+            1 << 20,
+        );
+        log.line(Stream::Stdout, b"hello");
+        log.line(Stream::System, b"outcome success");
+        log.finish();
+        assert!(log.file.data.is_empty());
+        let sum = log.summary();
+        assert_eq!((sum.lines, sum.bytes, sum.truncated), (0, 0, true));
+    }
+
+    #[tokio::test]
+    async fn a_build_whose_log_cannot_be_created_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs/x.log");
+        let e = std::io::Error::from_raw_os_error(24);
+        let sum = record_unwritable(&path, &e).await;
+        let page = read_page(&path, 0, 10, 1 << 20).unwrap();
+        assert_eq!(sum.lines, 1);
+        let v: serde_json::Value = serde_json::from_str(&page.lines[0]).unwrap();
+        assert_eq!(v["stream"], "system");
+        assert!(
+            v["line"]
+                .as_str()
+                .unwrap()
+                .contains("cannot write the build log")
+        );
+        // Where nothing can be written at all (here: the log's directory is a file), the
+        // figures say output was lost (after trying for a few seconds).
+        let blocked = dir.path().join("file");
+        std::fs::write(&blocked, "").unwrap();
+        let sum = record_unwritable(&blocked.join("x.log"), &e).await;
+        assert!(sum.truncated);
+        assert_eq!(sum.lines, 0);
     }
 
     #[test]

@@ -103,6 +103,10 @@ enum HooksCmd {
         /// Branch the hook builds (default: the project's first).
         #[arg(long)]
         branch: Option<String>,
+        /// Let the hook fire on GET too (for senders that cannot POST; chat link previews
+        /// fetch URLs with GET, so keep such a URL out of messages).
+        #[arg(long)]
+        allow_get: bool,
     },
     /// List hooks (of one project, or of all).
     List {
@@ -198,7 +202,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn parse_param(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        Some((k, v)) if crate::config::valid_param_name(k) => Ok((k.to_owned(), v.to_owned())),
+        Some((k, _)) if !k.is_empty() => Err(format!(
+            "{k:?} is not a parameter name (a-z, 0-9 and '_', starting with a letter)"
+        )),
         _ => Err("expected NAME=VALUE".into()),
     }
 }
@@ -658,10 +665,14 @@ async fn hooks(c: &Client, cmd: HooksCmd, json: bool) -> Result<(), Failure> {
             project,
             name,
             branch,
+            allow_get,
         } => {
             let mut body = json!({"name": name});
             if let Some(b) = branch {
                 body["branch"] = Value::String(b);
+            }
+            if allow_get {
+                body["allow_get"] = Value::Bool(true);
             }
             let path = format!("/api/projects/{}/hooks", enc(&project));
             let r = c.call(Method::POST, &path, Some(body)).await?;

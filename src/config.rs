@@ -10,7 +10,7 @@
 //! Secrets (the Git webhook secrets of `git_secret_file`) are read here, at load time, so a
 //! reload that cannot read them is rejected as a whole instead of half-applied.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::Range;
@@ -23,8 +23,15 @@ use toml::Spanned;
 
 use crate::token::GitSecret;
 
-/// Largest `max_body_bytes` accepted: request bodies are held in memory while they are stored.
+mod access;
+pub use access::{ApiTokenConfig, ProjectAccess, valid_param_name};
+
+/// Largest `max_body_bytes` (and `max_git_body_bytes`) accepted: request bodies are held in
+/// memory while they are stored.
 pub const MAX_BODY_LIMIT: u64 = 64 * 1024 * 1024;
+
+/// Default `max_git_body_bytes`: GitHub sends push payloads of up to 25 MB.
+pub const DEFAULT_MAX_GIT_BODY_BYTES: u64 = 25 * 1024 * 1024;
 
 /// A configuration error, rendered as `FILE:LINE:COL: KEY: what is wrong`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,44 +97,76 @@ impl fmt::Display for ProjectName {
     }
 }
 
-/// A branch name that is safe to hand to git as one argument and to show anywhere.
+// ---------------------------------------------------------------------------------------------
+// Branch and tag names, their globs, and path filters (SPEC §3, v2).
+
+/// Why `s` is not a name `git check-ref-format --branch` accepts, or `None` when it is one.
 ///
-/// Stricter than `git check-ref-format`: only `A-Z a-z 0-9 . _ / + -` are allowed, so no shell
-/// metacharacter, space, control character or `@{` can appear; git's own rules (no `..`, no
-/// leading `-` or `/`, no `//`, no component starting with `.`, no trailing `.`, `/` or
-/// `.lock`) are enforced on top.
+/// The rules are git's own (`git help check-ref-format`), applied to the name as the last part
+/// of `refs/heads/NAME` or `refs/tags/NAME`: no component may start with `.` or end with
+/// `.lock`; no `..`; no ASCII control character, DEL, space, `~`, `^`, `:`, `?`, `*`, `[` or
+/// `\`; no leading, trailing or doubled `/`; no trailing `.`; no `@{`. `--branch` adds: no
+/// leading `-`, and not `HEAD`. Anything else is allowed, Unicode included, which is safe
+/// because a name only ever reaches git as one argv element after `--`, never through a
+/// shell and never as a path component. On top of git, names are capped at
+/// [`BranchName::MAX_LEN`] bytes so that a hostile payload cannot make us hold or log a
+/// megabyte-long "branch".
+pub fn ref_name_problem(s: &str) -> Option<&'static str> {
+    if s.is_empty() {
+        return Some("is empty");
+    }
+    if s.len() > BranchName::MAX_LEN {
+        return Some("is longer than 255 bytes");
+    }
+    if let Some(c) = s.chars().find(|c| {
+        c.is_ascii_control() || matches!(c, ' ' | '~' | '^' | ':' | '?' | '*' | '[' | '\\')
+    }) {
+        return Some(match c {
+            ' ' => "must not contain a space",
+            '~' | '^' | ':' => "must not contain '~', '^' or ':'",
+            '?' | '*' | '[' => "must not contain '?', '*' or '['",
+            '\\' => "must not contain '\\'",
+            _ => "must not contain control characters",
+        });
+    }
+    if s.starts_with('-') {
+        return Some("must not start with '-'");
+    }
+    if s == "HEAD" {
+        return Some("must not be HEAD");
+    }
+    if s.starts_with('/') || s.ends_with('/') || s.contains("//") {
+        return Some("must not start or end with '/' or contain '//'");
+    }
+    if s.contains("..") {
+        return Some("must not contain '..'");
+    }
+    if s.contains("@{") {
+        return Some("must not contain '@{'");
+    }
+    if s.ends_with('.') {
+        return Some("must not end with '.'");
+    }
+    if s.split('/')
+        .any(|c| c.starts_with('.') || c.ends_with(".lock"))
+    {
+        return Some("no '/'-separated part may start with '.' or end with '.lock'");
+    }
+    None
+}
+
+/// A concrete branch or tag name: one that `git check-ref-format --branch` accepts (see
+/// [`ref_name_problem`]), and so never a glob.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct BranchName(String);
 
 impl BranchName {
-    /// Longest branch name accepted (git allows more, no real branch needs it).
+    /// Longest branch or tag name accepted (git allows more; no real ref needs it).
     pub const MAX_LEN: usize = 255;
 
     /// Validates a branch name.
     pub fn parse(s: &str) -> Result<Self, String> {
-        let why = if s.is_empty() {
-            Some("is empty")
-        } else if s.len() > Self::MAX_LEN {
-            Some("is longer than 255 bytes")
-        } else if !s
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'/' | b'+' | b'-'))
-        {
-            Some("may only contain A-Z, a-z, 0-9 and . _ / + -")
-        } else if s.starts_with('-') {
-            Some("must not start with '-'")
-        } else if s.starts_with('/') || s.ends_with('/') || s.contains("//") {
-            Some("must not start or end with '/' or contain '//'")
-        } else if s.contains("..") {
-            Some("must not contain '..'")
-        } else if s.split('/').any(|c| c.starts_with('.')) {
-            Some("no path component may start with '.'")
-        } else if s.ends_with('.') || s.ends_with(".lock") {
-            Some("must not end with '.' or '.lock'")
-        } else {
-            None
-        };
-        match why {
+        match ref_name_problem(s) {
             None => Ok(Self(s.to_owned())),
             Some(why) => Err(format!(
                 "invalid branch name {:?}: it {why}",
@@ -148,6 +187,160 @@ impl fmt::Display for BranchName {
     }
 }
 
+/// The characters that make an entry of `branches` or `tags` a glob (globset syntax).
+const GLOB_CHARS: [char; 5] = ['*', '?', '[', '{', '}'];
+
+/// One entry of a project's `branches` or `tags`: a concrete name, or a glob in `globset`
+/// syntax where `*` stays within one `/`-separated part and `**` crosses them.
+#[derive(Debug, Clone)]
+pub struct RefPattern {
+    /// The entry as written.
+    text: String,
+    /// The compiled glob, when the entry has glob characters.
+    glob: Option<globset::GlobMatcher>,
+}
+
+impl PartialEq for RefPattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl RefPattern {
+    /// Validates an entry. `what` is "branch" or "tag", for the message.
+    pub fn parse(s: &str, what: &str) -> Result<Self, String> {
+        let is_glob = s.contains(GLOB_CHARS);
+        if !is_glob && let Some(why) = ref_name_problem(s) {
+            return Err(format!(
+                "invalid {what} name {:?}: it {why}",
+                crate::model::clip(s, 80)
+            ));
+        }
+        let glob = if is_glob {
+            // The rest of a glob must still be made of name characters: checked with each
+            // glob character standing in for a plain one.
+            let skeleton: String = s
+                .chars()
+                .map(|c| {
+                    if GLOB_CHARS.contains(&c) || c == ',' {
+                        'x'
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            // `@{` can never be part of a name, so it is refused in globs too.
+            let problem = ref_name_problem(&skeleton)
+                .or_else(|| s.contains("@{").then_some("must not contain '@{'"));
+            if let Some(why) = problem {
+                return Err(format!(
+                    "invalid {what} glob {:?}: apart from its glob characters, it {why}",
+                    crate::model::clip(s, 80)
+                ));
+            }
+            let g = globset::GlobBuilder::new(s)
+                .literal_separator(true)
+                .backslash_escape(false)
+                .build()
+                .map_err(|e| {
+                    format!(
+                        "invalid {what} glob {:?}: {}",
+                        crate::model::clip(s, 80),
+                        e.kind()
+                    )
+                })?;
+            Some(g.compile_matcher())
+        } else {
+            None
+        };
+        Ok(Self {
+            text: s.to_owned(),
+            glob,
+        })
+    }
+
+    /// The entry as written.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether the entry is a glob rather than one concrete name.
+    pub fn is_glob(&self) -> bool {
+        self.glob.is_some()
+    }
+
+    /// Whether the concrete name `name` is this entry or matches its glob.
+    pub fn matches(&self, name: &str) -> bool {
+        self.text == name || self.glob.as_ref().is_some_and(|g| g.is_match(name))
+    }
+}
+
+impl fmt::Display for RefPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// Whether `name` is a valid concrete name matched by one of `patterns`.
+fn any_matches(patterns: &[RefPattern], name: &str) -> bool {
+    ref_name_problem(name).is_none() && patterns.iter().any(|p| p.matches(name))
+}
+
+/// A project's `paths`: Git pushes that touch none of these files are ignored (SPEC §4.1).
+#[derive(Debug, Clone)]
+pub struct PathFilter {
+    /// The globs as written.
+    globs: Vec<String>,
+    /// The compiled set (`*` within one path part, `**` across).
+    set: globset::GlobSet,
+}
+
+impl PathFilter {
+    /// Compiles the globs; the error names the bad one.
+    pub fn new(globs: &[String]) -> Result<Self, (usize, String)> {
+        let mut b = globset::GlobSetBuilder::new();
+        for (i, g) in globs.iter().enumerate() {
+            if g.is_empty() || g.contains('\0') {
+                return Err((
+                    i,
+                    format!("invalid path glob {g:?}: it is empty or holds a NUL"),
+                ));
+            }
+            let glob = globset::GlobBuilder::new(g)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| {
+                    (
+                        i,
+                        format!(
+                            "invalid path glob {:?}: {}",
+                            crate::model::clip(g, 80),
+                            e.kind()
+                        ),
+                    )
+                })?;
+            b.add(glob);
+        }
+        let set = b
+            .build()
+            .map_err(|e| (0, format!("invalid path globs: {e}")))?;
+        Ok(Self {
+            globs: globs.to_vec(),
+            set,
+        })
+    }
+
+    /// Whether the repository-relative path `file` matches one of the globs.
+    pub fn matches(&self, file: &str) -> bool {
+        self.set.is_match(file)
+    }
+
+    /// The globs as written.
+    pub fn globs(&self) -> &[String] {
+        &self.globs
+    }
+}
+
 /// Where a project's source comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -162,8 +355,12 @@ pub enum Source {
 pub struct ProjectConfig {
     /// The project's name (the table key).
     pub name: ProjectName,
-    /// The only branches any trigger may build, in config order.
-    pub branches: Vec<BranchName>,
+    /// The only branches any trigger may build, in config order: names or globs.
+    pub branches: Vec<RefPattern>,
+    /// The tags Git pushes and API triggers may build (names or globs); empty: none.
+    pub tags: Vec<RefPattern>,
+    /// Git pushes touching none of these files are ignored; `None`: no filter.
+    pub paths: Option<PathFilter>,
     /// The build command, run as `/bin/sh -c <command>`.
     pub command: String,
     /// Where the source comes from.
@@ -180,12 +377,28 @@ pub struct ProjectConfig {
     pub git_secret: Option<GitSecret>,
     /// Where the secret came from (for `check`), never the secret itself.
     pub git_secret_file: Option<PathBuf>,
+    /// Quiet period, params, `allow_from`, schedules (see `config/access.rs`).
+    pub access: ProjectAccess,
 }
 
 impl ProjectConfig {
-    /// Whether `branch` is one of the project's configured branches.
+    /// Whether `branch` is a valid concrete branch name matched by the project's `branches`.
     pub fn has_branch(&self, branch: &str) -> bool {
-        self.branches.iter().any(|b| b.as_str() == branch)
+        any_matches(&self.branches, branch)
+    }
+
+    /// Whether `tag` is a valid concrete tag name matched by the project's `tags`.
+    pub fn has_tag(&self, tag: &str) -> bool {
+        any_matches(&self.tags, tag)
+    }
+
+    /// The first entry of `branches` when it is a concrete name (the default branch of
+    /// triggers that name none), else `None`.
+    pub fn default_branch(&self) -> Option<&str> {
+        self.branches
+            .first()
+            .filter(|b| !b.is_glob())
+            .map(RefPattern::as_str)
     }
 
     /// The repository URL or path, for projects built from Git.
@@ -196,11 +409,13 @@ impl ProjectConfig {
         }
     }
 
-    /// Whether a trigger may build this ref (a branch of `branches`; tags are not built yet).
+    /// Whether a trigger may build this ref: a valid concrete name matched by `branches`
+    /// (a branch) or `tags` (a tag). Hooks, API triggers, Git pushes and the runner all ask
+    /// this one question.
     pub fn allows(&self, r: &crate::model::GitRef) -> bool {
         match r {
             crate::model::GitRef::Branch(b) => self.has_branch(b),
-            crate::model::GitRef::Tag(_) => false,
+            crate::model::GitRef::Tag(t) => self.has_tag(t),
         }
     }
 }
@@ -219,6 +434,8 @@ pub struct ServerConfig {
     pub state_dir: PathBuf,
     /// Larger request bodies get 413.
     pub max_body_bytes: u64,
+    /// The same for `POST /git/{project}` (Git hosts send pushes of many megabytes).
+    pub max_git_body_bytes: u64,
     /// Builds initializing or running at once, daemon-wide.
     pub max_concurrent_builds: usize,
     /// New builds per rolling minute, daemon-wide.
@@ -235,6 +452,8 @@ pub struct ServerConfig {
     pub shutdown_timeout: Duration,
     /// Default tracing filter (`RUST_LOG` overrides).
     pub log_level: String,
+    /// Reverse proxies whose `X-Forwarded-For` is believed (SPEC §3 (v2)).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// `[api]`.
@@ -242,6 +461,8 @@ pub struct ServerConfig {
 pub struct ApiConfig {
     /// File holding the admin bearer token.
     pub token_file: PathBuf,
+    /// `[api.tokens.NAME]`: more tokens, each limited to a scope and projects.
+    pub tokens: BTreeMap<String, ApiTokenConfig>,
 }
 
 /// `[metrics]`.
@@ -332,9 +553,10 @@ impl Config {
             s.keep_builds,
             humantime::format_duration(s.kill_grace)
         );
+        access::summarize_api(&mut out, self);
         let _ = writeln!(out, "projects    {}", self.projects.len());
         for p in self.projects.values() {
-            let branches: Vec<&str> = p.branches.iter().map(BranchName::as_str).collect();
+            let branches: Vec<&str> = p.branches.iter().map(RefPattern::as_str).collect();
             let source = match &p.source {
                 Source::Repo(url) => format!("repo {url}"),
                 Source::Workdir(dir) => format!("workdir {}", dir.display()),
@@ -353,6 +575,14 @@ impl Config {
                 humantime::format_duration(p.timeout),
                 git
             );
+            if !p.tags.is_empty() {
+                let tags: Vec<&str> = p.tags.iter().map(RefPattern::as_str).collect();
+                let _ = writeln!(out, "  {:<20} tags [{}]", "", tags.join(", "));
+            }
+            if let Some(paths) = &p.paths {
+                let _ = writeln!(out, "  {:<20} paths [{}]", "", paths.globs().join(", "));
+            }
+            access::summarize(&mut out, p);
         }
         out
     }
@@ -409,6 +639,7 @@ struct RawServer {
     public_url: Option<Spanned<String>>,
     state_dir: Option<Spanned<String>>,
     max_body_bytes: Option<Spanned<i64>>,
+    max_git_body_bytes: Option<Spanned<i64>>,
     max_concurrent_builds: Option<Spanned<i64>>,
     builds_per_minute: Option<Spanned<i64>>,
     project_builds_per_minute: Option<Spanned<i64>>,
@@ -417,12 +648,15 @@ struct RawServer {
     kill_grace: Option<Spanned<String>>,
     shutdown_timeout: Option<Spanned<String>>,
     log_level: Option<Spanned<String>>,
+    trusted_proxies: Option<Spanned<Vec<Spanned<String>>>>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawApi {
     token_file: Option<Spanned<String>>,
+    #[serde(default)]
+    tokens: BTreeMap<Spanned<String>, access::RawApiToken>,
 }
 
 #[derive(Deserialize, Default)]
@@ -435,6 +669,8 @@ struct RawMetrics {
 #[serde(deny_unknown_fields)]
 struct RawProject {
     branches: Spanned<Vec<Spanned<String>>>,
+    tags: Option<Spanned<Vec<Spanned<String>>>>,
+    paths: Option<Spanned<Vec<Spanned<String>>>>,
     command: Spanned<String>,
     repo: Option<Spanned<String>>,
     workdir: Option<Spanned<String>>,
@@ -444,6 +680,12 @@ struct RawProject {
     #[serde(default)]
     env: BTreeMap<Spanned<String>, Spanned<String>>,
     git_secret_file: Option<Spanned<String>>,
+    quiet_period: Option<Spanned<String>>,
+    max_quiet_period: Option<Spanned<String>>,
+    params: Option<Spanned<Vec<Spanned<String>>>>,
+    allow_from: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    schedule: Vec<access::RawSchedule>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -671,6 +913,14 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path) -> Result<Config, Config
         0,
         MAX_BODY_LIMIT,
     )?;
+    let max_git_body_bytes = count(
+        ctx,
+        "server.max_git_body_bytes",
+        s.max_git_body_bytes.as_ref(),
+        DEFAULT_MAX_GIT_BODY_BYTES,
+        0,
+        MAX_BODY_LIMIT,
+    )?;
     let max_concurrent_builds = count(
         ctx,
         "server.max_concurrent_builds",
@@ -747,6 +997,8 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path) -> Result<Config, Config
         Some(v) => resolve(base, v.get_ref()),
     };
 
+    let trusted_proxies = access::trusted_proxies(ctx, s.trusted_proxies.as_ref())?;
+
     let mut projects = BTreeMap::new();
     for (name, p) in raw.projects {
         let key = format!("projects.{}", name.get_ref());
@@ -756,6 +1008,8 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path) -> Result<Config, Config
             validate_project(ctx, base, &key, pname.clone(), p, project_builds_per_minute)?;
         projects.insert(pname, Arc::new(project));
     }
+    let names = projects.keys().map(|n| n.as_str().to_owned()).collect();
+    let tokens = access::api_tokens(ctx, base, &raw.api.tokens, &token_file, &names)?;
 
     Ok(Config {
         path: ctx.file.to_path_buf(),
@@ -765,6 +1019,7 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path) -> Result<Config, Config
             public_url,
             state_dir,
             max_body_bytes,
+            max_git_body_bytes,
             max_concurrent_builds,
             builds_per_minute,
             project_builds_per_minute,
@@ -773,13 +1028,63 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path) -> Result<Config, Config
             kill_grace,
             shutdown_timeout,
             log_level,
+            trusted_proxies,
         },
-        api: ApiConfig { token_file },
+        api: ApiConfig { token_file, tokens },
         metrics: MetricsConfig {
             public: raw.metrics.public.unwrap_or(false),
         },
         projects,
     })
+}
+
+/// Validates `branches` or `tags` (`what` is "branch" or "tag"): at least one entry, each a
+/// name or glob, none twice.
+fn ref_patterns(
+    ctx: &Ctx<'_>,
+    key: &str,
+    list: &Spanned<Vec<Spanned<String>>>,
+    what: &str,
+) -> Result<Vec<RefPattern>, ConfigError> {
+    if list.get_ref().is_empty() {
+        let hint = if what == "tag" {
+            "must list at least one tag (leave the key out to build no tags)"
+        } else {
+            "must list at least one branch"
+        };
+        return Err(ctx.err(span_of(list), key, hint));
+    }
+    let mut out: Vec<RefPattern> = Vec::new();
+    for b in list.get_ref() {
+        let pattern =
+            RefPattern::parse(b.get_ref(), what).map_err(|m| ctx.err(span_of(b), key, m))?;
+        if out.contains(&pattern) {
+            return Err(ctx.err(
+                span_of(b),
+                key,
+                format!("{what} {:?} is listed twice", b.get_ref()),
+            ));
+        }
+        out.push(pattern);
+    }
+    Ok(out)
+}
+
+/// Validates `paths`: at least one glob, each one valid.
+fn path_filter(
+    ctx: &Ctx<'_>,
+    key: &str,
+    list: &Spanned<Vec<Spanned<String>>>,
+) -> Result<PathFilter, ConfigError> {
+    if list.get_ref().is_empty() {
+        return Err(ctx.err(
+            span_of(list),
+            key,
+            "must list at least one glob (leave the key out to build on every change)",
+        ));
+    }
+    let globs: Vec<String> = list.get_ref().iter().map(|g| g.get_ref().clone()).collect();
+    PathFilter::new(&globs).map_err(|(i, m)| ctx.err(span_of(&list.get_ref()[i]), key, m))
 }
 
 fn validate_project(
@@ -790,23 +1095,15 @@ fn validate_project(
     p: RawProject,
     default_per_minute: u32,
 ) -> Result<ProjectConfig, ConfigError> {
-    let bkey = format!("{key}.branches");
-    if p.branches.get_ref().is_empty() {
-        return Err(ctx.err(span_of(&p.branches), &bkey, "must list at least one branch"));
-    }
-    let mut branches = Vec::new();
-    let mut seen = BTreeSet::new();
-    for b in p.branches.get_ref() {
-        let branch = BranchName::parse(b.get_ref()).map_err(|m| ctx.err(span_of(b), &bkey, m))?;
-        if !seen.insert(branch.clone()) {
-            return Err(ctx.err(
-                span_of(b),
-                &bkey,
-                format!("branch {:?} is listed twice", b.get_ref()),
-            ));
-        }
-        branches.push(branch);
-    }
+    let branches = ref_patterns(ctx, &format!("{key}.branches"), &p.branches, "branch")?;
+    let tags = match &p.tags {
+        None => Vec::new(),
+        Some(t) => ref_patterns(ctx, &format!("{key}.tags"), t, "tag")?,
+    };
+    let paths = match &p.paths {
+        None => None,
+        Some(list) => Some(path_filter(ctx, &format!("{key}.paths"), list)?),
+    };
     let command = p.command.get_ref().clone();
     if command.trim().is_empty() {
         return Err(ctx.err(
@@ -930,9 +1227,24 @@ fn validate_project(
             (Some(GitSecret::new(secret.as_bytes().to_vec())), Some(path))
         }
     };
+    let access = access::project_access(
+        ctx,
+        key,
+        &branches,
+        access::RawProjectAccess {
+            quiet_period: p.quiet_period.as_ref(),
+            max_quiet_period: p.max_quiet_period.as_ref(),
+            params: p.params.as_ref(),
+            allow_from: p.allow_from.as_ref(),
+            schedule: &p.schedule,
+        },
+    )?;
     Ok(ProjectConfig {
+        access,
         name,
         branches,
+        tags,
+        paths,
         command,
         source,
         timeout,
@@ -1023,7 +1335,6 @@ mod tests {
     fn bad_branches_are_rejected() {
         for bad in [
             "main;rm -rf /",
-            "$(id)",
             "--upload-pack=x",
             "..",
             "a..b",
@@ -1038,6 +1349,9 @@ mod tests {
             ".hidden",
             "x.lock",
             "a@{1}",
+            "HEAD",
+            "a:b",
+            "a\\b",
             "",
         ] {
             let text = format!(
@@ -1047,12 +1361,177 @@ mod tests {
             let e = parse(&text).unwrap_err();
             assert_eq!(e.key, "projects.site.branches", "{bad:?}: {e}");
             assert_eq!(e.position.map(|p| p.0), Some(2), "{bad:?}: {e}");
+            assert!(e.message.contains("invalid branch"), "{bad:?}: {e}");
         }
         let long = "a".repeat(10_000);
         assert!(BranchName::parse(&long).is_err());
-        for good in ["main", "release/1.2", "feature_x-y", "v1+build"] {
+        // Whatever git accepts, Unicode and shell characters included: a name only reaches
+        // git as one argv element after `--`.
+        for good in [
+            "main",
+            "release/1.2",
+            "feature_x-y",
+            "v1+build",
+            "déploiement",
+            "ü/ß",
+            "$(id)",
+            "@",
+            "a{b}",
+        ] {
             assert!(BranchName::parse(good).is_ok(), "{good}");
         }
+    }
+
+    /// The rules agree with the real `git check-ref-format --branch` on a table of names.
+    #[test]
+    fn ref_names_agree_with_git_check_ref_format() {
+        let names = [
+            "main",
+            "-x",
+            "HEAD",
+            "@",
+            "déploiement",
+            "ü/ß",
+            "$(id)",
+            "a..b",
+            "a b",
+            "x.lock",
+            "a/.b",
+            "a{b}",
+            "a@{b",
+            "@{-1}",
+            "x/",
+            "a//b",
+            "a.",
+            "refs/heads/x",
+            "a:b",
+            "a\\b",
+            "a\u{7f}b",
+            "a@b",
+            "._x",
+            "a/b.lock/c",
+            "main;rm",
+            "a~1",
+            "a^",
+            "a?",
+            "a*",
+            "a[b",
+            "release/v1.2.3",
+            "a/b/c",
+            ".",
+            "/",
+            "a.lock/b",
+            "x.lockx",
+            "emoji-🚀",
+            "tab\tx",
+            "日本語/ブランチ",
+            "a..",
+            "..a",
+            "a/./b",
+            "-",
+        ];
+        let mut checked = 0;
+        for name in names {
+            let Ok(out) = std::process::Command::new("git")
+                .args(["check-ref-format", "--branch", name])
+                .current_dir(std::env::temp_dir())
+                .output()
+            else {
+                eprintln!("git is not installed; skipping the comparison");
+                return;
+            };
+            assert_eq!(
+                out.status.success(),
+                ref_name_problem(name).is_none(),
+                "{name:?}: git says {}, we say {:?}",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                ref_name_problem(name)
+            );
+            checked += 1;
+        }
+        assert_eq!(checked, names.len());
+    }
+
+    #[test]
+    fn branch_and_tag_globs() {
+        let c = parse(&format!(
+            "{}tags = [\"v*\", \"release-{{1,2}}\"]\n",
+            MINIMAL.replace(
+                "[\"main\"]",
+                "[\"main\", \"release/*\", \"hotfix/**\", \"a{b}\"]"
+            )
+        ))
+        .unwrap();
+        let p = c.project("site").unwrap();
+        assert!(p.has_branch("main"));
+        assert!(p.has_branch("release/1.2"));
+        assert!(!p.has_branch("release/1.2/x"), "* stays within one part");
+        assert!(p.has_branch("hotfix/a/b/c"), "** crosses parts");
+        assert!(
+            p.has_branch("a{b}"),
+            "a name with braces is matched literally too"
+        );
+        assert!(!p.has_branch("release/*"), "a glob is not a concrete name");
+        assert!(!p.has_branch("release/a..b"), "invalid names never match");
+        assert!(p.has_tag("v1.2.0"));
+        assert!(p.has_tag("release-2"));
+        assert!(!p.has_tag("release-3"));
+        assert!(!p.has_tag("main"));
+        assert_eq!(p.default_branch(), Some("main"));
+        let g = parse(&MINIMAL.replace("[\"main\"]", "[\"release/*\", \"main\"]")).unwrap();
+        assert_eq!(g.project("site").unwrap().default_branch(), None);
+        assert!(g.project("site").unwrap().tags.is_empty());
+        for (bad, what) in [
+            ("branches = [\"rel..*\"]", "branches"),
+            ("branches = [\"[z-a]\"]", "branches"),
+            ("branches = [\"a b*\"]", "branches"),
+            ("branches = [\"*\", \"*\"]", "branches"),
+            ("branches = [\"main\"]\ntags = []", "tags"),
+            ("branches = [\"main\"]\ntags = [\"v 1\"]", "tags"),
+            ("branches = [\"main\"]\ntags = [\"{v*\"]", "tags"),
+        ] {
+            let text = format!("[projects.site]\n{bad}\ncommand = \"true\"\nworkdir = \"/tmp\"\n");
+            let e = parse(&text).unwrap_err();
+            assert_eq!(e.key, format!("projects.site.{what}"), "{bad}: {e}");
+            assert!(e.position.is_some(), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn paths_and_max_git_body_bytes() {
+        let c = parse(&format!(
+            "{MINIMAL}paths = [\"site/**\", \"package.json\", \"*.md\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(c.server.max_git_body_bytes, 26_214_400);
+        let paths = c.project("site").unwrap().paths.clone().unwrap();
+        assert!(paths.matches("site/a/b.html"));
+        assert!(paths.matches("package.json"));
+        assert!(paths.matches("README.md"));
+        assert!(!paths.matches("docs/README.md"), "* stays within one part");
+        assert!(!paths.matches("sub/package.json"));
+        assert!(
+            parse(MINIMAL)
+                .unwrap()
+                .project("site")
+                .unwrap()
+                .paths
+                .is_none()
+        );
+        let e = parse(&format!("{MINIMAL}paths = []\n")).unwrap_err();
+        assert_eq!(e.key, "projects.site.paths", "{e}");
+        let e = parse(&format!("{MINIMAL}paths = [\"ok/**\", \"[z-a]\"]\n")).unwrap_err();
+        assert_eq!(e.key, "projects.site.paths", "{e}");
+        assert_eq!(e.position, Some((5, 19)), "{e}");
+        let c = parse(&format!("[server]\nmax_git_body_bytes = 1000\n{MINIMAL}")).unwrap();
+        assert_eq!(c.server.max_git_body_bytes, 1000);
+        let e = parse("[server]\nmax_git_body_bytes = 99999999999\n").unwrap_err();
+        assert_eq!(
+            e.to_string().split(": ").next(),
+            Some("/tmp/deploy.toml:2:22"),
+            "{e}"
+        );
+        assert_eq!(e.key, "server.max_git_body_bytes");
     }
 
     #[test]

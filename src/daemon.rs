@@ -22,6 +22,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::RwLock;
 
+use crate::access::ApiTokens;
 use crate::config::{Config, ConfigError, SharedConfig};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
@@ -31,7 +32,7 @@ use crate::queue::Queue;
 use crate::runner::RunSettings;
 use crate::shutdown::{self, Phase, SignalEvent, Signals};
 use crate::store::{Store, StoreError};
-use crate::token::{AdminToken, TokenError};
+use crate::token::TokenError;
 
 /// Why the daemon could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
@@ -60,9 +61,6 @@ pub enum DaemonError {
     #[error("stopping after a database failure: {0}")]
     Fatal(String),
 }
-
-/// Most connections the server keeps open at once (further ones wait in the kernel backlog).
-const MAX_CONNECTIONS: usize = 16384;
 
 /// `serve --log-format`: how log lines are written to stderr.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -163,14 +161,13 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
     init_tracing(&config.server.log_level, log_format);
     let notifier = Arc::new(Notifier::from_env());
     let nofile = raise_nofile_limit();
-    let max_connections = MAX_CONNECTIONS.min((nofile.saturating_sub(256) as usize).max(64));
 
     let store = Store::open(&config.server.state_dir)?;
-    let (admin, created) = AdminToken::load_or_create(&config.api.token_file)?;
-    if created {
+    let (tokens, created) = ApiTokens::load(&config, true)?;
+    for path in created {
         tracing::info!(
-            "generated an admin token into {} (mode 0600); client commands read it from there",
-            config.api.token_file.display()
+            "generated an API token into {} (mode 0600); client commands read the [api] one from there",
+            path.display()
         );
     }
     let settings = RunSettings::from_env(&config.server.state_dir);
@@ -184,16 +181,23 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
             addr: listen,
             source,
         })?;
-    let body_budget = AppState::body_budget(config.server.max_body_bytes);
+    let body_budget = AppState::body_budget(config.server.max_git_body_bytes);
     let shared = Arc::new(SharedConfig::new(config));
     let metrics = Arc::new(Metrics::new());
     let queue = Queue::start(store.clone(), shared.clone(), settings, metrics.clone())?;
     let local = listener.local_addr().unwrap_or(listen);
+    // Counted now that the database, the listener and recovery have their descriptors.
+    let max_connections = http::connection_cap(
+        nofile,
+        http::open_fds().unwrap_or(64),
+        shared.get().server.max_concurrent_builds,
+    );
+    tracing::debug!("at most {max_connections} connections (open-file limit {nofile})");
     let state = Arc::new(AppState {
         config: shared.clone(),
         store: store.clone(),
         queue: queue.clone(),
-        admin: RwLock::new(admin),
+        tokens: RwLock::new(tokens),
         shutting_down: AtomicBool::new(false),
         max_connections,
         local_addr: local,
@@ -207,6 +211,15 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
     let server = tokio::spawn(http::serve(listener, state.clone(), watch));
     notifier.ready(&format!("listening on {local}"));
     let pruner = tokio::spawn(prune_deliveries(store.clone()));
+    let schedules_changed = Arc::new(tokio::sync::Notify::new());
+    let scheduler = tokio::spawn(crate::schedule::run(
+        queue.clone(),
+        store.clone(),
+        shared.clone(),
+        state.metrics.clone(),
+        crate::schedule::Clock::from_env(),
+        schedules_changed.clone(),
+    ));
 
     let reloading = Arc::new(tokio::sync::Mutex::new(()));
     let mut health = tokio::time::interval(Duration::from_secs(1));
@@ -217,7 +230,7 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
                 // In its own task: reading the config may block (a FIFO, a hung NFS mount),
                 // and SIGTERM must still be heard meanwhile.
                 SignalEvent::Reload => {
-                    tokio::spawn(reload(config_path.to_path_buf(), shared.clone(), state.clone(), reloading.clone(), notifier.clone()));
+                    tokio::spawn(reload(config_path.to_path_buf(), shared.clone(), state.clone(), reloading.clone(), notifier.clone(), schedules_changed.clone()));
                 }
                 SignalEvent::Stop(name) => {
                     tracing::info!("{name} received: shutting down");
@@ -257,6 +270,7 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
     trigger.set(Phase::Closing);
     let _ = tokio::time::timeout(http::CLOSE_DEADLINE + Duration::from_secs(1), server).await;
     pruner.abort();
+    scheduler.abort();
     store.flush_blocking()?;
     store.close();
     tracing::info!("stopped");
@@ -275,6 +289,7 @@ async fn reload(
     state: Arc<AppState>,
     reloading: Arc<tokio::sync::Mutex<()>>,
     notifier: Arc<Notifier>,
+    schedules_changed: Arc<tokio::sync::Notify>,
 ) {
     // One reload at a time, in signal order.
     let _one = reloading.lock().await;
@@ -284,6 +299,7 @@ async fn reload(
     }
     notifier.reloading();
     let status = apply_reload(path, shared, &state).await;
+    schedules_changed.notify_one();
     let local = state.local_addr;
     notifier.ready(&format!("listening on {local}; {status}"));
 }
@@ -296,8 +312,8 @@ async fn apply_reload(
 ) -> &'static str {
     let loaded = tokio::task::spawn_blocking(move || {
         Config::load(&path).map(|c| {
-            let token = AdminToken::read(&c.api.token_file);
-            (c, token)
+            let tokens = ApiTokens::load(&c, false);
+            (c, tokens)
         })
     })
     .await;
@@ -323,8 +339,13 @@ async fn apply_reload(
         tracing::warn!("server.state_dir changed; it takes effect at the next restart");
     }
     match token {
-        Ok(t) => *state.admin.write().await = AdminToken::from_secret(&t),
-        Err(e) => tracing::warn!("admin token not reloaded, the old one stays in force: {e}"),
+        Ok((t, created)) => {
+            for path in created {
+                tracing::info!("generated an API token into {} (mode 0600)", path.display());
+            }
+            *state.tokens.write().await = t;
+        }
+        Err(e) => tracing::warn!("API tokens not reloaded, the old ones stay in force: {e}"),
     }
     let projects = new.projects.len();
     shared.replace(new);

@@ -1,32 +1,67 @@
 //! Git-host push webhooks (SPEC §4.1 `POST /git/{project}`): signature verification and event
 //! parsing. Pure: no I/O, no clock; everything here is a function of headers and bytes, so it is
-//! unit-tested exhaustively, including with random junk.
+//! unit-tested exhaustively, including with random junk and the hosts' own payloads.
 //!
-//! Authentication comes first and is over the *raw body bytes*: the first signature header
-//! present decides the scheme (GitHub `X-Hub-Signature-256: sha256=<hex>`, Gitea
-//! `X-Gitea-Signature: <hex>`, Forgejo `X-Forgejo-Signature: <hex>`, Bitbucket Cloud
-//! `X-Hub-Signature: sha256=<hex>`, GitLab `X-Gitlab-Token: <secret>`). Hex is accepted in either
-//! case; comparison is constant time. A failure never says which part was wrong.
+//! # Which host sent it
+//! The event header tells (SPEC §4.1, v2): `X-Gitea-Event`, `X-Forgejo-Event` or `X-Gogs-Event`
+//! means the Gitea family (which also sends GitHub's headers), else `X-GitHub-Event` GitHub,
+//! `X-Gitlab-Event` GitLab, `X-Event-Key` Bitbucket (Cloud's `repo:push`, Data Center's
+//! `repo:refs_changed` and `diagnostics:ping`).
+//!
+//! # Authentication
+//! It comes first and is over the bytes the host signed: the first signature header present
+//! decides the scheme — `X-Hub-Signature-256: sha256=<hex>` (GitHub), `X-Gitea-Signature`,
+//! `X-Forgejo-Signature`, `X-Gogs-Signature: <hex>`, `X-Hub-Signature: sha256=<hex>` (Bitbucket)
+//! or `sha1=<hex>` (older GitHub Enterprise), `X-Gitlab-Token: <secret>`. The signed bytes are
+//! the raw body, except that the Gitea family signs the JSON inside a form's `payload` field,
+//! so a form-encoded Gitea-family delivery is checked against that decoded JSON. Hex is
+//! accepted in either case; comparisons are constant time; a failure never says which part
+//! was wrong.
+//!
+//! # What a push asks for
+//! [`decide`] turns an authenticated delivery into a [`Decision`]: a ping, or the refs to
+//! build (every matching ref of a multi-ref delivery, in payload order) with a reason for each
+//! change that builds nothing, in the words of the case ("tag v1 was deleted").
 
+use std::borrow::Cow;
+
+use bytes::Bytes;
 use http::HeaderMap;
 use serde_json::Value;
 
-use crate::config::BranchName;
+use crate::config::{ProjectConfig, Source, ref_name_problem};
+use crate::model::clip;
 use crate::token::GitSecret;
 
-/// The host whose signature scheme authenticated a request.
+pub use crate::model::GitRef;
+
+/// The host a delivery comes from, told by its event header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Host {
-    /// `X-Hub-Signature-256`.
+    /// `X-GitHub-Event` (and no Gitea-family event header).
     GitHub,
-    /// `X-Gitea-Signature`.
-    Gitea,
-    /// `X-Forgejo-Signature`.
-    Forgejo,
-    /// `X-Hub-Signature` with `sha256=`.
-    Bitbucket,
-    /// `X-Gitlab-Token`.
+    /// Gitea, Forgejo or Gogs: `X-Gitea-Event`, `X-Forgejo-Event` or `X-Gogs-Event`.
+    GiteaFamily,
+    /// `X-Gitlab-Event`.
     GitLab,
+    /// `X-Event-Key`: Bitbucket Cloud or Data Center.
+    Bitbucket,
+}
+
+/// The host of a delivery, from its event headers (SPEC §4.1).
+pub fn host(headers: &HeaderMap) -> Option<Host> {
+    let has = |h: &str| headers.contains_key(h);
+    if has("x-gitea-event") || has("x-forgejo-event") || has("x-gogs-event") {
+        Some(Host::GiteaFamily)
+    } else if has("x-github-event") {
+        Some(Host::GitHub)
+    } else if has("x-gitlab-event") {
+        Some(Host::GitLab)
+    } else if has("x-event-key") {
+        Some(Host::Bitbucket)
+    } else {
+        None
+    }
 }
 
 /// Why a request was not authenticated. Both map to the same 401 with no detail.
@@ -42,12 +77,12 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a [u8]> {
     h.get(name).map(|v| v.as_bytes())
 }
 
-/// Decodes hex of either case; `None` unless it is exactly 32 bytes' worth.
-fn decode_hex32(s: &[u8]) -> Option<[u8; 32]> {
-    if s.len() != 64 {
+/// Decodes hex of either case; `None` unless it is exactly `N` bytes' worth.
+fn decode_hex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
+    if s.len() != 2 * N {
         return None;
     }
-    let mut out = [0u8; 32];
+    let mut out = [0u8; N];
     for (i, pair) in s.chunks(2).enumerate() {
         let hi = (pair[0] as char).to_digit(16)?;
         let lo = (pair[1] as char).to_digit(16)?;
@@ -57,10 +92,11 @@ fn decode_hex32(s: &[u8]) -> Option<[u8; 32]> {
 }
 
 /// The headers that can carry a signature or token, in the order they are tried.
-const SIGNATURE_HEADERS: [&str; 5] = [
+const SIGNATURE_HEADERS: [&str; 6] = [
     "x-hub-signature-256",
     "x-gitea-signature",
     "x-forgejo-signature",
+    "x-gogs-signature",
     "x-hub-signature",
     "x-gitlab-token",
 ];
@@ -71,286 +107,598 @@ pub fn has_signature_header(headers: &HeaderMap) -> bool {
     SIGNATURE_HEADERS.iter().any(|h| headers.contains_key(*h))
 }
 
-/// Verifies the request's signature against `secret`. See the module doc for the schemes.
-pub fn verify(headers: &HeaderMap, body: &[u8], secret: &GitSecret) -> Result<Host, AuthError> {
-    let hmac = |value: &[u8], prefixed: bool| -> bool {
-        let hex = if prefixed {
-            match value.strip_prefix(b"sha256=") {
-                Some(h) => h,
-                None => return false,
-            }
-        } else {
-            value
-        };
-        decode_hex32(hex.trim_ascii()).is_some_and(|mac| secret.verify_hmac(body, &mac))
-    };
-    let (host, ok) = if let Some(v) = header(headers, "x-hub-signature-256") {
-        (Host::GitHub, hmac(v, true))
-    } else if let Some(v) = header(headers, "x-gitea-signature") {
-        (Host::Gitea, hmac(v, false))
-    } else if let Some(v) = header(headers, "x-forgejo-signature") {
-        (Host::Forgejo, hmac(v, false))
-    } else if let Some(v) = header(headers, "x-hub-signature") {
-        (Host::Bitbucket, hmac(v, true))
-    } else if let Some(v) = header(headers, "x-gitlab-token") {
-        (Host::GitLab, secret.matches(v))
-    } else {
-        return Err(AuthError::Missing);
-    };
-    if ok {
-        Ok(host)
-    } else {
-        Err(AuthError::Invalid)
-    }
-}
-
-/// The event name, from the first event header present.
-pub fn event_name(headers: &HeaderMap) -> Option<String> {
-    [
-        "x-github-event",
-        "x-gitea-event",
-        "x-forgejo-event",
-        "x-gitlab-event",
-        "x-event-key",
-    ]
-    .iter()
-    .find_map(|h| headers.get(*h))
-    .and_then(|v| v.to_str().ok())
-    .map(|s| s.trim().to_owned())
-}
-
-/// Longest delivery id kept.
-const MAX_DELIVERY_ID: usize = 200;
-
-/// The delivery id, from the first delivery header present, if it is sane (printable ASCII,
-/// at most 200 bytes); otherwise `None` (no replay protection for that request).
-pub fn delivery_id(headers: &HeaderMap) -> Option<String> {
-    [
-        "x-github-delivery",
-        "x-gitea-delivery",
-        "x-forgejo-delivery",
-        "x-gitlab-event-uuid",
-        "x-request-uuid",
-    ]
-    .iter()
-    .find_map(|h| headers.get(*h))
-    .map(|v| v.as_bytes().trim_ascii())
-    .filter(|v| {
-        !v.is_empty() && v.len() <= MAX_DELIVERY_ID && v.iter().all(|b| b.is_ascii_graphic())
-    })
-    .and_then(|v| std::str::from_utf8(v).ok())
-    .map(str::to_owned)
-}
-
-/// What to do with an authenticated event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    /// GitHub's ping: answer 200, build nothing.
-    Ping,
-    /// A push of a configured branch to a commit.
-    Build {
-        /// The branch.
-        branch: String,
-        /// The pushed commit (full SHA).
-        after: String,
-    },
-    /// Nothing to do; the reason goes into the response's `messages`.
-    Ignore(String),
-}
-
-/// A body that was signed correctly but cannot be understood (400).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ParseError(pub String);
-
-/// Decides what an authenticated request asks for. `branches` are the project's.
-pub fn decide(
-    headers: &HeaderMap,
-    body: &[u8],
-    branches: &[BranchName],
-) -> Result<Decision, ParseError> {
-    let Some(event) = event_name(headers) else {
-        return Ok(Decision::Ignore("no event header (X-GitHub-Event, X-Gitea-Event, X-Forgejo-Event, X-Gitlab-Event or X-Event-Key); nothing to do".into()));
-    };
-    let push = match event.as_str() {
-        "ping" => return Ok(Decision::Ping),
-        "push" | "Push Hook" | "repo:push" => true,
-        _ => false,
-    };
-    if !push {
-        return Ok(Decision::Ignore(format!(
-            "event {:?} is not a push; nothing to do",
-            crate::model::clip(&event, 60)
-        )));
-    }
-    let json = payload_json(headers, body)?;
-    let pushes = if event == "repo:push" {
-        bitbucket_pushes(&json)?
-    } else {
-        vec![ref_push(&json)?]
-    };
-    let mut reasons = Vec::new();
-    for p in pushes {
-        match p {
-            RefPush::Branch { branch, after } => {
-                if is_zero_sha(&after) {
-                    reasons.push(format!(
-                        "branch {} was deleted; nothing to build",
-                        crate::model::clip(&branch, 80)
-                    ));
-                } else if branches.iter().any(|b| b.as_str() == branch) {
-                    if !is_sha(&after) {
-                        return Err(ParseError(format!(
-                            "pushed commit {:?} is not a full SHA",
-                            crate::model::clip(&after, 80)
-                        )));
-                    }
-                    return Ok(Decision::Build { branch, after });
-                } else {
-                    reasons.push(format!(
-                        "branch {} is not one of this project's branches; nothing to build",
-                        crate::model::clip(&branch, 80)
-                    ));
-                }
-            }
-            RefPush::Other(r) => reasons.push(r),
-        }
-    }
-    if reasons.is_empty() {
-        reasons.push("the push changed no branch; nothing to build".into());
-    }
-    Ok(Decision::Ignore(reasons.join("; ")))
-}
-
-enum RefPush {
-    Branch { branch: String, after: String },
-    Other(String),
-}
-
-/// The JSON of the body: raw JSON, or the `payload` field of a form (GitHub's form type).
-fn payload_json(headers: &HeaderMap, body: &[u8]) -> Result<Value, ParseError> {
-    let form = headers
+fn is_form(headers: &HeaderMap) -> bool {
+    headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| {
             ct.trim()
                 .to_ascii_lowercase()
                 .starts_with("application/x-www-form-urlencoded")
-        });
-    let text = if form {
-        let field = body
-            .split(|b| *b == b'&')
-            .find_map(|kv| kv.strip_prefix(b"payload="))
-            .ok_or_else(|| ParseError("form body has no payload field".into()))?;
-        percent_decode(field)
-            .ok_or_else(|| ParseError("payload field is not valid percent-encoding".into()))?
+        })
+}
+
+/// The decoded value of a form body's `payload` field (`+` is a space, then
+/// percent-decoding), byte for byte.
+fn form_payload(body: &[u8]) -> Option<Vec<u8>> {
+    let raw = body
+        .split(|b| *b == b'&')
+        .find_map(|kv| kv.strip_prefix(b"payload="))?;
+    let plus_as_space: Vec<u8> = raw
+        .iter()
+        .map(|b| if *b == b'+' { b' ' } else { *b })
+        .collect();
+    Some(percent_encoding::percent_decode(&plus_as_space).collect())
+}
+
+/// The bytes the host signed: the body, or for a form-encoded Gitea-family delivery the JSON
+/// of its `payload` field (`None` when that field is missing).
+fn signed_bytes<'a>(headers: &HeaderMap, body: &'a [u8]) -> Option<Cow<'a, [u8]>> {
+    if host(headers) == Some(Host::GiteaFamily) && is_form(headers) {
+        form_payload(body).map(Cow::Owned)
     } else {
-        body.to_vec()
+        Some(Cow::Borrowed(body))
+    }
+}
+
+/// Verifies the request's signature against `secret`. See the module doc for the schemes.
+pub fn verify(headers: &HeaderMap, body: &[u8], secret: &GitSecret) -> Result<(), AuthError> {
+    let Some(name) = SIGNATURE_HEADERS.iter().find(|h| headers.contains_key(**h)) else {
+        return Err(AuthError::Missing);
     };
-    let text = String::from_utf8(text).map_err(|_| ParseError("body is not valid UTF-8".into()))?;
-    serde_json::from_str(&text).map_err(|e| ParseError(format!("body is not valid JSON: {e}")))
-}
-
-fn percent_decode(s: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut i = 0;
-    while i < s.len() {
-        match s[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = s.get(i + 1..i + 3)?;
-                let hi = (hex[0] as char).to_digit(16)?;
-                let lo = (hex[1] as char).to_digit(16)?;
-                out.push((hi * 16 + lo) as u8);
-                i += 2;
+    let value = header(headers, name).unwrap_or_default().trim_ascii();
+    let Some(signed) = signed_bytes(headers, body) else {
+        return Err(AuthError::Invalid);
+    };
+    let sha256 =
+        |hex: &[u8]| decode_hex::<32>(hex).is_some_and(|mac| secret.verify_hmac(&signed, &mac));
+    let ok = match *name {
+        "x-hub-signature-256" => value.strip_prefix(b"sha256=").is_some_and(sha256),
+        "x-gitea-signature" | "x-forgejo-signature" | "x-gogs-signature" => sha256(value),
+        "x-hub-signature" => {
+            if let Some(hex) = value.strip_prefix(b"sha256=") {
+                sha256(hex)
+            } else if let Some(hex) = value.strip_prefix(b"sha1=") {
+                decode_hex::<20>(hex).is_some_and(|mac| secret.verify_hmac_sha1(&signed, &mac))
+            } else {
+                false
             }
-            b => out.push(b),
         }
-        i += 1;
-    }
-    Some(out)
+        _ => secret.matches(value),
+    };
+    if ok { Ok(()) } else { Err(AuthError::Invalid) }
 }
 
-/// GitHub, Gitea, Forgejo, GitLab: top-level `ref` and `after`.
-fn ref_push(v: &Value) -> Result<RefPush, ParseError> {
-    let r = v
-        .get("ref")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ParseError("push body has no string field \"ref\"".into()))?;
-    let after = v
-        .get("after")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ParseError("push body has no string field \"after\"".into()))?;
-    if v.get("deleted").and_then(Value::as_bool) == Some(true) {
-        return Ok(RefPush::Branch {
-            branch: r.strip_prefix("refs/heads/").unwrap_or(r).to_owned(),
-            after: "0".repeat(40),
-        });
+/// The event name, from the host's event header.
+pub fn event_name(headers: &HeaderMap) -> Option<String> {
+    let names: &[&str] = match host(headers)? {
+        Host::GiteaFamily => &["x-gitea-event", "x-forgejo-event", "x-gogs-event"],
+        Host::GitHub => &["x-github-event"],
+        Host::GitLab => &["x-gitlab-event"],
+        Host::Bitbucket => &["x-event-key"],
+    };
+    names
+        .iter()
+        .find_map(|h| headers.get(*h))
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().to_owned())
+}
+
+/// Longest delivery id kept.
+const MAX_DELIVERY_ID: usize = 200;
+
+/// The delivery id, from the host's delivery headers in order (GitLab: `Idempotency-Key`,
+/// which a "Resend Request" keeps, before `X-Gitlab-Event-UUID`, which it does not), if it is
+/// sane (printable ASCII, at most 200 bytes); otherwise `None` (no replay protection).
+pub fn delivery_id(headers: &HeaderMap) -> Option<String> {
+    let names: &[&str] = match host(headers)? {
+        Host::GiteaFamily => &[
+            "x-gitea-delivery",
+            "x-forgejo-delivery",
+            "x-gogs-delivery",
+            "x-github-delivery",
+        ],
+        Host::GitHub => &["x-github-delivery"],
+        Host::GitLab => &["idempotency-key", "x-gitlab-event-uuid"],
+        Host::Bitbucket => &["x-request-uuid", "x-request-id"],
+    };
+    names
+        .iter()
+        .find_map(|h| headers.get(*h))
+        .map(|v| v.as_bytes().trim_ascii())
+        .filter(|v| {
+            !v.is_empty() && v.len() <= MAX_DELIVERY_ID && v.iter().all(|b| b.is_ascii_graphic())
+        })
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .map(str::to_owned)
+}
+
+/// One ref a delivery asks to build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefBuild {
+    /// The branch or tag.
+    pub git_ref: GitRef,
+    /// The commit the push names: the new SHA, or for an annotated tag the tagged commit
+    /// where the payload says it (SPEC §4.1).
+    pub commit: String,
+}
+
+/// What to do with an authenticated delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// A ping (GitHub `ping`, Bitbucket Data Center `diagnostics:ping`): answer 200.
+    Ping,
+    /// A push with at least one ref to build.
+    Build {
+        /// The refs to build, in payload order.
+        builds: Vec<RefBuild>,
+        /// Why each other change of the delivery builds nothing.
+        ignored: Vec<String>,
+        /// The JSON the host sent (the body, or a form's decoded `payload`), for
+        /// `DEPLOYHOOK_PAYLOAD`.
+        payload: Bytes,
+    },
+    /// Nothing to build; why (one entry per change for multi-ref deliveries).
+    Ignore(Vec<String>),
+}
+
+/// A body that was signed correctly but cannot be understood (400).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError(pub String);
+
+/// Decides what an authenticated delivery asks of `project`.
+pub fn decide(
+    headers: &HeaderMap,
+    body: &Bytes,
+    project: &ProjectConfig,
+) -> Result<Decision, ParseError> {
+    let ignore = |m: String| Ok(Decision::Ignore(vec![m]));
+    let (Some(host), Some(event)) = (host(headers), event_name(headers)) else {
+        return ignore("no event header (X-GitHub-Event, X-Gitea-Event, X-Forgejo-Event, X-Gogs-Event, X-Gitlab-Event or X-Event-Key); nothing to do".into());
+    };
+    let not_a_push = |event: &str| {
+        Ok(Decision::Ignore(vec![format!(
+            "event {:?} is not a push; nothing to do",
+            clip(event, 60)
+        )]))
+    };
+    enum Shape {
+        TopLevel,
+        SystemHook,
+        BitbucketCloud,
+        BitbucketDataCenter,
     }
-    Ok(match r.strip_prefix("refs/heads/") {
-        Some(b) => RefPush::Branch {
-            branch: b.to_owned(),
-            after: after.to_owned(),
-        },
-        None if r.starts_with("refs/tags/") => RefPush::Other(format!(
-            "{} is a tag; only branch pushes build",
-            crate::model::clip(r, 80)
-        )),
-        None => RefPush::Other(format!(
-            "{} is not a branch; nothing to build",
-            crate::model::clip(r, 80)
-        )),
+    let shape = match (host, event.as_str()) {
+        (Host::GitHub, "ping") | (Host::Bitbucket, "diagnostics:ping") => {
+            return Ok(Decision::Ping);
+        }
+        (Host::GitHub | Host::GiteaFamily, "push") => Shape::TopLevel,
+        (Host::GitLab, "Push Hook" | "Tag Push Hook") => Shape::TopLevel,
+        (Host::GitLab, "System Hook") => Shape::SystemHook,
+        (Host::Bitbucket, "repo:push") => Shape::BitbucketCloud,
+        (Host::Bitbucket, "repo:refs_changed") => Shape::BitbucketDataCenter,
+        _ => return not_a_push(&event),
+    };
+    let payload = payload_bytes(headers, body)?;
+    let json = parse_json(&payload)?;
+    let changes = match shape {
+        Shape::TopLevel => vec![top_level(&json, host)?],
+        Shape::SystemHook => {
+            let name = json.get("event_name").and_then(Value::as_str).unwrap_or("");
+            if name != "push" && name != "tag_push" {
+                return ignore(format!(
+                    "GitLab System Hook event {:?} is not a push; nothing to do",
+                    clip(name, 60)
+                ));
+            }
+            let path = json
+                .get("project")
+                .and_then(|p| p.get("path_with_namespace"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    ParseError("System Hook push has no string project.path_with_namespace".into())
+                })?;
+            let ours = match &project.source {
+                Source::Repo(url) => system_hook_matches(url, path),
+                Source::Workdir(_) => false,
+            };
+            if !ours {
+                return ignore(format!(
+                    "this System Hook push is for GitLab project {}, which is not this project's repo; nothing to do",
+                    clip(path, 120)
+                ));
+            }
+            vec![top_level(&json, Host::GitLab)?]
+        }
+        Shape::BitbucketCloud => bitbucket_cloud(&json)?,
+        Shape::BitbucketDataCenter => bitbucket_data_center(&json)?,
+    };
+    let mut builds = Vec::new();
+    let mut ignored = Vec::new();
+    for change in &changes {
+        match judge(change, project) {
+            Ok(b) => builds.push(b),
+            Err(why) => ignored.push(why),
+        }
+    }
+    if builds.is_empty() {
+        if ignored.is_empty() {
+            ignored.push("the push changed no branch or tag; nothing to build".into());
+        }
+        return Ok(Decision::Ignore(ignored));
+    }
+    Ok(Decision::Build {
+        builds,
+        ignored,
+        payload,
     })
 }
 
-/// Bitbucket Cloud: `push.changes[].new` (`{"type": "branch", "name", "target": {"hash"}}`,
-/// or null when the branch was deleted).
-fn bitbucket_pushes(v: &Value) -> Result<Vec<RefPush>, ParseError> {
+/// The JSON of the body: raw, or the decoded `payload` field of a form.
+fn payload_bytes(headers: &HeaderMap, body: &Bytes) -> Result<Bytes, ParseError> {
+    if is_form(headers) {
+        form_payload(body)
+            .map(Bytes::from)
+            .ok_or_else(|| ParseError("form body has no payload field".into()))
+    } else {
+        Ok(body.clone())
+    }
+}
+
+fn parse_json(bytes: &[u8]) -> Result<Value, ParseError> {
+    let text =
+        std::str::from_utf8(bytes).map_err(|_| ParseError("body is not valid UTF-8".into()))?;
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| ParseError(format!("body is not valid JSON: {e}")))?;
+    if v.is_object() {
+        Ok(v)
+    } else {
+        Err(ParseError("body is not a JSON object".into()))
+    }
+}
+
+/// What a change names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    Branch(String),
+    Tag(String),
+    /// Anything else (`refs/notes/…`, a Mercurial bookmark): said as it is.
+    Other(String),
+}
+
+impl Target {
+    fn of_ref(r: &str) -> Target {
+        if let Some(b) = r.strip_prefix("refs/heads/") {
+            Target::Branch(b.to_owned())
+        } else if let Some(t) = r.strip_prefix("refs/tags/") {
+            Target::Tag(t.to_owned())
+        } else {
+            Target::Other(format!("ref {}", clip(r, 80)))
+        }
+    }
+}
+
+/// The files a push's payload says it changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Files {
+    /// The payload does not list them all (or any): never ignored for `paths`.
+    Unknown,
+    /// Every changed file of every pushed commit (at least one).
+    Listed(Vec<String>),
+}
+
+/// One ref change of a delivery, host-independent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RefChange {
+    target: Target,
+    /// The new SHA; `None` when the ref was deleted.
+    new: Option<String>,
+    /// The commit to record when it differs from `new` (an annotated tag's commit).
+    commit: Option<String>,
+    /// The head commit's message, where the payload carries it (branches only).
+    head_message: Option<String>,
+    files: Files,
+}
+
+/// The skip markers of SPEC §4.1, lower-cased: matched without regard to case.
+pub const SKIP_MARKERS: [&str; 4] = ["[skip ci]", "[ci skip]", "[skip deploy]", "[deploy skip]"];
+
+/// The skip marker `message` carries, if any (case-insensitive).
+pub fn skip_marker(message: &str) -> Option<&'static str> {
+    let lower = message.to_lowercase();
+    SKIP_MARKERS.into_iter().find(|m| lower.contains(m))
+}
+
+/// Whether `change` builds for `project`, or why not (in the words of the case).
+fn judge(change: &RefChange, project: &ProjectConfig) -> Result<RefBuild, String> {
+    let git_ref = match &change.target {
+        Target::Other(what) => {
+            return Err(format!(
+                "{what} is neither a branch nor a tag; nothing to build"
+            ));
+        }
+        Target::Branch(b) => GitRef::Branch(b.clone()),
+        Target::Tag(t) => GitRef::Tag(t.clone()),
+    };
+    let kind = if git_ref.tag().is_some() {
+        "tag"
+    } else {
+        "branch"
+    };
+    let shown = clip(git_ref.name(), 80);
+    let Some(new) = &change.new else {
+        return Err(format!("{kind} {shown} was deleted; nothing to build"));
+    };
+    if let Some(why) = ref_name_problem(git_ref.name()) {
+        return Err(format!(
+            "{kind} {shown:?} is not a valid {kind} name (it {why}); nothing to build"
+        ));
+    }
+    let listed = |patterns: &[crate::config::RefPattern]| {
+        let list: Vec<&str> = patterns.iter().map(|p| p.as_str()).collect();
+        clip(&list.join(", "), 120)
+    };
+    let commit = match &git_ref {
+        GitRef::Branch(b) => {
+            if !project.has_branch(b) {
+                return Err(format!(
+                    "branch {shown} is not one of this project's branches ({}); nothing to build",
+                    listed(&project.branches)
+                ));
+            }
+            if let Some(marker) = change.head_message.as_deref().and_then(skip_marker) {
+                return Err(format!(
+                    "the head commit of branch {shown} says {marker}; nothing to build"
+                ));
+            }
+            if let (Some(paths), Files::Listed(files)) = (&project.paths, &change.files)
+                && !files.iter().any(|f| paths.matches(f))
+            {
+                return Err(format!(
+                    "no file changed on branch {shown} matches this project's paths; nothing to build"
+                ));
+            }
+            new.clone()
+        }
+        GitRef::Tag(t) => {
+            if project.tags.is_empty() {
+                return Err(format!(
+                    "tag {shown} was pushed, but this project builds no tags (it has no tags key); nothing to build"
+                ));
+            }
+            if !project.has_tag(t) {
+                return Err(format!(
+                    "tag {shown} is not one of this project's tags ({}); nothing to build",
+                    listed(&project.tags)
+                ));
+            }
+            // An annotated tag's commit where the payload names it, else the pushed SHA.
+            change.commit.clone().unwrap_or_else(|| new.clone())
+        }
+    };
+    Ok(RefBuild { git_ref, commit })
+}
+
+fn str_at<'a>(v: &'a Value, key: &str) -> Option<&'a str> {
+    v.get(key).and_then(Value::as_str)
+}
+
+/// A non-zero SHA, or `None` for the all-zero one (a deletion); an error for anything else.
+fn new_sha(s: &str, what: &str) -> Result<Option<String>, ParseError> {
+    if is_zero_sha(s) {
+        Ok(None)
+    } else if is_sha(s) {
+        Ok(Some(s.to_ascii_lowercase()))
+    } else {
+        Err(ParseError(format!(
+            "{what} {:?} is not a full commit SHA",
+            clip(s, 80)
+        )))
+    }
+}
+
+/// GitHub's cap on the commits listed in a push payload.
+const GITHUB_MAX_COMMITS: usize = 2048;
+
+/// GitHub, the Gitea family and GitLab (Push Hook, Tag Push Hook, System Hook): one change,
+/// described by top-level `ref`, `after`, `commits` and friends.
+fn top_level(v: &Value, host: Host) -> Result<RefChange, ParseError> {
+    let r = str_at(v, "ref")
+        .ok_or_else(|| ParseError("push body has no string field \"ref\"".into()))?;
+    let after = str_at(v, "after")
+        .ok_or_else(|| ParseError("push body has no string field \"after\"".into()))?;
+    let target = Target::of_ref(r);
+    let new = if v.get("deleted").and_then(Value::as_bool) == Some(true) {
+        None
+    } else {
+        new_sha(after, "pushed commit")?
+    };
+    let commits = v.get("commits").and_then(Value::as_array);
+    let head_commit = v.get("head_commit").filter(|h| h.is_object());
+    let commit = match (&target, host) {
+        (Target::Tag(_), Host::GitLab) => str_at(v, "checkout_sha").filter(|s| is_sha(s)),
+        (Target::Tag(_), Host::GitHub) => head_commit
+            .and_then(|h| str_at(h, "id"))
+            .filter(|s| is_sha(s)),
+        _ => None,
+    }
+    .map(str::to_ascii_lowercase);
+    let head_message = match (&target, &new) {
+        (Target::Branch(_), Some(new)) => match host {
+            Host::GitHub => head_commit.and_then(|h| str_at(h, "message")),
+            _ => commits.and_then(|cs| {
+                cs.iter()
+                    .find(|c| str_at(c, "id").is_some_and(|id| id.eq_ignore_ascii_case(new)))
+                    .and_then(|c| str_at(c, "message"))
+            }),
+        }
+        .map(str::to_owned),
+        _ => None,
+    };
+    let total = ["total_commits_count", "total_commits"]
+        .iter()
+        .find_map(|k| v.get(*k).and_then(Value::as_u64));
+    let files = match commits {
+        None => Files::Unknown,
+        Some(cs) if cs.is_empty() => Files::Unknown,
+        Some(cs) if total.is_some_and(|t| t > cs.len() as u64) => Files::Unknown,
+        Some(cs) if host == Host::GitHub && cs.len() >= GITHUB_MAX_COMMITS => Files::Unknown,
+        Some(cs) => listed_files(cs),
+    };
+    Ok(RefChange {
+        target,
+        new,
+        commit,
+        head_message,
+        files,
+    })
+}
+
+/// The `added`, `modified` and `removed` files of every commit; `Unknown` unless every
+/// commit lists them and at least one file is named.
+fn listed_files(commits: &[Value]) -> Files {
+    let mut files = Vec::new();
+    for c in commits {
+        let lists: Vec<&Vec<Value>> = ["added", "modified", "removed"]
+            .iter()
+            .filter_map(|k| c.get(*k).and_then(Value::as_array))
+            .collect();
+        if lists.is_empty() {
+            return Files::Unknown;
+        }
+        for f in lists.into_iter().flatten() {
+            match f.as_str() {
+                Some(s) => files.push(s.to_owned()),
+                None => return Files::Unknown,
+            }
+        }
+    }
+    if files.is_empty() {
+        Files::Unknown
+    } else {
+        Files::Listed(files)
+    }
+}
+
+/// Bitbucket Cloud `repo:push`: `push.changes[]`, each with `new` (`{"type", "name",
+/// "target": {"hash", "message"}}`, null when the ref was deleted) and `old`.
+fn bitbucket_cloud(v: &Value) -> Result<Vec<RefChange>, ParseError> {
     let changes = v
         .get("push")
         .and_then(|p| p.get("changes"))
         .and_then(Value::as_array)
         .ok_or_else(|| ParseError("repo:push body has no array push.changes".into()))?;
+    let target_of = |side: &Value| -> Result<Target, ParseError> {
+        let kind = str_at(side, "type").unwrap_or("");
+        let name = str_at(side, "name").ok_or_else(|| {
+            ParseError("push.changes[] has a ref without a string field \"name\"".into())
+        })?;
+        Ok(match kind {
+            "branch" | "named_branch" => Target::Branch(name.to_owned()),
+            "tag" => Target::Tag(name.to_owned()),
+            other => Target::Other(format!("{} {}", clip(other, 20), clip(name, 80))),
+        })
+    };
     let mut out = Vec::new();
     for c in changes {
-        match c.get("new") {
-            None | Some(Value::Null) => {
-                let name = c
-                    .get("old")
-                    .and_then(|o| o.get("name"))
-                    .and_then(Value::as_str)
-                    .unwrap_or("?");
-                out.push(RefPush::Branch {
-                    branch: name.to_owned(),
-                    after: "0".repeat(40),
+        match c.get("new").filter(|n| !n.is_null()) {
+            None => {
+                let old = c.get("old").filter(|o| !o.is_null()).ok_or_else(|| {
+                    ParseError("push.changes[] has neither \"new\" nor \"old\"".into())
+                })?;
+                out.push(RefChange {
+                    target: target_of(old)?,
+                    new: None,
+                    commit: None,
+                    head_message: None,
+                    files: Files::Unknown,
                 });
             }
             Some(n) => {
-                let kind = n.get("type").and_then(Value::as_str).unwrap_or("");
-                let name = n.get("name").and_then(Value::as_str).ok_or_else(|| {
-                    ParseError("push.changes[].new has no string field \"name\"".into())
+                let target = target_of(n)?;
+                let t = n.get("target");
+                let hash = t.and_then(|t| str_at(t, "hash")).ok_or_else(|| {
+                    ParseError("push.changes[].new has no string field \"target.hash\"".into())
                 })?;
-                if kind != "branch" && kind != "named_branch" {
-                    out.push(RefPush::Other(format!(
-                        "{kind} {} is not a branch; nothing to build",
-                        crate::model::clip(name, 80)
-                    )));
-                    continue;
-                }
-                let hash = n
-                    .get("target")
-                    .and_then(|t| t.get("hash"))
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| {
-                        ParseError("push.changes[].new has no string field \"target.hash\"".into())
-                    })?;
-                out.push(RefPush::Branch {
-                    branch: name.to_owned(),
-                    after: hash.to_owned(),
+                let new = new_sha(hash, "push.changes[].new.target.hash")?;
+                let head_message = match target {
+                    Target::Branch(_) => t.and_then(|t| str_at(t, "message")).map(str::to_owned),
+                    _ => None,
+                };
+                out.push(RefChange {
+                    target,
+                    new,
+                    commit: None,
+                    head_message,
+                    files: Files::Unknown,
                 });
             }
         }
     }
     Ok(out)
+}
+
+/// Bitbucket Data Center `repo:refs_changed`: `changes[]`, each with `ref.id`, `toHash` and
+/// `type` (`UPDATE`, `ADD` or `DELETE`). No messages, no files.
+fn bitbucket_data_center(v: &Value) -> Result<Vec<RefChange>, ParseError> {
+    let changes = v
+        .get("changes")
+        .and_then(Value::as_array)
+        .ok_or_else(|| ParseError("repo:refs_changed body has no array changes".into()))?;
+    let mut out = Vec::new();
+    for c in changes {
+        let id = c
+            .get("ref")
+            .and_then(|r| str_at(r, "id"))
+            .or_else(|| str_at(c, "refId"))
+            .ok_or_else(|| ParseError("changes[] has no string field \"ref.id\"".into()))?;
+        let to = str_at(c, "toHash")
+            .ok_or_else(|| ParseError("changes[] has no string field \"toHash\"".into()))?;
+        let new = if str_at(c, "type") == Some("DELETE") {
+            None
+        } else {
+            new_sha(to, "changes[].toHash")?
+        };
+        out.push(RefChange {
+            target: Target::of_ref(id),
+            new,
+            commit: None,
+            head_message: None,
+            files: Files::Unknown,
+        });
+    }
+    Ok(out)
+}
+
+/// The `/`-separated parts of a repository path, lower-cased, without a trailing `.git`.
+fn path_parts(path: &str) -> Vec<String> {
+    let lower = path.trim().trim_end_matches('/').to_lowercase();
+    let trimmed = lower.strip_suffix(".git").unwrap_or(&lower);
+    trimmed
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Whether a GitLab System Hook's `project.path_with_namespace` names the repository at `repo`
+/// (SPEC §4.1): the repo's path (of a URL; the part after `:` of `user@host:path`; or the
+/// filesystem path) ends with it on whole `/`-separated parts, ignoring case and `.git`.
+pub fn system_hook_matches(repo: &str, path_with_namespace: &str) -> bool {
+    let path = if let Some((_, rest)) = repo.split_once("://") {
+        // scheme://authority/path (the authority may hold a port after ':').
+        rest.split_once('/').map_or("", |(_, p)| p)
+    } else if let Some((before, after)) = repo.split_once(':')
+        && !before.contains('/')
+    {
+        after
+    } else {
+        repo
+    };
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let ours = path_parts(path);
+    let theirs = path_parts(path_with_namespace);
+    !theirs.is_empty() && ours.ends_with(&theirs)
 }
 
 fn is_zero_sha(s: &str) -> bool {
@@ -362,285 +710,4 @@ fn is_sha(s: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use http::HeaderValue;
-    use rand::{Rng as _, SeedableRng as _};
-
-    fn hex(b: &[u8]) -> String {
-        b.iter().map(|x| format!("{x:02x}")).collect()
-    }
-
-    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        for (k, v) in pairs {
-            h.insert(*k, HeaderValue::from_str(v).unwrap());
-        }
-        h
-    }
-
-    fn branches() -> Vec<BranchName> {
-        vec![
-            BranchName::parse("main").unwrap(),
-            BranchName::parse("staging").unwrap(),
-        ]
-    }
-
-    const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
-
-    #[test]
-    fn github_published_vector() {
-        let s = GitSecret::new(b"It's a Secret to Everybody".to_vec());
-        let h = headers(&[(
-            "x-hub-signature-256",
-            "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
-        )]);
-        assert_eq!(verify(&h, b"Hello, World!", &s), Ok(Host::GitHub));
-        let upper = headers(&[(
-            "x-hub-signature-256",
-            "sha256=757107EA0EB2509FC211221CCE984B8A37570B6D7586C22C46F4379C8B043E17",
-        )]);
-        assert_eq!(verify(&upper, b"Hello, World!", &s), Ok(Host::GitHub));
-        assert_eq!(verify(&h, b"Hello, World?", &s), Err(AuthError::Invalid));
-    }
-
-    #[test]
-    fn each_host_scheme() {
-        let s = GitSecret::new(b"topsecret".to_vec());
-        let body = br#"{"ref":"refs/heads/main"}"#;
-        let mac = hex(&s.hmac_sha256(body));
-        let prefixed = format!("sha256={mac}");
-        assert_eq!(
-            verify(&headers(&[("x-gitea-signature", &mac)]), body, &s),
-            Ok(Host::Gitea)
-        );
-        assert_eq!(
-            verify(&headers(&[("x-forgejo-signature", &mac)]), body, &s),
-            Ok(Host::Forgejo)
-        );
-        assert_eq!(
-            verify(&headers(&[("x-hub-signature", &prefixed)]), body, &s),
-            Ok(Host::Bitbucket)
-        );
-        assert_eq!(
-            verify(&headers(&[("x-gitlab-token", "topsecret")]), body, &s),
-            Ok(Host::GitLab)
-        );
-        assert_eq!(
-            verify(&headers(&[("x-gitlab-token", "topsecreT")]), body, &s),
-            Err(AuthError::Invalid)
-        );
-        assert_eq!(verify(&HeaderMap::new(), body, &s), Err(AuthError::Missing));
-    }
-
-    #[test]
-    fn bad_signatures_are_invalid() {
-        let s = GitSecret::new(b"k".to_vec());
-        let body = b"{}";
-        let mac = hex(&s.hmac_sha256(body));
-        for bad in [
-            format!("sha1={mac}"),
-            "sha1=0123456789abcdef0123456789abcdef01234567".to_string(),
-            mac.clone(), // missing the sha256= prefix
-            format!("sha256={}", &mac[..63]),
-            format!("sha256={}", &mac[..62]),
-            format!("sha256={}zz", &mac[..62]),
-            "sha256=".to_string(),
-        ] {
-            assert_eq!(
-                verify(&headers(&[("x-hub-signature-256", &bad)]), body, &s),
-                Err(AuthError::Invalid),
-                "{bad}"
-            );
-        }
-        // The first header present decides: a valid Gitea one does not rescue a bad GitHub one.
-        let h = headers(&[
-            ("x-hub-signature-256", "sha256=00"),
-            ("x-gitea-signature", &mac),
-        ]);
-        assert_eq!(verify(&h, body, &s), Err(AuthError::Invalid));
-        // Bitbucket with only sha1 is wrong.
-        assert_eq!(
-            verify(&headers(&[("x-hub-signature", "sha1=abc")]), body, &s),
-            Err(AuthError::Invalid)
-        );
-    }
-
-    #[test]
-    fn pushes_decide() {
-        let h = headers(&[("x-github-event", "push")]);
-        let body = format!(r#"{{"ref":"refs/heads/main","after":"{SHA}"}}"#);
-        assert_eq!(
-            decide(&h, body.as_bytes(), &branches()),
-            Ok(Decision::Build {
-                branch: "main".into(),
-                after: SHA.into()
-            })
-        );
-        let other = format!(r#"{{"ref":"refs/heads/dev","after":"{SHA}"}}"#);
-        assert!(
-            matches!(decide(&h, other.as_bytes(), &branches()), Ok(Decision::Ignore(m)) if m.contains("not one of"))
-        );
-        let tag = format!(r#"{{"ref":"refs/tags/v1","after":"{SHA}"}}"#);
-        assert!(
-            matches!(decide(&h, tag.as_bytes(), &branches()), Ok(Decision::Ignore(m)) if m.contains("tag"))
-        );
-        let del = r#"{"ref":"refs/heads/main","after":"0000000000000000000000000000000000000000","deleted":true}"#;
-        assert!(
-            matches!(decide(&h, del.as_bytes(), &branches()), Ok(Decision::Ignore(m)) if m.contains("deleted"))
-        );
-        let gitlab_del =
-            r#"{"ref":"refs/heads/main","after":"0000000000000000000000000000000000000000"}"#;
-        let gl = headers(&[("x-gitlab-event", "Push Hook")]);
-        assert!(
-            matches!(decide(&gl, gitlab_del.as_bytes(), &branches()), Ok(Decision::Ignore(m)) if m.contains("deleted"))
-        );
-        let ping = headers(&[("x-github-event", "ping")]);
-        assert_eq!(decide(&ping, b"{}", &branches()), Ok(Decision::Ping));
-        let issues = headers(&[("x-github-event", "issues")]);
-        assert!(
-            matches!(decide(&issues, b"{}", &branches()), Ok(Decision::Ignore(m)) if m.contains("not a push"))
-        );
-        let bad_sha = r#"{"ref":"refs/heads/main","after":"xyz"}"#;
-        assert!(decide(&h, bad_sha.as_bytes(), &branches()).is_err());
-        // Hostile branch names are simply not configured branches.
-        let evil = format!(r#"{{"ref":"refs/heads/main;rm -rf /","after":"{SHA}"}}"#);
-        assert!(matches!(
-            decide(&h, evil.as_bytes(), &branches()),
-            Ok(Decision::Ignore(_))
-        ));
-    }
-
-    #[test]
-    fn form_encoded_payload() {
-        let json = format!(r#"{{"ref":"refs/heads/staging","after":"{SHA}"}}"#);
-        let mut enc = String::from("payload=");
-        for b in json.bytes() {
-            if b.is_ascii_alphanumeric() {
-                enc.push(b as char);
-            } else {
-                enc.push_str(&format!("%{b:02X}"));
-            }
-        }
-        let h = headers(&[
-            ("x-github-event", "push"),
-            ("content-type", "application/x-www-form-urlencoded"),
-        ]);
-        assert_eq!(
-            decide(&h, enc.as_bytes(), &branches()),
-            Ok(Decision::Build {
-                branch: "staging".into(),
-                after: SHA.into()
-            })
-        );
-        assert!(decide(&h, b"other=1", &branches()).is_err());
-        assert!(decide(&h, b"payload=%zz", &branches()).is_err());
-    }
-
-    #[test]
-    fn bitbucket_shape() {
-        let h = headers(&[("x-event-key", "repo:push")]);
-        let body = format!(
-            r#"{{"push":{{"changes":[{{"new":{{"type":"tag","name":"v1","target":{{"hash":"{SHA}"}}}}}},{{"new":{{"type":"branch","name":"main","target":{{"hash":"{SHA}"}}}},"old":null}}]}}}}"#
-        );
-        assert_eq!(
-            decide(&h, body.as_bytes(), &branches()),
-            Ok(Decision::Build {
-                branch: "main".into(),
-                after: SHA.into()
-            })
-        );
-        let del = r#"{"push":{"changes":[{"new":null,"old":{"type":"branch","name":"main"}}]}}"#;
-        assert!(
-            matches!(decide(&h, del.as_bytes(), &branches()), Ok(Decision::Ignore(m)) if m.contains("deleted"))
-        );
-        assert!(decide(&h, br#"{"push":{}}"#, &branches()).is_err());
-    }
-
-    #[test]
-    fn malformed_bodies_are_parse_errors() {
-        let h = headers(&[("x-github-event", "push")]);
-        assert!(decide(&h, b"\xff\xfe", &branches()).is_err());
-        assert!(decide(&h, b"{not json", &branches()).is_err());
-        assert!(decide(&h, b"[]", &branches()).is_err());
-        assert!(decide(&h, br#"{"ref":5,"after":"x"}"#, &branches()).is_err());
-    }
-
-    #[test]
-    fn delivery_ids() {
-        assert_eq!(
-            delivery_id(&headers(&[("x-github-delivery", "abc-1")])),
-            Some("abc-1".into())
-        );
-        assert_eq!(
-            delivery_id(&headers(&[("x-request-uuid", "u")])),
-            Some("u".into())
-        );
-        assert_eq!(
-            delivery_id(&headers(&[("x-gitlab-event-uuid", &"x".repeat(201))])),
-            None
-        );
-        assert_eq!(delivery_id(&HeaderMap::new()), None);
-    }
-
-    /// Random headers and bodies never panic the verifier or the parser.
-    #[test]
-    fn random_input_never_panics() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
-        let s = GitSecret::new(b"secret".to_vec());
-        let names = [
-            "x-hub-signature-256",
-            "x-hub-signature",
-            "x-gitea-signature",
-            "x-forgejo-signature",
-            "x-gitlab-token",
-            "x-github-event",
-            "x-gitlab-event",
-            "x-event-key",
-            "x-github-delivery",
-            "content-type",
-        ];
-        let fragments: [&[u8]; 12] = [
-            b"{",
-            b"}",
-            b"[",
-            b"]",
-            b"\"ref\":",
-            b"\"refs/heads/main\"",
-            b"\"after\":",
-            b",",
-            b"payload=",
-            b"%",
-            b"\xff",
-            b"\"push\":{\"changes\":[{\"new\":",
-        ];
-        for _ in 0..5000 {
-            let mut h = HeaderMap::new();
-            for _ in 0..rng.random_range(0..4) {
-                let name = names[rng.random_range(0..names.len())];
-                let len = rng.random_range(0..80);
-                let v: Vec<u8> = (0..len).map(|_| rng.random_range(0x20u8..0x7f)).collect();
-                let v = match rng.random_range(0..4) {
-                    0 => b"push".to_vec(),
-                    1 => b"repo:push".to_vec(),
-                    2 => [b"sha256=".as_slice(), &v].concat(),
-                    _ => v,
-                };
-                if let Ok(v) = HeaderValue::from_bytes(&v) {
-                    h.insert(name, v);
-                }
-            }
-            let mut body = Vec::new();
-            for _ in 0..rng.random_range(0..20) {
-                if rng.random_bool(0.5) {
-                    body.extend_from_slice(fragments[rng.random_range(0..fragments.len())]);
-                } else {
-                    body.push(rng.random());
-                }
-            }
-            let _ = verify(&h, &body, &s);
-            let _ = decide(&h, &body, &branches());
-            let _ = delivery_id(&h);
-        }
-    }
-}
+mod tests;

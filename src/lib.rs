@@ -8,9 +8,14 @@
 //! # Layout
 //! - [`cli`]: clap definitions, exit codes, and the HTTP client behind the client commands.
 //! - [`daemon`]: `deployhook serve`: start-up order, SIGHUP reload, shutdown with deadlines.
-//! - [`config`]: raw TOML mirror → validated [`config::Config`]; the shared, reloadable handle.
+//! - [`config`]: raw TOML mirror → validated [`config::Config`]; the shared, reloadable handle;
+//!   `config/access.rs` the keys of quiet periods, params, allowlists, schedules and API tokens.
 //! - [`model`]: builds, hooks, phases, outcomes, trigger sources, and their JSON shapes.
-//! - [`token`]: hook tokens, the admin token, Git secrets: generation, hashing, constant-time checks.
+//! - [`token`]: hook tokens, API token files, Git secrets: generation, hashing, constant-time checks.
+//! - [`access`]: API token scopes and project lists ([`access::ApiTokens::authenticate`]), and
+//!   the client address `allow_from` judges (`trusted_proxies`, `X-Forwarded-For`).
+//! - [`params`]: trigger parameters from query strings and bodies, with their limits (pure).
+//! - [`schedule`]: `[[projects.P.schedule]]`: cron in time zones, missed runs, the scheduler task.
 //! - [`store`]: the only module that touches sled: trees, bincode records, batched durability.
 //! - [`ratelimit`]: rolling 60 s windows of new builds per project and per daemon (pure).
 //! - [`machine`]: the build state machine (pure): every transition as an event in, effects out.
@@ -20,10 +25,11 @@
 //! - [`supervisor`]: the hidden per-process supervisor mode that makes builds die with the daemon,
 //!   and the daemon's handle on it (protocol, escalation, reaping) with its warm pool.
 //! - [`buildlog`]: capped append-only NDJSON log files, line splitting, paging.
-//! - [`git`]: Git-host webhook signatures and push-event parsing (pure).
+//! - [`git`]: Git-host webhooks (pure): host detection, signatures, every host's push shapes
+//!   (multi-ref, tags, System Hooks), skip markers and `paths`, delivery ids.
 //! - [`http`]: accept loop and hardening; `api` (admin), `public` (hooks, Git, health, metrics),
 //!   `envelope` (the typed envelope, responses and error codes), `error` (domain errors →
-//!   HTTP errors), `conn` (per-connection framing checks, eviction).
+//!   HTTP errors), `conn` (per-connection framing checks, the first head, eviction).
 //! - [`shutdown`]: signals and the shutdown phases.
 //! - [`metrics`]: the Prometheus registry (counters, histogram) and its text exposition.
 //! - [`notify`]: systemd's readiness protocol (`READY=1`, `RELOADING=1`, `STOPPING=1`).
@@ -31,6 +37,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod buildlog;
 pub mod cli;
 pub mod config;
@@ -41,10 +48,12 @@ pub mod machine;
 pub mod metrics;
 pub mod model;
 pub mod notify;
+pub mod params;
 pub mod queue;
 pub mod quietlog;
 pub mod ratelimit;
 pub mod runner;
+pub mod schedule;
 pub mod shutdown;
 pub mod store;
 pub mod supervisor;

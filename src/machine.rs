@@ -22,8 +22,9 @@
 //! |---|---|---|---|
 //! | [`Machine::trigger`] (no pending build of the target) | — | (plan) | none: the shell inserts the build, then calls [`Machine::created`] |
 //! | [`Machine::created`] | — | queued | log; supersede: stop request to the target's resolved build |
-//! | [`Machine::trigger`] (pending build exists) | queued/initializing | same | its requested commits grow (write), first join logged |
-//! | [`Machine::schedule`] | queued | initializing | write, start a runner, log |
+//! | [`Machine::trigger`] (pending build exists) | queued/initializing | same | its requested commits grow or its `not_before` moves (write), first join logged |
+//! | [`Machine::schedule`] | queued (eligible) | initializing | write, start a runner, log |
+//! | [`Machine::schedule`] | queued (`not_before` passed) | queued (eligible) | write (`not_before` null) |
 //! | [`Machine::resolve`] | initializing (pending) | initializing (resolved) | write `commit`, "absorbed N triggers" |
 //! | [`Machine::running`] | initializing | running | write, log |
 //! | [`Machine::cancel`] | queued | stopped (cancelled) | write, stopped, count, log |
@@ -45,6 +46,15 @@
 //! fetch again before it resolves, so the build includes every commit pushed before any
 //! trigger it absorbed. Builds that name an exact commit are never pending for anyone: they
 //! never join, are never joined and supersede nothing.
+//!
+//! # Quiet period (SPEC §2.2)
+//! A new build of a project with a quiet period gets `not_before = created_on + quiet_period`;
+//! each trigger that joins it while it is queued moves that to `now + quiet_period`, never
+//! past `created_on + max_quiet_period`. [`Machine::schedule`] passes over builds whose
+//! `not_before` is still ahead, and clears it (a write) once it has passed, so a stored
+//! `not_before` is either in the future or null. [`Machine::next_wake`] tells the shell when
+//! the earliest one passes, so that it can run the scheduler then. Exact-commit builds never
+//! wait: nothing joins them, so there is no burst to wait out.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
@@ -130,6 +140,28 @@ pub struct LogCounts {
     pub truncated: bool,
 }
 
+/// A project's quiet period (SPEC §2.2), as the trigger's config says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Quiet {
+    /// How long a new build waits for more triggers (zero: it does not wait).
+    pub period: Duration,
+    /// Longest a build waits in all, counted from its `created_on`.
+    pub max: Duration,
+}
+
+impl Quiet {
+    /// No quiet period.
+    pub const NONE: Quiet = Quiet {
+        period: Duration::ZERO,
+        max: Duration::ZERO,
+    };
+}
+
+/// `t + d`, saturating (the model's timestamps are microseconds).
+fn after(t: Timestamp, d: Duration) -> Timestamp {
+    Timestamp(t.0.saturating_add(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)))
+}
+
 /// A trigger as the machine sees it.
 #[derive(Debug, Clone)]
 pub struct TriggerInput<'a> {
@@ -146,6 +178,8 @@ pub struct TriggerInput<'a> {
     pub redeploy_of: Option<BuildId>,
     /// A request body is stored with a new build.
     pub has_payload: bool,
+    /// The project's quiet period.
+    pub quiet: Quiet,
 }
 
 /// What a trigger leads to.
@@ -296,6 +330,9 @@ pub struct Machine {
     pending: HashMap<Target, BuildId>,
     /// The build initializing or running in each project.
     active: HashMap<String, BuildId>,
+    /// Queued builds whose `not_before` is set, by that time (the same value as in their
+    /// record): what [`Machine::schedule`] passes over and [`Machine::next_wake`] reports.
+    waiting: BTreeSet<(Timestamp, BuildId)>,
     /// Rolling windows of new builds, checked and recorded with the state so that concurrent
     /// triggers cannot both take the last slot.
     pub(crate) limiter: RateLimiter,
@@ -321,6 +358,7 @@ impl Machine {
             queued_by_project: HashMap::new(),
             pending: HashMap::new(),
             active: HashMap::new(),
+            waiting: BTreeSet::new(),
             limiter,
         }
     }
@@ -368,6 +406,12 @@ impl Machine {
         self.accepting
     }
 
+    /// When the earliest `not_before` of a queued build passes: the shell runs
+    /// [`Machine::schedule`] then. `None` while no build waits out a quiet period.
+    pub fn next_wake(&self) -> Option<Timestamp> {
+        self.waiting.first().map(|(t, _)| *t)
+    }
+
     /// Of `ids` (a project's builds, newest first), those retention deletes: beyond the newest
     /// `keep`, and not live.
     pub fn prune_plan(&self, ids: &[BuildId], keep: usize) -> Vec<BuildId> {
@@ -389,6 +433,9 @@ impl Machine {
                 .insert(build.seq);
             if !build.stands_alone() {
                 self.pending.insert(build.target(), build.id);
+            }
+            if let Some(t) = build.not_before {
+                self.waiting.insert((t, build.id));
             }
         }
         self.next_seq = self.next_seq.max(build.seq + 1);
@@ -434,6 +481,9 @@ impl Machine {
     fn remove(&mut self, id: BuildId, fx: &mut Vec<Effect>) -> Option<Live> {
         self.unpend(id, fx);
         let l = self.live.remove(&id)?;
+        if let Some(t) = l.build.not_before {
+            self.waiting.remove(&(t, id));
+        }
         self.dequeue(&l.build.project, l.build.seq);
         if self.active.get(&l.build.project) == Some(&id) {
             self.active.remove(&l.build.project);
@@ -519,9 +569,28 @@ impl Machine {
                 }
                 _ => false,
             };
+            // SPEC §2.2: a join restarts the quiet period of a queued build (one that is
+            // already eligible waits again), within `max_quiet_period` of its creation.
+            let mut moved = false;
+            if l.build.phase == Phase::Queued && !t.quiet.period.is_zero() {
+                let cap = after(l.build.created_on, t.quiet.max);
+                let until = after(now, t.quiet.period).min(cap);
+                if until > now && l.build.not_before != Some(until) {
+                    if let Some(old) = l.build.not_before {
+                        self.waiting.remove(&(old, id));
+                    }
+                    self.waiting.insert((until, id));
+                    l.build.not_before = Some(until);
+                    moved = true;
+                }
+            }
             if changed && let Some(sha) = t.requested_commit {
                 fx.push(Effect::Put(l.build.clone()));
                 fx.push(Effect::Tell(l.build.clone(), Tell::Joined(sha.to_owned())));
+            } else if moved {
+                // Written, not flushed: losing a moved `not_before` in a crash only lets the
+                // build start a little earlier, and nothing the trigger asked for is lost.
+                fx.push(Effect::Put(l.build.clone()));
             }
             let plan = Plan::Joined {
                 build: l.build.clone(),
@@ -542,6 +611,9 @@ impl Machine {
         );
         b.exact_commit = t.exact_commit.map(str::to_owned);
         b.redeploy_of = t.redeploy_of;
+        if t.exact_commit.is_none() && !t.quiet.period.is_zero() {
+            b.not_before = Some(after(now, t.quiet.period).min(after(now, t.quiet.max)));
+        }
         Ok((Plan::Create(b), fx))
     }
 
@@ -603,12 +675,29 @@ impl Machine {
         if !self.accepting {
             return fx;
         }
+        // Quiet periods that have passed: those builds are eligible now (SPEC §2.2).
+        while let Some(&(t, id)) = self.waiting.first()
+            && t <= now
+        {
+            self.waiting.pop_first();
+            if let Some(l) = self.live.get_mut(&id) {
+                l.build.not_before = None;
+                fx.push(Effect::Put(l.build.clone()));
+            }
+        }
         while self.active.len() < max_concurrent {
+            let waiting = |seq: &u64| {
+                self.queued.get(seq).is_some_and(|id| {
+                    self.live
+                        .get(id)
+                        .is_some_and(|l| l.build.not_before.is_some())
+                })
+            };
             let Some(seq) = self
                 .queued_by_project
                 .iter()
                 .filter(|(project, _)| !self.active.contains_key(*project))
-                .filter_map(|(_, seqs)| seqs.first())
+                .filter_map(|(_, seqs)| seqs.iter().find(|s| !waiting(s)))
                 .min()
                 .copied()
             else {

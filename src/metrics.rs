@@ -29,10 +29,11 @@ pub const DURATION_BUCKETS: [f64; 12] = [
 ];
 
 /// Every trigger source, in label order.
-const SOURCES: [TriggerSource; 3] = [
+const SOURCES: [TriggerSource; 4] = [
     TriggerSource::DeployHook,
     TriggerSource::GitPush,
     TriggerSource::Api,
+    TriggerSource::Schedule,
 ];
 
 /// What became of a trigger request, for `deployhook_triggers_total{result}`.
@@ -73,6 +74,7 @@ fn source_index(s: TriggerSource) -> usize {
         TriggerSource::DeployHook => 0,
         TriggerSource::GitPush => 1,
         TriggerSource::Api => 2,
+        TriggerSource::Schedule => 3,
     }
 }
 
@@ -113,7 +115,7 @@ pub struct Metrics {
     /// `process_start_time_seconds`: when this process started (Unix seconds).
     start_time: f64,
     /// `deployhook_triggers_total`, indexed `source * 4 + result`.
-    triggers: [AtomicU64; 12],
+    triggers: [AtomicU64; 16],
     /// `deployhook_http_requests_total` by (route template, status code).
     http: Mutex<BTreeMap<(&'static str, u16), u64>>,
     /// `deployhook_builds_total` and `deployhook_build_duration_seconds` by project.

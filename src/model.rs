@@ -265,6 +265,8 @@ pub enum TriggerSource {
     GitPush,
     /// `POST /api/projects/{p}/builds` (and the CLI's `trigger`).
     Api,
+    /// A `[[projects.P.schedule]]` (v2). Last: bincode stores the variant's index.
+    Schedule,
 }
 
 impl TriggerSource {
@@ -274,6 +276,7 @@ impl TriggerSource {
             TriggerSource::DeployHook => "deploy_hook",
             TriggerSource::GitPush => "git_push",
             TriggerSource::Api => "api",
+            TriggerSource::Schedule => "schedule",
         }
     }
 
@@ -283,6 +286,7 @@ impl TriggerSource {
             TriggerSource::DeployHook => "deploy hook",
             TriggerSource::GitPush => "git push",
             TriggerSource::Api => "api",
+            TriggerSource::Schedule => "schedule",
         }
     }
 }
@@ -685,6 +689,8 @@ pub struct Hook {
     pub last_triggered_on: Option<Timestamp>,
     /// How often it fired.
     pub trigger_count: u64,
+    /// Whether it also fires on `GET` (SPEC §4.1 (v2)); off unless asked for at creation.
+    pub allow_get: bool,
 }
 
 impl Hook {
@@ -697,6 +703,7 @@ impl Hook {
             "created_on": self.created_on.rfc3339(),
             "last_triggered_on": self.last_triggered_on.map(Timestamp::rfc3339),
             "trigger_count": self.trigger_count,
+            "allow_get": self.allow_get,
         })
     }
 }

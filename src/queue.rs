@@ -16,6 +16,11 @@
 //! already be starting meanwhile, which costs nothing if the flush then fails: the database
 //! error is fatal and the daemon exits.
 //!
+//! # Quiet periods
+//! Builds waiting out a quiet period (SPEC §2.2) are started by one timer task: after every
+//! event the shell publishes the machine's [`Machine::next_wake`] on a watch channel, and the
+//! task sleeps until that time (or until it changes), then runs the scheduler. Nothing polls.
+//!
 //! # Logging
 //! Joins are free by design (no rate limit), and so is their logging: the first join of a
 //! build is logged, the rest are counted, and one line says how many triggers a build
@@ -94,7 +99,7 @@ pub enum TriggerError {
         project: String,
         /// The ref asked for, as `branch NAME` or `tag NAME`.
         branch: String,
-        /// The allowed branches, comma-separated.
+        /// The allowed branches and tags (patterns), comma-separated.
         allowed: String,
     },
     /// Over a rate limit.
@@ -187,8 +192,47 @@ struct Inner {
     state: Mutex<Locked>,
     /// Notified whenever a build stops (shutdown waits on it).
     stopped: Notify,
+    /// The earliest `not_before` of a queued build, for the quiet-period timer task.
+    wake: watch::Sender<Option<Timestamp>>,
     /// Turns true at shutdown: held waits answer at once (SPEC §4.3).
     closing: watch::Sender<bool>,
+}
+
+/// The quiet-period timer (see the module doc): runs the scheduler when the earliest
+/// `not_before` passes. Ends when the queue is gone.
+async fn quiet_timer(inner: std::sync::Weak<Inner>, mut wake: watch::Receiver<Option<Timestamp>>) {
+    loop {
+        let next = *wake.borrow_and_update();
+        match next {
+            None => {
+                if wake.changed().await.is_err() {
+                    return;
+                }
+            }
+            Some(t) => {
+                let now = Timestamp::now();
+                let wait =
+                    Duration::from_micros(u64::try_from(t.0.saturating_sub(now.0)).unwrap_or(0));
+                tokio::select! {
+                    changed = wake.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
+                    _ = tokio::time::sleep(wait) => {
+                        let Some(inner) = inner.upgrade() else { return };
+                        let q = Queue { inner };
+                        q.schedule();
+                        // Still the same wake time (the wall clock is behind the timer's):
+                        // wait a moment instead of spinning.
+                        if *wake.borrow() == Some(t) && Timestamp::now() < t {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// What a wait for a build's outcome found (SPEC §4.3).
@@ -285,9 +329,14 @@ impl Queue {
                     handles: HashMap::new(),
                 }),
                 stopped: Notify::new(),
+                wake: watch::channel(None).0,
                 closing: watch::channel(false).0,
             }),
         };
+        tokio::spawn(quiet_timer(
+            Arc::downgrade(&q.inner),
+            q.inner.wake.subscribe(),
+        ));
         {
             let mut st = q.lock();
             // Queued builds recovered into the machine need their channels.
@@ -313,6 +362,17 @@ impl Queue {
     /// first error is returned (sled's errors are sticky: the daemon is going down anyway);
     /// the rest are still applied, so waiters are woken and runners stopped.
     fn apply(&self, st: &mut Locked, effects: Vec<Effect>) -> Result<(), StoreError> {
+        let r = self.apply_effects(st, effects);
+        let next = st.machine.next_wake();
+        self.inner.wake.send_if_modified(|w| {
+            let changed = *w != next;
+            *w = next;
+            changed
+        });
+        r
+    }
+
+    fn apply_effects(&self, st: &mut Locked, effects: Vec<Effect>) -> Result<(), StoreError> {
         let mut first_err = None;
         for e in effects {
             match e {
@@ -396,7 +456,8 @@ impl Queue {
                 allowed: project
                     .branches
                     .iter()
-                    .map(|b| b.as_str())
+                    .map(|b| format!("branch {}", b.as_str()))
+                    .chain(project.tags.iter().map(|t| format!("tag {}", t.as_str())))
                     .collect::<Vec<_>>()
                     .join(", "),
                 branch: req.target.git_ref.to_string(),
@@ -413,6 +474,7 @@ impl Queue {
             exact_commit: req.commit.as_deref(),
             redeploy_of: req.redeploy_of,
             has_payload: req.payload.is_some(),
+            quiet: project.access.quiet,
         };
         let plan = {
             let mut st = self.lock();

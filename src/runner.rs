@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::buildlog::{self, LineSplitter, LogSender, LogWriter, Stream};
+use crate::buildlog::{self, LineSplitter, LogSender, Stream};
 use crate::config::{ProjectConfig, Source};
 use crate::machine::{Exit, RunEnd};
 use crate::model::{Build, CancelReason};
@@ -179,11 +179,12 @@ pub async fn run(queue: Queue, settings: RunSettings, start: Start) {
     let id = build.id;
     let started = Instant::now();
     let log_path = buildlog::log_path(&settings.state_dir, id);
-    let (writer, log) = match LogWriter::create(&log_path, start.max_log_bytes) {
+    let (writer, log) = match buildlog::create_log(&log_path, start.max_log_bytes).await {
         Ok(x) => x,
         Err(e) => {
             tracing::error!(build = %id, "cannot create the build log {}: {e}", log_path.display());
-            queue.finish(id, FAILED, buildlog::LogSummary::default());
+            let summary = buildlog::record_unwritable(&log_path, &e).await;
+            queue.finish(id, FAILED, summary);
             return;
         }
     };

@@ -9,8 +9,9 @@
 //! | `builds` | build id (16) | [`Build`] |
 //! | `build_index` | project `\0` seq (u64 BE) build id | empty: newest-first listing |
 //! | `payloads` | build id | the request body for `DEPLOYHOOK_PAYLOAD` |
-//! | `deliveries` | project `\0` delivery id | seen-at (i64 BE) + build id: Git replay guard |
+//! | `deliveries` | project `\0` delivery id | seen-at (i64 BE) + build ids (16 bytes each; a nil id: still being handled): Git replay guard |
 //! | `rate_events` | created-on (order-preserving u64 BE) build id | project: rate-limit windows |
+//! | `schedules` | project `\0` branch `\0` zone `\0` cron | i64 BE µs: the time up to which that schedule's runs are handled |
 //!
 //! Values are bincode (serde, standard config) behind a one-byte format version, so a future
 //! format can be told apart from this one instead of being misread.
@@ -56,7 +57,6 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::{Duration, Instant};
 
@@ -76,6 +76,10 @@ const FORMAT_V1: u8 = 1;
 /// Format version of build records since v2 (refs, tags, params, requested commits). Builds
 /// written by v1 ([`BuildV1`]) stay readable: they are converted when read.
 const BUILD_FORMAT_V2: u8 = 2;
+
+/// Format version of hook records since v2 (`allow_get`). Hooks written by v1 ([`HookV1`])
+/// stay readable: they are converted when read, with `allow_get` off.
+const HOOK_FORMAT_V2: u8 = 2;
 
 /// sled's page cache. Its default of 1 GiB is far too much for a small VPS, and sled cannot see
 /// a cgroup v2 `MemoryMax`, so it is set explicitly and small.
@@ -121,14 +125,14 @@ pub enum HookInsert {
 }
 
 /// What [`Store::reserve_delivery`] found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeliverySeen {
     /// Not seen (within the window): reserved for the caller.
     New,
     /// Seen, and being handled right now by another request.
     InFlight,
-    /// Seen, and it triggered this build.
-    Built(BuildId),
+    /// Seen, and it triggered these builds (the first is the answer's `result`).
+    Built(Vec<BuildId>),
 }
 
 /// A page of builds, newest first.
@@ -164,6 +168,8 @@ pub struct HookRoute {
     pub name: Box<str>,
     /// Branch it builds (shared with every hook of that branch).
     pub branch: Arc<str>,
+    /// Whether it also fires on `GET`.
+    pub allow_get: bool,
 }
 
 /// Every hook by token hash, in step with the `hooks` tree (see the module doc).
@@ -190,6 +196,7 @@ impl HookIndex {
             project: self.intern(&h.project),
             name: h.name.as_str().into(),
             branch: self.intern(&h.branch),
+            allow_get: h.allow_get,
         };
         self.by_token.insert(h.token_hash, Arc::new(route));
     }
@@ -213,6 +220,8 @@ struct Inner {
     /// One entry per new build of the last minute, written with the build itself so the
     /// rate-limit windows survive a restart exactly as far as the builds do.
     rate_events: sled::Tree,
+    /// Per schedule, the time up to which its runs are handled (see `crate::schedule`).
+    schedules: sled::Tree,
     flush_tx: std::sync::Mutex<Option<mpsc::Sender<FlushWaiter>>>,
     /// Hook firings not yet written back; shared with the flush thread, which writes them
     /// back when it has been idle for [`FIRED_WRITE_INTERVAL`].
@@ -225,8 +234,8 @@ struct Inner {
     /// state dir lock is released.
     flush_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Set after the first sled error: sled's errors are sticky, nothing written after one is
-    /// trustworthy.
-    failed: AtomicBool,
+    /// trustworthy. A watch, so that everyone waiting on a flush hears it at once.
+    failed: Arc<tokio::sync::watch::Sender<bool>>,
     state_dir: PathBuf,
     /// Held for the life of the store; dropping it releases the state dir.
     _lock: Flock<File>,
@@ -272,6 +281,57 @@ fn decode_build(bytes: &[u8]) -> Result<Build, StoreError> {
             "unknown build record format version {v}"
         ))),
         None => Err(StoreError::Corrupt("empty record".into())),
+    }
+}
+
+fn encode_hook(h: &Hook) -> Result<Vec<u8>, StoreError> {
+    let mut out = encode(h)?;
+    out[0] = HOOK_FORMAT_V2;
+    Ok(out)
+}
+
+fn decode_hook(bytes: &[u8]) -> Result<Hook, StoreError> {
+    match bytes.split_first() {
+        Some((&HOOK_FORMAT_V2, rest)) => {
+            bincode::serde::decode_from_slice(rest, bincode::config::standard())
+                .map(|(v, _)| v)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))
+        }
+        Some((&FORMAT_V1, _)) => decode::<HookV1>(bytes).map(Hook::from),
+        Some((v, _)) => Err(StoreError::Corrupt(format!(
+            "unknown hook record format version {v}"
+        ))),
+        None => Err(StoreError::Corrupt("empty record".into())),
+    }
+}
+
+/// A hook as v1 stored it: read only, to upgrade a state dir in place (tests write it).
+#[derive(serde::Deserialize)]
+#[cfg_attr(test, derive(serde::Serialize))]
+struct HookV1 {
+    id: HookId,
+    project: String,
+    name: String,
+    branch: String,
+    token_hash: [u8; 32],
+    created_on: Timestamp,
+    last_triggered_on: Option<Timestamp>,
+    trigger_count: u64,
+}
+
+impl From<HookV1> for Hook {
+    fn from(v: HookV1) -> Hook {
+        Hook {
+            id: v.id,
+            project: v.project,
+            name: v.name,
+            branch: v.branch,
+            token_hash: v.token_hash,
+            created_on: v.created_on,
+            last_triggered_on: v.last_triggered_on,
+            trigger_count: v.trigger_count,
+            allow_get: false,
+        }
     }
 }
 
@@ -446,21 +506,23 @@ impl Store {
             payloads: tree("payloads")?,
             deliveries: tree("deliveries")?,
             rate_events: tree("rate_events")?,
+            schedules: tree("schedules")?,
             flush_tx: std::sync::Mutex::new(None),
             flush_thread: std::sync::Mutex::new(None),
             fired: Arc::default(),
             hook_index: RwLock::new(index),
             hook_writes: Mutex::new(()),
-            failed: AtomicBool::new(false),
+            failed: Arc::new(tokio::sync::watch::Sender::new(false)),
             state_dir: state_dir.to_path_buf(),
             db: db.clone(),
             _lock: lock,
         };
         let (tx, rx) = mpsc::channel::<FlushWaiter>();
         let (hooks, fired) = (inner.hooks.clone(), inner.fired.clone());
+        let failed = inner.failed.clone();
         let handle = std::thread::Builder::new()
             .name("deployhook-flush".into())
-            .spawn(move || flusher(db, rx, hooks, fired))
+            .spawn(move || flusher(db, rx, hooks, fired, failed))
             .map_err(|e| dir_err(format!("cannot start the flush thread: {e}")))?;
         if let Ok(mut slot) = inner.flush_tx.lock() {
             *slot = Some(tx);
@@ -480,22 +542,25 @@ impl Store {
 
     /// Whether a database error has happened (the daemon must stop).
     pub fn has_failed(&self) -> bool {
-        self.inner.failed.load(Ordering::SeqCst)
+        *self.inner.failed.borrow()
     }
 
     fn check<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
         if let Err(StoreError::Db(_)) = &r {
-            self.inner.failed.store(true, Ordering::SeqCst);
+            self.inner.failed.send_replace(true);
         }
         r
     }
 
     /// Waits until everything written so far is on disk. See the module doc.
+    ///
+    /// Fails as soon as the store fails, whoever sees it first (this flush, another write,
+    /// another flush), and when the flush thread has not answered within 30 s:
+    /// no caller may wait on a flush that hangs (issue 12).
     pub async fn durable(&self) -> Result<(), StoreError> {
-        if self.has_failed() {
-            return Err(StoreError::Db(
-                "the database failed earlier; restart deployhook".into(),
-            ));
+        let mut failed = self.inner.failed.subscribe();
+        if *failed.borrow_and_update() {
+            return Err(failed_earlier());
         }
         let (tx, rx) = oneshot::channel();
         let sent = match self.inner.flush_tx.lock() {
@@ -505,9 +570,17 @@ impl Store {
         if !sent {
             return Err(StoreError::Db("the flush thread has stopped".into()));
         }
-        let r = match rx.await {
-            Ok(r) => r,
-            Err(_) => Err(StoreError::Db("the flush thread has stopped".into())),
+        let r = tokio::select! {
+            r = tokio::time::timeout(FLUSH_DEADLINE, rx) => match r {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(StoreError::Db("the flush thread has stopped".into())),
+                Err(_) => Err(StoreError::Db(format!(
+                    "the disk has not confirmed a write within {} s",
+                    FLUSH_DEADLINE.as_secs()
+                ))),
+            },
+            // Someone else saw the store fail: this flush cannot be trusted either.
+            _ = failed.wait_for(|f| *f) => Err(failed_earlier()),
         };
         self.check(r)
     }
@@ -530,7 +603,7 @@ impl Store {
 
     /// Inserts a new hook, unless its name is taken in its project.
     pub fn insert_hook(&self, hook: &Hook) -> Result<HookInsert, StoreError> {
-        let value = encode(hook)?;
+        let value = encode_hook(hook)?;
         let nkey = name_key(&hook.project, &hook.name);
         let i = &self.inner;
         let _writing = lock(&i.hook_writes);
@@ -560,7 +633,7 @@ impl Store {
     /// One hook as stored (firings of the last second may still be pending).
     fn hook_record(&self, id: HookId) -> Result<Option<Hook>, StoreError> {
         let r = match self.inner.hooks.get(id.as_bytes()) {
-            Ok(Some(v)) => decode(&v).map(Some),
+            Ok(Some(v)) => decode_hook(&v).map(Some),
             Ok(None) => Ok(None),
             Err(e) => Err(e.into()),
         };
@@ -587,7 +660,7 @@ impl Store {
         let mut out = Vec::new();
         for item in self.inner.hooks.iter() {
             let (_, v) = self.check(item.map_err(StoreError::from))?;
-            let h: Hook = decode(&v)?;
+            let h: Hook = decode_hook(&v)?;
             if project.is_none_or(|p| h.project == p) {
                 out.push(h);
             }
@@ -605,7 +678,7 @@ impl Store {
                 let Some(v) = hooks.get(id.as_bytes())? else {
                     return Ok(None);
                 };
-                let h: Hook = decode(&v).map_err(abort)?;
+                let h: Hook = decode_hook(&v).map_err(abort)?;
                 if h.project != project {
                     return Ok(None);
                 }
@@ -635,7 +708,7 @@ impl Store {
                 let Some(v) = hooks.get(id.as_bytes())? else {
                     return Ok(None);
                 };
-                let mut h: Hook = decode(&v).map_err(abort)?;
+                let mut h: Hook = decode_hook(&v).map_err(abort)?;
                 if h.project != project {
                     return Ok(None);
                 }
@@ -643,7 +716,7 @@ impl Store {
                 tokens.remove(&h.token_hash[..])?;
                 h.token_hash = new_hash.0;
                 tokens.insert(&h.token_hash[..], id.as_bytes())?;
-                hooks.insert(id.as_bytes(), encode(&h).map_err(abort)?)?;
+                hooks.insert(id.as_bytes(), encode_hook(&h).map_err(abort)?)?;
                 Ok(Some((h, old)))
             });
         let r = self.check(r.map_err(tx_err))?;
@@ -673,6 +746,33 @@ impl Store {
     /// Writes every pending hook firing back to the `hooks` tree.
     fn write_fired(&self) -> Result<(), StoreError> {
         let r = write_fired(&self.inner.hooks, &self.inner.fired);
+        self.check(r)
+    }
+
+    // ---- schedules ----------------------------------------------------------------------
+
+    /// The time up to which the runs of the schedule `key` are handled, if it was ever
+    /// recorded (see `crate::schedule`).
+    pub fn schedule_checked(&self, key: &str) -> Result<Option<Timestamp>, StoreError> {
+        let r = match self.inner.schedules.get(key.as_bytes()) {
+            Ok(Some(v)) => <[u8; 8]>::try_from(v.as_ref())
+                .map(|b| Some(Timestamp(i64::from_be_bytes(b))))
+                .map_err(|_| StoreError::Corrupt("schedule state entry".into())),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.into()),
+        };
+        self.check(r)
+    }
+
+    /// Records that the runs of schedule `key` are handled up to `at`. Not flushed: a crash
+    /// that loses it makes a missed run fire once more at start, nothing worse.
+    pub fn set_schedule_checked(&self, key: &str, at: Timestamp) -> Result<(), StoreError> {
+        let r = self
+            .inner
+            .schedules
+            .insert(key.as_bytes(), &at.0.to_be_bytes())
+            .map(|_| ())
+            .map_err(StoreError::from);
         self.check(r)
     }
 
@@ -881,11 +981,11 @@ impl Store {
             let current = self.check(self.inner.deliveries.get(&key).map_err(StoreError::from))?;
             if let Some(v) = &current {
                 let at = delivery_time(v).unwrap_or(Timestamp(i64::MIN));
-                match delivery_build(v) {
-                    Some(id) if !id.0.is_nil() && at >= window_start => {
-                        return Ok(DeliverySeen::Built(id));
+                match delivery_builds(v) {
+                    Some(ids) if at >= window_start => {
+                        return Ok(DeliverySeen::Built(ids));
                     }
-                    Some(id) if id.0.is_nil() && at >= stale_before => {
+                    None if delivery_in_flight(v) && at >= stale_before => {
                         return Ok(DeliverySeen::InFlight);
                     }
                     _ => {} // expired or stale: take it over
@@ -902,16 +1002,20 @@ impl Store {
         Ok(DeliverySeen::InFlight)
     }
 
-    /// Records the build a reserved delivery created or joined.
+    /// Records the builds a reserved delivery created or joined, in answer order (at least
+    /// one: a delivery that triggered nothing is released instead, so that it is judged
+    /// again when it comes back).
     pub fn complete_delivery(
         &self,
         project: &str,
         delivery: &str,
-        build: BuildId,
+        builds: &[BuildId],
         at: Timestamp,
     ) -> Result<(), StoreError> {
         let mut value = at.0.to_be_bytes().to_vec();
-        value.extend_from_slice(build.as_bytes());
+        for b in builds {
+            value.extend_from_slice(b.as_bytes());
+        }
         let r = self
             .inner
             .deliveries
@@ -926,16 +1030,15 @@ impl Store {
         self.check(r.map(|_| ()).map_err(StoreError::from))
     }
 
-    /// The build a delivery is recorded with (`None` when unknown or still in flight).
-    pub fn delivery_build(
+    /// The builds a delivery is recorded with (`None` when unknown or still in flight).
+    pub fn delivery_builds(
         &self,
         project: &str,
         delivery: &str,
-    ) -> Result<Option<BuildId>, StoreError> {
+    ) -> Result<Option<Vec<BuildId>>, StoreError> {
         let r = self.inner.deliveries.get(name_key(project, delivery));
         let v = self.check(r.map_err(StoreError::from))?;
-        Ok(v.and_then(|v| delivery_build(&v))
-            .filter(|id| !id.0.is_nil()))
+        Ok(v.and_then(|v| delivery_builds(&v)))
     }
 
     /// Forgets deliveries seen before `before`. Returns how many were removed.
@@ -967,10 +1070,29 @@ fn delivery_time(v: &[u8]) -> Option<Timestamp> {
     Some(Timestamp(i64::from_be_bytes(v.get(..8)?.try_into().ok()?)))
 }
 
-fn delivery_build(v: &[u8]) -> Option<BuildId> {
-    Some(BuildId(uuid::Uuid::from_bytes(
-        v.get(8..24)?.try_into().ok()?,
-    )))
+/// The builds of a completed delivery record: every 16-byte id after the time (records
+/// written before multi-ref deliveries hold exactly one). `None` for a claim still in flight
+/// (one nil id) or a malformed record.
+fn delivery_builds(v: &[u8]) -> Option<Vec<BuildId>> {
+    let ids = v.get(8..)?;
+    if ids.is_empty() || ids.len() % 16 != 0 {
+        return None;
+    }
+    let ids: Vec<BuildId> = ids
+        .chunks_exact(16)
+        .filter_map(|c| Some(BuildId(uuid::Uuid::from_bytes(c.try_into().ok()?))))
+        .collect();
+    if ids.iter().any(|id| id.0.is_nil()) {
+        None
+    } else {
+        Some(ids)
+    }
+}
+
+/// Whether a delivery record is a claim whose request is still being handled.
+fn delivery_in_flight(v: &[u8]) -> bool {
+    v.get(8..)
+        .is_some_and(|ids| ids.len() == 16 && ids.iter().all(|b| *b == 0))
 }
 
 /// A poisoned lock is still used: every mutation under it is a few assignments.
@@ -1004,25 +1126,37 @@ fn write_fired(hooks: &sled::Tree, fired: &Mutex<Fired>) -> Result<(), StoreErro
         // stays deleted; a record that cannot be decoded or encoded is kept as it is.
         hooks.update_and_fetch(id.as_bytes(), |old| {
             let old = old?;
-            let Ok(mut h) = decode::<Hook>(old) else {
+            let Ok(mut h) = decode_hook(old) else {
                 return Some(old.to_vec());
             };
             h.last_triggered_on = Some(h.last_triggered_on.map_or(at, |t| t.max(at)));
             h.trigger_count += n;
-            Some(encode(&h).unwrap_or_else(|_| old.to_vec()))
+            Some(encode_hook(&h).unwrap_or_else(|_| old.to_vec()))
         })?;
     }
     Ok(())
 }
 
+/// The error of a store that failed before.
+fn failed_earlier() -> StoreError {
+    StoreError::Db("the database failed earlier; restart deployhook".into())
+}
+
+/// How long [`Store::durable`] waits for the flush thread. A flush of sled's buffers takes
+/// milliseconds on a working disk; one that takes this long is stuck (sled's flush can hang
+/// after an I/O error), and the store is treated as failed.
+const FLUSH_DEADLINE: Duration = Duration::from_secs(30);
+
 /// The flush thread: batches every waiter that arrived during the previous flush. When idle
 /// for [`FIRED_WRITE_INTERVAL`] it writes back pending hook firings, so that none waits in
 /// memory longer than that (its errors are sled's sticky ones and surface at the next write).
+/// A failed flush marks the store failed, which answers every other waiter at once.
 fn flusher(
     db: sled::Db,
     rx: mpsc::Receiver<FlushWaiter>,
     hooks: sled::Tree,
     fired: Arc<Mutex<Fired>>,
+    failed: Arc<tokio::sync::watch::Sender<bool>>,
 ) {
     loop {
         let first = match rx.recv_timeout(FIRED_WRITE_INTERVAL) {
@@ -1038,6 +1172,9 @@ fn flusher(
             waiters.push(w);
         }
         let r = db.flush().map(|_| ()).map_err(StoreError::from);
+        if r.is_err() {
+            failed.send_replace(true);
+        }
         for w in waiters {
             let _ = w.send(r.clone());
         }
@@ -1077,7 +1214,70 @@ mod tests {
             created_on: Timestamp::now(),
             last_triggered_on: None,
             trigger_count: 0,
+            allow_get: false,
         }
+    }
+
+    #[test]
+    fn v1_hook_records_are_read_with_allow_get_off_and_v2_keep_it() {
+        let h = hook("site", "cms", "dh_x");
+        let v1 = HookV1 {
+            id: h.id,
+            project: h.project.clone(),
+            name: h.name.clone(),
+            branch: h.branch.clone(),
+            token_hash: h.token_hash,
+            created_on: h.created_on,
+            last_triggered_on: Some(h.created_on),
+            trigger_count: 3,
+        };
+        let bytes = encode(&v1).unwrap();
+        assert_eq!(bytes[0], FORMAT_V1);
+        let read = decode_hook(&bytes).unwrap();
+        assert!(!read.allow_get);
+        assert_eq!(read.trigger_count, 3);
+        assert_eq!(read.name, "cms");
+        let mut g = h.clone();
+        g.allow_get = true;
+        let bytes = encode_hook(&g).unwrap();
+        assert_eq!(bytes[0], HOOK_FORMAT_V2);
+        assert_eq!(decode_hook(&bytes).unwrap(), g);
+        // A v1 record in the tree is readable through the store, and a write-back of a
+        // firing upgrades it.
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.inner
+            .hooks
+            .insert(h.id.as_bytes(), encode(&v1).unwrap())
+            .unwrap();
+        assert_eq!(s.hook(h.id).unwrap().unwrap().trigger_count, 3);
+        s.record_hook_fired(h.id, Timestamp::now()).unwrap();
+        let got = s.hook(h.id).unwrap().unwrap();
+        assert_eq!(got.trigger_count, 4);
+        assert_eq!(
+            s.inner.hooks.get(h.id.as_bytes()).unwrap().unwrap()[0],
+            HOOK_FORMAT_V2
+        );
+    }
+
+    #[test]
+    fn schedule_state_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            assert_eq!(
+                s.schedule_checked("site\0main\0UTC\0* * * * *").unwrap(),
+                None
+            );
+            s.set_schedule_checked("site\0main\0UTC\0* * * * *", Timestamp(42))
+                .unwrap();
+            s.flush_blocking().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            s.schedule_checked("site\0main\0UTC\0* * * * *").unwrap(),
+            Some(Timestamp(42))
+        );
     }
 
     #[test]
@@ -1088,6 +1288,45 @@ mod tests {
             Err(StoreError::InUse(p)) => assert_eq!(p, dir.path()),
             other => panic!("expected InUse, got {:?}", other.err()),
         }
+    }
+
+    // The lock is held across awaits on purpose: it stalls the flush thread.
+    #[allow(clippy::await_holding_lock)]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flush_waiter_gets_the_error_as_soon_as_the_store_fails_even_if_the_flush_hangs() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        s.durable().await.unwrap();
+        // Stall the flush thread: when idle for FIRED_WRITE_INTERVAL it takes this lock to
+        // write hook firings back.
+        let stall = lock(&s.inner.fired);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(Instant::now() < deadline, "the flush thread never stalled");
+            tokio::time::sleep(FIRED_WRITE_INTERVAL + Duration::from_millis(200)).await;
+            if tokio::time::timeout(Duration::from_millis(300), s.durable())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        // A waiter queued behind the stuck flush...
+        let waiter = tokio::spawn({
+            let s = s.clone();
+            async move { s.durable().await }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!waiter.is_finished());
+        // ...hears at once that another write failed.
+        let _ = s.check::<()>(Err(StoreError::Db("disk full".into())));
+        let r = tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .expect("the waiter hung on a failed store")
+            .unwrap();
+        assert!(matches!(r, Err(StoreError::Db(_))), "{r:?}");
+        assert!(s.durable().await.is_err(), "later waiters fail at once");
+        drop(stall);
     }
 
     #[test]
@@ -1101,9 +1340,9 @@ mod tests {
         assert!(matches!(decode_build(&future), Err(StoreError::Corrupt(_))));
         assert!(matches!(decode_build(&[]), Err(StoreError::Corrupt(_))));
         let h = hook("site", "cms", "dh_x");
-        let bytes = encode(&h).unwrap();
-        assert_eq!(bytes[0], FORMAT_V1);
-        assert_eq!(decode::<Hook>(&bytes).unwrap(), h);
+        let bytes = encode_hook(&h).unwrap();
+        assert_eq!(bytes[0], HOOK_FORMAT_V2);
+        assert_eq!(decode_hook(&bytes).unwrap(), h);
     }
 
     /// A state dir written by v1 keeps working after the upgrade: its builds read as branch
@@ -1358,13 +1597,13 @@ mod tests {
                 .unwrap(),
             DeliverySeen::InFlight
         );
-        s.complete_delivery("site", "d1", a, t).unwrap();
+        s.complete_delivery("site", "d1", &[a], t).unwrap();
         assert_eq!(
             s.reserve_delivery("site", "d1", t, Timestamp(0), Timestamp(0))
                 .unwrap(),
-            DeliverySeen::Built(a)
+            DeliverySeen::Built(vec![a])
         );
-        assert_eq!(s.delivery_build("site", "d1").unwrap(), Some(a));
+        assert_eq!(s.delivery_builds("site", "d1").unwrap(), Some(vec![a]));
         // Another project's delivery ids are its own.
         assert_eq!(
             s.reserve_delivery("other", "d1", t, Timestamp(0), Timestamp(0))
@@ -1405,7 +1644,46 @@ mod tests {
             2,
             "other/d1 and stale/d"
         );
-        assert_eq!(s.delivery_build("other", "d1").unwrap(), None);
+        assert_eq!(s.delivery_builds("other", "d1").unwrap(), None);
+    }
+
+    /// A multi-ref delivery remembers every build it triggered, in order, and a record
+    /// written before multi-ref deliveries (time + one id) still reads as that one build.
+    #[test]
+    fn deliveries_remember_every_build_and_read_old_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let (a, b) = (BuildId::new(), BuildId::new());
+        let t = Timestamp(1_000);
+        assert_eq!(
+            s.reserve_delivery("site", "multi", t, Timestamp(0), Timestamp(0))
+                .unwrap(),
+            DeliverySeen::New
+        );
+        assert_eq!(
+            s.delivery_builds("site", "multi").unwrap(),
+            None,
+            "in flight"
+        );
+        s.complete_delivery("site", "multi", &[a, b], t).unwrap();
+        assert_eq!(
+            s.reserve_delivery("site", "multi", t, Timestamp(0), Timestamp(0))
+                .unwrap(),
+            DeliverySeen::Built(vec![a, b])
+        );
+        // The v1 layout, written by hand: seen-at, then exactly one build id.
+        let mut old = 500i64.to_be_bytes().to_vec();
+        old.extend_from_slice(a.as_bytes());
+        s.inner
+            .deliveries
+            .insert(name_key("site", "old"), old)
+            .unwrap();
+        assert_eq!(
+            s.reserve_delivery("site", "old", t, Timestamp(0), Timestamp(0))
+                .unwrap(),
+            DeliverySeen::Built(vec![a])
+        );
+        assert_eq!(s.delivery_builds("site", "old").unwrap(), Some(vec![a]));
     }
 
     #[test]

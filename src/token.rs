@@ -21,25 +21,25 @@ pub enum TokenError {
     /// The OS random number generator failed; nothing secret can be made without it.
     #[error("the operating system's random number generator failed: {0}")]
     Rng(String),
-    /// The admin token file exists but cannot be read.
-    #[error("cannot read the admin token file {path}: {source}")]
+    /// An API token file (`[api]` or `[api.tokens.*]`) exists but cannot be read.
+    #[error("cannot read the API token file {path}: {source}")]
     Read {
         /// The token file.
         path: PathBuf,
         /// Why.
         source: std::io::Error,
     },
-    /// The admin token file could not be created.
-    #[error("cannot create the admin token file {path}: {source}")]
+    /// An API token file could not be created.
+    #[error("cannot create the API token file {path}: {source}")]
     Create {
         /// The token file.
         path: PathBuf,
         /// Why.
         source: std::io::Error,
     },
-    /// The admin token file is empty.
+    /// An API token file is empty.
     #[error(
-        "the admin token file {0} is empty: put a token in it, or delete it to have one generated"
+        "the API token file {0} is empty: put a token in it, or delete it to have one generated"
     )]
     Empty(PathBuf),
 }
@@ -217,6 +217,16 @@ impl GitSecret {
             .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
         mac.update(body);
         mac.finalize().into_bytes().into()
+    }
+
+    /// Whether `expected` (raw bytes) is the HMAC-SHA1 of `body`, in constant time: the
+    /// `X-Hub-Signature: sha1=` of older GitHub Enterprise, accepted only as a last resort.
+    pub fn verify_hmac_sha1(&self, body: &[u8], expected: &[u8]) -> bool {
+        // HMAC accepts keys of any length, so this cannot fail.
+        let mut mac = hmac::Hmac::<sha1::Sha1>::new_from_slice(&self.0)
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(body);
+        mac.verify_slice(expected).is_ok()
     }
 
     /// Whether `expected` (raw bytes) is the HMAC-SHA256 of `body`, in constant time.

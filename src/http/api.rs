@@ -13,9 +13,10 @@ use serde_json::{Map, Value, json};
 use super::envelope::{self, ApiError, Body};
 use super::{AppState, query_pairs, read_body};
 use crate::buildlog;
-use crate::config::ProjectConfig;
+use crate::config::{ProjectConfig, ref_name_problem};
 use crate::model::{
-    BuildId, Hook, HookId, StatusFilter, Timestamp, Trigger, TriggerSource, validate_hook_name,
+    BuildId, GitRef, Hook, HookId, StatusFilter, Timestamp, Trigger, TriggerSource,
+    validate_hook_name,
 };
 use crate::queue::TriggerRequest;
 use crate::store::{self, HookInsert};
@@ -55,6 +56,85 @@ fn json_object(body: &Bytes, allowed: &[&str]) -> Result<Map<String, Value>, Api
     Ok(m)
 }
 
+/// The branch a hook or trigger that names none gets: the first of `branches`, which must
+/// then be a concrete name (SPEC §3).
+fn default_branch(p: &ProjectConfig) -> Result<String, ApiError> {
+    p.default_branch().map(str::to_owned).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "project {}'s first branch {:?} is a glob: name a branch",
+            p.name,
+            p.branches.first().map(|b| b.as_str()).unwrap_or_default()
+        ))
+    })
+}
+
+/// Why `branch` cannot be the branch of a hook or API trigger of `p`, if it cannot: it must
+/// be one concrete branch name that matches `branches` (SPEC §3).
+fn branch_refusal(p: &ProjectConfig, branch: &str) -> Option<String> {
+    let shown = crate::model::clip(branch, 80);
+    if let Some(why) = ref_name_problem(branch) {
+        return Some(format!(
+            "{shown:?} is not a concrete branch name (it {why})"
+        ));
+    }
+    if p.has_branch(branch) {
+        return None;
+    }
+    let list: Vec<&str> = p.branches.iter().map(|b| b.as_str()).collect();
+    Some(format!(
+        "{shown:?} is not one of project {}'s branches ({})",
+        p.name,
+        list.join(", ")
+    ))
+}
+
+/// The ref an API trigger asks for: `branch` or `tag` (not both), else the default branch.
+/// A tag needs a project with `tags` and must match them (SPEC §4.2, v2).
+fn trigger_ref(
+    p: &ProjectConfig,
+    branch: Option<String>,
+    tag: Option<String>,
+) -> Result<GitRef, ApiError> {
+    match (branch, tag) {
+        (Some(_), Some(_)) => Err(ApiError::BadRequest(
+            "give \"branch\" or \"tag\", not both".into(),
+        )),
+        (None, Some(t)) => {
+            let shown = crate::model::clip(&t, 80);
+            if p.tags.is_empty() {
+                return Err(ApiError::BadRequest(format!(
+                    "field \"tag\": project {} builds no tags (its config has no tags key)",
+                    p.name
+                )));
+            }
+            if let Some(why) = ref_name_problem(&t) {
+                return Err(ApiError::BadRequest(format!(
+                    "field \"tag\": {shown:?} is not a concrete tag name (it {why})"
+                )));
+            }
+            if !p.has_tag(&t) {
+                let list: Vec<&str> = p.tags.iter().map(|t| t.as_str()).collect();
+                return Err(ApiError::BadRequest(format!(
+                    "field \"tag\": {shown:?} is not one of project {}'s tags ({})",
+                    p.name,
+                    list.join(", ")
+                )));
+            }
+            Ok(GitRef::Tag(t))
+        }
+        (b, None) => {
+            let b = match b {
+                Some(b) => b,
+                None => default_branch(p)?,
+            };
+            match branch_refusal(p, &b) {
+                Some(why) => Err(ApiError::BadRequest(format!("field \"branch\": {why}"))),
+                None => Ok(GitRef::Branch(b)),
+            }
+        }
+    }
+}
+
 fn string_field(m: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(None),
@@ -65,11 +145,18 @@ fn string_field(m: &Map<String, Value>, key: &str) -> Result<Option<String>, Api
     }
 }
 
-/// `GET /api/projects`.
-pub fn projects(state: &AppState) -> Result<Response<Body>, ApiError> {
+/// `GET /api/projects`: the projects the token may reach.
+pub fn projects(
+    state: &AppState,
+    grant: &crate::access::Grant,
+) -> Result<Response<Body>, ApiError> {
     let config = state.config.get();
     let mut out = Vec::new();
-    for p in config.projects.values() {
+    for p in config
+        .projects
+        .values()
+        .filter(|p| grant.allows_project(p.name.as_str()))
+    {
         let (queued, running) = state.queue.project_status(p.name.as_str());
         let last = state.store.list_builds(p.name.as_str(), None, 1, None)?;
         out.push(json!({
@@ -113,25 +200,25 @@ pub async fn create_hook(
 ) -> Result<Response<Body>, ApiError> {
     let p = project(state, p)?;
     let body = read_body(req, state.config.get().server.max_body_bytes).await?;
-    let m = json_object(&body, &["name", "branch"])?;
+    let m = json_object(&body, &["name", "branch", "allow_get"])?;
+    let allow_get = match m.get("allow_get") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "field \"allow_get\" must be true or false".into(),
+            ));
+        }
+    };
     let name = string_field(&m, "name")?
         .ok_or_else(|| ApiError::BadRequest("field \"name\" is required".into()))?;
     validate_hook_name(&name).map_err(|e| ApiError::BadRequest(format!("field \"name\": {e}")))?;
     let branch = match string_field(&m, "branch")? {
         Some(b) => b,
-        None => p.branches[0].as_str().to_owned(),
+        None => default_branch(&p)?,
     };
-    if !p.has_branch(&branch) {
-        return Err(ApiError::BadRequest(format!(
-            "field \"branch\": {:?} is not one of project {}'s branches ({})",
-            crate::model::clip(&branch, 80),
-            p.name,
-            p.branches
-                .iter()
-                .map(|b| b.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
+    if let Some(why) = branch_refusal(&p, &branch) {
+        return Err(ApiError::BadRequest(format!("field \"branch\": {why}")));
     }
     let token = HookToken::generate()?;
     let hook = Hook {
@@ -143,6 +230,7 @@ pub async fn create_hook(
         created_on: Timestamp::now(),
         last_triggered_on: None,
         trigger_count: 0,
+        allow_get,
     };
     match state.store.insert_hook(&hook)? {
         HookInsert::Created => {}
@@ -154,7 +242,7 @@ pub async fn create_hook(
         }
     }
     state.store.durable().await?;
-    tracing::info!(project = %hook.project, hook = %hook.id, name = %hook.name, "hook created");
+    tracing::info!(project = %hook.project, hook = %hook.id, name = %hook.name, allow_get, "hook created");
     Ok(envelope::ok(
         StatusCode::CREATED,
         hook_with_url(state, &hook, &token),
@@ -207,12 +295,10 @@ pub async fn trigger_build(
     }
     let wait = wait_param(req.uri().query())?;
     let p = project(state, p)?;
+    let query = crate::params::from_query(&p.access.params, req.uri().query())?;
     let body = read_body(req, state.config.get().server.max_body_bytes).await?;
-    let m = json_object(&body, &["branch", "commit"])?;
-    let branch = match string_field(&m, "branch")? {
-        Some(b) => b,
-        None => p.branches[0].as_str().to_owned(),
-    };
+    let m = json_object(&body, &["branch", "tag", "commit", "params"])?;
+    let git_ref = trigger_ref(&p, string_field(&m, "branch")?, string_field(&m, "tag")?)?;
     let commit = match string_field(&m, "commit")? {
         None => None,
         Some(_) if p.repo().is_none() => {
@@ -230,20 +316,24 @@ pub async fn trigger_build(
             ));
         }
     };
-    let t = state
-        .queue
-        .trigger(TriggerRequest {
-            commit,
-            ..TriggerRequest::branch(
-                p.name.as_str(),
-                &branch,
-                Trigger {
-                    source: TriggerSource::Api,
-                    hook: None,
-                },
-            )
-        })
-        .await?;
+    let params = crate::params::merge(
+        crate::params::from_api(&p.access.params, m.get("params"))?,
+        query,
+    );
+    let mut request = TriggerRequest {
+        commit,
+        ..TriggerRequest::branch(
+            p.name.as_str(),
+            "",
+            Trigger {
+                source: TriggerSource::Api,
+                hook: None,
+            },
+        )
+    };
+    request.target.git_ref = git_ref;
+    request.target.params = params;
+    let t = state.queue.trigger(request).await?;
     answer_trigger(state, t, wait).await
 }
 

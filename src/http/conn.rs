@@ -11,6 +11,9 @@
 //!   connection slots are taken, the oldest connection that is not in the middle of a request
 //!   is closed to make room (HOSTILE 7: a flood of idle or trickling connections must not lock
 //!   out `/healthz` until the header timeout frees a slot).
+//! * It reads a connection's first request head itself ([`StrictIo::read_first_head`]), so
+//!   that a connection which has not spoken yet costs only the bytes it sent, not hyper's
+//!   buffers (issue 12).
 
 use std::collections::HashMap;
 use std::io;
@@ -97,6 +100,10 @@ pub struct StrictIo<T> {
     inner: T,
     framing: Framing,
     activity: Arc<Activity>,
+    /// Bytes read by [`StrictIo::read_first_head`], handed to hyper before the socket's.
+    early: Vec<u8>,
+    /// How much of `early` hyper has taken.
+    early_taken: usize,
 }
 
 impl<T> StrictIo<T> {
@@ -106,6 +113,8 @@ impl<T> StrictIo<T> {
             inner,
             framing: Framing::Untracked,
             activity,
+            early: Vec::new(),
+            early_taken: 0,
         };
         io.start_head();
         io
@@ -190,6 +199,29 @@ impl<T> StrictIo<T> {
     }
 }
 
+impl<T: AsyncRead + Unpin> StrictIo<T> {
+    /// Reads until the first request head is complete (or past the head limit, or the end of
+    /// the stream), into a buffer only as large as what arrived.
+    ///
+    /// hyper allocates 16 KiB of buffers for every connection it is given: a flood of
+    /// connections that send nothing or trickle a head cost that much each, and the memory did
+    /// not come back after they closed (issue 12). Handed over only once its first head is
+    /// here, a connection costs what it sent until then. hyper then reads these bytes first.
+    pub async fn read_first_head(&mut self) -> io::Result<()> {
+        use tokio::io::AsyncReadExt as _;
+        let mut chunk = [0u8; 2048];
+        while !self.activity.unserved.load(Ordering::SeqCst) && self.early.len() <= MAX_HEAD {
+            let n = self.inner.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            self.observe(&chunk[..n])?;
+            self.early.extend_from_slice(&chunk[..n]);
+        }
+        Ok(())
+    }
+}
+
 /// Appends to a head, keeping at most [`MAX_HEAD`] bytes.
 fn push_bounded(head: &mut Vec<u8>, bytes: &[u8]) {
     let room = MAX_HEAD.saturating_sub(head.len());
@@ -245,6 +277,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for StrictIo<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if this.early_taken < this.early.len() {
+            // Already observed when it was read.
+            let n = buf.remaining().min(this.early.len() - this.early_taken);
+            buf.put_slice(&this.early[this.early_taken..this.early_taken + n]);
+            this.early_taken += n;
+            if this.early_taken == this.early.len() {
+                (this.early, this.early_taken) = (Vec::new(), 0);
+            }
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r
@@ -293,10 +335,19 @@ struct Entry {
 }
 
 /// The open connections, so that one can be closed to make room.
+///
+/// A connection asked to close leaves the map at once but keeps its descriptor until its task
+/// has dropped the socket, so the sockets still open are counted apart ([`Registry::open`]):
+/// the accept loop waits for them, else a burst of accepts outruns the closes and the
+/// process runs out of descriptors (EMFILE) below the cap.
 #[derive(Default)]
 pub struct Registry {
     conns: Mutex<HashMap<u64, Entry>>,
     next: std::sync::atomic::AtomicU64,
+    /// Sockets not yet dropped, evicted ones included.
+    open: AtomicUsize,
+    /// Notified whenever a socket is dropped.
+    closed: Notify,
 }
 
 /// A connection's place in the registry; removes it on drop.
@@ -312,11 +363,13 @@ impl Drop for Registered {
         if let Ok(mut m) = self.registry.conns.lock() {
             m.remove(&self.id);
         }
+        self.registry.open.fetch_sub(1, Ordering::SeqCst);
+        self.registry.closed.notify_one();
     }
 }
 
 impl Registry {
-    /// Number of open connections.
+    /// Number of open connections (not asked to close).
     pub fn len(&self) -> usize {
         self.conns.lock().map(|m| m.len()).unwrap_or(0)
     }
@@ -326,8 +379,24 @@ impl Registry {
         self.len() == 0
     }
 
+    /// Sockets still open, those asked to close included.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    /// Whether a connection asked to close still holds its socket.
+    pub fn is_closing(&self) -> bool {
+        self.open() > self.len()
+    }
+
+    /// Waits until a socket is dropped (returns at once if one was since the last wait).
+    pub async fn wait_closed(&self) {
+        self.closed.notified().await;
+    }
+
     /// Adds a connection.
     pub fn register(self: &Arc<Self>, activity: Arc<Activity>) -> Registered {
+        self.open.fetch_add(1, Ordering::SeqCst);
         let id = self.next.fetch_add(1, Ordering::SeqCst);
         let evict = Arc::new(Notify::new());
         if let Ok(mut m) = self.conns.lock() {
@@ -504,6 +573,61 @@ mod tests {
         assert!(!futures_ready(&n.evict));
         assert!(r.evict_oldest_idle());
         assert!(!r.evict_oldest_idle(), "only the busy one is left");
+    }
+
+    #[tokio::test]
+    async fn the_first_head_is_read_outside_hyper_and_handed_back_whole() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let activity = Arc::new(Activity::default());
+        let mut io = StrictIo::new(server, activity.clone());
+        let sent = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabcGET / HTTP/1.1\r\n";
+        client.write_all(&sent[..10]).await.unwrap();
+        let reader = tokio::spawn(async move {
+            io.read_first_head().await.unwrap();
+            io
+        });
+        tokio::task::yield_now().await;
+        client.write_all(&sent[10..]).await.unwrap();
+        let mut io = reader.await.unwrap();
+        assert!(
+            !activity.is_between_requests(),
+            "a head is waiting for hyper"
+        );
+        assert!(
+            io.early.len() < 1024,
+            "read in small pieces, not hyper's 8 KiB"
+        );
+        drop(client);
+        let mut back = Vec::new();
+        io.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, sent, "hyper sees every byte, once, in order");
+        // A bare LF is refused before hyper ever sees the connection.
+        let (mut client, server) = tokio::io::duplex(1024);
+        let mut io = StrictIo::new(server, Arc::new(Activity::default()));
+        client
+            .write_all(b"GET / HTTP/1.1\nHost: x\n\n")
+            .await
+            .unwrap();
+        assert!(io.read_first_head().await.is_err());
+    }
+
+    #[test]
+    fn an_evicted_connection_counts_as_open_until_its_socket_is_dropped() {
+        let r = Arc::new(Registry::default());
+        let idle = Arc::new(Activity::default());
+        idle.in_head.store(true, Ordering::SeqCst);
+        let a = r.register(idle);
+        let _b = r.register(Arc::new(Activity::default()));
+        assert_eq!((r.len(), r.open()), (2, 2));
+        assert!(!r.is_closing());
+        assert!(r.evict_oldest_idle());
+        assert_eq!((r.len(), r.open()), (1, 2), "asked to close, still open");
+        assert!(r.is_closing());
+        drop(a);
+        assert_eq!((r.len(), r.open()), (1, 1));
+        assert!(!r.is_closing());
+        assert!(futures_ready(&r.closed), "the close was announced");
     }
 
     fn futures_ready(n: &Notify) -> bool {

@@ -89,6 +89,9 @@ pub enum ApiError {
     /// 401, code 1401, for Git webhooks (no hint which part failed).
     #[error("missing or invalid webhook signature")]
     BadSignature,
+    /// 403, code 1403 (v2): client address outside `allow_from`, token out of scope.
+    #[error("{0}")]
+    Forbidden(String),
     /// 404, code 1404.
     #[error("{0}")]
     NotFound(String),
@@ -105,7 +108,7 @@ pub enum ApiError {
     #[error("{0}")]
     Conflict(String),
     /// 413, code 1413; carries the limit.
-    #[error("request body is larger than max_body_bytes ({0} bytes)")]
+    #[error("request body is larger than {0} bytes (max_body_bytes; for /git, max_git_body_bytes)")]
     PayloadTooLarge(u64),
     /// 429, code 1429; carries the seconds for `Retry-After`.
     #[error("rate limited: {message}")]
@@ -135,6 +138,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized | ApiError::BadSignature => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) | ApiError::HookNotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -203,6 +207,11 @@ pub struct TriggerAnswer {
     /// Whether the trigger joined a pending build.
     pub already_exists: bool,
 }
+
+/// The other builds a multi-ref Git delivery created or joined (its `more_builds`), each
+/// counted and logged like the answer's own [`TriggerAnswer`].
+#[derive(Debug, Clone, Default)]
+pub struct MoreTriggerAnswers(pub Vec<TriggerAnswer>);
 
 /// The answer to a trigger: 200, the build object plus `already_exists` (SPEC §4).
 pub fn triggered(build: &Build, already_exists: bool) -> Response<Body> {

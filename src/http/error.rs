@@ -53,6 +53,13 @@ pub fn hook_trigger(e: TriggerError) -> ApiError {
     }
 }
 
+impl From<crate::params::ParamError> for ApiError {
+    /// A trigger parameter that breaks the SPEC §2.3 rules (length, NUL/CR/LF, type).
+    fn from(e: crate::params::ParamError) -> Self {
+        ApiError::BadRequest(e.to_string())
+    }
+}
+
 impl From<CancelError> for ApiError {
     fn from(e: CancelError) -> Self {
         match e {

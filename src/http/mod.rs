@@ -8,11 +8,14 @@
 //!
 //! Hardening that lives here: a header read timeout that really fires (hyper ignores
 //! `header_read_timeout` without a timer, so the builder gets `TokioTimer`), at most 100
-//! headers and a bounded header buffer (431 past it), bare-LF request heads refused
-//! ([`conn::StrictIo`]), a body size limit checked against `Content-Length` before anything is
-//! read and enforced while reading chunked bodies (413), a deadline for the whole body (408),
-//! a shared memory budget for bodies read before their request is authenticated (503 past
-//! it), and accept errors (EMFILE) that back off instead of spinning.
+//! headers and an exact 64 KiB head limit (431 past it), bare-LF request heads refused
+//! ([`conn::StrictIo`]), `Host` checked as RFC 9112 §3.2 says (400), a body size limit
+//! checked against `Content-Length` before anything is read and enforced while reading
+//! chunked bodies (413), a deadline for the whole body (408), a shared memory budget for
+//! bodies read before their request is authenticated (503 past it), a connection cap below
+//! the free file descriptors ([`connection_cap`]), connections that reach hyper (and its
+//! buffers) only with their first complete head, and accept errors (EMFILE) that close an
+//! idle connection or back off instead of spinning.
 //!
 //! Shutdown has two steps: on SIGTERM the listener closes (new connections are refused) while
 //! open connections keep being served — `/healthz` and triggers answer 503 — until the builds
@@ -44,13 +47,13 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::RwLock;
 
+use crate::access::{self, ApiTokens, Grant, Scope};
 use crate::config::SharedConfig;
 use crate::metrics::{Metrics, TriggerResult};
 use crate::model::TriggerSource;
 use crate::queue::Queue;
 use crate::shutdown::ShutdownWatch;
 use crate::store::Store;
-use crate::token::AdminToken;
 pub use envelope::{ApiError, Body, TriggerAnswer};
 
 /// How long a client may take to send its request headers (also the idle keep-alive limit).
@@ -63,6 +66,42 @@ pub const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Most headers accepted in one request.
 pub const MAX_HEADERS: usize = 100;
+/// Most connections the server keeps open at once, however many descriptors there are.
+pub const MAX_CONNECTIONS: usize = 16384;
+/// Descriptors kept free of connections whatever the builds: sled's snapshot files, log
+/// reads by API requests, outbox sockets, config reloads, the systemd notify socket.
+const FD_RESERVE_FIXED: u64 = 32;
+/// Descriptors kept free per concurrent build: its supervisor's control socket (and the
+/// warm spare's), its pipes and log file while it runs, and while it starts (or runs git)
+/// the pipes' other ends, `/dev/null`, the exec-error pipe and a pidfd.
+const FD_RESERVE_PER_BUILD: u64 = 12;
+
+/// The connection cap for a process that may open `nofile` descriptors, has `open` open
+/// now (listener and database included) and runs up to `builds` builds at once.
+///
+/// Every connection is a descriptor, so the cap must stay below what is really free, or
+/// accept fails with EMFILE before the cap is reached and no idle connection is ever
+/// closed to make room (issue 12). Room is kept for builds and the daemon's own files; when
+/// descriptors are too few for that, half of what is free goes to connections.
+pub fn connection_cap(nofile: u64, open: u64, builds: usize) -> usize {
+    let free = nofile.saturating_sub(open);
+    let reserve = FD_RESERVE_FIXED + FD_RESERVE_PER_BUILD * builds as u64;
+    let cap = if free >= 2 * reserve {
+        free - reserve
+    } else {
+        free / 2
+    };
+    usize::try_from(cap)
+        .unwrap_or(usize::MAX)
+        .clamp(1, MAX_CONNECTIONS)
+}
+
+/// How many descriptors this process has open (`/proc/self/fd`), if that can be read.
+pub fn open_fds() -> Option<u64> {
+    // The directory handle itself is one of the entries.
+    let n = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+    Some(n.saturating_sub(1))
+}
 
 /// What every handler can reach. Shared as an `Arc`; no globals.
 pub struct AppState {
@@ -72,8 +111,8 @@ pub struct AppState {
     pub store: Store,
     /// The build queue.
     pub queue: Queue,
-    /// The admin token (replaced on reload).
-    pub admin: RwLock<AdminToken>,
+    /// Every API token with its scope and projects (replaced on reload).
+    pub tokens: RwLock<ApiTokens>,
     /// Set at SIGTERM: health and triggers answer 503.
     pub shutting_down: AtomicBool,
     /// Most connections open at once.
@@ -90,7 +129,8 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// The body budget for a daemon whose `max_body_bytes` is `max_body`: room for at least
+    /// The body budget for a daemon whose `max_git_body_bytes` is `max_body` (only Git
+    /// webhooks are read before they are authenticated): room for at least
     /// four maximal bodies, and 64 MiB at least.
     pub fn body_budget(max_body: u64) -> Arc<tokio::sync::Semaphore> {
         Arc::new(tokio::sync::Semaphore::new(
@@ -116,7 +156,19 @@ impl AppState {
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::SeqCst)
     }
+
+    /// The scope and projects of a presented API token (the bare token, without `Bearer`),
+    /// or `None` if it is not one in force. Every token is compared in constant time (see
+    /// [`ApiTokens::authenticate`]). The admin API and the status pages both use this.
+    pub async fn authenticate(&self, presented: &[u8]) -> Option<Grant> {
+        self.tokens.read().await.authenticate(presented)
+    }
 }
+
+/// The TCP peer of a request, put in its extensions by the accept loop: what `allow_from`
+/// judges (through `trusted_proxies`, see [`crate::access::client_addr`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientPeer(pub std::net::SocketAddr);
 
 /// Serves HTTP on `listener` until `shutdown` says to close (see the module doc).
 pub async fn serve(
@@ -131,56 +183,87 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_headers(MAX_HEADERS)
+        // Exact: hyper compares the parsed head with it. `max_buf_size` alone lets a head
+        // through when it completes in the read that passes the limit (up to twice it).
+        .max_header_size(MAX_HEADER_BYTES)
         .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true);
     let mut last_accept_warning: Option<tokio::time::Instant> = None;
-    loop {
-        let (stream, _peer) = tokio::select! {
+    'accept: loop {
+        // At the cap, the oldest connection that is between requests makes room, and the
+        // next accept waits until its socket is really closed (see `conn::Registry`). If
+        // every connection is in the middle of a request, newcomers wait in the backlog
+        // until one finishes (checked again on every close, and every 100 ms).
+        while registry.open() >= state.max_connections {
+            if !registry.is_closing() && !registry.evict_oldest_idle() {
+                tracing::debug!(
+                    "all {} connection slots are busy; new connections wait",
+                    state.max_connections
+                );
+            }
+            tokio::select! {
+                _ = registry.wait_closed() => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = shutdown.draining() => break 'accept,
+            }
+        }
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
                     if !is_per_connection_error(&e) {
-                        // EMFILE/ENFILE/ENOMEM: back off instead of spinning on the error,
-                        // and say so at most once a minute.
+                        // EMFILE/ENFILE/ENOMEM. Out of descriptors (builds took more than
+                        // their reserve): an idle connection makes room, as at the cap, so
+                        // that `/healthz` still gets in. With none to close, back off
+                        // instead of spinning.
+                        let evicted = registry.evict_oldest_idle();
                         if last_accept_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
-                            tracing::warn!("accept failed: {e}; pausing accepts for 100 ms at a time");
+                            tracing::warn!("accept failed: {e}; closing idle connections, else pausing accepts for 100 ms at a time");
                             last_accept_warning = Some(tokio::time::Instant::now());
                         }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        tokio::select! {
+                            _ = registry.wait_closed(), if evicted => {}
+                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                        }
                     }
                     continue;
                 }
             },
             _ = shutdown.draining() => break,
         };
-        // At the cap, the oldest connection that is between requests makes room; if every
-        // one is in the middle of a request, the newcomer is turned away.
-        if registry.len() >= state.max_connections && !registry.evict_oldest_idle() {
-            tracing::debug!(
-                "all {} connection slots are busy; refusing a connection",
-                state.max_connections
-            );
-            continue;
-        }
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(conn::Activity::default());
         let registered = registry.register(activity.clone());
-        let st = state.clone();
-        let act = activity.clone();
-        let connection = builder.serve_connection(
-            TokioIo::new(conn::StrictIo::new(stream, activity)),
-            service_fn(move |req| {
-                let st = st.clone();
-                let act = act.clone();
-                async move { Ok::<_, Infallible>(handle(req, st, act).await) }
-            }),
-        );
-        let connection = graceful.watch(connection);
+        let mut io = conn::StrictIo::new(stream, activity.clone());
+        let (builder, watcher, st) = (builder.clone(), graceful.watcher(), state.clone());
+        let mut closing = shutdown.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                _ = connection => {}
-                // Dropping the connection closes its socket.
-                _ = registered.evict.notified() => {}
+            // Until its first request head is complete, a connection costs only the bytes
+            // it sent: see `StrictIo::read_first_head`. The same header timeout applies.
+            let spoke = tokio::select! {
+                r = tokio::time::timeout(HEADER_READ_TIMEOUT, io.read_first_head()) => {
+                    matches!(r, Ok(Ok(())))
+                }
+                _ = registered.evict.notified() => false,
+                _ = closing.closing() => false,
+            };
+            if spoke {
+                // Boxed: a connection waiting for its first head keeps a small task, and
+                // only one that spoke carries hyper's (large) connection state.
+                let connection = Box::pin(watcher.watch(builder.serve_connection(
+                    TokioIo::new(io),
+                    service_fn(move |mut req: Request<Incoming>| {
+                        let st = st.clone();
+                        let act = activity.clone();
+                        req.extensions_mut().insert(ClientPeer(peer));
+                        async move { Ok::<_, Infallible>(handle(req, st, act).await) }
+                    }),
+                )));
+                tokio::select! {
+                    _ = connection => {}
+                    // Dropping the connection closes its socket.
+                    _ = registered.evict.notified() => {}
+                }
             }
             drop(registered);
         });
@@ -271,12 +354,44 @@ impl Route<'_> {
         }
     }
 
-    /// Whether the admin token is always required (`/metrics` depends on the config).
+    /// Whether an API token is always required (`/metrics` depends on the config).
     fn is_admin(&self) -> bool {
         !matches!(
             self,
             Route::Healthz | Route::Metrics | Route::Hook(_) | Route::Git(_)
         )
+    }
+
+    /// The scope a token needs for this request (SPEC §4.2 (v2)), and what it is about.
+    /// `GET`s are `read`; triggers and cancels `trigger`; hook management and `/metrics`
+    /// `admin`. A method the route does not answer needs only `read`, so that any valid
+    /// token learns the 405.
+    fn needs(&self, method: &Method) -> (Scope, About<'_>) {
+        let post = method == Method::POST;
+        match self {
+            Route::Metrics => (Scope::Admin, About::Everything),
+            Route::Projects => (Scope::Read, About::Filtered),
+            Route::ProjectHooks(p) if post => (Scope::Admin, About::Project(p)),
+            Route::ProjectHook(p, _) if method == Method::DELETE => {
+                (Scope::Admin, About::Project(p))
+            }
+            Route::ProjectHookRotate(p, _) if post => (Scope::Admin, About::Project(p)),
+            Route::ProjectBuilds(p) if post => (Scope::Trigger, About::Project(p)),
+            Route::ProjectHooks(p)
+            | Route::ProjectHook(p, _)
+            | Route::ProjectHookRotate(p, _)
+            | Route::ProjectBuilds(p) => (Scope::Read, About::Project(p)),
+            Route::BuildCancel(id) | Route::BuildRedeploy(id) if post => {
+                (Scope::Trigger, About::Build(id))
+            }
+            Route::Build(id)
+            | Route::BuildLogs(id)
+            | Route::BuildCancel(id)
+            | Route::BuildRedeploy(id)
+            | Route::BuildWait(id) => (Scope::Read, About::Build(id)),
+            // Not token-checked (see `is_admin`); listed for completeness.
+            Route::Healthz | Route::Hook(_) | Route::Git(_) => (Scope::Read, About::Filtered),
+        }
     }
 
     /// The route's template, for logs and the `route` label of metrics: never the path
@@ -300,8 +415,14 @@ impl Route<'_> {
         }
     }
 
-    /// The trigger source of a trigger request (a POST to a trigger endpoint), else `None`.
+    /// The trigger source of a trigger request (a POST to a trigger endpoint, or a GET of a
+    /// hook), else `None`.
     fn trigger_source(&self, method: &Method) -> Option<TriggerSource> {
+        if let Route::Hook(_) = self
+            && method == Method::GET
+        {
+            return Some(TriggerSource::DeployHook);
+        }
         if method != Method::POST {
             return None;
         }
@@ -322,6 +443,19 @@ impl Route<'_> {
     }
 }
 
+/// What a request is about, for a token's project list.
+#[derive(Debug, PartialEq, Eq)]
+enum About<'a> {
+    /// This project (named in the path).
+    Project(&'a str),
+    /// The project of this build (looked up when the token is limited).
+    Build(&'a str),
+    /// Not one project: a limited token is refused.
+    Everything,
+    /// Any token may ask; the answer shows only its projects.
+    Filtered,
+}
+
 /// Template of requests whose path names no endpoint.
 const OTHER_ROUTE: &str = "other";
 
@@ -339,13 +473,18 @@ async fn handle(
     let trigger = route
         .as_ref()
         .and_then(|r| Some((r.trigger_source(&method)?, r.project())));
-    let result = match route {
-        // Checked first: such a request is refused whatever it asks for.
-        _ if activity.has_ambiguous_framing() => Err(ApiError::BadRequest(
+    // Framing and Host are checked first: such a request is refused whatever it asks for.
+    let result = if activity.has_ambiguous_framing() {
+        Err(ApiError::BadRequest(
             "a request must not have both Content-Length and Transfer-Encoding".into(),
-        )),
-        None => Err(ApiError::NotFound("no such endpoint".into())),
-        Some(route) => dispatch(route, req, &state).await,
+        ))
+    } else if let Some(problem) = host_problem(&req) {
+        Err(ApiError::BadRequest(problem.into()))
+    } else {
+        match route {
+            None => Err(ApiError::NotFound("no such endpoint".into())),
+            Some(route) => dispatch(route, req, &state).await,
+        }
     };
     if let Some((source, project)) = &trigger {
         note_trigger(&state, *source, project.as_deref(), &result);
@@ -380,6 +519,24 @@ async fn handle(
     })
 }
 
+/// What is wrong with a request's `Host` header, if anything: RFC 9112 §3.2 wants 400 for an
+/// HTTP/1.1 request without one, and for any request with two or with an invalid value.
+/// HTTP/1.0 predates `Host`, so its absence is fine there.
+fn host_problem<B>(req: &Request<B>) -> Option<&'static str> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let Some(host) = hosts.next() else {
+        return (req.version() >= http::Version::HTTP_11)
+            .then_some("an HTTP/1.1 request must have a Host header");
+    };
+    if hosts.next().is_some() {
+        return Some("a request must not have more than one Host header");
+    }
+    // Empty is allowed (a target without an authority); anything else must be host[:port].
+    let valid = host.is_empty()
+        || http::uri::Authority::try_from(host.as_bytes()).is_ok_and(|a| !a.as_str().contains('@'));
+    (!valid).then_some("the Host header is not a valid host[:port]")
+}
+
 /// Counts a trigger request and logs its one line: what became of it, and for an answered
 /// trigger the build it created or joined. Git events that trigger nothing (ping, ignored
 /// pushes: no [`TriggerAnswer`]) are not triggers and are not counted.
@@ -393,7 +550,16 @@ fn note_trigger(
         Ok(r) => {
             // Joins are logged by the queue, once per build (the first, then a count when the
             // build leaves the queue), so a hammered hook cannot flood the journal.
-            if let Some(a) = r.extensions().get::<TriggerAnswer>() {
+            let more = r
+                .extensions()
+                .get::<envelope::MoreTriggerAnswers>()
+                .map_or(&[][..], |m| m.0.as_slice());
+            for a in r
+                .extensions()
+                .get::<TriggerAnswer>()
+                .into_iter()
+                .chain(more)
+            {
                 let outcome = if a.already_exists {
                     TriggerResult::Deduplicated
                 } else {
@@ -414,6 +580,9 @@ fn note_trigger(
                 }
             }
         }
+        // A GET of a hook that does not fire on GET (a link preview, a scanner) was never a
+        // trigger: neither counted nor logged here.
+        Err(ApiError::MethodNotAllowed(_)) => {}
         Err(e) => {
             // By status: whatever the limit that refused it, a 429 is rate_limited.
             let outcome = if e.status() == http::StatusCode::TOO_MANY_REQUESTS {
@@ -489,8 +658,10 @@ async fn dispatch(
     req: Request<Incoming>,
     state: &Arc<AppState>,
 ) -> Result<Response<Body>, ApiError> {
+    let mut grant = Grant::admin();
     if route.is_admin() || (route == Route::Metrics && !state.config.get().metrics.public) {
-        authorize(&req, state).await?;
+        grant = authorize(&req, state).await?;
+        check_scope(state, &route, req.method(), &grant)?;
     }
     let m = req.method().clone();
     let get = m == Method::GET || m == Method::HEAD;
@@ -498,8 +669,10 @@ async fn dispatch(
         (Route::Healthz, _) if get => public::healthz(state),
         (Route::Metrics, _) if get => public::metrics(state),
         (Route::Hook(token), Method::POST) => public::fire_hook(state, token, req).await,
+        (Route::Hook(token), Method::GET) => public::fire_hook(state, token, req).await,
+        (Route::Hook(token), _) => Err(public::hook_methods(state, token)),
         (Route::Git(project), Method::POST) => public::git_push(state, project, req).await,
-        (Route::Projects, _) if get => api::projects(state),
+        (Route::Projects, _) if get => api::projects(state, &grant),
         (Route::ProjectHooks(p), Method::POST) => api::create_hook(state, p, req).await,
         (Route::ProjectHooks(p), _) if get => api::list_hooks(state, p),
         (Route::ProjectHook(p, id), Method::DELETE) => api::delete_hook(state, p, id).await,
@@ -517,26 +690,51 @@ async fn dispatch(
     }
 }
 
-async fn authorize(req: &Request<Incoming>, state: &AppState) -> Result<(), ApiError> {
+/// The grant of the request's bearer token; 401 without one in force.
+async fn authorize(req: &Request<Incoming>, state: &AppState) -> Result<Grant, ApiError> {
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
-        .map(|v| v.as_bytes())
-        // The scheme is case-insensitive (RFC 9110 §11.1).
-        .filter(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case(b"bearer "))
-        .map(|v| &v[7..])
+        .and_then(|v| access::bearer(v.as_bytes()))
         .ok_or(ApiError::Unauthorized)?;
-    if state.admin.read().await.verify(presented.trim_ascii()) {
-        Ok(())
-    } else {
-        Err(ApiError::Unauthorized)
+    state
+        .authenticate(presented)
+        .await
+        .ok_or(ApiError::Unauthorized)
+}
+
+/// 403 (code 1403) unless `grant` covers the request (SPEC §4.2 (v2)). A build's project is
+/// looked up only for a project-limited token; an unknown build is left to the handler's 404.
+fn check_scope(
+    state: &AppState,
+    route: &Route<'_>,
+    method: &Method,
+    grant: &Grant,
+) -> Result<(), ApiError> {
+    let (needs, about) = route.needs(method);
+    let denied = |d: access::Denied| ApiError::Forbidden(d.to_string());
+    match about {
+        About::Project(p) => grant.require(needs, Some(p)).map_err(denied),
+        About::Everything => grant.require(needs, None).map_err(denied),
+        About::Filtered => grant.require_scope(needs).map_err(denied),
+        About::Build(id) => {
+            let project = match (&grant.projects, crate::model::BuildId::parse(id)) {
+                (Some(_), Some(id)) => state.store.build(id)?.map(|b| b.project),
+                _ => None,
+            };
+            match project {
+                Some(p) => grant.require(needs, Some(&p)).map_err(denied),
+                // Unlimited token, or no such build: the scope alone decides here.
+                None => grant.require_scope(needs).map_err(denied),
+            }
+        }
     }
 }
 
 /// Reads a request body of at most `max` bytes: refused from `Content-Length` before reading
 /// when it says more, cut off while reading otherwise, and bounded in time.
 pub async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, ApiError> {
-    collect_body(req, max, None).await.map(|(b, _)| b)
+    collect_body(req, max, None, false).await.map(|(b, _)| b)
 }
 
 /// Like [`read_body`], for bodies read before the request is authenticated (Git webhooks
@@ -548,7 +746,41 @@ pub async fn read_body_budgeted(
     max: u64,
     budget: &Arc<tokio::sync::Semaphore>,
 ) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), ApiError> {
-    collect_body(req, max, Some(budget)).await
+    collect_body(req, max, Some(budget), false).await
+}
+
+/// Like [`read_body_budgeted`], except that a body over `max` is read on and discarded, up
+/// to `2 × max` bytes in all, before the 413 is answered: Git hosts write the whole body
+/// before they read the answer, and would otherwise see a broken connection instead of the
+/// 413 (SPEC §4.1). A body longer still (or declared longer) is cut off at once and its
+/// connection closed, so an endless body costs at most `2 × max` bytes of reading.
+pub async fn read_body_budgeted_draining(
+    req: Request<Incoming>,
+    max: u64,
+    budget: &Arc<tokio::sync::Semaphore>,
+) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), ApiError> {
+    collect_body(req, max, Some(budget), true).await
+}
+
+/// Reads and discards the rest of `body` until it ends or `read` (bytes so far) passes
+/// `limit`, within the body deadline; whatever happens, the caller answers 413.
+async fn discard_body(
+    body: &mut Incoming,
+    mut read: u64,
+    limit: u64,
+    deadline: tokio::time::Instant,
+) {
+    while read <= limit {
+        match tokio::time::timeout_at(deadline, body.frame()).await {
+            Ok(Some(Ok(f))) => {
+                if let Ok(data) = f.into_data() {
+                    read = read.saturating_add(data.len() as u64);
+                }
+            }
+            // The end, a broken body, or the deadline: nothing more to read.
+            _ => return,
+        }
+    }
 }
 
 /// Budget units are KiB (rounded up), so a permit count never overflows.
@@ -560,7 +792,9 @@ async fn collect_body(
     req: Request<Incoming>,
     max: u64,
     budget: Option<&Arc<tokio::sync::Semaphore>>,
+    drain: bool,
 ) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), ApiError> {
+    let drain_limit = if drain { max.saturating_mul(2) } else { 0 };
     let declared = match req.headers().get(header::CONTENT_LENGTH) {
         None => None,
         Some(len) => Some(
@@ -570,7 +804,12 @@ async fn collect_body(
                 .ok_or_else(|| ApiError::BadRequest("invalid Content-Length".into()))?,
         ),
     };
-    if declared.is_some_and(|len| len > max) {
+    if let Some(len) = declared.filter(|len| *len > max) {
+        if len <= drain_limit {
+            let mut body = req.into_body();
+            let deadline = tokio::time::Instant::now() + BODY_READ_TIMEOUT;
+            discard_body(&mut body, 0, drain_limit, deadline).await;
+        }
         return Err(ApiError::PayloadTooLarge(max));
     }
     let mut permit: Option<tokio::sync::OwnedSemaphorePermit> = None;
@@ -609,6 +848,12 @@ async fn collect_body(
         };
         if let Ok(data) = frame.into_data() {
             if (buf.len() + data.len()) as u64 > max {
+                if drain {
+                    let read = (buf.len() + data.len()) as u64;
+                    // The bytes held so far are not needed any more.
+                    drop(std::mem::take(&mut buf));
+                    discard_body(&mut body, read, drain_limit, deadline).await;
+                }
                 return Err(ApiError::PayloadTooLarge(max));
             }
             if declared.is_none() {
@@ -620,7 +865,8 @@ async fn collect_body(
     Ok((Bytes::from(buf), permit))
 }
 
-/// Parses `a=1&b=2` (no percent-decoding: no value this API takes needs it).
+/// Parses `a=1&b=2` without percent-decoding (no value these parameters take needs it;
+/// trigger parameters are decoded properly by [`crate::params`]).
 pub fn query_pairs(q: Option<&str>) -> Vec<(&str, &str)> {
     q.unwrap_or("")
         .split('&')
@@ -671,11 +917,77 @@ mod tests {
             r.trigger_source(&Method::POST),
             Some(TriggerSource::DeployHook)
         );
-        assert_eq!(r.trigger_source(&Method::GET), None);
+        // A GET of a hook is a trigger too (hooks created with allow_get).
+        assert_eq!(
+            r.trigger_source(&Method::GET),
+            Some(TriggerSource::DeployHook)
+        );
+        assert_eq!(r.trigger_source(&Method::PUT), None);
         let r = Route::parse("/api/projects/site/builds").unwrap();
         assert_eq!(r.template(), "/api/projects/{project}/builds");
         assert_eq!(r.trigger_source(&Method::POST), Some(TriggerSource::Api));
         assert_eq!(Route::Projects.trigger_source(&Method::POST), None);
+    }
+
+    #[test]
+    fn every_api_route_needs_its_scope() {
+        let read = |r: Route<'_>, m: Method| r.needs(&m).0;
+        assert_eq!(read(Route::Projects, Method::GET), Scope::Read);
+        assert_eq!(read(Route::ProjectHooks("p"), Method::GET), Scope::Read);
+        assert_eq!(read(Route::ProjectHooks("p"), Method::POST), Scope::Admin);
+        assert_eq!(
+            read(Route::ProjectHook("p", "i"), Method::DELETE),
+            Scope::Admin
+        );
+        assert_eq!(
+            read(Route::ProjectHookRotate("p", "i"), Method::POST),
+            Scope::Admin
+        );
+        assert_eq!(read(Route::ProjectBuilds("p"), Method::GET), Scope::Read);
+        assert_eq!(
+            read(Route::ProjectBuilds("p"), Method::POST),
+            Scope::Trigger
+        );
+        assert_eq!(read(Route::Build("u"), Method::GET), Scope::Read);
+        assert_eq!(read(Route::BuildLogs("u"), Method::GET), Scope::Read);
+        assert_eq!(read(Route::BuildCancel("u"), Method::POST), Scope::Trigger);
+        assert_eq!(
+            read(Route::BuildRedeploy("u"), Method::POST),
+            Scope::Trigger
+        );
+        assert_eq!(read(Route::BuildWait("u"), Method::GET), Scope::Read);
+        assert_eq!(read(Route::Metrics, Method::GET), Scope::Admin);
+        assert_eq!(Route::Metrics.needs(&Method::GET).1, About::Everything);
+        assert_eq!(
+            Route::ProjectBuilds("p").needs(&Method::POST).1,
+            About::Project("p")
+        );
+        assert_eq!(
+            Route::BuildCancel("u").needs(&Method::POST).1,
+            About::Build("u")
+        );
+    }
+
+    #[test]
+    fn the_connection_cap_stays_below_the_free_descriptors() {
+        // issue 12: max(nofile - 256, 64) was 64 at nofile 64, above the ~44 free.
+        for nofile in [64, 100, 256, 400, 1024, 4096, 65536, 1 << 20] {
+            for open in [10, 20, 40] {
+                for builds in [1, 2, 8, 64] {
+                    let cap = connection_cap(nofile, open, builds) as u64;
+                    let free = nofile - open;
+                    assert!(cap >= 1);
+                    assert!(
+                        cap <= free / 2 || cap + 32 + 12 * builds as u64 <= free,
+                        "nofile {nofile}, open {open}, builds {builds}: cap {cap}"
+                    );
+                }
+            }
+        }
+        assert_eq!(connection_cap(64, 20, 2), 22);
+        assert_eq!(connection_cap(1024, 20, 2), 1024 - 20 - 56);
+        assert_eq!(connection_cap(1 << 20, 20, 2), MAX_CONNECTIONS);
+        assert_eq!(connection_cap(10, 20, 2), 1, "never zero");
     }
 
     #[test]

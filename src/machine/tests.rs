@@ -40,6 +40,7 @@ fn input(target: &Target) -> TriggerInput<'_> {
         exact_commit: None,
         redeploy_of: None,
         has_payload: false,
+        quiet: Quiet::NONE,
     }
 }
 
@@ -57,6 +58,9 @@ struct World {
     starts: Vec<BuildId>,
     stopped: Vec<BuildId>,
     told: Vec<(BuildId, Tell)>,
+    /// The last `not_before` written for each build while it was queued: a start must never
+    /// come before it.
+    not_before: HashMap<BuildId, Option<Timestamp>>,
     now: i64,
 }
 
@@ -70,6 +74,7 @@ impl World {
             starts: Vec::new(),
             stopped: Vec::new(),
             told: Vec::new(),
+            not_before: HashMap::new(),
             now: 1_000_000,
         }
     }
@@ -86,6 +91,9 @@ impl World {
                     if let Err(why) = b.check_invariants() {
                         panic!("a written record breaks an invariant: {why}: {b:?}");
                     }
+                    if b.phase == Phase::Queued {
+                        self.not_before.insert(b.id, b.not_before);
+                    }
                     if let Some(old) = self.stored.get(&b.id) {
                         assert!(
                             !old.phase.is_stopped(),
@@ -95,7 +103,13 @@ impl World {
                     self.stored.insert(b.id, b);
                 }
                 Effect::Stop(id, r) => self.stops.push((id, r)),
-                Effect::Start(b) => self.starts.push(b.id),
+                Effect::Start(b) => {
+                    // SPEC §2.2: nothing starts before its quiet period is over.
+                    if let Some(Some(t)) = self.not_before.get(&b.id) {
+                        assert!(t.0 <= self.now, "started before its not_before: {b:?}");
+                    }
+                    self.starts.push(b.id);
+                }
                 Effect::Stopped(b) => self.stopped.push(b.id),
                 Effect::CountStopped { .. } => {}
                 Effect::Log(l) => self.logs.push(l),
@@ -645,6 +659,161 @@ fn ten_thousand_joins_write_two_log_lines() {
     );
 }
 
+// ---- quiet period (SPEC §2.2) -----------------------------------------------------------
+
+const QUIET: Quiet = Quiet {
+    period: Duration::from_secs(10),
+    max: Duration::from_secs(25),
+};
+
+const SEC: i64 = 1_000_000;
+
+/// A trigger with [`QUIET`] at the world's current time (not advancing it); returns the
+/// build, whether it joined, and the trigger's own effects.
+fn quiet_trigger(w: &mut World, t: &Target, exact: Option<&str>) -> (Build, bool, Vec<Effect>) {
+    let input = TriggerInput {
+        exact_commit: exact,
+        quiet: QUIET,
+        ..input(t)
+    };
+    let now = Timestamp(w.now);
+    let mono = w.m.limiter.now();
+    let (plan, fx) = w.m.trigger(&input, LIMITS, mono, now).expect("accepted");
+    let effects = fx.clone();
+    w.apply(fx);
+    match plan {
+        Plan::Joined { build, .. } => (build, true, effects),
+        Plan::Create(b) => {
+            w.apply(vec![Effect::Put(b.clone())]);
+            let fx = w.m.created(b.clone(), true, mono);
+            w.apply(fx);
+            let fx = w.m.schedule(2, now);
+            w.apply(fx);
+            (b, false, effects)
+        }
+    }
+}
+
+#[test]
+fn a_quiet_build_waits_until_no_trigger_joined_it_for_the_quiet_period() {
+    let mut w = World::new();
+    let t = target("a", "main");
+    let created = w.now;
+    let (b, joined, _) = quiet_trigger(&mut w, &t, None);
+    assert!(!joined);
+    assert_eq!(b.not_before, Some(Timestamp(created + 10 * SEC)));
+    assert!(
+        w.starts.is_empty(),
+        "it must not start during its quiet period"
+    );
+    assert_eq!(w.m.next_wake(), Some(Timestamp(created + 10 * SEC)));
+
+    // A join 4 s later pushes it to join + 10 s, and the move is written.
+    w.now = created + 4 * SEC;
+    let (j, joined, fx) = quiet_trigger(&mut w, &t, None);
+    assert!(joined);
+    assert_eq!(j.id, b.id);
+    assert_eq!(j.not_before, Some(Timestamp(created + 14 * SEC)));
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, Effect::Put(p) if p.not_before == j.not_before))
+    );
+    assert_eq!(
+        w.stored(b.id).not_before,
+        Some(Timestamp(created + 14 * SEC))
+    );
+    assert_eq!(w.m.next_wake(), Some(Timestamp(created + 14 * SEC)));
+
+    // The scheduler passes over it before then...
+    w.now = created + 13 * SEC;
+    let fx = w.m.schedule(2, Timestamp(w.now));
+    assert!(fx.is_empty(), "{fx:?}");
+    // ...and starts it once the time has come, with not_before cleared.
+    w.now = created + 14 * SEC;
+    let fx = w.m.schedule(2, Timestamp(w.now));
+    w.apply(fx);
+    assert_eq!(w.starts, vec![b.id]);
+    assert_eq!(w.stored(b.id).phase, Phase::Initializing);
+    assert_eq!(w.stored(b.id).not_before, None);
+    assert_eq!(w.m.next_wake(), None);
+}
+
+#[test]
+fn joins_never_push_a_quiet_build_past_its_max_quiet_period() {
+    let mut w = World::new();
+    let t = target("a", "main");
+    let created = w.now;
+    let (b, _, _) = quiet_trigger(&mut w, &t, None);
+    // A never-ending burst: a join every 2 s for a minute.
+    for i in 1..30 {
+        w.now = created + i * 2 * SEC;
+        let fx = w.m.schedule(2, Timestamp(w.now));
+        w.apply(fx);
+        if !w.starts.is_empty() {
+            break;
+        }
+        let (j, _, _) = quiet_trigger(&mut w, &t, None);
+        assert!(j.not_before.unwrap().0 <= created + 25 * SEC, "{j:?}");
+    }
+    assert_eq!(
+        w.starts,
+        vec![b.id],
+        "the cap must let it start during the burst"
+    );
+    let started = w.stored(b.id).initializing_on.unwrap().0;
+    assert!(
+        (created + 25 * SEC..=created + 26 * SEC).contains(&started),
+        "{started}"
+    );
+}
+
+#[test]
+fn a_join_that_changes_nothing_writes_nothing_and_exact_commit_builds_never_wait() {
+    let mut w = World::new();
+    let t = target("a", "main");
+    let (b, _, _) = quiet_trigger(&mut w, &t, None);
+    // A join a second later moves not_before (a write); a second join at the very same
+    // instant moves nothing and has no effect at all.
+    w.now += SEC;
+    let (_, _, fx) = quiet_trigger(&mut w, &t, None);
+    assert!(fx.iter().any(|e| matches!(e, Effect::Put(_))), "{fx:?}");
+    let (_, joined, fx) = quiet_trigger(&mut w, &t, None);
+    assert!(joined);
+    assert!(fx.is_empty(), "{fx:?}");
+    // An exact-commit build of the same target does not wait: it starts at once, passing
+    // the waiting build over.
+    let pinned = sha(9);
+    let (e, joined, _) = quiet_trigger(&mut w, &t, Some(&pinned));
+    assert!(!joined);
+    assert_eq!(e.not_before, None);
+    assert_eq!(w.starts, vec![e.id]);
+    assert_eq!(w.stored(b.id).phase, Phase::Queued);
+}
+
+#[test]
+fn cancelling_a_waiting_build_forgets_its_wake_and_recovery_keeps_waiting() {
+    let mut w = World::new();
+    let (a, _, _) = quiet_trigger(&mut w, &target("a", "main"), None);
+    w.now += SEC;
+    let (b, _, _) = quiet_trigger(&mut w, &target("b", "main"), None);
+    assert!(matches!(w.cancel(a.id), CancelStep::StoppedNow(_)));
+    assert_eq!(w.stored(a.id).not_before, None);
+    assert_eq!(w.m.next_wake(), b.not_before);
+    // After a restart the stored not_before still holds, and passes as before.
+    let stored: Vec<Build> = w.stored.values().cloned().collect();
+    let mut r = World::new();
+    r.now = w.now;
+    let fx = r.m.recover(stored, Timestamp(r.now));
+    r.apply(fx);
+    assert_eq!(r.m.next_wake(), b.not_before);
+    let fx = r.m.schedule(2, Timestamp(r.now));
+    assert!(fx.is_empty(), "{fx:?}");
+    r.now = b.not_before.unwrap().0;
+    let fx = r.m.schedule(2, Timestamp(r.now));
+    r.apply(fx);
+    assert_eq!(r.starts, vec![b.id]);
+}
+
 // ---- property test -------------------------------------------------------------------------
 
 #[derive(Debug, Clone)]
@@ -653,8 +822,12 @@ enum Op {
         target: usize,
         commit: Option<u8>,
         exact: bool,
+        /// With the proptest's quiet period ([`PROP_QUIET`]).
+        quiet: bool,
     },
     Schedule,
+    /// Let this many milliseconds pass.
+    Advance(u8),
     BeginFetch(usize),
     Resolve(usize, bool),
     Running(usize),
@@ -674,8 +847,9 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (0..4usize, proptest::option::of(0..4u8), proptest::bool::weighted(0.15))
-            .prop_map(|(target, commit, exact)| Op::Trigger { target, commit, exact }),
+        4 => (0..4usize, proptest::option::of(0..4u8), proptest::bool::weighted(0.15), any::<bool>())
+            .prop_map(|(target, commit, exact, quiet)| Op::Trigger { target, commit, exact, quiet }),
+        1 => (0..8u8).prop_map(Op::Advance),
         1 => Just(Op::Schedule),
         1 => any::<usize>().prop_map(Op::BeginFetch),
         2 => (any::<usize>(), any::<bool>()).prop_map(|(p, w)| Op::Resolve(p, w)),
@@ -688,6 +862,12 @@ fn op() -> impl Strategy<Value = Op> {
         1 => proptest::bool::weighted(0.05).prop_map(|_| Op::Restart),
     ]
 }
+
+/// The quiet period of the proptest's quiet triggers: a few of its 1 ms steps.
+const PROP_QUIET: Quiet = Quiet {
+    period: Duration::from_millis(3),
+    max: Duration::from_millis(8),
+};
 
 const TARGETS: [(&str, &str); 4] = [("a", "main"), ("a", "dev"), ("b", "main"), ("a", "main")];
 
@@ -733,6 +913,30 @@ fn check_machine(w: &World, max: usize) {
         m.queued.len(),
         m.queued_by_project.values().map(|s| s.len()).sum::<usize>()
     );
+    // The quiet-period index is exactly the queued builds that still wait, each never past
+    // its cap, and every move of `not_before` was written.
+    let waiting: std::collections::BTreeSet<(Timestamp, BuildId)> = m
+        .live
+        .values()
+        .filter_map(|l| l.build.not_before.map(|t| (t, l.build.id)))
+        .collect();
+    assert_eq!(waiting, m.waiting);
+    for l in m.live.values() {
+        if let Some(t) = l.build.not_before {
+            assert_eq!(l.build.phase, Phase::Queued);
+            assert!(l.build.exact_commit.is_none());
+            assert!(
+                t <= after(l.build.created_on, PROP_QUIET.max),
+                "{:?}",
+                l.build
+            );
+        }
+        assert_eq!(
+            w.stored.get(&l.build.id).map(|b| b.not_before),
+            Some(l.build.not_before),
+            "a not_before change was not written"
+        );
+    }
 }
 
 proptest! {
@@ -744,7 +948,7 @@ proptest! {
         let mut w = World::new();
         for op in ops {
             match op {
-                Op::Trigger { target, commit, exact } => {
+                Op::Trigger { target, commit, exact, quiet } => {
                     let (p, b) = TARGETS[target];
                     let t = crate::machine::tests::target(p, b);
                     let c = commit.map(sha);
@@ -754,10 +958,12 @@ proptest! {
                         trigger: trig,
                         requested_commit: c.as_deref(),
                         exact_commit: pinned.as_deref(),
+                        quiet: if quiet { PROP_QUIET } else { Quiet::NONE },
                         ..input(&t)
                     };
                     let _ = w.trigger_with(&input, max);
                 }
+                Op::Advance(ms) => w.now += i64::from(ms) * 1_000,
                 Op::Schedule => {
                     let now = w.now();
                     let fx = w.m.schedule(max, now);
@@ -814,6 +1020,7 @@ proptest! {
                     let stored: Vec<Build> = w.stored.values().cloned().collect();
                     let mut r = World::new();
                     r.stored = w.stored.clone();
+                    r.not_before = w.not_before.clone();
                     r.now = w.now;
                     let fx = r.m.recover(stored, Timestamp(r.now));
                     r.apply(fx);

@@ -373,7 +373,7 @@ fn unknown_project_or_no_secret_is_404_and_size_is_capped() {
         ),
         workdir_project("nosecret", wd.path(), "true", "")
     );
-    let d = Daemon::start_with_server("max_body_bytes = 2000", &cfg);
+    let d = Daemon::start_with_server("max_git_body_bytes = 2000", &cfg);
     let body = push_body("refs/heads/main", SHA);
     let sig = github_sig(&body);
     let h = [

@@ -173,7 +173,7 @@ fn a_flood_of_idle_connections_does_not_lock_out_healthz() {
         "",
         &workdir_project("site", wd.path(), "true", ""),
     );
-    // nofile 400 → at most 144 connections.
+    // nofile 400 → a cap of a few hundred connections (what is free minus a reserve).
     let d = Daemon::spawn_limited(tmp.path(), &[], Some(400)).unwrap();
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
     assert!(
@@ -197,7 +197,7 @@ fn a_flood_of_idle_connections_does_not_lock_out_healthz() {
     let r = request(d.addr, "GET", "/healthz", &[], b"");
     assert_eq!(r.status, 200);
     assert!(
-        start.elapsed() < Duration::from_secs(5),
+        start.elapsed() < Duration::from_secs(1),
         "{:?}",
         start.elapsed()
     );
@@ -235,8 +235,8 @@ fn unauthenticated_git_bodies_are_bounded_in_memory() {
         "true",
         &format!("git_secret_file = \"{}\"", wd.path().join("s").display()),
     );
-    // 16 MiB bodies: the budget for bodies read before authentication is 4 × 16 MiB.
-    let d = Daemon::start_with_server("max_body_bytes = 16777216", &project);
+    // 16 MiB Git bodies: the budget for bodies read before authentication is 4 × 16 MiB.
+    let d = Daemon::start_with_server("max_git_body_bytes = 16777216", &project);
     // No signature header: refused before a byte of the body is read.
     let s = TcpStream::connect(d.addr).unwrap();
     let mut w = s.try_clone().unwrap();
@@ -317,9 +317,8 @@ fn ten_thousand_half_open_connections_do_not_stop_healthz() {
         flood.len()
     );
     assert_eq!(r.status, 200);
-    // A generous bound (the machine is shared); the note in the closing report has the
-    // measured figure.
-    assert!(took < Duration::from_secs(5), "{took:?}");
+    // HOSTILE 7: within a second (measured: about 10 ms on a loaded 2-core machine).
+    assert!(took < Duration::from_secs(1), "{took:?}");
     let closing = Instant::now();
     drop(flood);
     healthy(&d);

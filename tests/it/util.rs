@@ -220,7 +220,7 @@ impl Daemon {
     }
 
     /// Like `spawn`, with the open-file limit (soft and hard) lowered to `nofile`, which
-    /// lowers the daemon's connection cap to `nofile - 256` (at least 64).
+    /// lowers the daemon's connection cap (`http::connection_cap`).
     pub fn spawn_limited(
         dir: &Path,
         env: &[(&str, &str)],
