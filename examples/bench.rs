@@ -902,13 +902,19 @@ struct RealReq {
 fn cms_request() -> RealReq {
     RealReq {
         headers: vec![
-            ("Content-Type", "application/vnd.contentful.management.v1+json"),
+            (
+                "Content-Type",
+                "application/vnd.contentful.management.v1+json",
+            ),
             ("User-Agent", "Contentful-Webhooks"),
             ("Accept", "*/*"),
             ("Accept-Encoding", "gzip, deflate"),
             ("X-Contentful-Topic", "ContentManagement.Entry.publish"),
             ("X-Contentful-Webhook-Name", "Deploy site"),
-            ("X-Contentful-Crn", "crn:contentful:::content:spaces/yadj1kx9rmg0/entries/5KsDBWseXY6QegucYAoacS"),
+            (
+                "X-Contentful-Crn",
+                "crn:contentful:::content:spaces/yadj1kx9rmg0/entries/5KsDBWseXY6QegucYAoacS",
+            ),
         ],
         body: concat!(
             r#"{"metadata":{"tags":[]},"sys":{"type":"Entry","id":"5KsDBWseXY6QegucYAoacS","#,
@@ -965,7 +971,9 @@ impl Wrk {
         let mut lua = String::from("wrk.method = \"POST\"\n");
         lua.push_str(&format!("wrk.body = {}\n", lua_string(req.body)));
         for (k, v) in &req.headers {
-            lua.push_str(&format!("wrk.headers[{}] = {}\n", lua_string(k), lua_string(v)));
+            // Header names are tokens (no quotes or backslashes); a long string after `[`
+            // would open another long string.
+            lua.push_str(&format!("wrk.headers[\"{k}\"] = {}\n", lua_string(v)));
         }
         lua.push_str(concat!(
             "done = function(summary, latency, requests)\n",
@@ -1007,7 +1015,15 @@ impl Wrk {
             .split_whitespace()
             .filter_map(|v| v.parse().ok())
             .collect();
-        let [requests, duration_us, p50_us, p99_us, non_2xx, socket_errors] = n[..] else {
+        let [
+            requests,
+            duration_us,
+            p50_us,
+            p99_us,
+            non_2xx,
+            socket_errors,
+        ] = n[..]
+        else {
             return Err(format!("cannot parse wrk's line {line:?}"));
         };
         Ok(WrkRun {
@@ -1150,7 +1166,9 @@ fn run(args: Args) -> Result<(), String> {
     println!("load at start: {}", load_average());
     let wrk = match wrk_exe {
         None => {
-            println!("wrk: not on PATH, its measurements are skipped (Debian: apt-get install wrk)");
+            println!(
+                "wrk: not on PATH, its measurements are skipped (Debian: apt-get install wrk)"
+            );
             None
         }
         Some(exe) => Some(Wrk {
@@ -1234,7 +1252,11 @@ fn run(args: Args) -> Result<(), String> {
         Some(w) => {
             let script = w.script("cms", &cms)?;
             let mut kinds = vec![
-                (bare_server.addr, "/hooks/anything".to_owned(), script.clone()),
+                (
+                    bare_server.addr,
+                    "/hooks/anything".to_owned(),
+                    script.clone(),
+                ),
                 (addr, format!("/hooks/{hot}"), script.clone()),
                 (addr, format!("/hooks/{unknown_token}"), script.clone()),
             ];
@@ -1374,7 +1396,11 @@ fn run(args: Args) -> Result<(), String> {
             let script = w.script("cms", &cms)?;
             Some(w.interleaved(
                 &[
-                    (bare_server.addr, "/hooks/anything".to_owned(), script.clone()),
+                    (
+                        bare_server.addr,
+                        "/hooks/anything".to_owned(),
+                        script.clone(),
+                    ),
                     (addr, format!("/hooks/{hot}"), script),
                 ],
                 args.wrk_rounds.max(1),
@@ -1523,11 +1549,11 @@ fn run(args: Args) -> Result<(), String> {
             wrk_row("  (f) bare hyper", &f[0]);
             wrk_row(&format!("  (f) hot path, {total} hooks"), &f[1]);
         }
-        if let Some(m) = &million {
-            if let Some(r) = &m.wrk {
-                wrk_row("  (g) bare hyper", &r[0]);
-                wrk_row(&format!("  (g) hot path, {} hooks", m.hooks), &r[1]);
-            }
+        if let Some(m) = &million
+            && let Some(r) = &m.wrk
+        {
+            wrk_row("  (g) bare hyper", &r[0]);
+            wrk_row(&format!("  (g) hot path, {} hooks", m.hooks), &r[1]);
         }
         println!();
         let rate = |r: &[WrkRun]| median(r, |x| x.rate);

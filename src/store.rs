@@ -494,7 +494,7 @@ impl Store {
         let mut index = HookIndex::default();
         for item in hooks.iter() {
             let (_, v) = item?;
-            index.insert(&decode::<Hook>(&v)?);
+            index.insert(&decode_hook(&v)?);
         }
         index.by_token.shrink_to_fit();
         let inner = Inner {
@@ -1432,7 +1432,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let n = 2_000;
         let hooks: Vec<Hook> = (0..n)
-            .map(|i| hook(["site", "blog"][i % 2], &format!("h{i}"), &format!("dh_{i}")))
+            .map(|i| {
+                hook(
+                    ["site", "blog"][i % 2],
+                    &format!("h{i}"),
+                    &format!("dh_{i}"),
+                )
+            })
             .collect();
         let check = |s: &Store| {
             assert_eq!(s.hook_count(), n);
@@ -1503,10 +1509,7 @@ mod tests {
             s.insert_hook(&hook("other", "cms", "dh_c")).unwrap(),
             HookInsert::Created
         ));
-        assert_eq!(
-            s.hook_by_token(&TokenHash::of("dh_a")).unwrap().id,
-            h.id
-        );
+        assert_eq!(s.hook_by_token(&TokenHash::of("dh_a")).unwrap().id, h.id);
         assert!(s.hook_by_token(&TokenHash::of("dh_b")).is_none());
         assert!(
             s.rotate_hook("other", h.id, &TokenHash::of("dh_x"))
@@ -1517,10 +1520,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(s.hook_by_token(&TokenHash::of("dh_a")).is_none());
-        assert_eq!(
-            s.hook_by_token(&TokenHash::of("dh_new")).unwrap().id,
-            h.id
-        );
+        assert_eq!(s.hook_by_token(&TokenHash::of("dh_new")).unwrap().id, h.id);
         s.record_hook_fired(h.id, Timestamp(5)).unwrap();
         let fired = s.hook(h.id).unwrap().unwrap();
         assert_eq!(
