@@ -144,6 +144,8 @@ fn main() {
             unauthenticated_body_budget: body_budget,
             metrics,
             quiet_log: Default::default(),
+            outbox: None,
+            ui: Default::default(),
         });
         let (_trigger, watch) = deployhook::shutdown::channel();
         tokio::spawn(serve(listener, state, watch));

@@ -184,7 +184,12 @@ impl ApiTokens {
     /// compared (constant time each, no early exit); if two tokens have the same text, the
     /// first one configured (the admin token first) wins.
     pub fn authenticate(&self, presented: &[u8]) -> Option<Grant> {
-        let d: [u8; 32] = Sha256::digest(presented).into();
+        self.grant_of_digest(&Sha256::digest(presented).into())
+    }
+
+    /// The grant of the token whose SHA-256 is `d`, compared as [`Self::authenticate`]
+    /// does: a status-page session keeps only this hash, and re-checks it on every request.
+    pub fn grant_of_digest(&self, d: &[u8; 32]) -> Option<Grant> {
         let mut found: Option<&Grant> = None;
         for (digest, grant) in &self.entries {
             let hit = bool::from(d.ct_eq(digest));

@@ -89,6 +89,9 @@ enum Cmd {
     /// Inspect and control builds.
     #[command(subcommand)]
     Builds(BuildsCmd),
+    /// (v2) Notifications and commit statuses: recent deliveries, test sends.
+    #[command(subcommand)]
+    Notifications(notifications::NotificationsCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -654,6 +657,7 @@ async fn client(cli: Cli) -> Result<(), Failure> {
             trigger(&c, &path, Some(Value::Object(body)), &wait, json).await
         }
         Cmd::Builds(cmd) => builds(&c, cmd, json).await,
+        Cmd::Notifications(cmd) => notifications::run(&c, cmd, json).await,
     }
 }
 
@@ -1069,6 +1073,8 @@ async fn follow_logs(c: &Client, id: &str, json: bool) -> Result<(), Failure> {
     }
     Ok(())
 }
+
+mod notifications;
 
 #[cfg(test)]
 mod tests {

@@ -23,6 +23,9 @@ use toml::Spanned;
 
 use crate::token::GitSecret;
 
+pub mod sinks;
+
+pub use sinks::{Event, Provider, SinkConfig, SinkFormat, StatusConfig};
 mod access;
 pub use access::{ApiTokenConfig, ProjectAccess, valid_param_name};
 
@@ -377,6 +380,10 @@ pub struct ProjectConfig {
     pub git_secret: Option<GitSecret>,
     /// Where the secret came from (for `check`), never the secret itself.
     pub git_secret_file: Option<PathBuf>,
+    /// (v2) The sinks this project notifies; `None`: every sink (SPEC §5.1).
+    pub notify: Option<Vec<String>>,
+    /// (v2) Commit statuses on the Git host (SPEC §5.2).
+    pub status: Option<StatusConfig>,
     /// Quiet period, params, `allow_from`, schedules (see `config/access.rs`).
     pub access: ProjectAccess,
 }
@@ -472,6 +479,24 @@ pub struct MetricsConfig {
     pub public: bool,
 }
 
+/// `[ui]`: the status pages (SPEC §6).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UiConfig {
+    /// Whether `/ui/` is served at all (`false`: it answers 404).
+    pub enabled: bool,
+    /// Whether pages (and badges) may be read without signing in; actions still need a session.
+    pub public: bool,
+}
+
+impl Default for UiConfig {
+    fn default() -> Self {
+        UiConfig {
+            enabled: true,
+            public: false,
+        }
+    }
+}
+
 /// The whole validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -483,8 +508,12 @@ pub struct Config {
     pub api: ApiConfig,
     /// `[metrics]`.
     pub metrics: MetricsConfig,
+    /// `[ui]`.
+    pub ui: UiConfig,
     /// `[projects.*]`, by name.
     pub projects: BTreeMap<ProjectName, Arc<ProjectConfig>>,
+    /// (v2) `[notify.*]`, by name.
+    pub sinks: BTreeMap<String, SinkConfig>,
 }
 
 impl Config {
@@ -575,6 +604,17 @@ impl Config {
                 humantime::format_duration(p.timeout),
                 git
             );
+            if let Some(st) = &p.status {
+                let _ = writeln!(
+                    out,
+                    "  {:<20} commit statuses on {} {} ({}), context {:?}",
+                    "",
+                    st.provider.as_str(),
+                    st.repo,
+                    st.api_url,
+                    st.context
+                );
+            }
             if !p.tags.is_empty() {
                 let tags: Vec<&str> = p.tags.iter().map(RefPattern::as_str).collect();
                 let _ = writeln!(out, "  {:<20} tags [{}]", "", tags.join(", "));
@@ -584,6 +624,7 @@ impl Config {
             }
             access::summarize(&mut out, p);
         }
+        let _ = write!(out, "{}", sinks::summary(self));
         out
     }
 }
@@ -629,7 +670,11 @@ struct RawConfig {
     #[serde(default)]
     metrics: RawMetrics,
     #[serde(default)]
+    ui: RawUi,
+    #[serde(default)]
     projects: BTreeMap<Spanned<String>, RawProject>,
+    #[serde(default)]
+    notify: BTreeMap<Spanned<String>, sinks::RawSink>,
 }
 
 #[derive(Deserialize, Default)]
@@ -665,6 +710,13 @@ struct RawMetrics {
     public: Option<bool>,
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawUi {
+    enabled: Option<bool>,
+    public: Option<bool>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawProject {
@@ -680,6 +732,8 @@ struct RawProject {
     #[serde(default)]
     env: BTreeMap<Spanned<String>, Spanned<String>>,
     git_secret_file: Option<Spanned<String>>,
+    notify: Option<Spanned<Vec<Spanned<String>>>>,
+    status: Option<sinks::RawStatus>,
     quiet_period: Option<Spanned<String>>,
     max_quiet_period: Option<Spanned<String>>,
     params: Option<Spanned<Vec<Spanned<String>>>>,
@@ -997,15 +1051,19 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path) -> Result<Config, Config
         Some(v) => resolve(base, v.get_ref()),
     };
 
+    let sinks = sinks::validate_sinks(ctx, base, raw.notify)?;
     let trusted_proxies = access::trusted_proxies(ctx, s.trusted_proxies.as_ref())?;
 
     let mut projects = BTreeMap::new();
-    for (name, p) in raw.projects {
+    for (name, mut p) in raw.projects {
         let key = format!("projects.{}", name.get_ref());
         let pname =
             ProjectName::parse(name.get_ref()).map_err(|m| ctx.err(span_of(&name), &key, m))?;
-        let project =
+        let (raw_notify, raw_status) = (p.notify.take(), p.status.take());
+        let mut project =
             validate_project(ctx, base, &key, pname.clone(), p, project_builds_per_minute)?;
+        project.notify = sinks::validate_notify(ctx, &key, raw_notify.as_ref(), &sinks)?;
+        project.status = sinks::validate_status(ctx, base, &key, raw_status.as_ref())?;
         projects.insert(pname, Arc::new(project));
     }
     let names = projects.keys().map(|n| n.as_str().to_owned()).collect();
@@ -1034,7 +1092,12 @@ fn validate(raw: RawConfig, ctx: &Ctx<'_>, base: &Path) -> Result<Config, Config
         metrics: MetricsConfig {
             public: raw.metrics.public.unwrap_or(false),
         },
+        ui: UiConfig {
+            enabled: raw.ui.enabled.unwrap_or(true),
+            public: raw.ui.public.unwrap_or(false),
+        },
         projects,
+        sinks,
     })
 }
 
@@ -1253,6 +1316,8 @@ fn validate_project(
         env,
         git_secret,
         git_secret_file,
+        notify: None,
+        status: None,
     })
 }
 
@@ -1289,6 +1354,30 @@ mod tests {
         assert!(p.cancel_superseded);
         assert_eq!(p.project_builds_per_minute, 10);
         assert_eq!(p.source, Source::Workdir(PathBuf::from("/tmp")));
+    }
+
+    #[test]
+    fn ui_keys_default_and_parse() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(
+            c.ui,
+            UiConfig {
+                enabled: true,
+                public: false
+            }
+        );
+        let c = parse(&format!("[ui]\nenabled = false\npublic = true\n{MINIMAL}")).unwrap();
+        assert_eq!(
+            c.ui,
+            UiConfig {
+                enabled: false,
+                public: true
+            }
+        );
+        let e = parse(&format!("[ui]\npublik = true\n{MINIMAL}")).unwrap_err();
+        assert_eq!(e.key, "ui.publik", "{e}");
+        let e = parse(&format!("[ui]\npublic = \"yes\"\n{MINIMAL}")).unwrap_err();
+        assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
     }
 
     #[test]

@@ -193,6 +193,24 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
         shared.get().server.max_concurrent_builds,
     );
     tracing::debug!("at most {max_connections} connections (open-file limit {nofile})");
+    let client = crate::outbound::Outbound::new().map_err(|e| DaemonError::Fatal(e.to_string()))?;
+    let public_url = if shared.get().server.public_url_is_default {
+        let mut a = local;
+        if a.ip().is_unspecified() {
+            a.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{a}")
+    } else {
+        shared.get().server.public_url.clone()
+    };
+    let outbox = crate::outbox::Outbox::start(
+        store.clone(),
+        shared.clone(),
+        metrics.clone(),
+        client,
+        queue.outbox_wake(),
+        public_url,
+    );
     let state = Arc::new(AppState {
         config: shared.clone(),
         store: store.clone(),
@@ -204,6 +222,8 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
         unauthenticated_body_budget: body_budget,
         metrics,
         quiet_log: Default::default(),
+        outbox: Some(outbox.clone()),
+        ui: Default::default(),
     });
     tracing::info!("listening on {local}");
 
@@ -267,6 +287,9 @@ pub async fn run(config_path: &Path, log_format: LogFormat) -> Result<(), Daemon
             },
         }
     }
+    // Deliveries in flight get a moment; whatever is still pending goes out after the next
+    // start (the outbox is durable), so shutdown is never held up by a slow receiver.
+    outbox.shutdown(Duration::from_secs(2)).await;
     trigger.set(Phase::Closing);
     let _ = tokio::time::timeout(http::CLOSE_DEADLINE + Duration::from_secs(1), server).await;
     pruner.abort();

@@ -9,6 +9,7 @@
 //! - [`cli`]: clap definitions, exit codes, and the HTTP client behind the client commands.
 //! - [`daemon`]: `deployhook serve`: start-up order, SIGHUP reload, shutdown with deadlines.
 //! - [`config`]: raw TOML mirror → validated [`config::Config`]; the shared, reloadable handle;
+//!   `config::sinks` holds the (v2) `[notify.*]` and `[projects.*.status]` keys.
 //!   `config/access.rs` the keys of quiet periods, params, allowlists, schedules and API tokens.
 //! - [`model`]: builds, hooks, phases, outcomes, trigger sources, and their JSON shapes.
 //! - [`token`]: hook tokens, API token files, Git secrets: generation, hashing, constant-time checks.
@@ -31,9 +32,15 @@
 //! - [`http`]: accept loop and hardening; `api` (admin), `public` (hooks, Git, health, metrics),
 //!   `envelope` (the typed envelope, responses and error codes), `error` (domain errors →
 //!   HTTP errors), `conn` (per-connection framing checks, the first head, eviction).
+//! - [`ui`]: the status pages and badge: routes, sessions, maud templates, live log (SSE).
 //! - [`shutdown`]: signals and the shutdown phases.
 //! - [`metrics`]: the Prometheus registry (counters, histogram) and its text exposition.
 //! - [`notify`]: systemd's readiness protocol (`READY=1`, `RELOADING=1`, `STOPPING=1`).
+//! - [`outbox`]: what leaves the daemon (SPEC §5): entries planned from the machine's tells,
+//!   stored with the build change, and the one worker that delivers and retries them.
+//! - [`notifications`]: notification bodies (`json` signed per Standard Webhooks, Slack, Discord).
+//! - [`statuses`]: commit-status requests and state words of the six Git-host providers.
+//! - [`outbound`]: the HTTP client for both: rustls, timeouts, no redirects, bounded answers.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -48,7 +55,10 @@ pub mod http;
 pub mod machine;
 pub mod metrics;
 pub mod model;
+pub mod notifications;
 pub mod notify;
+pub mod outbound;
+pub mod outbox;
 pub mod params;
 pub mod queue;
 pub mod quietlog;
@@ -56,6 +66,8 @@ pub mod ratelimit;
 pub mod runner;
 pub mod schedule;
 pub mod shutdown;
+pub mod statuses;
 pub mod store;
 pub mod supervisor;
 pub mod token;
+pub mod ui;

@@ -120,6 +120,10 @@ pub struct Metrics {
     http: Mutex<BTreeMap<(&'static str, u16), u64>>,
     /// `deployhook_builds_total` and `deployhook_build_duration_seconds` by project.
     builds: Mutex<BTreeMap<String, ProjectBuilds>>,
+    /// (v2) `deployhook_notifications_total` by (sink, result); sinks come from the config.
+    notifications: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// (v2) `deployhook_commit_statuses_total` by (project, result).
+    commit_statuses: Mutex<BTreeMap<(String, &'static str), u64>>,
     /// `deployhook_held_waits`: requests waiting for a build's outcome right now.
     held_waits: AtomicU64,
 }
@@ -133,6 +137,9 @@ impl Drop for HeldWait<'_> {
         self.0.held_waits.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+/// Results of an outbox delivery attempt, in label order.
+pub const DELIVERY_RESULTS: [&str; 3] = ["delivered", "retried", "failed"];
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -156,6 +163,8 @@ impl Metrics {
             triggers: Default::default(),
             http: Mutex::new(BTreeMap::new()),
             builds: Mutex::new(BTreeMap::new()),
+            notifications: Mutex::new(BTreeMap::new()),
+            commit_statuses: Mutex::new(BTreeMap::new()),
             held_waits: AtomicU64::new(0),
         }
     }
@@ -198,6 +207,78 @@ impl Metrics {
             p.count += 1;
             p.sum += secs;
         }
+    }
+
+    /// Counts a notification attempt (`result`: one of [`DELIVERY_RESULTS`]).
+    pub fn count_notification(&self, sink: &str, result: &'static str) {
+        *lock(&self.notifications)
+            .entry((sink.to_owned(), result))
+            .or_insert(0) += 1;
+    }
+
+    /// Counts a commit-status attempt (`result`: one of [`DELIVERY_RESULTS`]).
+    pub fn count_commit_status(&self, project: &str, result: &'static str) {
+        *lock(&self.commit_statuses)
+            .entry((project.to_owned(), result))
+            .or_insert(0) += 1;
+    }
+
+    /// (v2) The outbox families: `sinks` and `projects` (with a status) are shown with zeros
+    /// before their first attempt; `pending` is the outbox's size now.
+    pub fn render_outbox<'a>(
+        &self,
+        sinks: impl IntoIterator<Item = &'a str>,
+        status_projects: impl IntoIterator<Item = &'a str>,
+        pending: u64,
+    ) -> String {
+        let mut out = String::new();
+        for (name, label, help, map, keys) in [
+            (
+                "deployhook_notifications_total",
+                "sink",
+                "Notification delivery attempts by sink and result (delivered, retried, failed).",
+                &self.notifications,
+                sinks
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect::<BTreeSet<_>>(),
+            ),
+            (
+                "deployhook_commit_statuses_total",
+                "project",
+                "Commit-status delivery attempts by project and result (delivered, retried, failed).",
+                &self.commit_statuses,
+                status_projects
+                    .into_iter()
+                    .map(str::to_owned)
+                    .collect::<BTreeSet<_>>(),
+            ),
+        ] {
+            family(&mut out, name, "counter", help);
+            let counts = lock(map);
+            let keys: BTreeSet<String> = keys
+                .into_iter()
+                .chain(counts.keys().map(|(k, _)| k.clone()))
+                .collect();
+            for k in &keys {
+                for r in DELIVERY_RESULTS {
+                    let n = counts.get(&(k.clone(), r)).copied().unwrap_or(0);
+                    let _ = writeln!(
+                        out,
+                        "{name}{{{label}=\"{}\",result=\"{r}\"}} {n}",
+                        escape(k)
+                    );
+                }
+            }
+        }
+        family(
+            &mut out,
+            "deployhook_outbox_pending",
+            "gauge",
+            "Notifications and commit statuses waiting for delivery.",
+        );
+        let _ = writeln!(out, "deployhook_outbox_pending {pending}");
+        out
     }
 
     /// The exposition text. `projects` are the configured projects (shown with zeros before

@@ -36,7 +36,8 @@ use tokio::sync::{Notify, watch};
 use crate::buildlog::{self, LogStats};
 use crate::config::{ProjectConfig, SharedConfig};
 use crate::machine::{
-    CancelStep, Effect, LogCounts, LogLine, LogWhat, Machine, Plan, Refusal, RunEnd, TriggerInput,
+    CancelStep, Effect, LogCounts, LogLine, LogWhat, Machine, Plan, Refusal, RunEnd, Tell,
+    TriggerInput,
 };
 use crate::metrics::Metrics;
 use crate::model::{Build, BuildId, Outcome, Phase, Target, Timestamp, Trigger};
@@ -192,6 +193,8 @@ struct Inner {
     state: Mutex<Locked>,
     /// Notified whenever a build stops (shutdown waits on it).
     stopped: Notify,
+    /// Woken after outbox entries are written (the outbox worker waits on it).
+    outbox_wake: Arc<Notify>,
     /// The earliest `not_before` of a queued build, for the quiet-period timer task.
     wake: watch::Sender<Option<Timestamp>>,
     /// Turns true at shutdown: held waits answer at once (SPEC §4.3).
@@ -329,6 +332,7 @@ impl Queue {
                     handles: HashMap::new(),
                 }),
                 stopped: Notify::new(),
+                outbox_wake: Arc::new(Notify::new()),
                 wake: watch::channel(None).0,
                 closing: watch::channel(false).0,
             }),
@@ -361,6 +365,10 @@ impl Queue {
     /// Applies the machine's effects in order. Store writes that fail are logged and the
     /// first error is returned (sled's errors are sticky: the daemon is going down anyway);
     /// the rest are still applied, so waiters are woken and runners stopped.
+    ///
+    /// The [`Effect::Tell`]s right after a [`Effect::Put`] become outbox entries written in
+    /// the same transaction as that record (SPEC §5); those of a new build
+    /// ([`Tell::Queued`]) were written with its insert by [`Queue::trigger`].
     fn apply(&self, st: &mut Locked, effects: Vec<Effect>) -> Result<(), StoreError> {
         let r = self.apply_effects(st, effects);
         let next = st.machine.next_wake();
@@ -374,12 +382,21 @@ impl Queue {
 
     fn apply_effects(&self, st: &mut Locked, effects: Vec<Effect>) -> Result<(), StoreError> {
         let mut first_err = None;
-        for e in effects {
+        let mut effects = effects.into_iter().peekable();
+        while let Some(e) = effects.next() {
             match e {
                 Effect::Put(b) => {
-                    if let Err(err) = self.inner.store.put_build(&b) {
+                    let mut entries = Vec::new();
+                    while let Some(Effect::Tell(told, tell)) =
+                        effects.next_if(|e| matches!(e, Effect::Tell(..)))
+                    {
+                        entries.extend(self.plan_outbox(&told, &tell));
+                    }
+                    if let Err(err) = self.inner.store.put_build_with(&b, &entries) {
                         tracing::error!(build = %b.id, "cannot record a build change: {err}");
                         first_err.get_or_insert(err);
+                    } else if !entries.is_empty() {
+                        self.inner.outbox_wake.notify_one();
                     }
                 }
                 Effect::Stop(id, reason) => {
@@ -421,12 +438,66 @@ impl Queue {
                     ran_for,
                 } => self.inner.metrics.build_stopped(&project, outcome, ran_for),
                 Effect::Log(line) => write_log(&line),
-                // Nothing leaves the daemon yet: notifications and commit statuses (SPEC §5)
-                // are the outbox's, which is not built yet.
-                Effect::Tell(..) => {}
+                // Written with the insert of the build (see above).
+                Effect::Tell(_, Tell::Queued) => {}
+                // A tell with no record change of its own (none today): its entries alone.
+                Effect::Tell(told, tell) => {
+                    let entries = self.plan_outbox(&told, &tell);
+                    if let Err(err) = self.inner.store.add_entries(&entries) {
+                        tracing::error!(build = %told.id, "cannot record outbox entries: {err}");
+                        first_err.get_or_insert(err);
+                    } else if !entries.is_empty() {
+                        self.inner.outbox_wake.notify_one();
+                    }
+                }
             }
         }
         first_err.map_or(Ok(()), Err)
+    }
+
+    /// The outbox entries a change causes (see [`crate::outbox::plan`]).
+    fn plan_outbox(&self, b: &Build, tell: &Tell) -> Vec<crate::outbox::Entry> {
+        let config = self.inner.config.get();
+        if config.sinks.is_empty()
+            && config
+                .project(&b.project)
+                .is_none_or(|p| p.status.is_none())
+        {
+            return Vec::new();
+        }
+        let prev = if crate::outbox::needs_previous(b, tell, &config) {
+            self.previous_outcome(b)
+        } else {
+            None
+        };
+        crate::outbox::plan(b, tell, &config, prev, Timestamp::now())
+    }
+
+    /// The outcome of the newest earlier build of `b`'s target that ended in success, fail,
+    /// timed_out or interrupted (cancelled builds are skipped), for `recovered` (SPEC §5.1).
+    /// Reads at most `keep_builds` records, and only for a success some sink may hear.
+    fn previous_outcome(&self, b: &Build) -> Option<Outcome> {
+        let target = b.target();
+        let ids = self.inner.store.project_build_ids(&b.project).ok()?;
+        for id in ids {
+            let Ok(Some(other)) = self.inner.store.build(id) else {
+                continue;
+            };
+            if other.seq >= b.seq || !other.is_of(&target) {
+                continue;
+            }
+            match other.phase {
+                Phase::Stopped(Outcome::Cancelled) => continue,
+                Phase::Stopped(o) => return Some(o),
+                _ => continue,
+            }
+        }
+        None
+    }
+
+    /// What the outbox worker waits on: woken after entries are written.
+    pub fn outbox_wake(&self) -> Arc<Notify> {
+        self.inner.outbox_wake.clone()
     }
 
     /// Runs the scheduler and applies its effects (under the lock already held).
@@ -488,9 +559,13 @@ impl Queue {
                 })?;
             self.apply(&mut st, fx)?;
             if let Plan::Create(build) = &plan {
+                let entries = self.plan_outbox(build, &Tell::Queued);
                 self.inner
                     .store
-                    .insert_build(build, req.payload.as_deref())?;
+                    .insert_build_with(build, req.payload.as_deref(), &entries)?;
+                if !entries.is_empty() {
+                    self.inner.outbox_wake.notify_one();
+                }
                 st.handles.insert(build.id, Handles::new());
                 let fx = st
                     .machine

@@ -12,6 +12,14 @@
 //! | `deliveries` | project `\0` delivery id | seen-at (i64 BE) + build ids (16 bytes each; a nil id: still being handled): Git replay guard |
 //! | `rate_events` | created-on (order-preserving u64 BE) build id | project: rate-limit windows |
 //! | `schedules` | project `\0` branch `\0` zone `\0` cron | i64 BE µs: the time up to which that schedule's runs are handled |
+//! | `outbox` | entry id (u64 BE, creation order) | pending [`Entry`] (SPEC §5) |
+//! | `outbox_lanes` | commit-status lane (project, SHA, context) | id of its one pending entry |
+//! | `outbox_done` | entry id | delivered or failed [`Entry`], the newest [`OUTBOX_HISTORY`] |
+//!
+//! Outbox entries are written in the same transaction as the build record whose change
+//! causes them ([`Store::put_build_with`], [`Store::insert_build_with`]), so a `kill -9` can
+//! lose neither without the other. A commit-status entry replaces the pending one of its
+//! lane in that same transaction: no earlier state of a SHA can be sent after a later one.
 //!
 //! Values are bincode (serde, standard config) behind a one-byte format version, so a future
 //! format can be told apart from this one instead of being misread.
@@ -57,6 +65,7 @@
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::{Duration, Instant};
 
@@ -68,6 +77,10 @@ use sled::transaction::{ConflictableTransactionError, TransactionError};
 use tokio::sync::oneshot;
 
 use crate::model::{Build, BuildId, Hook, HookId, StatusFilter, Timestamp};
+use crate::outbox::Entry;
+
+/// Delivered and failed outbox entries kept for `GET /api/notifications`.
+pub const OUTBOX_HISTORY: usize = 1000;
 use crate::token::TokenHash;
 
 /// Format version of every record; bump it when a record's shape changes.
@@ -222,6 +235,14 @@ struct Inner {
     rate_events: sled::Tree,
     /// Per schedule, the time up to which its runs are handled (see `crate::schedule`).
     schedules: sled::Tree,
+    /// Pending outbox entries by id.
+    outbox: sled::Tree,
+    /// The pending entry of each commit-status lane.
+    outbox_lanes: sled::Tree,
+    /// Finished entries (history).
+    outbox_done: sled::Tree,
+    /// Pending entries, kept as a count so the gauge never walks the tree.
+    outbox_len: std::sync::atomic::AtomicI64,
     flush_tx: std::sync::Mutex<Option<mpsc::Sender<FlushWaiter>>>,
     /// Hook firings not yet written back; shared with the flush thread, which writes them
     /// back when it has been idle for [`FIRED_WRITE_INTERVAL`].
@@ -453,6 +474,38 @@ fn rate_key(at: Timestamp, id: BuildId) -> [u8; 24] {
     k
 }
 
+/// An outbox entry ready to write.
+struct Staged {
+    key: [u8; 8],
+    lane: Option<Vec<u8>>,
+    value: Vec<u8>,
+}
+
+fn key_id(k: &[u8]) -> Option<u64> {
+    <[u8; 8]>::try_from(k).ok().map(u64::from_be_bytes)
+}
+
+/// Writes staged entries inside a transaction; a commit-status entry drops the pending entry
+/// of its lane. Returns the change in the number of pending entries.
+fn write_entries(
+    outbox: &sled::transaction::TransactionalTree,
+    lanes: &sled::transaction::TransactionalTree,
+    staged: &[Staged],
+) -> Result<i64, ConflictableTransactionError<StoreError>> {
+    let mut delta = 0;
+    for s in staged {
+        if let Some(lane) = &s.lane
+            && let Some(old) = lanes.insert(lane.as_slice(), s.key.as_slice())?
+            && outbox.remove(old)?.is_some()
+        {
+            delta -= 1;
+        }
+        outbox.insert(s.key.as_slice(), s.value.as_slice())?;
+        delta += 1;
+    }
+    Ok(delta)
+}
+
 fn tx_err(e: TransactionError<StoreError>) -> StoreError {
     match e {
         TransactionError::Abort(e) => e,
@@ -507,6 +560,10 @@ impl Store {
             deliveries: tree("deliveries")?,
             rate_events: tree("rate_events")?,
             schedules: tree("schedules")?,
+            outbox: tree("outbox")?,
+            outbox_lanes: tree("outbox_lanes")?,
+            outbox_done: tree("outbox_done")?,
+            outbox_len: std::sync::atomic::AtomicI64::new(0),
             flush_tx: std::sync::Mutex::new(None),
             flush_thread: std::sync::Mutex::new(None),
             fired: Arc::default(),
@@ -517,6 +574,9 @@ impl Store {
             db: db.clone(),
             _lock: lock,
         };
+        inner
+            .outbox_len
+            .store(inner.outbox.len() as i64, Ordering::SeqCst);
         let (tx, rx) = mpsc::channel::<FlushWaiter>();
         let (hooks, fired) = (inner.hooks.clone(), inner.fired.clone());
         let failed = inner.failed.clone();
@@ -781,22 +841,42 @@ impl Store {
     /// Inserts a new build, its index entry, its payload and its rate-limit event in one
     /// transaction.
     pub fn insert_build(&self, build: &Build, payload: Option<&[u8]>) -> Result<(), StoreError> {
+        self.insert_build_with(build, payload, &[])
+    }
+
+    /// [`Store::insert_build`] with the outbox entries the new build causes, in the same
+    /// transaction.
+    pub fn insert_build_with(
+        &self,
+        build: &Build,
+        payload: Option<&[u8]>,
+        entries: &[Entry],
+    ) -> Result<(), StoreError> {
         let value = encode_build(build)?;
         let ikey = index_key(build);
         let rkey = rate_key(build.created_on, build.id);
+        let staged = self.stage_entries(entries)?;
         let i = &self.inner;
-        let r: TxResult<()> = (&i.builds, &i.build_index, &i.payloads, &i.rate_events).transaction(
-            |(builds, index, payloads, rate)| {
+        let r: TxResult<i64> = (
+            &i.builds,
+            &i.build_index,
+            &i.payloads,
+            &i.rate_events,
+            &i.outbox,
+            &i.outbox_lanes,
+        )
+            .transaction(|(builds, index, payloads, rate, outbox, lanes)| {
                 builds.insert(build.id.as_bytes(), value.as_slice())?;
                 index.insert(ikey.as_slice(), &[] as &[u8])?;
                 if let Some(p) = payload {
                     payloads.insert(build.id.as_bytes(), p)?;
                 }
                 rate.insert(rkey.as_slice(), build.project.as_bytes())?;
-                Ok(())
-            },
-        );
-        self.check(r.map_err(tx_err))
+                write_entries(outbox, lanes, &staged)
+            });
+        let added = self.check(r.map_err(tx_err))?;
+        self.inner.outbox_len.fetch_add(added, Ordering::SeqCst);
+        Ok(())
     }
 
     // ---- rate-limit events --------------------------------------------------------------
@@ -832,6 +912,159 @@ impl Store {
         let value = encode_build(build)?;
         let r = self.inner.builds.insert(build.id.as_bytes(), value);
         self.check(r.map(|_| ()).map_err(StoreError::from))
+    }
+
+    /// Overwrites a build record and adds the outbox entries its change causes, in one
+    /// transaction (a plain write when there are none: the common case stays cheap).
+    pub fn put_build_with(&self, build: &Build, entries: &[Entry]) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return self.put_build(build);
+        }
+        let value = encode_build(build)?;
+        let staged = self.stage_entries(entries)?;
+        let i = &self.inner;
+        let r: TxResult<i64> =
+            (&i.builds, &i.outbox, &i.outbox_lanes).transaction(|(builds, outbox, lanes)| {
+                builds.insert(build.id.as_bytes(), value.as_slice())?;
+                write_entries(outbox, lanes, &staged)
+            });
+        let added = self.check(r.map_err(tx_err))?;
+        self.inner.outbox_len.fetch_add(added, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Adds outbox entries that come with no build change.
+    pub fn add_entries(&self, entries: &[Entry]) -> Result<(), StoreError> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let staged = self.stage_entries(entries)?;
+        let i = &self.inner;
+        let r: TxResult<i64> = (&i.outbox, &i.outbox_lanes)
+            .transaction(|(outbox, lanes)| write_entries(outbox, lanes, &staged));
+        let added = self.check(r.map_err(tx_err))?;
+        self.inner.outbox_len.fetch_add(added, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Gives each entry its id (creation order) and encodes it.
+    fn stage_entries(&self, entries: &[Entry]) -> Result<Vec<Staged>, StoreError> {
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            let id = self.check(self.inner.db.generate_id().map_err(StoreError::from))?;
+            out.push(Staged {
+                key: id.to_be_bytes(),
+                lane: e.status_lane(),
+                value: encode(e)?,
+            });
+        }
+        Ok(out)
+    }
+
+    // ---- outbox -------------------------------------------------------------------------
+
+    /// Pending outbox entries after `after` (exclusive), oldest first, at most `limit`: the
+    /// worker pages through them instead of loading them all.
+    pub fn outbox_page(
+        &self,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<(u64, Entry)>, StoreError> {
+        let start = after.map_or(0, |a| a.saturating_add(1)).to_be_bytes();
+        let mut out = Vec::new();
+        if after == Some(u64::MAX) {
+            return Ok(out);
+        }
+        for item in self.inner.outbox.range(start.as_slice()..) {
+            let (k, v) = self.check(item.map_err(StoreError::from))?;
+            let Some(id) = key_id(&k) else { continue };
+            match decode::<Entry>(&v) {
+                Ok(e) => out.push((id, e)),
+                // An entry this version cannot read is left alone, not delivered garbled.
+                Err(e) => tracing::error!(entry = id, "cannot read an outbox entry: {e}"),
+            }
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Records a failed attempt of a pending entry (unless it was dropped meanwhile, for a
+    /// newer state of its commit-status lane).
+    pub fn outbox_update(&self, id: u64, e: &Entry) -> Result<(), StoreError> {
+        let value = encode(e)?;
+        let r = self
+            .inner
+            .outbox
+            .fetch_and_update(id.to_be_bytes(), |old| old.map(|_| value.clone()));
+        self.check(r.map(|_| ()).map_err(StoreError::from))
+    }
+
+    /// Moves an entry that was delivered or failed to the history (keeping the newest
+    /// [`OUTBOX_HISTORY`]).
+    pub fn outbox_finish(&self, id: u64, e: &Entry) -> Result<(), StoreError> {
+        let key = id.to_be_bytes();
+        let value = encode(e)?;
+        let lane = e.status_lane();
+        let i = &self.inner;
+        let r: TxResult<i64> =
+            (&i.outbox, &i.outbox_lanes, &i.outbox_done).transaction(|(outbox, lanes, done)| {
+                let removed = outbox.remove(key.as_slice())?.is_some();
+                if let Some(lane) = &lane
+                    && lanes.get(lane.as_slice())?.as_deref() == Some(key.as_slice())
+                {
+                    lanes.remove(lane.as_slice())?;
+                }
+                done.insert(key.as_slice(), value.as_slice())?;
+                Ok(if removed { -1 } else { 0 })
+            });
+        let delta = self.check(r.map_err(tx_err))?;
+        self.inner.outbox_len.fetch_add(delta, Ordering::SeqCst);
+        while self.inner.outbox_done.len() > OUTBOX_HISTORY {
+            match self.check(self.inner.outbox_done.pop_min().map_err(StoreError::from))? {
+                Some(_) => {}
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of pending outbox entries.
+    pub fn outbox_pending(&self) -> u64 {
+        self.inner.outbox_len.load(Ordering::SeqCst).max(0) as u64
+    }
+
+    /// The newest `limit` entries that `keep` accepts, pending and finished, newest first.
+    pub fn outbox_recent(
+        &self,
+        limit: usize,
+        keep: impl Fn(&Entry) -> bool,
+    ) -> Result<Vec<(u64, Entry)>, StoreError> {
+        let mut pending = self.inner.outbox.iter().rev().peekable();
+        let mut done = self.inner.outbox_done.iter().rev().peekable();
+        let mut out = Vec::new();
+        let key_of = |item: Option<&Result<(sled::IVec, sled::IVec), sled::Error>>| {
+            item.and_then(|r| r.as_ref().ok())
+                .and_then(|(k, _)| key_id(k))
+        };
+        while out.len() < limit {
+            let (p, d) = (key_of(pending.peek()), key_of(done.peek()));
+            let next = match (p, d) {
+                (None, None) => break,
+                (Some(p), Some(d)) if p >= d => pending.next(),
+                (Some(_), None) => pending.next(),
+                _ => done.next(),
+            };
+            let Some(item) = next else { break };
+            let (k, v) = self.check(item.map_err(StoreError::from))?;
+            if let (Some(id), Ok(e)) = (key_id(&k), decode::<Entry>(&v))
+                && keep(&e)
+            {
+                out.push((id, e));
+            }
+        }
+        Ok(out)
     }
 
     /// One build.

@@ -37,7 +37,7 @@ fn project(state: &AppState, name: &str) -> Result<Arc<ProjectConfig>, ApiError>
 }
 
 /// Parses a JSON object body that may only have `allowed` fields; an empty body is `{}`.
-fn json_object(body: &Bytes, allowed: &[&str]) -> Result<Map<String, Value>, ApiError> {
+pub(super) fn json_object(body: &Bytes, allowed: &[&str]) -> Result<Map<String, Value>, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
@@ -135,7 +135,7 @@ fn trigger_ref(
     }
 }
 
-fn string_field(m: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
+pub(super) fn string_field(m: &Map<String, Value>, key: &str) -> Result<Option<String>, ApiError> {
     match m.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),

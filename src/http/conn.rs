@@ -419,12 +419,20 @@ impl Registry {
     /// Asks the oldest connection that is between requests to close. Returns whether there
     /// was one.
     pub fn evict_oldest_idle(&self) -> bool {
+        self.evict_oldest_idle_opened_before(Instant::now())
+    }
+
+    /// Like [`Registry::evict_oldest_idle`], among connections opened before `before` only.
+    /// Under descriptor pressure a connection gets a moment to send its first head: the
+    /// client that just connected has usually already written its request, and closing it
+    /// unanswered would turn a slow moment into a failed request.
+    pub fn evict_oldest_idle_opened_before(&self, before: Instant) -> bool {
         let Ok(mut m) = self.conns.lock() else {
             return false;
         };
         let victim = m
             .iter()
-            .filter(|(_, e)| e.activity.is_between_requests())
+            .filter(|(_, e)| e.opened < before && e.activity.is_between_requests())
             .min_by_key(|(_, e)| e.opened)
             .map(|(id, _)| *id);
         match victim.and_then(|id| m.remove(&id)) {
@@ -573,6 +581,22 @@ mod tests {
         assert!(!futures_ready(&n.evict));
         assert!(r.evict_oldest_idle());
         assert!(!r.evict_oldest_idle(), "only the busy one is left");
+    }
+
+    /// Regression: at nofile 64, EMFILE while builds started closed the one connection just
+    /// accepted (a trigger whose request was already in the socket) without an answer.
+    #[test]
+    fn a_connection_just_opened_is_not_evicted_under_descriptor_pressure() {
+        let r = Arc::new(Registry::default());
+        let new = Arc::new(Activity::default());
+        new.in_head.store(true, Ordering::SeqCst);
+        let n = r.register(new);
+        let a_second_ago = Instant::now() - std::time::Duration::from_secs(1);
+        assert!(!r.evict_oldest_idle_opened_before(a_second_ago));
+        assert!(!futures_ready(&n.evict));
+        assert!(
+            r.evict_oldest_idle_opened_before(Instant::now() + std::time::Duration::from_millis(1))
+        );
     }
 
     #[tokio::test]

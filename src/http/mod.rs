@@ -29,6 +29,7 @@ pub mod api;
 pub mod conn;
 pub mod envelope;
 pub mod error;
+pub mod outbox_api;
 pub mod public;
 
 use std::convert::Infallible;
@@ -64,6 +65,9 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
 /// Largest header block (plus request line) accepted.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// Under descriptor pressure (EMFILE), how long a new connection may wait for its first head
+/// before it counts as idle and may be closed to make room.
+pub const EMFILE_EVICTION_GRACE: Duration = Duration::from_secs(1);
 /// Most headers accepted in one request.
 pub const MAX_HEADERS: usize = 100;
 /// Most connections the server keeps open at once, however many descriptors there are.
@@ -126,6 +130,10 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Aggregates refusal lines that clients can cause at request rate.
     pub quiet_log: crate::quietlog::Throttle,
+    /// (v2) The outbox worker (`None` in harnesses that run no daemon), for test sends.
+    pub outbox: Option<crate::outbox::Outbox>,
+    /// The status pages' sessions and assets.
+    pub ui: crate::ui::Ui,
 }
 
 impl AppState {
@@ -216,7 +224,10 @@ pub async fn serve(
                         // their reserve): an idle connection makes room, as at the cap, so
                         // that `/healthz` still gets in. With none to close, back off
                         // instead of spinning.
-                        let evicted = registry.evict_oldest_idle();
+                        let grace = std::time::Instant::now()
+                            .checked_sub(EMFILE_EVICTION_GRACE)
+                            .unwrap_or_else(std::time::Instant::now);
+                        let evicted = registry.evict_oldest_idle_opened_before(grace);
                         if last_accept_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
                             tracing::warn!("accept failed: {e}; closing idle connections, else pausing accepts for 100 ms at a time");
                             last_accept_warning = Some(tokio::time::Instant::now());
@@ -305,12 +316,22 @@ enum Route<'a> {
     Build(&'a str),
     BuildLogs(&'a str),
     BuildCancel(&'a str),
+    /// (v2) `GET /api/notifications`.
+    Notifications,
+    /// (v2) `POST /api/notifications/test`.
+    NotificationsTest,
     BuildRedeploy(&'a str),
     BuildWait(&'a str),
+    /// Anything under `/ui` (the status pages route inside `ui`).
+    Ui,
+    Badge(&'a str),
 }
 
 impl Route<'_> {
     fn parse(path: &str) -> Option<Route<'_>> {
+        if path == "/ui" || path.starts_with("/ui/") {
+            return Some(Route::Ui);
+        }
         let rest = path.strip_prefix('/')?;
         let segs: Vec<&str> = rest.split('/').collect();
         if segs.iter().any(|s| s.is_empty()) {
@@ -329,8 +350,11 @@ impl Route<'_> {
             ["api", "builds", id] => Route::Build(id),
             ["api", "builds", id, "logs"] => Route::BuildLogs(id),
             ["api", "builds", id, "cancel"] => Route::BuildCancel(id),
+            ["api", "notifications"] => Route::Notifications,
+            ["api", "notifications", "test"] => Route::NotificationsTest,
             ["api", "builds", id, "redeploy"] => Route::BuildRedeploy(id),
             ["api", "builds", id, "wait"] => Route::BuildWait(id),
+            ["badge", file] => Route::Badge(file.strip_suffix(".svg")?),
             _ => return None,
         })
     }
@@ -343,13 +367,16 @@ impl Route<'_> {
             | Route::Projects
             | Route::Build(_)
             | Route::BuildLogs(_)
-            | Route::BuildWait(_) => "GET",
+            | Route::Notifications
+            | Route::BuildWait(_)
+            | Route::Badge(_) => "GET",
             Route::Hook(_)
             | Route::Git(_)
             | Route::ProjectHookRotate(..)
             | Route::BuildCancel(_)
+            | Route::NotificationsTest
             | Route::BuildRedeploy(_) => "POST",
-            Route::ProjectHooks(_) | Route::ProjectBuilds(_) => "GET, POST",
+            Route::ProjectHooks(_) | Route::ProjectBuilds(_) | Route::Ui => "GET, POST",
             Route::ProjectHook(..) => "DELETE",
         }
     }
@@ -358,7 +385,12 @@ impl Route<'_> {
     fn is_admin(&self) -> bool {
         !matches!(
             self,
-            Route::Healthz | Route::Metrics | Route::Hook(_) | Route::Git(_)
+            Route::Healthz
+                | Route::Metrics
+                | Route::Hook(_)
+                | Route::Git(_)
+                | Route::Ui
+                | Route::Badge(_)
         )
     }
 
@@ -389,8 +421,15 @@ impl Route<'_> {
             | Route::BuildCancel(id)
             | Route::BuildRedeploy(id)
             | Route::BuildWait(id) => (Scope::Read, About::Build(id)),
-            // Not token-checked (see `is_admin`); listed for completeness.
-            Route::Healthz | Route::Hook(_) | Route::Git(_) => (Scope::Read, About::Filtered),
+            // (v2) Test sends are admin-only and about no one project: a token limited to
+            // projects is refused (SPEC §4.2). The listing shows the token's projects only.
+            Route::NotificationsTest if post => (Scope::Admin, About::Everything),
+            Route::Notifications | Route::NotificationsTest => (Scope::Read, About::Filtered),
+            // Not token-checked (see `is_admin`; the pages check their sessions and the badge
+            // its token itself); listed for completeness.
+            Route::Healthz | Route::Hook(_) | Route::Git(_) | Route::Ui | Route::Badge(_) => {
+                (Scope::Read, About::Filtered)
+            }
         }
     }
 
@@ -410,8 +449,12 @@ impl Route<'_> {
             Route::Build(_) => "/api/builds/{uuid}",
             Route::BuildLogs(_) => "/api/builds/{uuid}/logs",
             Route::BuildCancel(_) => "/api/builds/{uuid}/cancel",
+            Route::Notifications => "/api/notifications",
+            Route::NotificationsTest => "/api/notifications/test",
             Route::BuildRedeploy(_) => "/api/builds/{uuid}/redeploy",
             Route::BuildWait(_) => "/api/builds/{uuid}/wait",
+            Route::Ui => "/ui",
+            Route::Badge(_) => "/badge/{project}.svg",
         }
     }
 
@@ -682,10 +725,14 @@ async fn dispatch(
         (Route::Build(id), _) if get => api::get_build(state, id),
         (Route::BuildLogs(id), _) if get => api::build_logs(state, id, req.uri().query()).await,
         (Route::BuildCancel(id), Method::POST) => api::cancel_build(state, id).await,
+        (Route::Notifications, _) if get => outbox_api::list(state, &grant, req.uri().query()),
+        (Route::NotificationsTest, Method::POST) => outbox_api::test(state, req).await,
         (Route::BuildRedeploy(id), Method::POST) => {
             api::redeploy_build(state, id, req.uri().query()).await
         }
         (Route::BuildWait(id), _) if get => api::wait_build(state, id, req.uri().query()).await,
+        (Route::Ui, _) => Ok(crate::ui::handle(state, req).await),
+        (Route::Badge(p), _) if get => crate::ui::badge(state, p, &req).await,
         (route, _) => Err(ApiError::MethodNotAllowed(route.allow())),
     }
 }

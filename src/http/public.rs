@@ -33,9 +33,21 @@ const STALE_CLAIM: Duration = Duration::from_secs(60);
 pub fn metrics(state: &AppState) -> Result<Response<Body>, ApiError> {
     let config = state.config.get();
     let (queued, running) = state.queue.counts();
-    let text = state
-        .metrics
-        .render(config.projects.keys().map(|n| n.as_str()), queued, running);
+    let mut text =
+        state
+            .metrics
+            .render(config.projects.keys().map(|n| n.as_str()), queued, running);
+    text.push_str(
+        &state.metrics.render_outbox(
+            config.sinks.keys().map(String::as_str),
+            config
+                .projects
+                .values()
+                .filter(|p| p.status.is_some())
+                .map(|p| p.name.as_str()),
+            state.store.outbox_pending(),
+        ),
+    );
     let mut r = Response::new(http_body_util::BodyExt::boxed(http_body_util::Full::new(
         bytes::Bytes::from(text),
     )));

@@ -2,6 +2,7 @@
 //! and through its CLI. One test crate (faster to build and link than one per file).
 
 mod access;
+mod browser;
 mod builds;
 mod client;
 mod examples;
@@ -12,7 +13,9 @@ mod hostile;
 mod hostile2;
 mod machine;
 mod ops;
+mod outbox;
 mod reliability;
 mod supervisor;
+mod ui;
 mod util;
 mod wait;
