@@ -26,6 +26,15 @@
 //!   long that took is printed), in a daemon restarted on that store, and for reference in the
 //!   same process right after the bursts of creating them and of (c).
 //!
+//! * **wrk** (when on `PATH`): bare hyper, (a), (b) and webhook's unknown hook again, under
+//!   `wrk -t2 -c64 -d6s` with a CMS's publish webhook (JSON body and its headers, from a Lua
+//!   script written to the temp dir), `--wrk-rounds` interleaved rounds, medians; (f) and (g)
+//!   each interleaved with bare hyper again. The targets are judged on these;
+//! * **(e) memory that comes back**: after (c), the hook creation and a burst of
+//!   `--burst-connections` connections open at once, RSS after `--idle-seconds` of idle;
+//! * **(g) 1 000 000 hooks** (`--million-hooks`), written straight into the stopped daemon's
+//!   store: start-up time, idle RSS and the hot path.
+//!
 //! Bare hyper, webhook, (a) and (b) are measured interleaved in `--rounds` slices, so that
 //! drift in the machine's other load hits them alike. At the end it checks correctness:
 //! every response that announced a new build (`already_exists: false`) names a distinct build
