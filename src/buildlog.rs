@@ -111,9 +111,11 @@ pub struct LogSummary {
     pub truncated: bool,
 }
 
-/// A live log: the writer thread's handle plus what followers watch.
+/// A live log: the writer thread's result plus what followers watch.
 pub struct LogWriter {
-    thread: Option<std::thread::JoinHandle<LogSummary>>,
+    /// The writer thread's figures, sent as it ends. Awaited rather than joined: joining
+    /// needs a thread of its own, and at the service's task limit there may be none.
+    done: Option<tokio::sync::oneshot::Receiver<LogSummary>>,
     /// Number of complete lines in the file; followers wait on changes.
     pub lines: watch::Receiver<u64>,
     /// Shared counters.
@@ -138,12 +140,16 @@ impl LogWriter {
         let (tx, rx) = mpsc::channel(256);
         let (lines_tx, lines_rx) = watch::channel(existing_lines);
         let thread_stats = stats.clone();
-        let thread = std::thread::Builder::new()
+        let (done_tx, done) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
             .name("deployhook-log".into())
-            .spawn(move || write_loop(file, rx, lines_tx, thread_stats, max_bytes))?;
+            .spawn(move || {
+                let summary = write_loop(file, rx, lines_tx, thread_stats, max_bytes);
+                let _ = done_tx.send(summary);
+            })?;
         Ok((
             LogWriter {
-                thread: Some(thread),
+                done: Some(done),
                 lines: lines_rx,
                 stats: stats.clone(),
             },
@@ -153,12 +159,10 @@ impl LogWriter {
 
     /// Waits until every sender is dropped and the file is complete; returns its figures.
     pub async fn finish(mut self) -> LogSummary {
-        let Some(thread) = self.thread.take() else {
+        let Some(done) = self.done.take() else {
             return LogSummary::default();
         };
-        tokio::task::spawn_blocking(move || thread.join().unwrap_or_default())
-            .await
-            .unwrap_or_default()
+        done.await.unwrap_or_default()
     }
 }
 

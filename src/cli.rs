@@ -63,7 +63,13 @@ enum Cmd {
         log_format: crate::daemon::LogFormat,
     },
     /// Validate the config and print a summary.
-    Check,
+    Check {
+        /// Print nothing when the config is valid (errors still go to stderr), e.g. for a
+        /// unit's `ExecStartPre=`, which would otherwise put the summary in the journal at
+        /// every start.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Manage deploy hooks.
     #[command(subcommand)]
     Hooks(HooksCmd),
@@ -258,7 +264,8 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         }
     };
     match cli.cmd {
-        Cmd::Check => match Config::load(&cli.config) {
+        Cmd::Check { quiet } => match Config::load(&cli.config) {
+            Ok(_) if quiet => ExitCode::SUCCESS,
             Ok(c) => {
                 // A closed stdout (`check | head -1`) is not a failure of the check.
                 let _ = writeln!(std::io::stdout().lock(), "{}config OK", c.summary());
@@ -287,8 +294,17 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             rt.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
             match result {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
+                // Once logging is set up, the log is where the error goes (with its priority
+                // under journald); before that (a bad config), stderr is all there is.
+                Err(e)
+                    if tracing::dispatcher::has_been_set()
+                        && tracing::level_filters::LevelFilter::current()
+                            >= tracing::level_filters::LevelFilter::ERROR =>
+                {
                     tracing::error!("{e}");
+                    ExitCode::from(1)
+                }
+                Err(e) => {
                     eprintln!("deployhook: {e}");
                     ExitCode::from(1)
                 }
@@ -626,7 +642,7 @@ async fn client(cli: Cli) -> Result<(), Failure> {
     let c = Client::new(&cli)?;
     let json = cli.json;
     match cli.cmd {
-        Cmd::Serve { .. } | Cmd::Check => unreachable!("handled in main"),
+        Cmd::Serve { .. } | Cmd::Check { .. } => unreachable!("handled in main"),
         Cmd::Hooks(cmd) => hooks(&c, cmd, json).await,
         Cmd::Trigger {
             project,

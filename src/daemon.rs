@@ -23,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::RwLock;
 
 use crate::access::ApiTokens;
+use crate::blocking;
 use crate::config::{Config, ConfigError, SharedConfig};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
@@ -79,6 +80,10 @@ pub enum LogFormat {
 struct TextStyle {
     ansi: bool,
     timestamps: bool,
+    /// A `<N>` syslog priority before each line, which journald reads from a service's
+    /// stderr (and strips): without it every line is "info", and `journalctl -p err` never
+    /// shows a rejected reload.
+    priority: bool,
 }
 
 /// The text style for `format` (`None`: JSON), given where stderr goes.
@@ -88,11 +93,44 @@ fn text_style(format: LogFormat, terminal: bool, journald: bool) -> Option<TextS
         LogFormat::Text => Some(TextStyle {
             ansi: false,
             timestamps: true,
+            priority: journald,
         }),
         LogFormat::Auto => Some(TextStyle {
             ansi: terminal && !journald,
             timestamps: !journald,
+            priority: journald,
         }),
+    }
+}
+
+/// The syslog priority journald files a line of `level` under (`sd-daemon(3)`'s `SD_ERR`…).
+fn syslog_priority(level: tracing::Level) -> u8 {
+    match level {
+        tracing::Level::ERROR => 3,
+        tracing::Level::WARN => 4,
+        tracing::Level::INFO => 6,
+        tracing::Level::DEBUG | tracing::Level::TRACE => 7,
+    }
+}
+
+/// An event formatter that puts the event's syslog priority (`<3>`) before what `inner`
+/// writes.
+struct WithPriority<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for WithPriority<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        write!(writer, "<{}>", syslog_priority(*event.metadata().level()))?;
+        self.0.format_event(ctx, writer, event)
     }
 }
 
@@ -118,23 +156,45 @@ fn init_tracing(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let style = text_style(format, std::io::stderr().is_terminal(), stderr_is_journal());
+    let _ = tracing::subscriber::set_global_default(subscriber(filter, style, std::io::stderr));
+}
+
+/// The subscriber writing lines of `style` (`None`: JSON) to `writer`.
+fn subscriber<W>(
+    filter: tracing_subscriber::EnvFilter,
+    style: Option<TextStyle>,
+    writer: W,
+) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'a> tracing_subscriber::fmt::MakeWriter<'a> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_target(false);
-    let _ = match text_style(format, std::io::stderr().is_terminal(), stderr_is_journal()) {
-        None => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(false)
-            .with_span_list(false)
-            .try_init(),
-        Some(TextStyle {
-            ansi,
-            timestamps: false,
-        }) => builder.with_ansi(ansi).without_time().try_init(),
-        Some(TextStyle { ansi, .. }) => builder.with_ansi(ansi).try_init(),
+    let Some(style) = style else {
+        return Box::new(
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(false)
+                .with_span_list(false)
+                .finish(),
+        );
     };
+    let text = tracing_subscriber::fmt::format().with_target(false);
+    let builder = builder.with_ansi(style.ansi);
+    match (style.timestamps, style.priority) {
+        (true, false) => Box::new(builder.event_format(text).finish()),
+        (false, false) => Box::new(builder.event_format(text.without_time()).finish()),
+        (true, true) => Box::new(builder.event_format(WithPriority(text)).finish()),
+        (false, true) => Box::new(
+            builder
+                .event_format(WithPriority(text.without_time()))
+                .finish(),
+        ),
+    }
 }
 
 /// Raises the open-file limit to its hard maximum (each connection and each build's pipes
@@ -333,7 +393,7 @@ async fn apply_reload(
     shared: Arc<SharedConfig>,
     state: &AppState,
 ) -> &'static str {
-    let loaded = tokio::task::spawn_blocking(move || {
+    let loaded = blocking::run("reading the config", move || {
         Config::load(&path).map(|c| {
             let tokens = ApiTokens::load(&c, false);
             (c, tokens)
@@ -346,8 +406,9 @@ async fn apply_reload(
             tracing::error!("config reload rejected, the old config stays in force: {e}");
             return "the last reload was rejected (see the log)";
         }
+        // At the service's task limit: nothing was read, so nothing changes.
         Err(e) => {
-            tracing::error!("config reload failed, the old config stays in force: {e}");
+            tracing::error!("config reload rejected, the old config stays in force: {e}");
             return "the last reload failed (see the log)";
         }
     };
@@ -384,9 +445,10 @@ async fn prune_deliveries(store: Store) {
         tick.tick().await;
         let before = Timestamp::now().before(http::public::DELIVERY_WINDOW);
         let s = store.clone();
-        match tokio::task::spawn_blocking(move || s.prune_deliveries(before)).await {
+        match blocking::run("pruning Git deliveries", move || s.prune_deliveries(before)).await {
             Ok(Ok(n)) if n > 0 => tracing::debug!("forgot {n} old Git deliveries"),
             Ok(Err(e)) => tracing::error!("cannot prune Git deliveries: {e}"),
+            Err(e) => tracing::warn!("Git deliveries not pruned this hour: {e}"),
             _ => {}
         }
     }
@@ -398,19 +460,98 @@ mod tests {
 
     #[test]
     fn log_style_follows_the_format_and_where_stderr_goes() {
-        let style = |ansi, timestamps| Some(TextStyle { ansi, timestamps });
-        // auto: colours on a terminal only; journald adds its own timestamps.
-        assert_eq!(text_style(LogFormat::Auto, true, false), style(true, true));
+        let style = |ansi, timestamps, priority| {
+            Some(TextStyle {
+                ansi,
+                timestamps,
+                priority,
+            })
+        };
+        // auto: colours on a terminal only; journald adds its own timestamps and reads
+        // each line's priority from a `<N>` prefix.
+        assert_eq!(
+            text_style(LogFormat::Auto, true, false),
+            style(true, true, false)
+        );
         assert_eq!(
             text_style(LogFormat::Auto, false, false),
-            style(false, true)
+            style(false, true, false)
         );
         assert_eq!(
             text_style(LogFormat::Auto, false, true),
-            style(false, false)
+            style(false, false, true)
         );
-        assert_eq!(text_style(LogFormat::Auto, true, true), style(false, false));
-        assert_eq!(text_style(LogFormat::Text, true, true), style(false, true));
+        assert_eq!(
+            text_style(LogFormat::Auto, true, true),
+            style(false, false, true)
+        );
+        assert_eq!(
+            text_style(LogFormat::Text, true, true),
+            style(false, true, true)
+        );
+        assert_eq!(
+            text_style(LogFormat::Text, false, false),
+            style(false, true, false)
+        );
         assert_eq!(text_style(LogFormat::Json, true, false), None);
+    }
+
+    /// A writer into a shared buffer, for reading back what a subscriber wrote.
+    #[derive(Clone, Default)]
+    struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// What one error, warning, info, debug and trace line look like in `style`.
+    fn lines_in(style: Option<TextStyle>) -> Vec<String> {
+        let buf = Buffer::default();
+        let out = buf.clone();
+        let filter = tracing_subscriber::EnvFilter::new("trace");
+        let sub = subscriber(filter, style, move || out.clone());
+        tracing::subscriber::with_default(sub, || {
+            tracing::error!("config reload rejected, the old config stays in force");
+            tracing::warn!("a warning");
+            tracing::info!(projects = 2, "config reloaded");
+            tracing::debug!("a detail");
+            tracing::trace!("a finer detail");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        text.lines().map(str::to_owned).collect()
+    }
+
+    #[test]
+    fn under_journald_each_line_starts_with_its_syslog_priority() {
+        let journald = text_style(LogFormat::Auto, false, true);
+        let lines = lines_in(journald);
+        assert_eq!(lines.len(), 5, "{lines:?}");
+        let prefixes: Vec<&str> = lines.iter().map(|l| &l[..3]).collect();
+        assert_eq!(prefixes, ["<3>", "<4>", "<6>", "<7>", "<7>"]);
+        // The prefix is all journald needs: no timestamp (it adds its own), no colours.
+        assert_eq!(
+            lines[0],
+            "<3>ERROR config reload rejected, the old config stays in force"
+        );
+        assert_eq!(lines[2], "<6> INFO config reloaded projects=2");
+    }
+
+    #[test]
+    fn elsewhere_lines_carry_no_priority_prefix() {
+        for style in [
+            text_style(LogFormat::Auto, false, false),
+            text_style(LogFormat::Text, false, false),
+            None,
+        ] {
+            let lines = lines_in(style);
+            assert_eq!(lines.len(), 5, "{lines:?}");
+            assert!(lines.iter().all(|l| !l.starts_with('<')), "{lines:?}");
+        }
     }
 }

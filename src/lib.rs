@@ -26,6 +26,7 @@
 //! - [`runner`]: one build: checkout, spawn under a supervisor, logs, timeout, stop, outcome.
 //! - [`supervisor`]: the hidden per-process supervisor mode that makes builds die with the daemon,
 //!   and the daemon's handle on it (protocol, escalation, reaping) with its warm pool.
+//! - [`blocking`]: blocking work on threads of its own, an error (not a panic) when none can start.
 //! - [`buildlog`]: capped append-only NDJSON log files, line splitting, paging.
 //! - [`git`]: Git-host webhooks (pure): host detection, signatures, every host's push shapes
 //!   (multi-ref, tags, System Hooks), skip markers and `paths`, delivery ids.
@@ -46,6 +47,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod blocking;
 pub mod buildlog;
 pub mod cli;
 pub mod config;

@@ -30,6 +30,7 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::rt::TokioExecutor;
 
 /// Most bytes of an answer's body that are read (and shown by `notifications test`).
@@ -75,7 +76,7 @@ pub enum SendError {
 /// The shared client; cheap to clone.
 #[derive(Clone)]
 pub struct Outbound {
-    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector<Resolver>>, Full<Bytes>>,
     total: Duration,
 }
 
@@ -125,7 +126,7 @@ impl Outbound {
             .with_root_certificates(roots)
             .with_no_client_auth();
         let (connect, total) = test_timeouts().unwrap_or((CONNECT_TIMEOUT, TOTAL_TIMEOUT));
-        let mut http = HttpConnector::new();
+        let mut http = HttpConnector::new_with_resolver(Resolver);
         http.enforce_http(false);
         http.set_connect_timeout(Some(connect));
         let https = hyper_rustls::HttpsConnectorBuilder::new()
@@ -201,4 +202,54 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         src = c.source();
     }
     s
+}
+
+/// Host-name resolution on a thread of its own ([`crate::blocking`]). hyper-util's default
+/// resolver uses `tokio::task::spawn_blocking`, which panics when no thread can start (the
+/// service at its `TasksMax=`); this one fails the attempt with an error instead, which the
+/// outbox retries like any connection error.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Resolver;
+
+impl tower_service::Service<Name> for Resolver {
+    type Response = std::vec::IntoIter<std::net::SocketAddr>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        let host = name.as_str().to_owned();
+        Box::pin(async move {
+            crate::blocking::run("resolving a host name", move || {
+                use std::net::ToSocketAddrs as _;
+                (host.as_str(), 0)
+                    .to_socket_addrs()
+                    .map(|a| a.collect::<Vec<_>>().into_iter())
+            })
+            .await
+            .map_err(std::io::Error::other)?
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_resolver_finds_localhost_on_a_thread_of_its_own() {
+        use std::str::FromStr as _;
+        use tower_service::Service as _;
+        let name = Name::from_str("localhost").unwrap();
+        let addrs: Vec<_> = Resolver.call(name).await.unwrap().collect();
+        assert!(addrs.iter().any(|a| a.ip().is_loopback()), "{addrs:?}");
+    }
 }

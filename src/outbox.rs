@@ -742,9 +742,13 @@ impl Outbox {
                 let tail = if notifications::wants_log(*event) {
                     let dir = self.inner.store.state_dir().to_path_buf();
                     let b = (**build).clone();
-                    tokio::task::spawn_blocking(move || notifications::log_tail(&dir, &b))
-                        .await
-                        .unwrap_or_default()
+                    // Without a thread (the service at its task limit) the notice goes
+                    // without its log tail rather than not at all.
+                    crate::blocking::run("reading a build log", move || {
+                        notifications::log_tail(&dir, &b)
+                    })
+                    .await
+                    .unwrap_or_default()
                 } else {
                     Vec::new()
                 };

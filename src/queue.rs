@@ -33,6 +33,7 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 
+use crate::blocking;
 use crate::buildlog::{self, LogStats};
 use crate::config::{ProjectConfig, SharedConfig};
 use crate::machine::{
@@ -318,7 +319,7 @@ impl Queue {
         let mono_now = machine.limiter.now();
         machine.limiter.restore(
             events.iter().map(|(p, at)| (p.as_str(), *at)),
-            Timestamp::now(),
+            &ratelimit::Clocks::now(),
             mono_now,
         );
         let q = Queue {
@@ -592,7 +593,7 @@ impl Queue {
         // Events older than the window are dead weight; this is usually a no-op range scan.
         self.inner
             .store
-            .prune_rate_events(build.created_on.before(ratelimit::WINDOW))?;
+            .prune_rate_events(&ratelimit::Clocks::now(), ratelimit::WINDOW)?;
         self.inner.store.durable().await?;
         self.lock().machine.flushed(build.id);
         Ok(Triggered {
@@ -811,11 +812,16 @@ impl Queue {
     /// Prunes a project's builds beyond `keep_builds`, with their logs, in the background.
     fn prune_later(&self, project: String) {
         let q = self.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = q.prune(&project) {
-                tracing::error!(project = %project, "cannot prune old builds: {e}");
+        let p = project.clone();
+        let started = blocking::spawn("pruning old builds", move || {
+            if let Err(e) = q.prune(&p) {
+                tracing::error!(project = %p, "cannot prune old builds: {e}");
             }
         });
+        // At the task limit: the next stopped build of the project prunes these too.
+        if let Err(e) = started {
+            tracing::warn!(project = %project, "old builds not pruned now: {e}");
+        }
     }
 
     fn prune(&self, project: &str) -> Result<usize, StoreError> {

@@ -8,16 +8,23 @@
 //! # Clocks
 //! Decisions use monotonic time ([`Mono`], microseconds since this limiter was created), so a
 //! wall-clock step while the daemon runs changes no window. Events must also survive a restart
-//! or a `kill -9`, and no monotonic clock does, so the store keeps each event's *wall-clock*
-//! time; at start, [`RateLimiter::restore`] turns each into its age and places it that far in
-//! the monotonic past. Only across a restart can a wall-clock step matter: a clock set back
-//! makes old events look new (they count for the whole window again: never too permissive),
-//! one set forward makes them look expired.
+//! or a `kill -9`, and the process's monotonic clock does not, so the store keeps each event's
+//! [`EventTime`]: the machine's `CLOCK_BOOTTIME` (monotonic across process restarts, suspend
+//! included) with the boot id it belongs to, and the wall-clock time. At start,
+//! [`RateLimiter::restore`] turns each into its age ([`EventTime::age`]) and places it that
+//! far in the monotonic past. Within one boot the age is measured on `CLOCK_BOOTTIME`, so a
+//! wall clock stepped while the daemon was down (NTP's first sync, an admin's `date -s`)
+//! changes nothing. Only after a reboot, when boot times of two boots cannot be compared, is
+//! the age taken from the wall clock: then a clock set back makes old events look new (they
+//! count for the whole window again: never too permissive), one set forward makes them look
+//! expired. Events stored by versions before boot times were kept have only the wall time
+//! and are aged by it, like events of another boot.
 //!
 //! The rules live in [`Windows`], which is pure (no clock reads, no I/O): every method takes
 //! `now`, which is how the unit tests below drive it. [`RateLimiter`] is the thin shell the
 //! queue holds: those windows plus the origin of [`Mono`], read in one place,
-//! [`RateLimiter::now`].
+//! [`RateLimiter::now`]. The clocks stored with events are read in one place too,
+//! [`EventTime::now`].
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -33,6 +40,70 @@ const WINDOW_MICROS: i64 = 60_000_000;
 /// from before this process started).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Mono(pub i64);
+
+/// A reading of `CLOCK_BOOTTIME` and the boot it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootTime {
+    /// `/proc/sys/kernel/random/boot_id`: new at every boot.
+    pub boot_id: uuid::Uuid,
+    /// Microseconds since that boot.
+    pub micros: i64,
+}
+
+/// When a rate event happened, on every clock that can tell its age after a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventTime {
+    /// The wall clock (the only clock after a reboot).
+    pub wall: Timestamp,
+    /// The boot clock, when it could be read (always on Linux; `None` in old records).
+    pub boot: Option<BootTime>,
+}
+
+/// The clocks, read at one moment.
+pub type Clocks = EventTime;
+
+impl EventTime {
+    /// Reads the wall clock and the boot clock now.
+    pub fn now() -> Clocks {
+        EventTime {
+            wall: Timestamp::now(),
+            boot: boot_time(),
+        }
+    }
+
+    /// How long before `now` this event happened: on the boot clock when both readings are
+    /// of the same boot, else on the wall clock. Never negative (an event "in the future",
+    /// after a clock was set back, happened just now).
+    pub fn age(&self, now: &Clocks) -> Duration {
+        let micros = match (self.boot, now.boot) {
+            (Some(then), Some(now)) if then.boot_id == now.boot_id => {
+                now.micros.saturating_sub(then.micros)
+            }
+            _ => now.wall.0.saturating_sub(self.wall.0),
+        };
+        Duration::from_micros(u64::try_from(micros).unwrap_or(0))
+    }
+}
+
+/// This boot's id, read once (it cannot change while the process lives).
+fn boot_id() -> Option<uuid::Uuid> {
+    static ID: std::sync::OnceLock<Option<uuid::Uuid>> = std::sync::OnceLock::new();
+    *ID.get_or_init(|| {
+        let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+        uuid::Uuid::parse_str(text.trim()).ok()
+    })
+}
+
+/// `CLOCK_BOOTTIME` now, with the boot id; `None` where either cannot be read.
+fn boot_time() -> Option<BootTime> {
+    let boot_id = boot_id()?;
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME).ok()?;
+    let micros = t
+        .tv_sec()
+        .checked_mul(1_000_000)?
+        .checked_add(t.tv_nsec() / 1000)?;
+    Some(BootTime { boot_id, micros })
+}
 
 /// The limits in force for one trigger (read from the config at that moment, so a reload
 /// applies to the next trigger).
@@ -172,11 +243,11 @@ impl RateLimiter {
     /// See [`Windows::restore`].
     pub fn restore<'a>(
         &mut self,
-        events: impl IntoIterator<Item = (&'a str, Timestamp)>,
-        wall_now: Timestamp,
+        events: impl IntoIterator<Item = (&'a str, EventTime)>,
+        clocks: &Clocks,
         now: Mono,
     ) {
-        self.windows.restore(events, wall_now, now)
+        self.windows.restore(events, clocks, now)
     }
 }
 
@@ -235,20 +306,20 @@ impl Windows {
         });
     }
 
-    /// Re-creates the windows from stored events `(project, wall-clock time)`, given the wall
-    /// and monotonic clocks read at the same moment.
+    /// Re-creates the windows from stored events `(project, when)`, given the clocks and the
+    /// monotonic clock read at the same moment.
     pub fn restore<'a>(
         &mut self,
-        events: impl IntoIterator<Item = (&'a str, Timestamp)>,
-        wall_now: Timestamp,
+        events: impl IntoIterator<Item = (&'a str, EventTime)>,
+        clocks: &Clocks,
         now: Mono,
     ) {
         for (project, at) in events {
-            // A time in the future (the clock was set back) counts as "just now".
-            let age = wall_now.0.saturating_sub(at.0).max(0);
-            if age >= WINDOW_MICROS {
+            let age = at.age(clocks);
+            if age >= WINDOW {
                 continue;
             }
+            let age = i64::try_from(age.as_micros()).unwrap_or(i64::MAX);
             let at = Mono(now.0.saturating_sub(age));
             self.daemon.insert(at);
             self.projects
@@ -358,26 +429,91 @@ mod tests {
         assert!(rl.projects.contains_key("b"));
     }
 
+    /// An event of an old record: the wall clock only.
+    fn wall_only(micros: i64) -> EventTime {
+        EventTime {
+            wall: Timestamp(micros),
+            boot: None,
+        }
+    }
+
+    fn on_boot(boot: u128, boot_micros: i64, wall: i64) -> EventTime {
+        EventTime {
+            wall: Timestamp(wall),
+            boot: Some(BootTime {
+                boot_id: uuid::Uuid::from_u128(boot),
+                micros: boot_micros,
+            }),
+        }
+    }
+
     #[test]
     fn restored_events_keep_their_age() {
-        let wall = Timestamp(1_800_000_000 * S);
+        let wall = 1_800_000_000 * S;
         let mut rl = Windows::default();
         let events = [
-            ("a", Timestamp(wall.0 - 50 * S)),
-            ("a", Timestamp(wall.0 - 20 * S)),
+            ("a", wall_only(wall - 50 * S)),
+            ("a", wall_only(wall - 20 * S)),
             // Out of the window: ignored.
-            ("a", Timestamp(wall.0 - 61 * S)),
+            ("a", wall_only(wall - 61 * S)),
             // In the future (clock set back since): counts from now.
-            ("b", Timestamp(wall.0 + 3600 * S)),
+            ("b", wall_only(wall + 3600 * S)),
         ];
         let now = Mono(5 * S);
-        rl.restore(events, wall, now);
+        rl.restore(events, &wall_only(wall), now);
         let e = rl.check("a", limits(100, 2), now).unwrap_err();
         assert_eq!(e.wait, Duration::from_secs(10));
         let e = rl.check("b", limits(100, 1), now).unwrap_err();
         assert_eq!(e.wait, Duration::from_secs(60));
         let e = rl.check("c", limits(3, 10), now).unwrap_err();
         assert_eq!(e.wait, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn within_one_boot_a_wall_clock_step_changes_no_age() {
+        // Two events 50 s and 20 s before a restart; meanwhile the wall clock was set a day
+        // forward (or back). The boot clock still says 50 s and 20 s.
+        let (wall, day) = (1_800_000_000 * S, 86_400 * S);
+        for step in [day, -day] {
+            let events = [
+                ("a", on_boot(7, 1000 * S, wall - 50 * S)),
+                ("a", on_boot(7, 1030 * S, wall - 20 * S)),
+            ];
+            let now = on_boot(7, 1050 * S, wall + step);
+            let mut rl = Windows::default();
+            rl.restore(events, &now, Mono(0));
+            let e = rl.check("a", limits(100, 2), Mono(0)).unwrap_err();
+            assert_eq!(e.wait, Duration::from_secs(10), "step {step}");
+        }
+    }
+
+    #[test]
+    fn after_a_reboot_the_wall_clock_tells_the_age() {
+        let wall = 1_800_000_000 * S;
+        // Boot 7's clock read 1000 s; boot 8 has just started (its clock is at 5 s).
+        let events = [("a", on_boot(7, 1000 * S, wall - 30 * S))];
+        let now = on_boot(8, 5 * S, wall);
+        assert_eq!(events[0].1.age(&now), Duration::from_secs(30));
+        let mut rl = Windows::default();
+        rl.restore(events, &now, Mono(0));
+        let e = rl.check("a", limits(100, 1), Mono(0)).unwrap_err();
+        assert_eq!(e.wait, Duration::from_secs(30));
+        // An old record (wall time only) is aged by the wall clock too.
+        assert_eq!(wall_only(wall - 40 * S).age(&now), Duration::from_secs(40));
+        // A boot clock that went backwards within one boot cannot happen; if a record says
+        // so, the event counts as just now (never too permissive).
+        assert_eq!(on_boot(8, 9 * S, wall).age(&now), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_clocks_read_now_are_of_this_boot_and_move_forward() {
+        let a = EventTime::now();
+        std::thread::sleep(Duration::from_millis(5));
+        let b = EventTime::now();
+        let (ba, bb) = (a.boot.expect("Linux has a boot clock"), b.boot.unwrap());
+        assert_eq!(ba.boot_id, bb.boot_id);
+        assert!(bb.micros > ba.micros);
+        assert!(a.age(&b) >= Duration::from_millis(5));
     }
 
     #[test]

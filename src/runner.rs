@@ -28,6 +28,7 @@ use tokio::io::{AsyncRead, AsyncReadExt as _};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::blocking;
 use crate::buildlog::{self, LineSplitter, LogSender, Stream};
 use crate::config::{ProjectConfig, Source};
 use crate::machine::{Exit, RunEnd};
@@ -224,7 +225,7 @@ pub async fn run(queue: Queue, settings: RunSettings, start: Start) {
     drop(log);
     let summary = writer.finish().await;
     let ws = workspace.clone();
-    let _ = tokio::task::spawn_blocking(move || {
+    let _ = blocking::run("removing a workspace", move || {
         let _ = std::fs::remove_dir_all(&ws);
         let _ = std::fs::remove_file(&payload);
     })
@@ -385,7 +386,8 @@ async fn checkout(
     let mirrors = ctx.settings.state_dir.join("mirrors");
     let mirror = mirrors.join(format!("{}.git", build.project));
     let sys = |log: &LogSender| Sink::Log(log.clone(), Stream::System);
-    if let Err(e) = tokio::fs::create_dir_all(&mirrors).await {
+    let m = mirrors.clone();
+    if let Err(e) = fs_op(move || std::fs::create_dir_all(&m)).await {
         ctx.log
             .system(format!("cannot create {}: {e}", mirrors.display()))
             .await;
@@ -402,7 +404,7 @@ async fn checkout(
     // the mirror, and git then refuses every later fetch. Only this build uses the mirror now
     // (one build per project at a time), so any lock in it is stale.
     let m = mirror.clone();
-    let removed = tokio::task::spawn_blocking(move || remove_stale_locks(&m))
+    let removed = blocking::run("removing stale git locks", move || remove_stale_locks(&m))
         .await
         .unwrap_or_default();
     for path in removed {
@@ -459,9 +461,14 @@ async fn checkout(
         }
     };
     ctx.log.system(format!("checking out {sha}")).await;
-    let _ = tokio::fs::remove_dir_all(workspace).await;
-    if let Some(parent) = workspace.parent()
-        && let Err(e) = tokio::fs::create_dir_all(parent).await
+    let ws = workspace.to_path_buf();
+    let _ = fs_op(move || std::fs::remove_dir_all(&ws)).await;
+    if let Some(parent) = workspace.parent().map(Path::to_path_buf)
+        && let Err(e) = fs_op({
+            let p = parent.clone();
+            move || std::fs::create_dir_all(&p)
+        })
+        .await
     {
         ctx.log
             .system(format!("cannot create {}: {e}", parent.display()))
@@ -676,7 +683,7 @@ async fn write_payload(queue: &Queue, build: &Build, path: &Path) -> std::io::Re
     let store = queue.store().clone();
     let id = build.id;
     let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || {
+    fs_op(move || {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
         let body = store
@@ -695,7 +702,17 @@ async fn write_payload(queue: &Queue, build: &Build, path: &Path) -> std::io::Re
         f.write_all(&body)
     })
     .await
-    .map_err(std::io::Error::other)?
+}
+
+/// File-system work off the runtime's threads; no thread to run it on (the service at its
+/// task limit) is an I/O error like any other, so the build fails with a log line instead of
+/// its task panicking (`tokio::fs` would) and the build staying `running` for ever.
+async fn fs_op<T: Send + 'static>(
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    blocking::run("file-system work", work)
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 async fn note_stop(ctx: &mut Ctx<'_>, r: StopReason) {

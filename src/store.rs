@@ -10,7 +10,7 @@
 //! | `build_index` | project `\0` seq (u64 BE) build id | empty: newest-first listing |
 //! | `payloads` | build id | the request body for `DEPLOYHOOK_PAYLOAD` |
 //! | `deliveries` | project `\0` delivery id | seen-at (i64 BE) + build ids (16 bytes each; a nil id: still being handled): Git replay guard |
-//! | `rate_events` | created-on (order-preserving u64 BE) build id | project: rate-limit windows |
+//! | `rate_events` | created-on (order-preserving u64 BE) build id | [`RATE_EVENT_V2`], boot id (16), `CLOCK_BOOTTIME` µs (i64 BE), project; or (before v2) the project alone: rate-limit windows |
 //! | `schedules` | project `\0` branch `\0` zone `\0` cron | i64 BE µs: the time up to which that schedule's runs are handled |
 //! | `outbox` | entry id (u64 BE, creation order) | pending [`Entry`] (SPEC §5) |
 //! | `outbox_lanes` | commit-status lane (project, SHA, context) | id of its one pending entry |
@@ -78,6 +78,7 @@ use tokio::sync::oneshot;
 
 use crate::model::{Build, BuildId, Hook, HookId, StatusFilter, Timestamp};
 use crate::outbox::Entry;
+use crate::ratelimit::{BootTime, Clocks, EventTime};
 
 /// Delivered and failed outbox entries kept for `GET /api/notifications`.
 pub const OUTBOX_HISTORY: usize = 1000;
@@ -467,6 +468,45 @@ type TxResult<T> = Result<T, TransactionError<StoreError>>;
 /// Flipping the sign bit makes big-endian bytes of an `i64` sort like the numbers.
 const SIGN_BIT: u64 = 1 << 63;
 
+/// A stored rate event: its project and when it happened.
+type RateEvent = (String, EventTime);
+
+/// First byte of a rate event's value that carries the boot clock (see `ratelimit`'s
+/// `# Clocks`). Values written before it hold only the project name, whose first byte is
+/// `[a-z0-9]`, so the two formats cannot be confused; those older events are aged by the
+/// wall clock, as they always were.
+pub const RATE_EVENT_V2: u8 = 0x02;
+
+fn rate_value(project: &str, boot: Option<BootTime>) -> Vec<u8> {
+    let Some(boot) = boot else {
+        return project.as_bytes().to_vec();
+    };
+    let mut v = Vec::with_capacity(25 + project.len());
+    v.push(RATE_EVENT_V2);
+    v.extend_from_slice(boot.boot_id.as_bytes());
+    v.extend_from_slice(&boot.micros.to_be_bytes());
+    v.extend_from_slice(project.as_bytes());
+    v
+}
+
+/// `(project, boot clock)` of a stored rate event's value, either format.
+fn parse_rate_value(v: &[u8]) -> (String, Option<BootTime>) {
+    if let [RATE_EVENT_V2, rest @ ..] = v
+        && let (Some(id), Some(micros)) = (rest.get(..16), rest.get(16..24))
+        && let (Ok(id), Ok(micros)) = (<[u8; 16]>::try_from(id), <[u8; 8]>::try_from(micros))
+    {
+        let boot = BootTime {
+            boot_id: uuid::Uuid::from_bytes(id),
+            micros: i64::from_be_bytes(micros),
+        };
+        return (
+            String::from_utf8_lossy(&rest[24..]).into_owned(),
+            Some(boot),
+        );
+    }
+    (String::from_utf8_lossy(v).into_owned(), None)
+}
+
 fn rate_key(at: Timestamp, id: BuildId) -> [u8; 24] {
     let mut k = [0u8; 24];
     k[..8].copy_from_slice(&((at.0 as u64) ^ SIGN_BIT).to_be_bytes());
@@ -839,7 +879,7 @@ impl Store {
     // ---- builds -------------------------------------------------------------------------
 
     /// Inserts a new build, its index entry, its payload and its rate-limit event in one
-    /// transaction.
+    /// transaction. The event is timed by the boot clock read now, beside `created_on`.
     pub fn insert_build(&self, build: &Build, payload: Option<&[u8]>) -> Result<(), StoreError> {
         self.insert_build_with(build, payload, &[])
     }
@@ -855,6 +895,7 @@ impl Store {
         let value = encode_build(build)?;
         let ikey = index_key(build);
         let rkey = rate_key(build.created_on, build.id);
+        let rvalue = rate_value(&build.project, EventTime::now().boot);
         let staged = self.stage_entries(entries)?;
         let i = &self.inner;
         let r: TxResult<i64> = (
@@ -871,7 +912,7 @@ impl Store {
                 if let Some(p) = payload {
                     payloads.insert(build.id.as_bytes(), p)?;
                 }
-                rate.insert(rkey.as_slice(), build.project.as_bytes())?;
+                rate.insert(rkey.as_slice(), rvalue.as_slice())?;
                 write_entries(outbox, lanes, &staged)
             });
         let added = self.check(r.map_err(tx_err))?;
@@ -881,30 +922,40 @@ impl Store {
 
     // ---- rate-limit events --------------------------------------------------------------
 
-    /// The stored rate-limit events `(project, created_on)`, oldest first.
-    pub fn rate_events(&self) -> Result<Vec<(String, Timestamp)>, StoreError> {
+    /// The stored rate-limit events `(project, when)`, oldest (by wall clock) first.
+    pub fn rate_events(&self) -> Result<Vec<(String, EventTime)>, StoreError> {
+        let entries = self.rate_event_entries()?;
+        Ok(entries.into_iter().map(|(_, e)| e).collect())
+    }
+
+    /// Forgets rate-limit events at least `window` old at `now` (by the boot clock within a
+    /// boot, see `ratelimit`). A whole scan, not a range of keys: the keys are wall times,
+    /// which a clock step makes lie, and the tree holds little more than one window's events.
+    /// Returns how many were removed.
+    pub fn prune_rate_events(&self, now: &Clocks, window: Duration) -> Result<usize, StoreError> {
+        let mut n = 0;
+        for (k, (_, at)) in self.rate_event_entries()? {
+            if at.age(now) >= window {
+                self.check(self.inner.rate_events.remove(k).map_err(StoreError::from))?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Every rate event with its key, for pruning.
+    fn rate_event_entries(&self) -> Result<Vec<(sled::IVec, RateEvent)>, StoreError> {
         let mut out = Vec::new();
         for item in self.inner.rate_events.iter() {
             let (k, v) = self.check(item.map_err(StoreError::from))?;
             let Some(at) = k.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()) else {
                 continue;
             };
-            let at = Timestamp((u64::from_be_bytes(at) ^ SIGN_BIT) as i64);
-            out.push((String::from_utf8_lossy(&v).into_owned(), at));
+            let wall = Timestamp((u64::from_be_bytes(at) ^ SIGN_BIT) as i64);
+            let (project, boot) = parse_rate_value(&v);
+            out.push((k, (project, EventTime { wall, boot })));
         }
         Ok(out)
-    }
-
-    /// Forgets rate-limit events from before `before`. Returns how many were removed.
-    pub fn prune_rate_events(&self, before: Timestamp) -> Result<usize, StoreError> {
-        let end = rate_key(before, BuildId(uuid::Uuid::nil()));
-        let mut n = 0;
-        for item in self.inner.rate_events.range(..end.as_slice()) {
-            let (k, _) = self.check(item.map_err(StoreError::from))?;
-            self.check(self.inner.rate_events.remove(k).map_err(StoreError::from))?;
-            n += 1;
-        }
-        Ok(n)
     }
 
     /// Overwrites an existing build record.
@@ -1965,5 +2016,52 @@ mod tests {
         assert_eq!(back.trigger_count, 1002);
         assert_eq!(back.last_triggered_on, Some(Timestamp(3_001)));
         assert!(s.hook(gone.id).unwrap().is_none());
+    }
+
+    #[test]
+    fn rate_events_keep_the_boot_clock_and_old_records_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let b = build("site", 1);
+        store.insert_build(&b, None).unwrap();
+        // A record of the format before boot times: the project name alone.
+        let old_at = Timestamp(b.created_on.0 - 10_000_000);
+        let old_id = BuildId(uuid::Uuid::new_v4());
+        store
+            .inner
+            .rate_events
+            .insert(rate_key(old_at, old_id), b"legacy".as_slice())
+            .unwrap();
+        let events = store.rate_events().unwrap();
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(events[0].0, "legacy");
+        assert_eq!(
+            events[0].1,
+            EventTime {
+                wall: old_at,
+                boot: None
+            }
+        );
+        assert_eq!(events[1].0, "site");
+        assert_eq!(events[1].1.wall, b.created_on);
+        let now = EventTime::now();
+        let boot = events[1].1.boot.expect("the boot clock is kept");
+        assert_eq!(Some(boot.boot_id), now.boot.map(|n| n.boot_id));
+
+        // Pruning ages events by the boot clock: the wall clock a day ahead expires only the
+        // old record (wall time only), not the event of this boot.
+        let day_ahead = EventTime {
+            wall: Timestamp(now.wall.0 + 86_400_000_000),
+            boot: now.boot,
+        };
+        assert_eq!(
+            store
+                .prune_rate_events(&day_ahead, crate::ratelimit::WINDOW)
+                .unwrap(),
+            1
+        );
+        let left = store.rate_events().unwrap();
+        assert_eq!(left.len(), 1);
+        assert_eq!(left[0].0, "site");
     }
 }

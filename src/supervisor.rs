@@ -627,9 +627,14 @@ pub fn main(args: &[OsString]) -> i32 {
 
     let ctl_shared = shared.clone();
     let grace = Duration::from_millis(job.grace_ms);
-    let _ = std::thread::Builder::new()
+    let control = std::thread::Builder::new()
         .name("control".into())
         .spawn(move || control_loop(ctl, ctl_shared, grace));
+    if control.is_err() {
+        // No thread (the service at its TasksMax=): nothing could stop this build or notice
+        // the daemon's death, so it must not run. It ends by SIGKILL; the build fails.
+        shared.kill_everything();
+    }
 
     loop {
         match waitpid(None, None) {

@@ -12,6 +12,7 @@ use serde_json::{Map, Value, json};
 
 use super::envelope::{self, ApiError, Body};
 use super::{AppState, query_pairs, read_body};
+use crate::blocking;
 use crate::buildlog;
 use crate::config::{ProjectConfig, ref_name_problem};
 use crate::model::{
@@ -551,13 +552,23 @@ pub async fn build_logs(
         .ok_or_else(|| ApiError::NotFound("no build with that id".into()))?;
     let path = buildlog::log_path(state.store.state_dir(), id);
     if follow {
-        return Ok(follow_response(state.clone(), id, path, cursor));
+        // Found before the answer starts: without a thread to read with (the service at its
+        // task limit) the client gets 503, not a 200 with an empty stream.
+        let p = path.clone();
+        let offset = blocking::run("reading a build log", move || {
+            buildlog::offset_of_line(&p, cursor)
+        })
+        .await
+        .map_err(|e| ApiError::Busy(e.to_string()))?
+        .unwrap_or(0);
+        return Ok(follow_response(state.clone(), id, path, offset));
     }
     let p = path.clone();
-    let page = tokio::task::spawn_blocking(move || {
+    let page = blocking::run("reading a build log", move || {
         buildlog::read_page(&p, cursor, LOG_PAGE_LINES, LOG_PAGE_BYTES)
     })
-    .await?
+    .await
+    .map_err(|e| ApiError::Busy(e.to_string()))?
     .map_err(|e| ApiError::Internal(format!("cannot read the build log: {e}")))?;
     let truncated = match state.queue.live_log(id) {
         Some(l) => l.stats.truncated.load(std::sync::atomic::Ordering::Relaxed),
@@ -613,37 +624,40 @@ impl http_body::Body for ChannelBody {
     }
 }
 
-/// Streams NDJSON lines from `cursor` on until the build stops and its log is read to the end.
+/// Streams NDJSON lines from byte `offset` on until the build stops and its log is read to
+/// the end.
 fn follow_response(
     state: Arc<AppState>,
     id: BuildId,
     path: std::path::PathBuf,
-    cursor: u64,
+    mut offset: u64,
 ) -> Response<Body> {
     // Little buffered per follower (two 64 KiB chunks): a client that stops reading holds
     // back its stream, not the daemon's memory.
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(2);
     let body = ChannelBody(rx);
     tokio::spawn(async move {
-        let p = path.clone();
-        let mut offset =
-            match tokio::task::spawn_blocking(move || buildlog::offset_of_line(&p, cursor)).await {
-                Ok(Ok(o)) => o,
-                _ => 0,
-            };
         loop {
             let live = state.queue.is_live(id);
             let watch = state.queue.live_log(id).map(|l| l.lines);
             let done = state.queue.done_watch(id);
             let p = path.clone();
-            let read = tokio::task::spawn_blocking(move || {
+            let read = blocking::run("reading a build log", move || {
                 buildlog::read_from_offset(&p, offset, 64 * 1024)
             })
             .await;
             let (lines, next) = match read {
                 Ok(Ok(x)) => x,
                 // No file yet (queued build): nothing to send.
-                _ => (Vec::new(), offset),
+                Ok(Err(_)) => (Vec::new(), offset),
+                // No thread right now (task limit): try again shortly rather than end the
+                // stream early, which would look like a complete log.
+                Err(_) => {
+                    tokio::select! {
+                        _ = tx.closed() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
+                }
             };
             offset = next;
             if !lines.is_empty() {

@@ -11,6 +11,7 @@ mod git;
 mod git_hosts;
 mod hostile;
 mod hostile2;
+mod hostile3;
 mod machine;
 mod ops;
 mod outbox;

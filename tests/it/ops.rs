@@ -504,20 +504,27 @@ fn under_journald_lines_have_no_timestamp_and_no_colour() {
     assert!(journal.contains("listening on"), "{journal}");
     for line in journal.lines() {
         assert!(!line.contains('\x1b'), "colour under journald: {line:?}");
+        // The syslog priority journald reads (and strips), then the level.
+        let rest = line
+            .strip_prefix("<6>")
+            .map(|r| (r, "INFO"))
+            .or_else(|| line.strip_prefix("<4>").map(|r| (r, "WARN")));
         assert!(
-            line.trim_start().starts_with("INFO") || line.trim_start().starts_with("WARN"),
-            "a line under journald should start with its level: {line:?}"
+            rest.is_some_and(|(r, level)| r.trim_start().starts_with(level)),
+            "a line under journald should start with its priority and level: {line:?}"
         );
     }
     // A JOURNAL_STREAM inherited by a process whose stderr goes elsewhere does not count.
     let elsewhere = stderr_of_a_run(&[], |_| "1:1".to_string());
-    // `--log-format text` keeps timestamps even under journald.
+    // `--log-format text` keeps timestamps even under journald (after the priority).
     let text = stderr_of_a_run(&["--log-format", "text"], journal_stream);
-    for out in [elsewhere, text] {
+    for (out, prefix) in [(elsewhere, ""), (text, "<6>")] {
         let first = out.lines().next().unwrap_or_default();
         assert!(
-            first.starts_with(|c: char| c.is_ascii_digit()),
-            "expected a timestamp: {first:?}"
+            first
+                .strip_prefix(prefix)
+                .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit())),
+            "expected {prefix:?} and a timestamp: {first:?}"
         );
         assert!(!out.contains('\x1b'), "colour in a file: {out:?}");
     }
