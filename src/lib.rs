@@ -17,7 +17,8 @@
 //!   the client address `allow_from` judges (`trusted_proxies`, `X-Forwarded-For`).
 //! - [`params`]: trigger parameters from query strings and bodies, with their limits (pure).
 //! - [`schedule`]: `[[projects.P.schedule]]`: cron in time zones, missed runs, the scheduler task.
-//! - [`store`]: the only module that touches sled: trees, bincode records, batched durability.
+//! - [`store`]: the only module that touches sled: trees, bincode records, batched durability,
+//!   and the in-memory map of hooks by token hash that the hot path reads.
 //! - [`ratelimit`]: rolling 60 s windows of new builds per project and per daemon (pure).
 //! - [`machine`]: the build state machine (pure): every transition as an event in, effects out.
 //! - [`queue`]: the shell around the machine: applies its effects (store, runners, waiters, logs).

@@ -2,6 +2,18 @@
 
 use std::process::ExitCode;
 
+/// jemalloc with background threads purging freed pages: after a burst (thousands of new
+/// builds, connections or hooks) the daemon's RSS comes back down within seconds of idling,
+/// where glibc malloc kept it (see README "Performance" for the measurements).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// mimalloc, when built with `--no-default-features --features mimalloc` (for comparison).
+#[cfg(all(feature = "mimalloc", not(feature = "jemalloc")))]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     // The per-build supervisor (see `deployhook::supervisor`) re-executes this binary; it

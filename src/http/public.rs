@@ -119,7 +119,7 @@ pub fn check_allow_from(
 /// tells nothing about a token the caller does not hold).
 pub fn hook_methods(state: &AppState, token: &str) -> ApiError {
     let allow_get = HookToken::is_well_formed(token)
-        && matches!(state.store.hook_by_token(&TokenHash::of(token)), Ok(Some(h)) if h.allow_get);
+        && matches!(state.store.hook_by_token(&TokenHash::of(token)), Some(h) if h.allow_get);
     ApiError::MethodNotAllowed(if allow_get { "GET, POST" } else { "POST" })
 }
 
@@ -147,24 +147,23 @@ pub async fn fire_hook(
     }
     let hook = state
         .store
-        .hook_by_token(&TokenHash::of(token))?
+        .hook_by_token(&TokenHash::of(token))
         .ok_or_else(unknown)?;
     if get && !hook.allow_get {
         return Err(ApiError::MethodNotAllowed("POST"));
     }
     let config = state.config.get();
-    let project = config.project(&hook.project).cloned();
-    if let Some(p) = &project {
+    // Borrowed, not cloned: the hot path must not copy a project's config per request.
+    let project = config.project(&hook.project);
+    if let Some(p) = project {
         check_allow_from(state, &req, p)?;
     }
-    let allowed = project
-        .as_ref()
-        .map(|p| p.access.params.clone())
-        .unwrap_or_default();
+    let no_params = std::collections::BTreeSet::new();
+    let allowed = project.map_or(&no_params, |p| &p.access.params);
     let wait = super::api::wait_param(req.uri().query())?;
-    let query = crate::params::from_query(&allowed, req.uri().query())?;
+    let query = crate::params::from_query(allowed, req.uri().query())?;
     let body = read_body(req, config.server.max_body_bytes).await?;
-    let params = crate::params::merge(crate::params::from_hook_body(&allowed, &body)?, query);
+    let params = crate::params::merge(crate::params::from_hook_body(allowed, &body)?, query);
     let mut request = TriggerRequest {
         payload: (!body.is_empty()).then_some(body),
         ..TriggerRequest::branch(
@@ -172,7 +171,7 @@ pub async fn fire_hook(
             &hook.branch,
             Trigger {
                 source: TriggerSource::DeployHook,
-                hook: Some((hook.id, hook.name.clone())),
+                hook: Some((hook.id, hook.name.to_string())),
             },
         )
     };
