@@ -213,22 +213,9 @@ pub fn relative(t: Timestamp, now: Timestamp) -> String {
     }
 }
 
-/// `1h 2m 5s`, zero parts left out, whole seconds (SPEC §5.2's form).
-pub fn duration(d: Duration) -> String {
-    let s = d.as_secs();
-    let (h, m, s) = (s / 3600, s / 60 % 60, s % 60);
-    let mut parts = Vec::new();
-    if h > 0 {
-        parts.push(format!("{h}h"));
-    }
-    if m > 0 {
-        parts.push(format!("{m}m"));
-    }
-    if s > 0 || parts.is_empty() {
-        parts.push(format!("{s}s"));
-    }
-    parts.join(" ")
-}
+/// `1h 2m 5s`, zero parts left out, whole seconds (SPEC §5.2's form): the very function the
+/// notifications and commit statuses use, so a page and a message say a duration alike.
+pub use crate::statuses::human_duration as duration;
 
 /// The time between two timestamps (zero if they are out of order).
 pub fn between(from: Timestamp, to: Timestamp) -> Duration {
