@@ -95,11 +95,15 @@ async fn follow(
     let id = first.id;
     let path = buildlog::log_path(state.store.state_dir(), id);
     let p = path.clone();
-    let mut offset = tokio::task::spawn_blocking(move || buildlog::offset_of_line(&p, cursor))
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or(0);
+    // Never `spawn_blocking` on a request path: it panics when no thread can start (systemd
+    // TasksMax); `blocking::run` says so instead (HOSTILE 28).
+    let mut offset = crate::blocking::run("reading a build log", move || {
+        buildlog::offset_of_line(&p, cursor)
+    })
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .unwrap_or(0);
     let send_status = |b: &Build| {
         let actions = BuildActions {
             csrf: csrf.as_deref(),
@@ -129,12 +133,14 @@ async fn follow(
             }
         }
         let p = path.clone();
-        let read =
-            tokio::task::spawn_blocking(move || buildlog::read_from_offset(&p, offset, 64 * 1024))
-                .await;
+        let read = crate::blocking::run("reading a build log", move || {
+            buildlog::read_from_offset(&p, offset, 64 * 1024)
+        })
+        .await;
         let (lines, next) = match read {
             Ok(Ok(x)) => x,
-            // No file yet (queued build): nothing to send.
+            // No file yet (queued build), or no thread to read it right now: nothing to send
+            // this time; the next wake-up tries again.
             _ => (Vec::new(), offset),
         };
         offset = next;
