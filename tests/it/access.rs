@@ -286,7 +286,6 @@ fn different_params_are_different_targets() {
 
 #[test]
 fn a_git_push_takes_params_from_its_webhook_url() {
-    use hmac::{KeyInit as _, Mac as _};
     let work = tempfile::tempdir().unwrap();
     std::fs::write(work.path().join("git.secret"), "s3cret\n").unwrap();
     let d = Daemon::start(&workdir_project(
@@ -300,15 +299,7 @@ fn a_git_push_takes_params_from_its_webhook_url() {
     ));
     let body = json!({"ref": "refs/heads/main", "before": "0".repeat(40), "after": "1".repeat(40)})
         .to_string();
-    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(b"s3cret").unwrap();
-    m.update(body.as_bytes());
-    let sig: String = m
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let sig = format!("sha256={sig}");
+    let sig = github_signature("s3cret", body.as_bytes());
     let headers = [
         ("Content-Type", "application/json"),
         ("X-GitHub-Event", "push"),

@@ -14,13 +14,7 @@ fn github_sig(body: &[u8]) -> String {
 }
 
 fn hmac_hex(body: &[u8]) -> String {
-    let mut m = hmac::Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-    m.update(body);
-    m.finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    mac_hex::<hmac::Hmac<Sha256>>(SECRET, body)
 }
 
 /// A daemon with project `site` (workdir, `command`) whose Git secret is SECRET.

@@ -20,13 +20,7 @@ fn fixture(name: &str) -> String {
 }
 
 fn hmac_hex<M: Mac + KeyInit>(body: &[u8]) -> String {
-    let mut m = <M as KeyInit>::new_from_slice(SECRET.as_bytes()).unwrap();
-    m.update(body);
-    m.finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    mac_hex::<M>(SECRET, body)
 }
 
 /// How a delivery is encoded.

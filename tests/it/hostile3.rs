@@ -598,20 +598,6 @@ fn a_wall_clock_stepped_a_day_moves_no_timeout_grace_or_rate_window() {
     stop_cleanly(d);
 }
 
-/// The HMAC-SHA256 of `body` under `secret`, as GitHub's `X-Hub-Signature-256` carries it.
-fn github_signature(secret: &str, body: &[u8]) -> String {
-    use hmac::{KeyInit as _, Mac as _};
-    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    m.update(body);
-    let hex: String = m
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("sha256={hex}")
-}
-
 /// A signed GitHub push of `branch` at `after` to `/git/site`.
 fn github_push(d: &Daemon, secret: &str, branch: &str, after: &str, delivery: &str) -> Resp {
     let body = serde_json::json!({

@@ -6,9 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use hmac::{KeyInit, Mac};
 use serde_json::{Value, json};
-use sha2::Sha256;
 
 use crate::util::*;
 
@@ -138,14 +136,7 @@ fn signed_push(d: &Daemon, after: &str, delivery: &str) -> Resp {
     let body = json!({"ref": "refs/heads/main", "before": "0".repeat(40), "after": after,
         "repository": {"name": "site"}})
     .to_string();
-    let mut m = hmac::Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-    m.update(body.as_bytes());
-    let sig: String = m
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let sig = github_signature(SECRET, body.as_bytes());
     request(
         d.addr,
         "POST",
@@ -154,7 +145,7 @@ fn signed_push(d: &Daemon, after: &str, delivery: &str) -> Resp {
             ("Content-Type", "application/json"),
             ("X-GitHub-Event", "push"),
             ("X-GitHub-Delivery", delivery),
-            ("X-Hub-Signature-256", &format!("sha256={sig}")),
+            ("X-Hub-Signature-256", &sig),
         ],
         body.as_bytes(),
     )

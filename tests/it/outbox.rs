@@ -1063,19 +1063,6 @@ fn gigabyte_and_trickled_answers_are_bounded() {
     );
 }
 
-fn git_sig(secret: &str, body: &[u8]) -> String {
-    use hmac::{KeyInit, Mac};
-    let mut m = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    m.update(body);
-    let hex: String = m
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("sha256={hex}")
-}
-
 /// Every SHA a build absorbs gets its statuses, in order: queued (at the push or the join),
 /// building, running, then the final state (GitLab's words).
 #[test]
@@ -1101,7 +1088,7 @@ fn pushed_and_joined_shas_each_get_pending_then_the_final_state_gitlab() {
     d.wait_status(&first, "running", 30);
     let push = |sha: &str| {
         let body = serde_json::json!({"ref": "refs/heads/main", "before": "0".repeat(40), "after": sha, "repository": {"name": "site"}}).to_string();
-        let sig = git_sig("gitsecret", body.as_bytes());
+        let sig = github_signature("gitsecret", body.as_bytes());
         let r = request(
             d.addr,
             "POST",

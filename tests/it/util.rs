@@ -668,3 +668,23 @@ pub fn cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).to_string(),
     )
 }
+
+/// Lowercase hex of the MAC `M` (an `hmac::Hmac<…>`) of `body` under `secret`: how Git hosts
+/// sign their webhooks.
+pub fn mac_hex<M: hmac::Mac + hmac::KeyInit>(secret: &str, body: &[u8]) -> String {
+    let mut m = <M as hmac::KeyInit>::new_from_slice(secret.as_bytes()).unwrap();
+    m.update(body);
+    m.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// `sha256=<hex HMAC-SHA256>`, as GitHub's `X-Hub-Signature-256` carries it.
+pub fn github_signature(secret: &str, body: &[u8]) -> String {
+    format!(
+        "sha256={}",
+        mac_hex::<hmac::Hmac<sha2::Sha256>>(secret, body)
+    )
+}
