@@ -113,6 +113,10 @@ struct Args {
     /// The deployhook binary to measure (default: `target/release/deployhook`).
     #[arg(long)]
     deployhook: Option<PathBuf>,
+    /// Only the interleaved wrk rounds of bare hyper, the hot path, the 404 path and
+    /// webhook's 404 (about a minute): for trying a change, not for the README table.
+    #[arg(long)]
+    wrk_only: bool,
 }
 
 // ---- the load client -----------------------------------------------------------------------
@@ -1244,7 +1248,7 @@ fn run(args: Args) -> Result<(), String> {
     }
     let rounds = args.rounds.max(1);
     let mut measured: Vec<Load> = kinds.iter().map(|_| Load::default()).collect();
-    for _ in 0..rounds {
+    for _ in 0..if args.wrk_only { 0 } else { rounds } {
         for ((to, req), total) in kinds.iter().zip(measured.iter_mut()) {
             let slice = Shape {
                 warmup: duration / rounds as u32 / 10,
@@ -1276,6 +1280,32 @@ fn run(args: Args) -> Result<(), String> {
         }
     };
     drop(webhook_server);
+    if args.wrk_only {
+        let Some(runs) = &wrk_main else {
+            return Err("--wrk-only needs wrk on PATH".into());
+        };
+        let rate = |r: &[WrkRun]| median(r, |x| x.rate);
+        let p99 = |r: &[WrkRun]| median(r, |x| x.p99_ms);
+        let ratio = |a: f64, b: f64| a / b;
+        wrk_row("bare hyper", &runs[0]);
+        wrk_row("deployhook hot path, pending build", &runs[1]);
+        wrk_row("deployhook unknown token 404", &runs[2]);
+        if let Some(u) = runs.get(3) {
+            wrk_row("webhook 2.8: unknown hook 404", u);
+        }
+        print!(
+            "hot/bare {:.2}  404/bare {:.2}  p99 hot/bare {:.2}  p99 404/bare {:.2}",
+            ratio(rate(&runs[1]), rate(&runs[0])),
+            ratio(rate(&runs[2]), rate(&runs[0])),
+            ratio(p99(&runs[1]), p99(&runs[0])),
+            ratio(p99(&runs[2]), p99(&runs[0]))
+        );
+        if let Some(u) = runs.get(3) {
+            print!("  hot/webhook {:.2}", ratio(rate(&runs[1]), rate(u)));
+        }
+        println!("\nload at end: {}", load_average());
+        return Ok(());
+    }
     let mut measured = measured.into_iter();
     let mut next = || measured.next().unwrap_or_default();
     let (bare, hot_a, nf) = (next(), next(), next());

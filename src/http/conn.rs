@@ -87,18 +87,97 @@ impl Drop for InFlight {
 
 #[derive(Debug)]
 enum Framing {
-    /// Reading a head; the bytes so far (bounded) and the previous byte.
-    Head { head: Vec<u8>, prev: u8 },
+    /// Reading a head.
+    Head(HeadScan),
     /// Skipping this many body bytes.
     Body(u64),
     /// Chunked body seen: stop tracking (the connection closes after this request).
     Untracked,
 }
 
+/// What is known of the head being read, line by line as its bytes arrive.
+///
+/// Each byte is looked at once, and only a line that is split across reads is copied (into
+/// `partial`, whose room is kept from head to head): the hot path reads whole heads in one
+/// read, and copying every head to scan it again cost a measurable share of a request
+/// (issue 17).
+#[derive(Debug, Default)]
+struct HeadScan {
+    /// The start of a line whose end has not arrived yet (bounded by [`MAX_HEAD`]).
+    partial: Vec<u8>,
+    /// The byte before the first byte of the next read (to see `\r` before a `\n`).
+    prev: u8,
+    /// The request line has been seen (an empty line before it is not a head's end).
+    started: bool,
+    /// The last `Content-Length` value that parsed.
+    length: u64,
+    /// A `Content-Length` header came (parsable or not).
+    has_length: bool,
+    /// A `Transfer-Encoding` header came.
+    chunked: bool,
+}
+
+impl HeadScan {
+    /// Takes one complete line (without its `\r\n`); `true` when it ends the head.
+    fn line(&mut self, line: &[u8]) -> bool {
+        if line.is_empty() {
+            // Empty lines before the request line (allowed by RFC 9112 §2.2) are not a head
+            // at all; a head ends at its first empty line.
+            return self.started;
+        }
+        if !self.started {
+            // The request line: no header here.
+            self.started = true;
+            return false;
+        }
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            return false;
+        };
+        let (name, value) = (&line[..colon], &line[colon + 1..]);
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            self.chunked = true;
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            self.has_length = true;
+            if let Some(n) = std::str::from_utf8(value)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+            {
+                self.length = n;
+            }
+        }
+        false
+    }
+
+    /// How the body after the finished head is framed, as hyper will frame it:
+    /// `Transfer-Encoding` wins over `Content-Length`; an unparsable length is left to hyper
+    /// to refuse (it closes then).
+    fn next(&self) -> Next {
+        if self.chunked {
+            Next::Chunked {
+                with_length: self.has_length,
+            }
+        } else {
+            Next::Length(self.length)
+        }
+    }
+
+    /// Ready for the next head, keeping the room of `partial`.
+    fn reset(&mut self) {
+        let mut partial = std::mem::take(&mut self.partial);
+        partial.clear();
+        *self = HeadScan {
+            partial,
+            ..HeadScan::default()
+        };
+    }
+}
+
 /// A socket that refuses bare-LF heads and reports request boundaries (see the module doc).
 pub struct StrictIo<T> {
     inner: T,
     framing: Framing,
+    /// Kept while a body is skipped, so that its buffer's room serves the next head.
+    spare: HeadScan,
     activity: Arc<Activity>,
     /// Bytes read by [`StrictIo::read_first_head`], handed to hyper before the socket's.
     early: Vec<u8>,
@@ -112,6 +191,7 @@ impl<T> StrictIo<T> {
         let mut io = Self {
             inner,
             framing: Framing::Untracked,
+            spare: HeadScan::default(),
             activity,
             early: Vec::new(),
             early_taken: 0,
@@ -122,11 +202,9 @@ impl<T> StrictIo<T> {
 
     /// The next bytes are a request head (or nothing yet): the connection is between requests.
     fn start_head(&mut self) {
-        self.framing = Framing::Head {
-            // Room for a typical head, so it is not regrown byte by byte.
-            head: Vec::with_capacity(512),
-            prev: 0,
-        };
+        let mut scan = std::mem::take(&mut self.spare);
+        scan.reset();
+        self.framing = Framing::Head(scan);
         self.activity.in_head.store(true, Ordering::SeqCst);
     }
 
@@ -143,33 +221,41 @@ impl<T> StrictIo<T> {
                         self.start_head();
                     }
                 }
-                Framing::Head { head, prev } => {
-                    // Line by line: a head can only start over (leading empty line) or end
-                    // (empty line) right after a `\n`, so only those bytes need looking at.
+                Framing::Head(scan) => {
+                    // Only the bytes at a `\n` matter: a head can only start over or end
+                    // there, and each must follow a `\r`.
                     let mut end = None;
                     let mut i = 0;
                     while i < data.len() {
                         let rest = &data[i..];
                         let Some(k) = rest.iter().position(|&b| b == b'\n') else {
-                            push_bounded(head, rest);
-                            *prev = rest[rest.len() - 1];
+                            push_bounded(&mut scan.partial, rest);
+                            scan.prev = rest[rest.len() - 1];
                             break;
                         };
-                        let before_lf = if k > 0 { rest[k - 1] } else { *prev };
+                        let before_lf = if k > 0 { rest[k - 1] } else { scan.prev };
                         if before_lf != b'\r' {
                             return Err(io::Error::new(
                                 io::ErrorKind::InvalidData,
                                 "bare LF in a request head",
                             ));
                         }
-                        push_bounded(head, &rest[..=k]);
-                        *prev = b'\n';
+                        scan.prev = b'\n';
                         i += k + 1;
-                        // Empty lines before the request line (allowed by RFC 9112 §2.2) are
-                        // not a head at all; a head ends at its first empty line.
-                        if head.as_slice() == b"\r\n" {
-                            head.clear();
-                        } else if head.ends_with(b"\r\n\r\n") {
+                        let ends = if scan.partial.is_empty() {
+                            // The `\r` checked above is the line's last byte.
+                            scan.line(rest[..k].strip_suffix(b"\r").unwrap_or(&rest[..k]))
+                        } else {
+                            let mut line = std::mem::take(&mut scan.partial);
+                            push_bounded(&mut line, &rest[..k]);
+                            // The `\r` is there: it was checked above.
+                            line.pop();
+                            let ends = scan.line(&line);
+                            line.clear();
+                            scan.partial = line;
+                            ends
+                        };
+                        if ends {
                             end = Some(i);
                             break;
                         }
@@ -177,7 +263,8 @@ impl<T> StrictIo<T> {
                     let Some(end) = end else {
                         return Ok(());
                     };
-                    let next = framing_after(head);
+                    let next = scan.next();
+                    self.spare = std::mem::take(scan);
                     data = &data[end..];
                     self.activity.unserved.store(true, Ordering::SeqCst);
                     self.activity.in_head.store(false, Ordering::SeqCst);
@@ -234,40 +321,6 @@ enum Next {
     Chunked {
         with_length: bool,
     },
-}
-
-/// How the body after `head` is framed, as hyper will frame it: `Transfer-Encoding` wins over
-/// `Content-Length`; an unparsable length is left to hyper to refuse (it closes then).
-fn framing_after(head: &[u8]) -> Next {
-    let mut len = 0u64;
-    let mut has_length = false;
-    let mut chunked = false;
-    for line in head.split(|b| *b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let Some(colon) = line.iter().position(|b| *b == b':') else {
-            continue;
-        };
-        let (name, value) = (&line[..colon], &line[colon + 1..]);
-        if name.eq_ignore_ascii_case(b"transfer-encoding") {
-            chunked = true;
-        }
-        if name.eq_ignore_ascii_case(b"content-length") {
-            has_length = true;
-            if let Some(n) = std::str::from_utf8(value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-            {
-                len = n;
-            }
-        }
-    }
-    if chunked {
-        Next::Chunked {
-            with_length: has_length,
-        }
-    } else {
-        Next::Length(len)
-    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for StrictIo<T> {
@@ -515,7 +568,7 @@ mod tests {
             }
             assert!(s.activity.in_head.load(Ordering::SeqCst), "reads of {size}");
             assert!(
-                matches!(&s.framing, Framing::Head { head, .. } if head.is_empty()),
+                matches!(&s.framing, Framing::Head(h) if h.partial.is_empty() && !h.started),
                 "both heads ended, reads of {size} bytes"
             );
             let mut s = io();

@@ -340,11 +340,18 @@ impl Route<'_> {
             return Some(Route::Ui);
         }
         let rest = path.strip_prefix('/')?;
-        let segs: Vec<&str> = rest.split('/').collect();
-        if segs.iter().any(|s| s.is_empty()) {
-            return None;
+        // No route has more than six segments: split into a fixed array, not a `Vec`
+        // (this runs for every request).
+        let mut buf = [""; 7];
+        let mut n = 0;
+        for seg in rest.split('/') {
+            if seg.is_empty() || n == buf.len() {
+                return None;
+            }
+            buf[n] = seg;
+            n += 1;
         }
-        Some(match segs.as_slice() {
+        Some(match &buf[..n] {
             ["healthz"] => Route::Healthz,
             ["metrics"] => Route::Metrics,
             ["hooks", t] => Route::Hook(t),
@@ -519,9 +526,10 @@ async fn handle(
     req.extensions_mut().insert(BodyDeadline(
         tokio::time::Instant::now() + state.tunables.body_read_timeout,
     ));
-    let path = req.uri().path().to_owned();
+    // A clone of the URI shares its bytes (no copy of the path per request).
+    let uri = req.uri().clone();
     let method = req.method().clone();
-    let route = Route::parse(&path);
+    let route = Route::parse(uri.path());
     let name = route.as_ref().map_or(OTHER_ROUTE, Route::template);
     let trigger = route
         .as_ref()
