@@ -90,7 +90,11 @@ fail_api() {
 	exit 2
 }
 
-status=$(api POST "/api/projects/$project/builds?wait=$(left)" "$body") || exit 2
+# The deadline is read once per request: read twice, a second boundary can pass in between
+# and the request would ask for `wait=0`, which the daemon refuses.
+wait=$(left)
+if [ "$wait" -lt 1 ]; then wait=1; fi
+status=$(api POST "/api/projects/$project/builds?wait=$wait" "$body") || exit 2
 uuid=$(field build_uuid)
 if [ -z "$uuid" ]; then
 	fail_api "$status" "the trigger"
@@ -103,12 +107,13 @@ echo "log: deployhook builds logs --follow $uuid"
 # network blip) are tolerated; queued builds survive a restart.
 errors=0
 while [ "$status" = 202 ] || [ "$status" = 000 ]; do
-	if [ "$(left)" -le 0 ]; then
+	wait=$(left)
+	if [ "$wait" -le 0 ]; then
 		echo "build $uuid: not finished after ${timeout}s ($(field status))" >&2
 		exit 3
 	fi
 	[ "$status" = 202 ] && uuid=$(field build_uuid)
-	if status=$(api GET "/api/builds/$uuid/wait?timeout=$(left)"); then
+	if status=$(api GET "/api/builds/$uuid/wait?timeout=$wait"); then
 		errors=0
 	else
 		status=000

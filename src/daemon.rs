@@ -262,7 +262,7 @@ pub async fn run(
     // Counted now that the database, the listener and recovery have their descriptors.
     let max_connections = http::connection_cap(
         nofile,
-        http::open_fds().unwrap_or(64),
+        crate::descriptors::open().unwrap_or(64),
         shared.get().server.max_concurrent_builds,
     );
     tracing::debug!("at most {max_connections} connections (open-file limit {nofile})");

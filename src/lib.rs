@@ -7,6 +7,8 @@
 //!
 //! # Layout
 //! - [`cli`]: clap definitions, exit codes, and the HTTP client behind the client commands.
+//! - [`descriptors`]: file descriptors shared by connections and builds: the floor builds
+//!   leave to HTTP.
 //! - [`daemon`]: `deployhook serve`: start-up order, SIGHUP reload, shutdown with deadlines.
 //! - [`config`]: raw TOML mirror → validated [`config::Config`]; the shared, reloadable handle;
 //!   `config::sinks` holds the (v2) `[notify.*]` and `[projects.*.status]` keys.
@@ -54,6 +56,7 @@ pub mod buildlog;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod descriptors;
 pub mod git;
 pub mod http;
 pub mod machine;

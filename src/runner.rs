@@ -756,7 +756,17 @@ async fn step(
         argv,
         env: env.to_vec(),
     };
-    let mut sup = match Supervisor::start(&ctx.settings.pool, &job, DRAIN_DEADLINE).await {
+    // Builds leave a floor of descriptors to HTTP connections (see `crate::descriptors`).
+    let gate = crate::descriptors::gate().await;
+    if let Some(why) = crate::descriptors::shortage_now() {
+        return StepEnd {
+            status: MainStatus::SpawnError(why),
+            stopped: None,
+        };
+    }
+    let started = Supervisor::start(&ctx.settings.pool, &job, DRAIN_DEADLINE).await;
+    drop(gate);
+    let mut sup = match started {
         Ok(s) => s,
         Err(e) => {
             return StepEnd {

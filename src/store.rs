@@ -436,11 +436,7 @@ fn name_key(project: &str, name: &str) -> Vec<u8> {
 
 /// Encodes the position after which a listing continues: seq and id, as hex.
 fn encode_cursor(b: &Build) -> String {
-    let mut s = format!("{:016x}", b.seq);
-    for byte in b.id.as_bytes() {
-        s.push_str(&format!("{byte:02x}"));
-    }
-    s
+    format!("{:016x}{}", b.seq, crate::token::hex(b.id.as_bytes()))
 }
 
 /// Decodes a cursor made by `encode_cursor`; `None` when it is not one.

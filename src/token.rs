@@ -169,21 +169,58 @@ impl AdminToken {
             path: path.to_path_buf(),
             source,
         };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(create)?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        std::fs::create_dir_all(dir).map_err(create)?;
+        // Written whole beside its place, then moved there without replacing anything: a
+        // reader (a deploy script picking the token up) never sees an empty or half-written
+        // file, and a crash never leaves one behind that the next start would refuse.
+        let tmp = dir.join(format!(
+            ".{}.{}.tmp",
+            path.file_name()
+                .map_or("token".into(), |n| n.to_string_lossy()),
+            hex(&random_bytes::<8>()?)
+        ));
+        let placed = write_new(&tmp, format!("{secret}\n").as_bytes())
+            .and_then(|()| place_without_replacing(&tmp, path));
+        let _ = std::fs::remove_file(&tmp);
+        placed.map_err(create)?;
+        // The new name is durable once its directory is.
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
         }
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(create)?;
-        f.write_all(format!("{secret}\n").as_bytes())
-            .map_err(create)?;
-        f.sync_all().map_err(create)?;
         Ok((Self::from_secret(&secret), true))
     }
+}
+
+/// Creates `path` (mode 0600, never an existing file) holding `bytes`, synced.
+fn write_new(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Moves `from` to `to` unless `to` exists (then `AlreadyExists`): `renameat2` with
+/// `RENAME_NOREPLACE`, or a hard link where the file system does not support that flag.
+fn place_without_replacing(from: &Path, to: &Path) -> std::io::Result<()> {
+    use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+    match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EINVAL) => std::fs::hard_link(from, to),
+        Err(e) => Err(std::io::Error::from(e)),
+    }
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// A Git webhook secret (`git_secret_file`).
@@ -313,6 +350,51 @@ mod tests {
             AdminToken::load_or_create(&path),
             Err(TokenError::Empty(_))
         ));
+    }
+
+    /// A reader watching for the file (a deploy script, the reload test that flaked 2 runs in
+    /// 10) saw it empty: it was created, then written.
+    #[test]
+    fn a_token_file_appears_whole_and_nothing_else_is_left() {
+        for _ in 0..50 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("new.token");
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let reader = {
+                let (path, stop) = (path.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut seen = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        if let Ok(t) = std::fs::read_to_string(&path) {
+                            seen.push(t);
+                        }
+                    }
+                    seen
+                })
+            };
+            let (tok, created) = AdminToken::load_or_create(&path).unwrap();
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            assert!(created);
+            for t in reader.join().unwrap() {
+                assert!(tok.verify(t.trim().as_bytes()), "a reader saw {t:?}");
+            }
+            let names: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(names, ["new.token"]);
+        }
+    }
+
+    #[test]
+    fn a_token_file_is_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&from, "new").unwrap();
+        std::fs::write(&to, "theirs").unwrap();
+        let e = place_without_replacing(&from, &to).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read_to_string(&to).unwrap(), "theirs");
     }
 
     #[test]

@@ -41,6 +41,10 @@ pub struct Activity {
     in_flight: AtomicUsize,
     /// Set when a request used `Transfer-Encoding`: its response closes the connection.
     close_after: AtomicBool,
+    /// The first read of the connection has been tried: whatever the client had sent by then
+    /// was taken. Until then, closing it under descriptor pressure could drop a request that
+    /// is already waiting in the socket (see [`Registry::evict_oldest_idle_under_pressure`]).
+    looked: AtomicBool,
     /// Set when a head had both `Transfer-Encoding` and `Content-Length` (HOSTILE 2): hyper
     /// would frame it as chunked and drop the length, but a proxy in front may have used the
     /// length, so the request is refused outright.
@@ -295,14 +299,36 @@ impl<T: AsyncRead + Unpin> StrictIo<T> {
     /// not come back after they closed (issue 12). Handed over only once its first head is
     /// here, a connection costs what it sent until then. hyper then reads these bytes first.
     pub async fn read_first_head(&mut self) -> io::Result<()> {
-        use tokio::io::AsyncReadExt as _;
         let mut chunk = [0u8; 2048];
         while !self.activity.unserved.load(Ordering::SeqCst) && self.early.len() <= MAX_HEAD {
-            let n = self.inner.read(&mut chunk).await?;
+            let (inner, activity) = (&mut self.inner, &self.activity);
+            let n = std::future::poll_fn(|cx| {
+                let mut buf = ReadBuf::new(&mut chunk);
+                match Pin::new(&mut *inner).poll_read(cx, &mut buf) {
+                    Poll::Ready(r) => Poll::Ready(r.map(|()| buf.filled().len())),
+                    Poll::Pending => {
+                        // Nothing (more) has arrived: the client has not sent its head yet.
+                        activity.looked.store(true, Ordering::SeqCst);
+                        Poll::Pending
+                    }
+                }
+            })
+            .await;
+            let n = match n {
+                Ok(n) => n,
+                Err(e) => {
+                    self.activity.looked.store(true, Ordering::SeqCst);
+                    return Err(e);
+                }
+            };
             if n == 0 {
                 break;
             }
-            self.observe(&chunk[..n])?;
+            // Observed first: a complete head marks the connection busy before it counts as
+            // looked at.
+            let observed = self.observe(&chunk[..n]);
+            self.activity.looked.store(true, Ordering::SeqCst);
+            observed?;
             self.early.extend_from_slice(&chunk[..n]);
         }
         Ok(())
@@ -472,20 +498,36 @@ impl Registry {
     /// Asks the oldest connection that is between requests to close. Returns whether there
     /// was one.
     pub fn evict_oldest_idle(&self) -> bool {
-        self.evict_oldest_idle_opened_before(Instant::now())
+        self.evict_oldest_idle_under_pressure(Instant::now())
     }
 
-    /// Like [`Registry::evict_oldest_idle`], among connections opened before `before` only.
-    /// Under descriptor pressure a connection gets a moment to send its first head: the
-    /// client that just connected has usually already written its request, and closing it
-    /// unanswered would turn a slow moment into a failed request.
-    pub fn evict_oldest_idle_opened_before(&self, before: Instant) -> bool {
+    /// Whether a connection waits for its first read (after which, if it sent no complete
+    /// head, it could be closed under descriptor pressure).
+    pub fn has_unread(&self) -> bool {
+        self.conns.lock().is_ok_and(|m| {
+            m.values().any(|e| {
+                !e.activity.looked.load(Ordering::SeqCst) && e.activity.is_between_requests()
+            })
+        })
+    }
+
+    /// Like [`Registry::evict_oldest_idle`], for when descriptors have run out (EMFILE):
+    /// only among connections whose first read has been tried, or that were opened before
+    /// `before`. The client that just connected has usually already written its request, and
+    /// closing it unread would turn a slow moment into a failed request; but a grace in time
+    /// alone let a few hundred queued connections through at only a few dozen per grace
+    /// period, so `/healthz` behind them waited seconds (issue 11: 6.8 s at nofile 64 with
+    /// twelve builds holding their descriptors).
+    pub fn evict_oldest_idle_under_pressure(&self, before: Instant) -> bool {
         let Ok(mut m) = self.conns.lock() else {
             return false;
         };
         let victim = m
             .iter()
-            .filter(|(_, e)| e.opened < before && e.activity.is_between_requests())
+            .filter(|(_, e)| {
+                (e.opened < before || e.activity.looked.load(Ordering::SeqCst))
+                    && e.activity.is_between_requests()
+            })
             .min_by_key(|(_, e)| e.opened)
             .map(|(id, _)| *id);
         match victim.and_then(|id| m.remove(&id)) {
@@ -645,11 +687,46 @@ mod tests {
         new.in_head.store(true, Ordering::SeqCst);
         let n = r.register(new);
         let a_second_ago = Instant::now() - std::time::Duration::from_secs(1);
-        assert!(!r.evict_oldest_idle_opened_before(a_second_ago));
+        assert!(!r.evict_oldest_idle_under_pressure(a_second_ago));
         assert!(!futures_ready(&n.evict));
+        assert!(r.evict_oldest_idle_under_pressure(
+            Instant::now() + std::time::Duration::from_millis(1)
+        ));
+    }
+
+    /// Under descriptor pressure a new connection may be closed once its first read found no
+    /// complete head, however young it is; one whose head was there is never closed.
+    #[tokio::test]
+    async fn under_pressure_a_connection_can_be_closed_once_it_was_read() {
+        use tokio::io::AsyncWriteExt as _;
+        let r = Arc::new(Registry::default());
+        let a_second_ago = Instant::now() - std::time::Duration::from_secs(1);
+        // Silent: evictable after its first (pending) read.
+        let (_client, server) = tokio::io::duplex(1024);
+        let silent = Arc::new(Activity::default());
+        let _reg = r.register(silent.clone());
+        let mut io = StrictIo::new(server, silent.clone());
+        assert!(!r.evict_oldest_idle_under_pressure(a_second_ago), "unread");
+        assert!(r.has_unread());
+        let read = tokio::time::timeout(std::time::Duration::from_millis(50), io.read_first_head());
+        assert!(read.await.is_err(), "nothing to read");
+        assert!(!r.has_unread());
         assert!(
-            r.evict_oldest_idle_opened_before(Instant::now() + std::time::Duration::from_millis(1))
+            r.evict_oldest_idle_under_pressure(a_second_ago),
+            "read, silent"
         );
+        // Its request already waiting: read whole, and busy, never evictable.
+        let (mut client, server) = tokio::io::duplex(1024);
+        client
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let spoke = Arc::new(Activity::default());
+        let _reg = r.register(spoke.clone());
+        let mut io = StrictIo::new(server, spoke.clone());
+        io.read_first_head().await.unwrap();
+        assert!(spoke.looked.load(Ordering::SeqCst));
+        assert!(!r.evict_oldest_idle_under_pressure(a_second_ago), "busy");
     }
 
     #[tokio::test]

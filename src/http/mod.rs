@@ -71,6 +71,9 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Under descriptor pressure (EMFILE), how long a new connection may wait for its first head
 /// before it counts as idle and may be closed to make room.
 pub const EMFILE_EVICTION_GRACE: Duration = Duration::from_millis(250);
+/// Out of descriptors, how many times in a row the accept loop yields to let connections
+/// just accepted be read (so that they may be closed to make room) before it pauses.
+const MAX_UNREAD_YIELDS: u32 = 64;
 /// Most headers accepted in one request.
 pub const MAX_HEADERS: usize = 100;
 /// Most connections the server keeps open at once, however many descriptors there are.
@@ -78,10 +81,8 @@ pub const MAX_CONNECTIONS: usize = 16384;
 /// Descriptors kept free of connections whatever the builds: sled's snapshot files, log
 /// reads by API requests, outbox sockets, config reloads, the systemd notify socket.
 const FD_RESERVE_FIXED: u64 = 32;
-/// Descriptors kept free per concurrent build: its supervisor's control socket (and the
-/// warm spare's), its pipes and log file while it runs, and while it starts (or runs git)
-/// the pipes' other ends, `/dev/null`, the exec-error pipe and a pidfd.
-const FD_RESERVE_PER_BUILD: u64 = 12;
+/// Descriptors kept free per concurrent build: what one of its steps may take while it starts.
+const FD_RESERVE_PER_BUILD: u64 = crate::descriptors::STEP;
 
 /// The connection cap for a process that may open `nofile` descriptors, has `open` open
 /// now (listener and database included) and runs up to `builds` builds at once.
@@ -101,13 +102,6 @@ pub fn connection_cap(nofile: u64, open: u64, builds: usize) -> usize {
     usize::try_from(cap)
         .unwrap_or(usize::MAX)
         .clamp(1, MAX_CONNECTIONS)
-}
-
-/// How many descriptors this process has open (`/proc/self/fd`), if that can be read.
-pub fn open_fds() -> Option<u64> {
-    // The directory handle itself is one of the entries.
-    let n = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
-    Some(n.saturating_sub(1))
 }
 
 /// What every handler can reach. Shared as an `Arc`; no globals.
@@ -202,6 +196,8 @@ pub async fn serve(
         .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true);
     let mut last_accept_warning: Option<tokio::time::Instant> = None;
+    // Yields in a row while out of descriptors, waiting for new connections to be read.
+    let mut unread_yields = 0;
     'accept: loop {
         // At the cap, the oldest connection that is between requests makes room, and the
         // next accept waits until its socket is really closed (see `conn::Registry`). If
@@ -232,13 +228,31 @@ pub async fn serve(
                         let grace = std::time::Instant::now()
                             .checked_sub(EMFILE_EVICTION_GRACE)
                             .unwrap_or_else(std::time::Instant::now);
-                        let evicted = registry.evict_oldest_idle_opened_before(grace);
+                        let evicted = registry.evict_oldest_idle_under_pressure(grace);
                         if last_accept_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
                             tracing::warn!("accept failed: {e}; closing idle connections, else pausing accepts for 100 ms at a time");
                             last_accept_warning = Some(tokio::time::Instant::now());
                         }
+                        if !evicted && registry.has_unread() && unread_yields < MAX_UNREAD_YIELDS {
+                            // A connection just accepted has not been read yet; once it has,
+                            // it may make room. Its task usually runs next on this worker.
+                            // With builds holding all but one descriptor, pausing here let
+                            // only ~3 queued connections through a second (issue 11).
+                            unread_yields += 1;
+                            tokio::task::yield_now().await;
+                            continue;
+                        }
+                        unread_yields = 0;
+                        // Until the evicted socket is really closed: a wake-up left by an
+                        // earlier close must not send the loop back to a failing accept.
+                        let open = registry.open();
+                        let closed = async {
+                            while registry.open() >= open {
+                                registry.wait_closed().await;
+                            }
+                        };
                         tokio::select! {
-                            _ = registry.wait_closed(), if evicted => {}
+                            _ = closed, if evicted => {}
                             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
                         }
                     }

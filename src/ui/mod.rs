@@ -75,10 +75,7 @@ pub struct Ui {
 
 /// The first 16 hex digits of the SHA-256 of `content`: changes whenever the asset does.
 fn content_hash(content: &str) -> String {
-    Sha256::digest(content.as_bytes())[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::token::hex(&Sha256::digest(content.as_bytes())[..8])
 }
 
 impl Default for Ui {

@@ -205,3 +205,43 @@ fn ci_trigger_follows_a_supersede_and_exits_3_when_time_runs_out() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// A flake of the test above (1 run in 10 under load) was a bug of the script: it read the
+/// clock once to decide that time was left and again to say how much, so a second boundary
+/// between the two asked the daemon for `timeout=0`, which it refuses (HTTP 400, exit 2
+/// instead of 3). Here a `date` on `PATH` steps at exactly that moment.
+#[test]
+fn ci_trigger_reads_the_clock_once_per_wait() {
+    let work = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&workdir_project("site", work.path(), "sleep 30", ""));
+    let bin = work.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let calls = work.path().join("date-calls");
+    // `date +%s`: 1000 for the first three calls (the deadline, the trigger's wait, the
+    // loop's check), 1001 from then on. DEPLOY_TIMEOUT=1 puts the deadline at 1001.
+    let fake = format!(
+        "#!/bin/sh\nn=$(cat {c} 2>/dev/null || echo 0)\necho $((n + 1)) > {c}\n\
+         if [ \"$n\" -lt 3 ]; then echo 1000; else echo 1001; fi\n",
+        c = calls.display()
+    );
+    let date = bin.join("date");
+    std::fs::write(&date, fake).unwrap();
+    std::fs::set_permissions(&date, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let out = Command::new("sh")
+        .arg(example("ci-trigger.sh"))
+        .args(["site", "main"])
+        .env("PATH", path)
+        .env("DEPLOYHOOK_URL", format!("http://{}", d.addr))
+        .env("DEPLOYHOOK_TOKEN", &d.token)
+        .env("DEPLOY_TIMEOUT", "1")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

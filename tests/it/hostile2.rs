@@ -442,8 +442,18 @@ fn builds_starting_under_descriptor_pressure_leave_healthz_answering_and_say_why
     // that could not start says why.
     let wd = tempfile::tempdir().unwrap();
     let tmp = tempfile::tempdir().unwrap();
+    // Each build holds its descriptors until the test has flooded the daemon (with a fixed
+    // `sleep 8` they used to end first on a slow run, and the flood then met no pressure).
+    let release = wd.path().join("release");
     let projects: String = (0..12)
-        .map(|i| workdir_project(&format!("p{i}"), wd.path(), "echo started; sleep 8", ""))
+        .map(|i| {
+            workdir_project(
+                &format!("p{i}"),
+                wd.path(),
+                "echo started; while [ ! -e release ]; do sleep 0.05; done",
+                "",
+            )
+        })
         .collect();
     write_config(tmp.path(), "max_concurrent_builds = 12", &projects);
     let d = Daemon::spawn_limited(tmp.path(), &[], Some(64)).unwrap_or_else(|e| panic!("{e}"));
@@ -466,6 +476,7 @@ fn builds_starting_under_descriptor_pressure_leave_healthz_answering_and_say_why
     );
     // Every build ends, and none with an empty log that looks clean.
     drop(flood);
+    std::fs::write(&release, "").unwrap();
     for id in &ids {
         let b = d.wait_status(id, "stopped", 60);
         let lines = d.log_lines(id);

@@ -463,8 +463,8 @@ fn a_receiver_failing_for_24h_is_given_up() {
         json_sink("ops", &rcv.url("http"), "[\"failed\"]", tmp.path()),
         workdir_project("site", tmp.path(), "exit 3", "")
     );
-    // Divided by 10 000: 24 h is 8.64 s; hourly retries every 360 ms after the first five.
-    let d = daemon_env(&tmp, &rest, &[("DEPLOYHOOK_TEST_OUTBOX_SCALE", "10000")]);
+    // Divided by 20 000: 24 h is 4.32 s; hourly retries every 180 ms after the first five.
+    let d = daemon_env(&tmp, &rest, &[("DEPLOYHOOK_TEST_OUTBOX_SCALE", "20000")]);
     let id = d.trigger_id("site", "main");
     d.wait_status(&id, "stopped", 30);
     eventually(30, "failed", || notifications(&d)[0]["status"] == "failed");
