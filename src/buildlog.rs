@@ -939,29 +939,44 @@ mod tests {
         assert!(text.contains(" lines were dropped"), "{text}");
     }
 
-    /// The full-disk integration test found no note 1 run in 10: the disk had filled at a
-    /// block boundary, so cutting the failed batch freed nothing. Room kept past each batch
-    /// takes the note whatever else fills the disk.
-    #[test]
-    fn the_loss_note_has_room_when_the_disk_fills_between_batches() {
-        let mut log = LogFile::new(disk(1 << 20, true), 0, 0, 1 << 20);
+    /// A log that wrote one line, then lost two: someone else took every free byte.
+    fn filled_after_one_line(reserves: bool) -> LogFile<SmallDisk> {
+        let mut log = LogFile::new(disk(1 << 20, reserves), 0, 0, 1 << 20);
         log.line(Stream::Stdout, b"before");
         log.flush();
-        // Someone else takes every free byte.
         log.file.cap = log.file.data.len();
         log.line(Stream::Stdout, b"lost 1");
         log.line(Stream::Stdout, b"lost 2");
         log.flush();
-        assert!(log.loss_told, "the note is written at once");
+        log
+    }
+
+    /// Ends the build of `log` (one line written, then `dropped` lost) and checks the log:
+    /// the line, the loss note, the exit line.
+    fn note_then_exit(log: &mut LogFile<SmallDisk>, dropped: u64) -> Vec<serde_json::Value> {
         log.line(Stream::System, b"exited with code 0; outcome success");
         log.finish();
         let all = parsed(&log.file.data);
         assert_eq!(all.len(), 3, "{all:?}");
         let text = all[1]["line"].as_str().unwrap();
         assert!(text.starts_with("log output lost"), "{text}");
-        assert!(text.contains("2 lines were dropped"), "{text}");
-        // The rest of the room took the last line too.
+        assert!(
+            text.contains(&format!("{dropped} lines were dropped")),
+            "{text}"
+        );
         assert_eq!(all[2]["line"], "exited with code 0; outcome success");
+        all
+    }
+
+    /// The full-disk integration test found no note 1 run in 10: the disk had filled at a
+    /// block boundary, so cutting the failed batch freed nothing. Room kept past each batch
+    /// takes the note whatever else fills the disk.
+    #[test]
+    fn the_loss_note_has_room_when_the_disk_fills_between_batches() {
+        let mut log = filled_after_one_line(true);
+        assert!(log.loss_told, "the note is written at once");
+        // The rest of the room takes the last line too.
+        note_then_exit(&mut log, 2);
         assert!(log.summary().truncated);
         assert_eq!(
             log.file.reserved,
@@ -973,26 +988,12 @@ mod tests {
     #[test]
     fn the_loss_note_waits_for_room_and_comes_before_the_next_system_line() {
         // A file system without `fallocate`: no room is kept.
-        let mut log = LogFile::new(disk(1 << 20, false), 0, 0, 1 << 20);
-        log.line(Stream::Stdout, b"before");
-        log.flush();
-        // Someone else fills the disk to the last byte.
-        log.file.cap = log.file.data.len();
-        log.line(Stream::Stdout, b"lost 1");
-        log.line(Stream::Stdout, b"lost 2");
-        log.flush();
+        let mut log = filled_after_one_line(false);
         log.line(Stream::Stdout, b"lost 3");
         assert!(!log.loss_told, "no room for the note yet");
         assert_eq!(parsed(&log.file.data).len(), 1);
         log.file.cap = 1 << 20;
-        log.line(Stream::System, b"exited with code 0; outcome success");
-        log.finish();
-        let all = parsed(&log.file.data);
-        assert_eq!(all.len(), 3, "{all:?}");
-        let text = all[1]["line"].as_str().unwrap();
-        assert!(text.starts_with("log output lost"), "{text}");
-        assert!(text.contains("3 lines were dropped"), "{text}");
-        assert_eq!(all[2]["line"], "exited with code 0; outcome success");
+        let all = note_then_exit(&mut log, 3);
         for (i, v) in all.iter().enumerate() {
             assert_eq!(v["n"], i as u64, "numbers stay contiguous");
         }

@@ -276,14 +276,14 @@ pub async fn run(
     } else {
         shared.get().server.public_url.clone()
     };
-    let outbox = crate::outbox::Outbox::start(
-        store.clone(),
-        shared.clone(),
-        metrics.clone(),
+    let outbox = crate::outbox::Outbox::start(crate::outbox::Parts {
+        store: store.clone(),
+        config: shared.clone(),
+        metrics: metrics.clone(),
         client,
-        queue.outbox_wake(),
+        wake: queue.outbox_wake(),
         public_url,
-    );
+    });
     let state = Arc::new(AppState {
         config: shared.clone(),
         store: store.clone(),

@@ -426,15 +426,24 @@ pub struct Outbox {
     inner: Arc<Inner>,
 }
 
-struct Inner {
-    store: Store,
-    config: Arc<SharedConfig>,
-    metrics: Arc<Metrics>,
-    client: Outbound,
-    /// Woken by the queue after it writes entries.
-    wake: Arc<Notify>,
+/// What the worker works with.
+pub struct Parts {
+    /// Where the entries wait (written by the queue in the builds' own transactions).
+    pub store: Store,
+    /// Read at every attempt: a reload changes a sink's URL or secret for its next try.
+    pub config: Arc<SharedConfig>,
+    /// Delivery counts by sink and result.
+    pub metrics: Arc<Metrics>,
+    /// The outbound HTTP(S) client (no redirects, bounded answers).
+    pub client: Outbound,
+    /// Woken by the queue after it writes entries (see `Queue::outbox_wake`).
+    pub wake: Arc<Notify>,
     /// `public_url` (or the bound address), for links.
-    public_url: String,
+    pub public_url: String,
+}
+
+struct Inner {
+    parts: Parts,
     schedule: Schedule,
     /// Set at shutdown: no new deliveries start.
     stopping: tokio::sync::watch::Sender<bool>,
@@ -463,23 +472,12 @@ struct Due {
 }
 
 impl Outbox {
-    /// Starts the worker. `wake` is the queue's (see `Queue::outbox_wake`).
-    pub fn start(
-        store: Store,
-        config: Arc<SharedConfig>,
-        metrics: Arc<Metrics>,
-        client: Outbound,
-        wake: Arc<Notify>,
-        public_url: String,
-    ) -> Outbox {
+    /// Starts the worker.
+    pub fn start(mut parts: Parts) -> Outbox {
+        parts.public_url = parts.public_url.trim_end_matches('/').to_owned();
         let ob = Outbox {
             inner: Arc::new(Inner {
-                store,
-                config,
-                metrics,
-                client,
-                wake,
-                public_url: public_url.trim_end_matches('/').to_owned(),
+                parts,
                 schedule: Schedule::from_env(),
                 stopping: tokio::sync::watch::channel(false).0,
                 worker: std::sync::Mutex::new(None),
@@ -506,7 +504,7 @@ impl Outbox {
 
     /// Sends a `test` event to one sink now, outside the outbox.
     pub async fn test(&self, sink: &str) -> Result<Answer, TestError> {
-        let config = self.inner.config.get();
+        let config = self.inner.parts.config.get();
         let s = config
             .sinks
             .get(sink)
@@ -516,7 +514,7 @@ impl Outbox {
             at: Timestamp::now(),
             build: None,
             log_tail: &[],
-            public_url: &self.inner.public_url,
+            public_url: &self.inner.parts.public_url,
         };
         let id = format!("test_{}", BuildId::new().0.simple());
         Ok(self.post_notice(s, &n, &id).await?)
@@ -532,6 +530,7 @@ impl Outbox {
     ) -> Result<Answer, SendError> {
         let r = notifications::render(sink, n, id, unix_now());
         self.inner
+            .parts
             .client
             .post(
                 sink.url.expose(),
@@ -562,7 +561,7 @@ impl Outbox {
                 }
             };
             tokio::select! {
-                _ = self.inner.wake.notified() => {}
+                _ = self.inner.parts.wake.notified() => {}
                 _ = sleep => {}
                 _ = stopping.changed() => {}
                 Some(done) = in_flight.join_next(), if !in_flight.is_empty() => {
@@ -597,7 +596,7 @@ impl Outbox {
         let mut after = None;
         let mut seen = HashSet::new();
         'pages: loop {
-            let page = match self.inner.store.outbox_page(after, PAGE) {
+            let page = match self.inner.parts.store.outbox_page(after, PAGE) {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::error!("cannot read the outbox: {e}");
@@ -691,7 +690,7 @@ impl Outbox {
                     );
                     // Counted before it is stored: whoever sees the store sees the count.
                     self.count(&entry, "retried");
-                    if let Err(e) = self.inner.store.outbox_update(id, &entry) {
+                    if let Err(e) = self.inner.parts.store.outbox_update(id, &entry) {
                         tracing::error!("cannot record an outbox attempt: {e}");
                     }
                     return;
@@ -728,28 +727,34 @@ impl Outbox {
             tracing::warn!(build = %entry.build, attempts = entry.attempts, "{kind} failed ({to}): {why}");
         }
         self.count(&entry, result);
-        if let Err(e) = self.inner.store.outbox_finish(id, &entry) {
+        if let Err(e) = self.inner.parts.store.outbox_finish(id, &entry) {
             tracing::error!("cannot record an outbox delivery: {e}");
         }
     }
 
     fn count(&self, entry: &Entry, result: &'static str) {
         match &entry.what {
-            What::Notification { sink, .. } => self.inner.metrics.count_notification(sink, result),
-            What::Status { project, .. } => self.inner.metrics.count_commit_status(project, result),
+            What::Notification { sink, .. } => {
+                self.inner.parts.metrics.count_notification(sink, result)
+            }
+            What::Status { project, .. } => self
+                .inner
+                .parts
+                .metrics
+                .count_commit_status(project, result),
         }
     }
 
     /// One attempt, with the config (and secrets) in force now.
     async fn attempt(&self, entry_id: u64, entry: &Entry) -> Verdict {
-        let config = self.inner.config.get();
+        let config = self.inner.parts.config.get();
         match &entry.what {
             What::Notification { sink, event, build } => {
                 let Some(s) = config.sinks.get(sink) else {
                     return Verdict::Fail(format!("sink {sink} is no longer configured"));
                 };
                 let tail = if notifications::wants_log(*event) {
-                    let dir = self.inner.store.state_dir().to_path_buf();
+                    let dir = self.inner.parts.store.state_dir().to_path_buf();
                     let b = (**build).clone();
                     // Without a thread (the service at its task limit) the notice goes
                     // without its log tail rather than not at all.
@@ -766,7 +771,7 @@ impl Outbox {
                     at: entry.created_on,
                     build: Some(build),
                     log_tail: &tail,
-                    public_url: &self.inner.public_url,
+                    public_url: &self.inner.parts.public_url,
                 };
                 // The entry's id: the same on every retry, so receivers can deduplicate.
                 let id = format!("msg_{entry_id:016x}");
@@ -785,7 +790,7 @@ impl Outbox {
                         "project {project} no longer has [projects.{project}.status]"
                     ));
                 };
-                let target = format!("{}/ui/builds/{link}", self.inner.public_url);
+                let target = format!("{}/ui/builds/{link}", self.inner.parts.public_url);
                 let req = match statuses::request(cfg, sha, *state, description, &target) {
                     Ok(r) => r,
                     Err(e) => return Verdict::Fail(e.to_string()),
@@ -793,6 +798,7 @@ impl Outbox {
                 let shown = crate::config::sinks::redact_url(&req.url);
                 let res = self
                     .inner
+                    .parts
                     .client
                     .post(&req.url, &shown, &req.headers, Bytes::from(req.body))
                     .await;
@@ -1121,14 +1127,14 @@ mod tests {
         }
         let before = rss_kib();
         let metrics = Arc::new(Metrics::new());
-        let ob = Outbox::start(
-            store.clone(),
-            Arc::new(SharedConfig::new(cfg)),
-            metrics.clone(),
-            Outbound::new().unwrap(),
-            Arc::new(Notify::new()),
-            "http://127.0.0.1:1".into(),
-        );
+        let ob = Outbox::start(Parts {
+            store: store.clone(),
+            config: Arc::new(SharedConfig::new(cfg)),
+            metrics: metrics.clone(),
+            client: Outbound::new().unwrap(),
+            wake: Arc::new(Notify::new()),
+            public_url: "http://127.0.0.1:1".into(),
+        });
         // Measured once the worker has paged through every entry and tried the first.
         let retried = "deployhook_notifications_total{sink=\"dead\",result=\"retried\"} 1";
         let deadline = std::time::Instant::now() + Duration::from_secs(30);

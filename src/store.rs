@@ -1466,6 +1466,24 @@ mod tests {
     use super::*;
     use crate::model::{Phase, Trigger, TriggerSource};
 
+    /// Opens the store in `dir`. Reopened right after a drop, sled's own I/O threads may
+    /// still hold the previous handle's file lock for a moment (seen 2 runs in 15 with 8
+    /// tests at a time): that is waited out, with a deadline.
+    fn open(dir: &Path) -> Result<Store, StoreError> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match Store::open(dir) {
+                Err(e)
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                r => return r,
+            }
+        }
+    }
+
     fn build(project: &str, seq: u64) -> Build {
         Build::new_queued(
             seq,
@@ -1525,7 +1543,7 @@ mod tests {
         // A v1 record in the tree is readable through the store, and a write-back of a
         // firing upgrades it.
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let s = open(dir.path()).unwrap();
         s.inner
             .hooks
             .insert(h.id.as_bytes(), encode(&v1).unwrap())
@@ -1544,7 +1562,7 @@ mod tests {
     fn schedule_state_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let s = Store::open(dir.path()).unwrap();
+            let s = open(dir.path()).unwrap();
             assert_eq!(
                 s.schedule_checked("site\0main\0UTC\0* * * * *").unwrap(),
                 None
@@ -1553,7 +1571,7 @@ mod tests {
                 .unwrap();
             s.flush_blocking().unwrap();
         }
-        let s = Store::open(dir.path()).unwrap();
+        let s = open(dir.path()).unwrap();
         assert_eq!(
             s.schedule_checked("site\0main\0UTC\0* * * * *").unwrap(),
             Some(Timestamp(42))
@@ -1563,8 +1581,8 @@ mod tests {
     #[test]
     fn a_second_open_of_the_same_state_dir_fails_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let _first = Store::open(dir.path()).unwrap();
-        match Store::open(dir.path()) {
+        let _first = open(dir.path()).unwrap();
+        match open(dir.path()) {
             Err(StoreError::InUse(p)) => assert_eq!(p, dir.path()),
             other => panic!("expected InUse, got {:?}", other.err()),
         }
@@ -1575,7 +1593,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flush_waiter_gets_the_error_as_soon_as_the_store_fails_even_if_the_flush_hangs() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let s = open(dir.path()).unwrap();
         s.durable().await.unwrap();
         // Stall the flush thread: when idle for FIRED_WRITE_INTERVAL it takes this lock to
         // write hook firings back.
@@ -1673,7 +1691,7 @@ mod tests {
     async fn hooks_by_token_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let (kept, rotated, deleted) = {
-            let s = Store::open(dir.path()).unwrap();
+            let s = open(dir.path()).unwrap();
             assert_eq!(s.hook_count(), 0);
             assert!(s.hook_by_token(&TokenHash::of("dh_a")).is_none());
             let kept = hook("site", "cms", "dh_a");
@@ -1689,7 +1707,7 @@ mod tests {
             s.durable().await.unwrap();
             (kept, rotated, deleted)
         };
-        let s = Store::open(dir.path()).unwrap();
+        let s = open(dir.path()).unwrap();
         assert_eq!(s.hook_count(), 2);
         let k = s.hook_by_token(&TokenHash::of("dh_a")).unwrap();
         assert_eq!(
@@ -1731,14 +1749,14 @@ mod tests {
             assert!(Arc::ptr_eq(&a.project, &b.project) && Arc::ptr_eq(&a.branch, &b.branch));
         };
         {
-            let s = Store::open(dir.path()).unwrap();
+            let s = open(dir.path()).unwrap();
             for h in &hooks {
                 assert!(matches!(s.insert_hook(h).unwrap(), HookInsert::Created));
             }
             check(&s);
             s.durable().await.unwrap();
         }
-        check(&Store::open(dir.path()).unwrap());
+        check(&open(dir.path()).unwrap());
     }
 
     /// Rotations of one hook racing each other leave exactly one token working: the one the
@@ -1746,7 +1764,7 @@ mod tests {
     #[test]
     fn racing_rotations_leave_one_token() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let s = open(dir.path()).unwrap();
         let h = hook("site", "cms", "dh_start");
         s.insert_hook(&h).unwrap();
         let threads: Vec<_> = (0..4)
@@ -1778,7 +1796,7 @@ mod tests {
     #[tokio::test]
     async fn hooks_by_token_rotate_and_delete() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let s = open(dir.path()).unwrap();
         let h = hook("site", "cms", "dh_a");
         assert!(matches!(s.insert_hook(&h).unwrap(), HookInsert::Created));
         assert!(matches!(
@@ -1822,7 +1840,7 @@ mod tests {
     #[test]
     fn builds_list_newest_first_with_cursor_and_filter() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let s = open(dir.path()).unwrap();
         let mut ids = Vec::new();
         for seq in 1..=5 {
             let mut b = build("site", seq);
@@ -1864,7 +1882,7 @@ mod tests {
     #[test]
     fn deliveries_are_remembered_once() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let s = open(dir.path()).unwrap();
         let a = BuildId::new();
         let t = Timestamp(1_000);
         assert_eq!(
@@ -1932,7 +1950,7 @@ mod tests {
     #[test]
     fn deliveries_remember_every_build_and_read_old_records() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(dir.path()).unwrap();
+        let s = open(dir.path()).unwrap();
         let (a, b) = (BuildId::new(), BuildId::new());
         let t = Timestamp(1_000);
         assert_eq!(
@@ -1971,12 +1989,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let b = build("site", 1);
         {
-            let s = Store::open(dir.path()).unwrap();
+            let s = open(dir.path()).unwrap();
             s.insert_build(&b, Some(b"payload")).unwrap();
             s.flush_blocking().unwrap();
             s.close();
         }
-        let s = Store::open(dir.path()).unwrap();
+        let s = open(dir.path()).unwrap();
         assert_eq!(s.build(b.id).unwrap().unwrap(), b);
         assert_eq!(s.payload(b.id).unwrap().unwrap(), b"payload");
     }
@@ -1987,7 +2005,7 @@ mod tests {
         let h = hook("site", "cms", "dh_a");
         let gone = hook("site", "old", "dh_b");
         {
-            let s = Store::open(dir.path()).unwrap();
+            let s = open(dir.path()).unwrap();
             s.insert_hook(&h).unwrap();
             s.insert_hook(&gone).unwrap();
             // Far more firings than one write-back interval takes: most stay in memory.
@@ -2007,7 +2025,7 @@ mod tests {
             s.flush_blocking().unwrap();
             s.close();
         }
-        let s = Store::open(dir.path()).unwrap();
+        let s = open(dir.path()).unwrap();
         let back = s.hook(h.id).unwrap().unwrap();
         assert_eq!(back.trigger_count, 1002);
         assert_eq!(back.last_triggered_on, Some(Timestamp(3_001)));
@@ -2017,7 +2035,7 @@ mod tests {
     #[test]
     fn rate_events_keep_the_boot_clock_and_old_records_still_read() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
+        let store = open(dir.path()).unwrap();
         let b = build("site", 1);
         store.insert_build(&b, None).unwrap();
         // A record of the format before boot times: the project name alone.

@@ -325,26 +325,41 @@ fn is_per_connection_error(e: &std::io::Error) -> bool {
 /// Which endpoint a request path names (before the method is checked).
 #[derive(Debug, PartialEq, Eq)]
 enum Route<'a> {
+    /// `/healthz`.
     Healthz,
+    /// `/metrics`.
     Metrics,
+    /// `/hooks/{token}`.
     Hook(&'a str),
+    /// `/git/{project}`.
     Git(&'a str),
+    /// `/api/projects`.
     Projects,
+    /// `/api/projects/{project}/hooks`.
     ProjectHooks(&'a str),
+    /// `/api/projects/{project}/hooks/{id}`.
     ProjectHook(&'a str, &'a str),
+    /// `/api/projects/{project}/hooks/{id}/rotate`.
     ProjectHookRotate(&'a str, &'a str),
+    /// `/api/projects/{project}/builds`: list (GET) or trigger (POST).
     ProjectBuilds(&'a str),
+    /// `/api/builds/{uuid}`.
     Build(&'a str),
+    /// `/api/builds/{uuid}/logs`.
     BuildLogs(&'a str),
+    /// `/api/builds/{uuid}/cancel`.
     BuildCancel(&'a str),
     /// (v2) `GET /api/notifications`.
     Notifications,
     /// (v2) `POST /api/notifications/test`.
     NotificationsTest,
+    /// (v2) `/api/builds/{uuid}/redeploy`.
     BuildRedeploy(&'a str),
+    /// (v2) `/api/builds/{uuid}/wait`.
     BuildWait(&'a str),
     /// Anything under `/ui` (the status pages route inside `ui`).
     Ui,
+    /// (v2) `/badge/{project}.svg`.
     Badge(&'a str),
 }
 

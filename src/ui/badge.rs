@@ -1,6 +1,6 @@
 //! The badge of SPEC §4.1 (v2): `GET /badge/{project}.svg?branch=B`.
 
-use http::{HeaderValue, Request, Response, header};
+use http::{Request, Response, header};
 use hyper::body::Incoming;
 
 use super::{full, pages, percent_decode};
@@ -66,19 +66,17 @@ pub async fn badge(
     let label = format!("{} {}", p.name, branch);
     let svg = pages::badge(&label, phase).into_string();
     let mut r = Response::new(full(svg));
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("image/svg+xml; charset=utf-8"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
+    super::set_headers(
+        r.headers_mut(),
+        [
+            (header::CONTENT_TYPE, "image/svg+xml; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; style-src 'unsafe-inline'",
+            ),
+        ],
     );
     Ok(r)
 }

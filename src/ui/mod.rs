@@ -221,21 +221,26 @@ fn redirect(to: &str) -> Response<Body> {
 
 /// Adds the headers every response under `/ui` carries.
 pub fn secure(mut r: Response<Body>) -> Response<Body> {
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(CSP),
+    set_headers(
+        r.headers_mut(),
+        [
+            (header::CONTENT_SECURITY_POLICY, CSP),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+        ],
     );
-    h.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
-    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     r
+}
+
+/// Sets each header to its fixed value.
+pub fn set_headers<const N: usize>(
+    h: &mut http::HeaderMap,
+    headers: [(header::HeaderName, &'static str); N],
+) {
+    for (name, value) in headers {
+        h.insert(name, HeaderValue::from_static(value));
+    }
 }
 
 fn secure_cookie(state: &AppState) -> bool {
