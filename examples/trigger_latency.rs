@@ -147,6 +147,7 @@ fn main() {
             quiet_log: Default::default(),
             outbox: None,
             ui: Default::default(),
+            join_answers: Default::default(),
         });
         let (_trigger, watch) = deployhook::shutdown::channel();
         tokio::spawn(serve(listener, state, watch));

@@ -298,6 +298,7 @@ pub async fn run(
         quiet_log: Default::default(),
         outbox: Some(outbox.clone()),
         ui: Default::default(),
+        join_answers: Default::default(),
     });
     tracing::info!("listening on {local}");
 

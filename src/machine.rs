@@ -57,6 +57,7 @@
 //! wait: nothing joins them, so there is no burst to wait out.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::model::{
@@ -188,13 +189,13 @@ pub enum Plan {
     /// It joined this pending build. `needs_flush`: the answer must wait for a flush, because
     /// the build's creator has not seen its record flushed yet or this join changed the record.
     Joined {
-        /// The build as it is now.
-        build: Build,
+        /// The build as it is now (shared, see [`Live`]).
+        build: Arc<Build>,
         /// Wait for durability before answering.
         needs_flush: bool,
     },
     /// A new build: the shell inserts it durably, then reports it with [`Machine::created`].
-    Create(Build),
+    Create(Box<Build>),
 }
 
 /// Why a trigger was refused by the machine.
@@ -299,8 +300,11 @@ pub enum Effect {
 /// A build that is not stopped.
 #[derive(Debug, Clone)]
 struct Live {
-    /// The authoritative copy of its record; every change is also a [`Effect::Put`].
-    build: Build,
+    /// The authoritative copy of its record; every change is also a [`Effect::Put`]. Shared
+    /// with the answers of triggers that joined it (no copy per join); changed through
+    /// `Arc::make_mut`, so a copy handed out never changes under its holder, and one still held
+    /// elsewhere tells by its address that the build has changed since.
+    build: Arc<Build>,
     /// Past source resolution: no longer pending, eligible for supersede.
     resolved: bool,
     /// A trigger joined while a fetch was under way: fetch again before resolving.
@@ -367,7 +371,7 @@ impl Machine {
 
     /// A live build as it is now.
     pub fn build(&self, id: BuildId) -> Option<&Build> {
-        self.live.get(&id).map(|l| &l.build)
+        self.live.get(&id).map(|l| &*l.build)
     }
 
     /// Every live build's id.
@@ -442,7 +446,7 @@ impl Machine {
         self.live.insert(
             build.id,
             Live {
-                build,
+                build: Arc::new(build),
                 resolved: false,
                 joined_during_fetch: false,
                 stop: None,
@@ -562,9 +566,13 @@ impl Machine {
             // so the list stays ordered by when each SHA was last asked for.
             let changed = match t.requested_commit {
                 Some(sha) if l.build.requested_commit.as_deref() != Some(sha) => {
-                    l.build.requested_commits.retain(|c| c != sha);
-                    l.build.requested_commits.push(sha.to_owned());
-                    l.build.requested_commit = Some(sha.to_owned());
+                    Arc::make_mut(&mut l.build)
+                        .requested_commits
+                        .retain(|c| c != sha);
+                    Arc::make_mut(&mut l.build)
+                        .requested_commits
+                        .push(sha.to_owned());
+                    Arc::make_mut(&mut l.build).requested_commit = Some(sha.to_owned());
                     true
                 }
                 _ => false,
@@ -580,20 +588,23 @@ impl Machine {
                         self.waiting.remove(&(old, id));
                     }
                     self.waiting.insert((until, id));
-                    l.build.not_before = Some(until);
+                    Arc::make_mut(&mut l.build).not_before = Some(until);
                     moved = true;
                 }
             }
             if changed && let Some(sha) = t.requested_commit {
-                fx.push(Effect::Put(l.build.clone()));
-                fx.push(Effect::Tell(l.build.clone(), Tell::Joined(sha.to_owned())));
+                fx.push(Effect::Put(Build::clone(&l.build)));
+                fx.push(Effect::Tell(
+                    Build::clone(&l.build),
+                    Tell::Joined(sha.to_owned()),
+                ));
             } else if moved {
                 // Written, not flushed: losing a moved `not_before` in a crash only lets the
                 // build start a little earlier, and nothing the trigger asked for is lost.
-                fx.push(Effect::Put(l.build.clone()));
+                fx.push(Effect::Put(Build::clone(&l.build)));
             }
             let plan = Plan::Joined {
-                build: l.build.clone(),
+                build: Arc::clone(&l.build),
                 needs_flush: changed || !l.on_disk,
             };
             return Ok((plan, fx));
@@ -614,7 +625,7 @@ impl Machine {
         if t.exact_commit.is_none() && !t.quiet.period.is_zero() {
             b.not_before = Some(after(now, t.quiet.period).min(after(now, t.quiet.max)));
         }
-        Ok((Plan::Create(b), fx))
+        Ok((Plan::Create(Box::new(b)), fx))
     }
 
     /// A planned build is in the store: it joins the queue, counts against the rate limits,
@@ -654,7 +665,10 @@ impl Machine {
                     }
                 }
                 fx.push(Effect::Put(build.clone()));
-                fx.push(Effect::Tell(l.build.clone(), Tell::SupersededBy(build.id)));
+                fx.push(Effect::Tell(
+                    Build::clone(&l.build),
+                    Tell::SupersededBy(build.id),
+                ));
             }
         }
         self.add(build, false);
@@ -681,8 +695,8 @@ impl Machine {
         {
             self.waiting.pop_first();
             if let Some(l) = self.live.get_mut(&id) {
-                l.build.not_before = None;
-                fx.push(Effect::Put(l.build.clone()));
+                Arc::make_mut(&mut l.build).not_before = None;
+                fx.push(Effect::Put(Build::clone(&l.build)));
             }
         }
         while self.active.len() < max_concurrent {
@@ -710,10 +724,11 @@ impl Machine {
                 break;
             };
             let project = l.build.project.clone();
-            l.build.phase = Phase::Initializing;
-            l.build.initializing_on = Some(now);
-            l.build.not_before = None;
-            let b = l.build.clone();
+            let b = Arc::make_mut(&mut l.build);
+            b.phase = Phase::Initializing;
+            b.initializing_on = Some(now);
+            b.not_before = None;
+            let b = b.clone();
             self.dequeue(&project, seq);
             self.active.insert(project, id);
             fx.push(Effect::Put(b.clone()));
@@ -748,8 +763,8 @@ impl Machine {
             Resolution::Fetched(sha) => Some(sha),
         };
         l.resolved = true;
-        l.build.commit = commit;
-        fx.push(Effect::Put(l.build.clone()));
+        Arc::make_mut(&mut l.build).commit = commit;
+        fx.push(Effect::Put(Build::clone(&l.build)));
         self.unpend(id, &mut fx);
         (true, fx)
     }
@@ -762,11 +777,12 @@ impl Machine {
         if l.build.phase != Phase::Initializing {
             return Vec::new();
         }
-        l.build.phase = Phase::Running;
-        l.build.running_on = Some(now);
+        let b = Arc::make_mut(&mut l.build);
+        b.phase = Phase::Running;
+        b.running_on = Some(now);
         vec![
-            Effect::Put(l.build.clone()),
-            Effect::Tell(l.build.clone(), Tell::Running),
+            Effect::Put(Build::clone(&l.build)),
+            Effect::Tell(Build::clone(&l.build), Tell::Running),
             log(&l.build, LogWhat::Running),
         ]
     }
@@ -782,7 +798,7 @@ impl Machine {
             let Some(l) = self.remove(id, &mut fx) else {
                 return (CancelStep::NotLive, fx);
             };
-            let mut b = l.build;
+            let mut b = Arc::unwrap_or_clone(l.build);
             b.cancel_reason = Some(CancelReason::Api);
             let b = Self::stopped(b, Outcome::Cancelled, None, now, &mut fx);
             return (CancelStep::StoppedNow(Box::new(b)), fx);
@@ -807,7 +823,7 @@ impl Machine {
             return fx;
         };
         let (outcome, exit_code) = end.outcome();
-        let mut b = l.build;
+        let mut b = Arc::unwrap_or_clone(l.build);
         b.log_lines = log.lines;
         b.log_bytes = log.bytes;
         b.log_truncated = log.truncated;

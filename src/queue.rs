@@ -82,8 +82,8 @@ impl TriggerRequest {
 /// What a trigger did.
 #[derive(Debug, Clone)]
 pub struct Triggered {
-    /// The build created or joined.
-    pub build: Build,
+    /// The build created or joined, as it was then (shared with the queue: no copy per join).
+    pub build: std::sync::Arc<Build>,
     /// Whether it joined an existing pending build.
     pub already_exists: bool,
 }
@@ -570,7 +570,7 @@ impl Queue {
                 st.handles.insert(build.id, Handles::new());
                 let fx = st
                     .machine
-                    .created(build.clone(), project.cancel_superseded, mono);
+                    .created(Build::clone(build), project.cancel_superseded, mono);
                 self.apply(&mut st, fx)?;
                 self.schedule_locked(&mut st);
             }
@@ -588,7 +588,7 @@ impl Queue {
                     already_exists: true,
                 });
             }
-            Plan::Create(build) => build,
+            Plan::Create(build) => *build,
         };
         // Events older than the window are dead weight; this is usually a no-op range scan.
         self.inner
@@ -597,7 +597,7 @@ impl Queue {
         self.inner.store.durable().await?;
         self.lock().machine.flushed(build.id);
         Ok(Triggered {
-            build,
+            build: std::sync::Arc::new(build),
             already_exists: false,
         })
     }

@@ -362,14 +362,18 @@ pub(super) async fn answer_trigger(
     wait: Option<Duration>,
 ) -> Result<Response<Body>, ApiError> {
     let Some(wait) = wait else {
-        return Ok(envelope::triggered(&t.build, t.already_exists));
+        return Ok(if t.already_exists {
+            envelope::joined(&state.join_answers, &t.build)
+        } else {
+            envelope::triggered(&t.build, false)
+        });
     };
     let w = state
         .queue
         .wait(t.build.id, wait)
         .await?
         .unwrap_or(crate::queue::Waited {
-            build: t.build.clone(),
+            build: Build::clone(&t.build),
             followed_from: None,
         });
     let mut r = envelope::waited(&w, Some(t.already_exists));

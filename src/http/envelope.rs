@@ -162,20 +162,25 @@ fn json_response<R: Serialize, I: Serialize>(
     status: StatusCode,
     envelope: &Envelope<R, I>,
 ) -> Response<Body> {
-    match serde_json::to_vec(envelope) {
-        Ok(mut body) => {
-            body.push(b'\n');
-            json_body(status, Bytes::from(body))
-        }
+    match try_encode(envelope) {
+        Ok(body) => json_body(status, body),
         // Not reachable for the types answered (string keys, no fallible `Serialize`); if it
         // ever is, a 500 is the honest answer, not an empty 200.
         Err(e) => {
             let e = ApiError::Internal(format!("cannot encode the answer: {e}"));
-            let mut body = serde_json::to_vec(&Envelope::failure(&e)).unwrap_or_default();
-            body.push(b'\n');
-            json_body(e.status(), Bytes::from(body))
+            let body = try_encode(&Envelope::<(), Value>::failure(&e)).unwrap_or_default();
+            json_body(e.status(), body)
         }
     }
+}
+
+/// The envelope as JSON, with a final newline.
+fn try_encode<R: Serialize, I: Serialize>(
+    envelope: &Envelope<R, I>,
+) -> Result<Bytes, serde_json::Error> {
+    let mut body = serde_json::to_vec(envelope)?;
+    body.push(b'\n');
+    Ok(Bytes::from(body))
 }
 
 fn json_body(status: StatusCode, body: Bytes) -> Response<Body> {
@@ -215,9 +220,66 @@ pub struct MoreTriggerAnswers(pub Vec<TriggerAnswer>);
 
 /// The answer to a trigger: 200, the build object plus `already_exists` (SPEC §4).
 pub fn triggered(build: &Build, already_exists: bool) -> Response<Body> {
-    // The hot path: serialized straight from the build, no `Value` in between (empty `Vec`s
-    // do not allocate).
-    let mut r = ok(StatusCode::OK, BuildJson::new(build, Some(already_exists)));
+    // Serialized straight from the build, no `Value` in between (empty `Vec`s do not
+    // allocate).
+    let r = ok(StatusCode::OK, BuildJson::new(build, Some(already_exists)));
+    with_trigger_answer(r, build, already_exists)
+}
+
+/// The answer to a trigger that joined `build`, from `answers` when the build has not
+/// changed since one was made (see [`JoinAnswers`]).
+pub fn joined(answers: &JoinAnswers, build: &std::sync::Arc<Build>) -> Response<Body> {
+    let body = match answers.get(build) {
+        Some(body) => body,
+        None => {
+            let envelope = Envelope::<_, Value>::success(BuildJson::new(build, Some(true)));
+            let Ok(body) = try_encode(&envelope) else {
+                // Not reachable (see `json_response`), which answers it properly.
+                return triggered(build, true);
+            };
+            answers.put(build, body.clone());
+            body
+        }
+    };
+    with_trigger_answer(json_body(StatusCode::OK, body), build, true)
+}
+
+/// The answers of joins, by build. A pending build that is hammered (a leaked hook URL, a
+/// CMS that fires on every keystroke) is answered with the same bytes until it changes:
+/// encoding its JSON was the largest cost of ours on the hot path (issue 17). An answer is
+/// kept with the `Arc` of the build it was made from; the queue changes a build through
+/// `Arc::make_mut`, which copies a build shared like this, so a changed build is a different
+/// `Arc` and never meets an answer made before the change.
+#[derive(Default)]
+pub struct JoinAnswers(
+    std::sync::Mutex<std::collections::HashMap<BuildId, (std::sync::Arc<Build>, Bytes)>>,
+);
+
+impl JoinAnswers {
+    /// Answers kept at most (pending builds: one per target); past it they are all dropped.
+    const MAX: usize = 256;
+
+    fn get(&self, build: &std::sync::Arc<Build>) -> Option<Bytes> {
+        let m = self.0.lock().ok()?;
+        let (made_from, body) = m.get(&build.id)?;
+        std::sync::Arc::ptr_eq(made_from, build).then(|| body.clone())
+    }
+
+    fn put(&self, build: &std::sync::Arc<Build>, body: Bytes) {
+        if let Ok(mut m) = self.0.lock() {
+            if m.len() >= Self::MAX {
+                m.clear();
+            }
+            m.insert(build.id, (build.clone(), body));
+        }
+    }
+}
+
+fn with_trigger_answer(
+    mut r: Response<Body>,
+    build: &Build,
+    already_exists: bool,
+) -> Response<Body> {
     r.extensions_mut().insert(TriggerAnswer {
         build: build.id,
         created: (!already_exists)
@@ -305,7 +367,17 @@ pub fn ok_with_info(result: impl Serialize, info: impl Serialize) -> Response<Bo
 
 /// The error envelope for `e`, with the headers its status calls for.
 pub fn error(e: &ApiError) -> Response<Body> {
-    let mut r = json_response(e.status(), &Envelope::failure(e));
+    let mut r = match e {
+        // What a scanner or a deleted hook's sender gets at request rate: the same bytes
+        // every time, encoded once.
+        ApiError::HookNotFound => {
+            static BODY: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+            let body = BODY
+                .get_or_init(|| try_encode(&Envelope::<(), Value>::failure(e)).unwrap_or_default());
+            json_body(e.status(), body.clone())
+        }
+        _ => json_response(e.status(), &Envelope::failure(e)),
+    };
     let h = r.headers_mut();
     match e {
         ApiError::MethodNotAllowed(allow) => {
@@ -403,6 +475,33 @@ pub(super) mod tests {
             false,
             crate::model::Timestamp::now(),
         )
+    }
+
+    /// A join is answered from the bytes made for the build until the queue changes it
+    /// (through `Arc::make_mut`, as the machine does): then it is encoded again.
+    #[tokio::test]
+    async fn a_join_answer_is_reused_until_the_build_changes() {
+        let answers = JoinAnswers::default();
+        let mut live = std::sync::Arc::new(api_build());
+        let first = body_json(joined(&answers, &live)).await;
+        assert_eq!(first["result"]["already_exists"], true);
+        assert_eq!(
+            first,
+            body_json(triggered(&live, true)).await,
+            "the same answer as an encoded one"
+        );
+        assert!(answers.get(&live).is_some(), "kept");
+        let sha = "a".repeat(40);
+        std::sync::Arc::make_mut(&mut live).requested_commit = Some(sha.clone());
+        assert!(
+            answers.get(&live).is_none(),
+            "a changed build is not answered from before"
+        );
+        let second = body_json(joined(&answers, &live)).await;
+        assert_eq!(second["result"]["requested_commit"], sha.as_str());
+        let r = joined(&answers, &live);
+        let a = r.extensions().get::<TriggerAnswer>().unwrap();
+        assert!(a.already_exists && a.created.is_none());
     }
 
     #[tokio::test]

@@ -133,6 +133,8 @@ pub struct AppState {
     pub outbox: Option<crate::outbox::Outbox>,
     /// The status pages' sessions and assets.
     pub ui: crate::ui::Ui,
+    /// Answers of joins, made once per change of the build (see [`envelope::JoinAnswers`]).
+    pub join_answers: envelope::JoinAnswers,
 }
 
 impl AppState {

@@ -356,7 +356,7 @@ async fn handle_push(
     }
     let answers: Vec<(Build, bool)> = triggered
         .into_iter()
-        .map(|t| (t.build, t.already_exists))
+        .map(|t| (std::sync::Arc::unwrap_or_clone(t.build), t.already_exists))
         .collect();
     Ok(push_answer(&answers, &messages))
 }

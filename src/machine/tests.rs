@@ -125,8 +125,9 @@ impl World {
         let (plan, fx) = self.m.trigger(t, LIMITS, mono, now)?;
         self.apply(fx);
         match plan {
-            Plan::Joined { build, .. } => Ok((build, true)),
+            Plan::Joined { build, .. } => Ok((Arc::unwrap_or_clone(build), true)),
             Plan::Create(b) => {
+                let b = *b;
                 self.apply(vec![Effect::Put(b.clone())]);
                 let fx = self.m.created(b.clone(), true, mono);
                 self.apply(fx);
@@ -323,7 +324,7 @@ fn rate_limits_count_new_builds_only_and_refusals_leave_nothing() {
     let Plan::Create(b) = plan else {
         panic!("expected a new build")
     };
-    w.m.created(b, true, mono);
+    w.m.created(*b, true, mono);
     // Joins never count.
     for _ in 0..5 {
         assert!(matches!(
@@ -380,7 +381,7 @@ fn the_scheduler_takes_the_oldest_idle_project_within_the_limit() {
             panic!()
         };
         ids.push(build.id);
-        let fx = w.m.created(build, true, Mono(0));
+        let fx = w.m.created(*build, true, Mono(0));
         w.apply(fx);
     }
     let fx = w.m.schedule(2, Timestamp(5));
@@ -682,8 +683,9 @@ fn quiet_trigger(w: &mut World, t: &Target, exact: Option<&str>) -> (Build, bool
     let effects = fx.clone();
     w.apply(fx);
     match plan {
-        Plan::Joined { build, .. } => (build, true, effects),
+        Plan::Joined { build, .. } => (Arc::unwrap_or_clone(build), true, effects),
         Plan::Create(b) => {
+            let b = *b;
             w.apply(vec![Effect::Put(b.clone())]);
             let fx = w.m.created(b.clone(), true, mono);
             w.apply(fx);
