@@ -134,7 +134,7 @@ impl HeadScan {
             self.started = true;
             return false;
         }
-        let Some(colon) = line.iter().position(|b| *b == b':') else {
+        let Some(colon) = memchr::memchr(b':', line) else {
             return false;
         };
         let (name, value) = (&line[..colon], &line[colon + 1..]);
@@ -232,7 +232,7 @@ impl<T> StrictIo<T> {
                     let mut i = 0;
                     while i < data.len() {
                         let rest = &data[i..];
-                        let Some(k) = rest.iter().position(|&b| b == b'\n') else {
+                        let Some(k) = memchr::memchr(b'\n', rest) else {
                             push_bounded(&mut scan.partial, rest);
                             scan.prev = rest[rest.len() - 1];
                             break;

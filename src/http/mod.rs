@@ -939,9 +939,24 @@ async fn collect_body(
         .get::<BodyDeadline>()
         .map_or_else(|| tokio::time::Instant::now() + BODY_READ_TIMEOUT, |d| d.0);
     let mut body = req.into_body();
+    // A body that came in one frame is returned as it is (no copy); more are joined in `buf`.
+    let mut first: Option<Bytes> = None;
     let mut buf = Vec::new();
     loop {
-        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+        // What has already arrived (usually the whole body, with its head) is taken without
+        // arming a timer; only a body still on its way waits under the deadline.
+        let ready = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(http_body::Body::poll_frame(
+                std::pin::Pin::new(&mut body),
+                cx,
+            ))
+        })
+        .await;
+        let next = match ready {
+            std::task::Poll::Ready(next) => Ok(next),
+            std::task::Poll::Pending => tokio::time::timeout_at(deadline, body.frame()).await,
+        };
+        let frame = match next {
             Err(_) => return Err(ApiError::RequestTimeout),
             Ok(None) => break,
             Ok(Some(Err(e))) => {
@@ -952,9 +967,13 @@ async fn collect_body(
             Ok(Some(Ok(f))) => f,
         };
         if let Ok(data) = frame.into_data() {
-            if (buf.len() + data.len()) as u64 > max {
+            if let Some(f) = first.take() {
+                buf.extend_from_slice(&f);
+            }
+            let held = buf.len();
+            if (held + data.len()) as u64 > max {
                 if drain {
-                    let read = (buf.len() + data.len()) as u64;
+                    let read = (held + data.len()) as u64;
                     // The bytes held so far are not needed any more.
                     drop(std::mem::take(&mut buf));
                     discard_body(&mut body, read, drain_limit, deadline).await;
@@ -964,10 +983,15 @@ async fn collect_body(
             if declared.is_none() {
                 take(data.len() as u64)?;
             }
-            buf.extend_from_slice(&data);
+            if held == 0 {
+                first = Some(data);
+            } else {
+                buf.extend_from_slice(&data);
+            }
         }
     }
-    Ok((Bytes::from(buf), permit))
+    let body = first.unwrap_or_else(|| Bytes::from(buf));
+    Ok((body, permit))
 }
 
 /// Parses `a=1&b=2` without percent-decoding (no value these parameters take needs it;
