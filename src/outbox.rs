@@ -1119,7 +1119,7 @@ mod tests {
             store.add_entries(&vec![entry.clone(); 100]).unwrap();
         }
         assert_eq!(store.outbox_pending(), 10_000);
-        // sled's page cache (32 MiB) fills on any pass over the tree: read it once first, so
+        // sled's page cache (`CACHE_CAPACITY_BYTES`) fills on any pass over the tree: read it once first, so
         // that what is measured is the worker's own memory.
         let mut after_id = None;
         while let Some((id, _)) = store.outbox_page(after_id, PAGE).unwrap().last() {
