@@ -268,7 +268,12 @@ struct Inner {
 }
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
-    let mut out = vec![FORMAT_V1];
+    encode_as(v, FORMAT_V1)
+}
+
+/// `v` in bincode after a one-byte format `version`.
+fn encode_as<T: Serialize>(v: &T, version: u8) -> Result<Vec<u8>, StoreError> {
+    let mut out = vec![version];
     let body = bincode::serde::encode_to_vec(v, bincode::config::standard())
         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
     out.extend_from_slice(&body);
@@ -276,59 +281,45 @@ fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, StoreError> {
+    decode_as::<T, T>(bytes, FORMAT_V1, "record")
+}
+
+/// A record written by [`encode_as`] with `version`, or one of format v1 written as `Old`
+/// (converted). `what` names the kind of record in the error.
+fn decode_as<T: DeserializeOwned, Old: DeserializeOwned + Into<T>>(
+    bytes: &[u8],
+    version: u8,
+    what: &str,
+) -> Result<T, StoreError> {
+    fn body<T: DeserializeOwned>(rest: &[u8]) -> Result<T, StoreError> {
+        bincode::serde::decode_from_slice(rest, bincode::config::standard())
+            .map(|(v, _)| v)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
     match bytes.split_first() {
-        Some((&FORMAT_V1, rest)) => {
-            bincode::serde::decode_from_slice(rest, bincode::config::standard())
-                .map(|(v, _)| v)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))
-        }
+        Some((&v, rest)) if v == version => body(rest),
+        Some((&FORMAT_V1, rest)) => body::<Old>(rest).map(Into::into),
         Some((v, _)) => Err(StoreError::Corrupt(format!(
-            "unknown record format version {v}"
+            "unknown {what} format version {v}"
         ))),
         None => Err(StoreError::Corrupt("empty record".into())),
     }
 }
 
 fn encode_build(b: &Build) -> Result<Vec<u8>, StoreError> {
-    let mut out = encode(b)?;
-    out[0] = BUILD_FORMAT_V2;
-    Ok(out)
+    encode_as(b, BUILD_FORMAT_V2)
 }
 
 fn decode_build(bytes: &[u8]) -> Result<Build, StoreError> {
-    match bytes.split_first() {
-        Some((&BUILD_FORMAT_V2, rest)) => {
-            bincode::serde::decode_from_slice(rest, bincode::config::standard())
-                .map(|(v, _)| v)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))
-        }
-        Some((&FORMAT_V1, _)) => decode::<BuildV1>(bytes).map(Build::from),
-        Some((v, _)) => Err(StoreError::Corrupt(format!(
-            "unknown build record format version {v}"
-        ))),
-        None => Err(StoreError::Corrupt("empty record".into())),
-    }
+    decode_as::<Build, BuildV1>(bytes, BUILD_FORMAT_V2, "build record")
 }
 
 fn encode_hook(h: &Hook) -> Result<Vec<u8>, StoreError> {
-    let mut out = encode(h)?;
-    out[0] = HOOK_FORMAT_V2;
-    Ok(out)
+    encode_as(h, HOOK_FORMAT_V2)
 }
 
 fn decode_hook(bytes: &[u8]) -> Result<Hook, StoreError> {
-    match bytes.split_first() {
-        Some((&HOOK_FORMAT_V2, rest)) => {
-            bincode::serde::decode_from_slice(rest, bincode::config::standard())
-                .map(|(v, _)| v)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))
-        }
-        Some((&FORMAT_V1, _)) => decode::<HookV1>(bytes).map(Hook::from),
-        Some((v, _)) => Err(StoreError::Corrupt(format!(
-            "unknown hook record format version {v}"
-        ))),
-        None => Err(StoreError::Corrupt("empty record".into())),
-    }
+    decode_as::<Hook, HookV1>(bytes, HOOK_FORMAT_V2, "hook record")
 }
 
 /// A hook as v1 stored it: read only, to upgrade a state dir in place (tests write it).
