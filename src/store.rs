@@ -636,6 +636,12 @@ impl Store {
         *self.inner.failed.borrow()
     }
 
+    /// Becomes `true` when a database error happens (see [`Store::has_failed`]); holds no
+    /// handle on the database itself.
+    pub fn failure_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.failed.subscribe()
+    }
+
     fn check<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
         if let Err(StoreError::Db(_)) = &r {
             self.inner.failed.send_replace(true);
