@@ -214,8 +214,12 @@ fn raise_nofile_limit() -> u64 {
     }
 }
 
-/// Slack, past the drain and the connections' close deadline, that a stop after a database
-/// failure gets before the process exits without finishing it.
+/// How long notifications and statuses in flight get when the daemon stops; the rest go out
+/// after the next start.
+const OUTBOX_STOP_GRACE: Duration = Duration::from_secs(2);
+
+/// Slack, past the drain, the outbox's grace and the connections' close deadline, that a stop
+/// after a database failure gets before the process exits without finishing it.
 const FAILED_STOP_SLACK: Duration = Duration::from_secs(20);
 
 /// After a database error the daemon stops so that the service manager restarts it. sled's
@@ -226,7 +230,7 @@ const FAILED_STOP_SLACK: Duration = Duration::from_secs(20);
 /// acknowledged trigger was flushed before its answer, and builds die with the daemon.
 fn exit_if_a_failed_store_stalls_the_stop(store: &Store, drain: Duration) {
     let failed = store.failure_watch();
-    let deadline = drain + crate::http::CLOSE_DEADLINE + Duration::from_secs(2) + FAILED_STOP_SLACK;
+    let deadline = drain + OUTBOX_STOP_GRACE + crate::http::CLOSE_DEADLINE + FAILED_STOP_SLACK;
     let watch = move || {
         while !*failed.borrow() {
             std::thread::sleep(Duration::from_millis(500));
@@ -394,7 +398,7 @@ pub async fn run(
     }
     // Deliveries in flight get a moment; whatever is still pending goes out after the next
     // start (the outbox is durable), so shutdown is never held up by a slow receiver.
-    outbox.shutdown(Duration::from_secs(2)).await;
+    outbox.shutdown(OUTBOX_STOP_GRACE).await;
     trigger.set(Phase::Closing);
     let _ = tokio::time::timeout(tunables.close_deadline + Duration::from_secs(1), server).await;
     pruner.abort();

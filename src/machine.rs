@@ -566,13 +566,10 @@ impl Machine {
             // so the list stays ordered by when each SHA was last asked for.
             let changed = match t.requested_commit {
                 Some(sha) if l.build.requested_commit.as_deref() != Some(sha) => {
-                    Arc::make_mut(&mut l.build)
-                        .requested_commits
-                        .retain(|c| c != sha);
-                    Arc::make_mut(&mut l.build)
-                        .requested_commits
-                        .push(sha.to_owned());
-                    Arc::make_mut(&mut l.build).requested_commit = Some(sha.to_owned());
+                    let b = Arc::make_mut(&mut l.build);
+                    b.requested_commits.retain(|c| c != sha);
+                    b.requested_commits.push(sha.to_owned());
+                    b.requested_commit = Some(sha.to_owned());
                     true
                 }
                 _ => false,

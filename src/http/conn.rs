@@ -313,14 +313,7 @@ impl<T: AsyncRead + Unpin> StrictIo<T> {
                     }
                 }
             })
-            .await;
-            let n = match n {
-                Ok(n) => n,
-                Err(e) => {
-                    self.activity.looked.store(true, Ordering::SeqCst);
-                    return Err(e);
-                }
-            };
+            .await?;
             if n == 0 {
                 break;
             }
