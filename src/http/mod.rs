@@ -121,7 +121,7 @@ pub struct AppState {
     /// The address the listener is bound to.
     pub local_addr: std::net::SocketAddr,
     /// Bytes (in KiB) of request bodies that may be held before their request is
-    /// authenticated (Git webhooks), all requests together; see [`read_body_budgeted`].
+    /// authenticated (Git webhooks), all requests together; see [`read_body_budgeted_draining`].
     pub unauthenticated_body_budget: Arc<tokio::sync::Semaphore>,
     /// The metric registry behind `GET /metrics` (shared with the queue).
     pub metrics: Arc<Metrics>,
@@ -337,32 +337,105 @@ enum Route<'a> {
     Git(&'a str),
     /// `/api/projects`.
     Projects,
-    /// `/api/projects/{project}/hooks`.
-    ProjectHooks(&'a str),
-    /// `/api/projects/{project}/hooks/{id}`.
-    ProjectHook(&'a str, &'a str),
-    /// `/api/projects/{project}/hooks/{id}/rotate`.
-    ProjectHookRotate(&'a str, &'a str),
-    /// `/api/projects/{project}/builds`: list (GET) or trigger (POST).
-    ProjectBuilds(&'a str),
-    /// `/api/builds/{uuid}`.
-    Build(&'a str),
-    /// `/api/builds/{uuid}/logs`.
-    BuildLogs(&'a str),
-    /// `/api/builds/{uuid}/cancel`.
-    BuildCancel(&'a str),
+    /// `/api/projects/{project}/…`.
+    Project(&'a str, ProjectPart<'a>),
+    /// `/api/builds/{uuid}…`.
+    Build(&'a str, BuildPart),
     /// (v2) `GET /api/notifications`.
     Notifications,
     /// (v2) `POST /api/notifications/test`.
     NotificationsTest,
-    /// (v2) `/api/builds/{uuid}/redeploy`.
-    BuildRedeploy(&'a str),
-    /// (v2) `/api/builds/{uuid}/wait`.
-    BuildWait(&'a str),
     /// Anything under `/ui` (the status pages route inside `ui`).
     Ui,
     /// (v2) `/badge/{project}.svg`.
     Badge(&'a str),
+}
+
+/// What under `/api/projects/{project}` a path names.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum ProjectPart<'a> {
+    /// `…/hooks`: list (GET) or create (POST).
+    Hooks,
+    /// `…/hooks/{id}`: delete.
+    Hook(&'a str),
+    /// `…/hooks/{id}/rotate`.
+    HookRotate(&'a str),
+    /// `…/builds`: list (GET) or trigger (POST).
+    Builds,
+}
+
+/// What under `/api/builds/{uuid}` a path names.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum BuildPart {
+    /// The build itself.
+    Show,
+    /// `…/logs`.
+    Logs,
+    /// `…/cancel`.
+    Cancel,
+    /// (v2) `…/redeploy`.
+    Redeploy,
+    /// (v2) `…/wait`.
+    Wait,
+}
+
+impl ProjectPart<'_> {
+    /// The scope a token needs for `method` here: changing hooks is `admin`, a trigger
+    /// `trigger`, anything else `read`.
+    fn scope(self, method: &Method) -> Scope {
+        match self {
+            ProjectPart::Hooks | ProjectPart::HookRotate(_) if method == Method::POST => {
+                Scope::Admin
+            }
+            ProjectPart::Hook(_) if method == Method::DELETE => Scope::Admin,
+            ProjectPart::Builds if method == Method::POST => Scope::Trigger,
+            _ => Scope::Read,
+        }
+    }
+
+    fn allow(self) -> &'static str {
+        match self {
+            ProjectPart::Hooks | ProjectPart::Builds => "GET, POST",
+            ProjectPart::Hook(_) => "DELETE",
+            ProjectPart::HookRotate(_) => "POST",
+        }
+    }
+
+    fn template(self) -> &'static str {
+        match self {
+            ProjectPart::Hooks => "/api/projects/{project}/hooks",
+            ProjectPart::Hook(_) => "/api/projects/{project}/hooks/{id}",
+            ProjectPart::HookRotate(_) => "/api/projects/{project}/hooks/{id}/rotate",
+            ProjectPart::Builds => "/api/projects/{project}/builds",
+        }
+    }
+}
+
+impl BuildPart {
+    /// A cancel or a redeploy is a `trigger`; reading is `read`.
+    fn scope(self, method: &Method) -> Scope {
+        match self {
+            BuildPart::Cancel | BuildPart::Redeploy if method == Method::POST => Scope::Trigger,
+            _ => Scope::Read,
+        }
+    }
+
+    fn allow(self) -> &'static str {
+        match self {
+            BuildPart::Show | BuildPart::Logs | BuildPart::Wait => "GET",
+            BuildPart::Cancel | BuildPart::Redeploy => "POST",
+        }
+    }
+
+    fn template(self) -> &'static str {
+        match self {
+            BuildPart::Show => "/api/builds/{uuid}",
+            BuildPart::Logs => "/api/builds/{uuid}/logs",
+            BuildPart::Cancel => "/api/builds/{uuid}/cancel",
+            BuildPart::Redeploy => "/api/builds/{uuid}/redeploy",
+            BuildPart::Wait => "/api/builds/{uuid}/wait",
+        }
+    }
 }
 
 impl Route<'_> {
@@ -388,17 +461,29 @@ impl Route<'_> {
             ["hooks", t] => Route::Hook(t),
             ["git", p] => Route::Git(p),
             ["api", "projects"] => Route::Projects,
-            ["api", "projects", p, "hooks"] => Route::ProjectHooks(p),
-            ["api", "projects", p, "hooks", id] => Route::ProjectHook(p, id),
-            ["api", "projects", p, "hooks", id, "rotate"] => Route::ProjectHookRotate(p, id),
-            ["api", "projects", p, "builds"] => Route::ProjectBuilds(p),
-            ["api", "builds", id] => Route::Build(id),
-            ["api", "builds", id, "logs"] => Route::BuildLogs(id),
-            ["api", "builds", id, "cancel"] => Route::BuildCancel(id),
+            ["api", "projects", p, rest @ ..] => Route::Project(
+                p,
+                match rest {
+                    ["hooks"] => ProjectPart::Hooks,
+                    ["hooks", id] => ProjectPart::Hook(id),
+                    ["hooks", id, "rotate"] => ProjectPart::HookRotate(id),
+                    ["builds"] => ProjectPart::Builds,
+                    _ => return None,
+                },
+            ),
+            ["api", "builds", id, rest @ ..] => Route::Build(
+                id,
+                match rest {
+                    [] => BuildPart::Show,
+                    ["logs"] => BuildPart::Logs,
+                    ["cancel"] => BuildPart::Cancel,
+                    ["redeploy"] => BuildPart::Redeploy,
+                    ["wait"] => BuildPart::Wait,
+                    _ => return None,
+                },
+            ),
             ["api", "notifications"] => Route::Notifications,
             ["api", "notifications", "test"] => Route::NotificationsTest,
-            ["api", "builds", id, "redeploy"] => Route::BuildRedeploy(id),
-            ["api", "builds", id, "wait"] => Route::BuildWait(id),
             ["badge", file] => Route::Badge(file.strip_suffix(".svg")?),
             _ => return None,
         })
@@ -410,19 +495,12 @@ impl Route<'_> {
             Route::Healthz
             | Route::Metrics
             | Route::Projects
-            | Route::Build(_)
-            | Route::BuildLogs(_)
             | Route::Notifications
-            | Route::BuildWait(_)
             | Route::Badge(_) => "GET",
-            Route::Hook(_)
-            | Route::Git(_)
-            | Route::ProjectHookRotate(..)
-            | Route::BuildCancel(_)
-            | Route::NotificationsTest
-            | Route::BuildRedeploy(_) => "POST",
-            Route::ProjectHooks(_) | Route::ProjectBuilds(_) | Route::Ui => "GET, POST",
-            Route::ProjectHook(..) => "DELETE",
+            Route::Hook(_) | Route::Git(_) | Route::NotificationsTest => "POST",
+            Route::Ui => "GET, POST",
+            Route::Project(_, part) => part.allow(),
+            Route::Build(_, part) => part.allow(),
         }
     }
 
@@ -444,31 +522,14 @@ impl Route<'_> {
     /// `admin`. A method the route does not answer needs only `read`, so that any valid
     /// token learns the 405.
     fn needs(&self, method: &Method) -> (Scope, About<'_>) {
-        let post = method == Method::POST;
         match self {
             Route::Metrics => (Scope::Admin, About::Everything),
             Route::Projects => (Scope::Read, About::Filtered),
-            Route::ProjectHooks(p) if post => (Scope::Admin, About::Project(p)),
-            Route::ProjectHook(p, _) if method == Method::DELETE => {
-                (Scope::Admin, About::Project(p))
-            }
-            Route::ProjectHookRotate(p, _) if post => (Scope::Admin, About::Project(p)),
-            Route::ProjectBuilds(p) if post => (Scope::Trigger, About::Project(p)),
-            Route::ProjectHooks(p)
-            | Route::ProjectHook(p, _)
-            | Route::ProjectHookRotate(p, _)
-            | Route::ProjectBuilds(p) => (Scope::Read, About::Project(p)),
-            Route::BuildCancel(id) | Route::BuildRedeploy(id) if post => {
-                (Scope::Trigger, About::Build(id))
-            }
-            Route::Build(id)
-            | Route::BuildLogs(id)
-            | Route::BuildCancel(id)
-            | Route::BuildRedeploy(id)
-            | Route::BuildWait(id) => (Scope::Read, About::Build(id)),
+            Route::Project(p, part) => (part.scope(method), About::Project(p)),
+            Route::Build(id, part) => (part.scope(method), About::Build(id)),
             // (v2) Test sends are admin-only and about no one project: a token limited to
             // projects is refused (SPEC §4.2). The listing shows the token's projects only.
-            Route::NotificationsTest if post => (Scope::Admin, About::Everything),
+            Route::NotificationsTest if method == Method::POST => (Scope::Admin, About::Everything),
             Route::Notifications | Route::NotificationsTest => (Scope::Read, About::Filtered),
             // Not token-checked (see `is_admin`; the pages check their sessions and the badge
             // its token itself); listed for completeness.
@@ -487,17 +548,10 @@ impl Route<'_> {
             Route::Hook(_) => "/hooks/{token}",
             Route::Git(_) => "/git/{project}",
             Route::Projects => "/api/projects",
-            Route::ProjectHooks(_) => "/api/projects/{project}/hooks",
-            Route::ProjectHook(..) => "/api/projects/{project}/hooks/{id}",
-            Route::ProjectHookRotate(..) => "/api/projects/{project}/hooks/{id}/rotate",
-            Route::ProjectBuilds(_) => "/api/projects/{project}/builds",
-            Route::Build(_) => "/api/builds/{uuid}",
-            Route::BuildLogs(_) => "/api/builds/{uuid}/logs",
-            Route::BuildCancel(_) => "/api/builds/{uuid}/cancel",
+            Route::Project(_, part) => part.template(),
+            Route::Build(_, part) => part.template(),
             Route::Notifications => "/api/notifications",
             Route::NotificationsTest => "/api/notifications/test",
-            Route::BuildRedeploy(_) => "/api/builds/{uuid}/redeploy",
-            Route::BuildWait(_) => "/api/builds/{uuid}/wait",
             Route::Ui => "/ui",
             Route::Badge(_) => "/badge/{project}.svg",
         }
@@ -517,7 +571,9 @@ impl Route<'_> {
         match self {
             Route::Hook(_) => Some(TriggerSource::DeployHook),
             Route::Git(_) => Some(TriggerSource::GitPush),
-            Route::ProjectBuilds(_) | Route::BuildRedeploy(_) => Some(TriggerSource::Api),
+            Route::Project(_, ProjectPart::Builds) | Route::Build(_, BuildPart::Redeploy) => {
+                Some(TriggerSource::Api)
+            }
             _ => None,
         }
     }
@@ -525,7 +581,9 @@ impl Route<'_> {
     /// The project named in the path, if any (unvalidated: for logs only, clipped).
     fn project(&self) -> Option<String> {
         match self {
-            Route::Git(p) | Route::ProjectBuilds(p) => Some(crate::model::clip(p, 64)),
+            Route::Git(p) | Route::Project(p, ProjectPart::Builds) => {
+                Some(crate::model::clip(p, 64))
+            }
             _ => None,
         }
     }
@@ -757,6 +815,7 @@ async fn dispatch(
     }
     let m = req.method().clone();
     let get = m == Method::GET || m == Method::HEAD;
+    use {BuildPart as B, ProjectPart as P};
     match (route, m) {
         (Route::Healthz, _) if get => public::healthz(state),
         (Route::Metrics, _) if get => public::metrics(state),
@@ -765,21 +824,27 @@ async fn dispatch(
         (Route::Hook(token), _) => Err(public::hook_methods(state, token)),
         (Route::Git(project), Method::POST) => public::git_push(state, project, req).await,
         (Route::Projects, _) if get => api::projects(state, &grant),
-        (Route::ProjectHooks(p), Method::POST) => api::create_hook(state, p, req).await,
-        (Route::ProjectHooks(p), _) if get => api::list_hooks(state, p),
-        (Route::ProjectHook(p, id), Method::DELETE) => api::delete_hook(state, p, id).await,
-        (Route::ProjectHookRotate(p, id), Method::POST) => api::rotate_hook(state, p, id).await,
-        (Route::ProjectBuilds(p), Method::POST) => api::trigger_build(state, p, req).await,
-        (Route::ProjectBuilds(p), _) if get => api::list_builds(state, p, req.uri().query()),
-        (Route::Build(id), _) if get => api::get_build(state, id),
-        (Route::BuildLogs(id), _) if get => api::build_logs(state, id, req.uri().query()).await,
-        (Route::BuildCancel(id), Method::POST) => api::cancel_build(state, id).await,
-        (Route::Notifications, _) if get => outbox_api::list(state, &grant, req.uri().query()),
-        (Route::NotificationsTest, Method::POST) => outbox_api::test(state, req).await,
-        (Route::BuildRedeploy(id), Method::POST) => {
+        (Route::Project(p, P::Hooks), Method::POST) => api::create_hook(state, p, req).await,
+        (Route::Project(p, P::Hooks), _) if get => api::list_hooks(state, p),
+        (Route::Project(p, P::Hook(id)), Method::DELETE) => api::delete_hook(state, p, id).await,
+        (Route::Project(p, P::HookRotate(id)), Method::POST) => {
+            api::rotate_hook(state, p, id).await
+        }
+        (Route::Project(p, P::Builds), Method::POST) => api::trigger_build(state, p, req).await,
+        (Route::Project(p, P::Builds), _) if get => api::list_builds(state, p, req.uri().query()),
+        (Route::Build(id, B::Show), _) if get => api::get_build(state, id),
+        (Route::Build(id, B::Logs), _) if get => {
+            api::build_logs(state, id, req.uri().query()).await
+        }
+        (Route::Build(id, B::Cancel), Method::POST) => api::cancel_build(state, id).await,
+        (Route::Build(id, B::Redeploy), Method::POST) => {
             api::redeploy_build(state, id, req.uri().query()).await
         }
-        (Route::BuildWait(id), _) if get => api::wait_build(state, id, req.uri().query()).await,
+        (Route::Build(id, B::Wait), _) if get => {
+            api::wait_build(state, id, req.uri().query()).await
+        }
+        (Route::Notifications, _) if get => outbox_api::list(state, &grant, req.uri().query()),
+        (Route::NotificationsTest, Method::POST) => outbox_api::test(state, req).await,
         (Route::Ui, _) => Ok(crate::ui::handle(state, req).await),
         (Route::Badge(p), _) if get => crate::ui::badge(state, p, &req).await,
         (route, _) => Err(ApiError::MethodNotAllowed(route.allow())),
@@ -843,19 +908,12 @@ pub async fn read_body(req: Request<Incoming>, max: u64) -> Result<Bytes, ApiErr
 /// must hash the body to check its signature): every byte held counts against `budget`,
 /// shared by all such requests, and a request that would exceed it gets 503 instead of
 /// memory. The returned permit keeps the bytes counted until it is dropped.
-pub async fn read_body_budgeted(
-    req: Request<Incoming>,
-    max: u64,
-    budget: &Arc<tokio::sync::Semaphore>,
-) -> Result<(Bytes, Option<tokio::sync::OwnedSemaphorePermit>), ApiError> {
-    collect_body(req, max, Some(budget), false).await
-}
-
-/// Like [`read_body_budgeted`], except that a body over `max` is read on and discarded, up
-/// to `2 × max` bytes in all, before the 413 is answered: Git hosts write the whole body
-/// before they read the answer, and would otherwise see a broken connection instead of the
-/// 413 (SPEC §4.1). A body longer still (or declared longer) is cut off at once and its
-/// connection closed, so an endless body costs at most `2 × max` bytes of reading.
+///
+/// A body over `max` is read on and discarded, up to `2 × max` bytes in all, before the 413
+/// is answered: Git hosts write the whole body before they read the answer, and would
+/// otherwise see a broken connection instead of the 413 (SPEC §4.1). A body longer still (or
+/// declared longer) is cut off at once and its connection closed, so an endless body costs
+/// at most `2 × max` bytes of reading.
 pub async fn read_body_budgeted_draining(
     req: Request<Incoming>,
     max: u64,
@@ -1009,23 +1067,77 @@ mod tests {
     use super::*;
 
     #[test]
-    fn routes_parse() {
-        assert_eq!(Route::parse("/healthz"), Some(Route::Healthz));
-        assert_eq!(Route::parse("/metrics"), Some(Route::Metrics));
-        assert_eq!(Route::parse("/hooks/dh_x"), Some(Route::Hook("dh_x")));
-        assert_eq!(
-            Route::parse("/api/projects/site/hooks/abc/rotate"),
-            Some(Route::ProjectHookRotate("site", "abc"))
-        );
-        assert_eq!(
-            Route::parse("/api/builds/u/logs"),
-            Some(Route::BuildLogs("u"))
-        );
-        assert_eq!(Route::parse("/hooks/"), None);
-        assert_eq!(Route::parse("/hooks//x"), None);
-        assert_eq!(Route::parse("/api/projects/"), None);
-        assert_eq!(Route::parse("healthz"), None);
-        assert_eq!(Route::parse("/nope"), None);
+    fn malformed_paths_name_no_route() {
+        for path in [
+            "/hooks/",
+            "/hooks//x",
+            "/api/projects/",
+            "healthz",
+            "/nope",
+            "/ui2",
+        ] {
+            assert_eq!(Route::parse(path), None, "{path}");
+        }
+    }
+
+    #[test]
+    fn every_template_parses_back_to_its_route() {
+        let table = [
+            ("/healthz", Route::Healthz),
+            ("/metrics", Route::Metrics),
+            ("/hooks/t", Route::Hook("t")),
+            ("/git/p", Route::Git("p")),
+            ("/api/projects", Route::Projects),
+            (
+                "/api/projects/p/hooks",
+                Route::Project("p", ProjectPart::Hooks),
+            ),
+            (
+                "/api/projects/p/hooks/i",
+                Route::Project("p", ProjectPart::Hook("i")),
+            ),
+            (
+                "/api/projects/p/hooks/i/rotate",
+                Route::Project("p", ProjectPart::HookRotate("i")),
+            ),
+            (
+                "/api/projects/p/builds",
+                Route::Project("p", ProjectPart::Builds),
+            ),
+            ("/api/builds/u", Route::Build("u", BuildPart::Show)),
+            ("/api/builds/u/logs", Route::Build("u", BuildPart::Logs)),
+            ("/api/builds/u/cancel", Route::Build("u", BuildPart::Cancel)),
+            (
+                "/api/builds/u/redeploy",
+                Route::Build("u", BuildPart::Redeploy),
+            ),
+            ("/api/builds/u/wait", Route::Build("u", BuildPart::Wait)),
+            ("/api/notifications", Route::Notifications),
+            ("/api/notifications/test", Route::NotificationsTest),
+            ("/ui", Route::Ui),
+            ("/badge/p.svg", Route::Badge("p")),
+        ];
+        for (path, route) in table {
+            let template = route.template();
+            assert_eq!(Route::parse(path), Some(route), "{path}");
+            // The template is the path with its names in braces.
+            let filled = template
+                .replace("{token}", "t")
+                .replace("{project}", "p")
+                .replace("{id}", "i")
+                .replace("{uuid}", "u");
+            assert_eq!(filled, path, "{template}");
+        }
+        for path in [
+            "/api/projects/p",
+            "/api/projects/p/nope",
+            "/api/projects/p/hooks/i/nope",
+            "/api/builds/u/nope",
+            "/api/builds/u/logs/x",
+            "/badge/p.png",
+        ] {
+            assert_eq!(Route::parse(path), None, "{path}");
+        }
     }
 
     #[test]
@@ -1034,7 +1146,7 @@ mod tests {
         assert!(!Route::Hook("x").is_admin());
         assert!(!Route::Git("x").is_admin());
         assert!(Route::Projects.is_admin());
-        assert!(Route::BuildCancel("x").is_admin());
+        assert!(Route::Build("x", BuildPart::Cancel).is_admin());
         assert!(!Route::Metrics.is_admin());
     }
 
@@ -1060,40 +1172,43 @@ mod tests {
 
     #[test]
     fn every_api_route_needs_its_scope() {
-        let read = |r: Route<'_>, m: Method| r.needs(&m).0;
-        assert_eq!(read(Route::Projects, Method::GET), Scope::Read);
-        assert_eq!(read(Route::ProjectHooks("p"), Method::GET), Scope::Read);
-        assert_eq!(read(Route::ProjectHooks("p"), Method::POST), Scope::Admin);
+        use Method as M;
+        let table = [
+            ("/api/projects", M::GET, Scope::Read),
+            ("/api/projects/p/hooks", M::GET, Scope::Read),
+            ("/api/projects/p/hooks", M::POST, Scope::Admin),
+            ("/api/projects/p/hooks/i", M::DELETE, Scope::Admin),
+            ("/api/projects/p/hooks/i/rotate", M::POST, Scope::Admin),
+            ("/api/projects/p/builds", M::GET, Scope::Read),
+            ("/api/projects/p/builds", M::POST, Scope::Trigger),
+            ("/api/builds/u", M::GET, Scope::Read),
+            ("/api/builds/u/logs", M::GET, Scope::Read),
+            ("/api/builds/u/cancel", M::POST, Scope::Trigger),
+            ("/api/builds/u/redeploy", M::POST, Scope::Trigger),
+            ("/api/builds/u/wait", M::GET, Scope::Read),
+            ("/api/notifications", M::GET, Scope::Read),
+            ("/api/notifications/test", M::POST, Scope::Admin),
+            ("/metrics", M::GET, Scope::Admin),
+            // A method the route does not answer needs only `read` (to learn the 405).
+            ("/api/projects/p/hooks/i", M::PUT, Scope::Read),
+        ];
+        for (path, method, scope) in table {
+            let route = Route::parse(path).unwrap();
+            assert_eq!(route.needs(&method).0, scope, "{method} {path}");
+        }
+        let about = |path| Route::parse(path).map(|r| format!("{:?}", r.needs(&M::POST).1));
+        assert_eq!(about("/metrics").as_deref(), Some("Everything"));
         assert_eq!(
-            read(Route::ProjectHook("p", "i"), Method::DELETE),
-            Scope::Admin
+            about("/api/projects/p/builds").as_deref(),
+            Some("Project(\"p\")")
         );
         assert_eq!(
-            read(Route::ProjectHookRotate("p", "i"), Method::POST),
-            Scope::Admin
-        );
-        assert_eq!(read(Route::ProjectBuilds("p"), Method::GET), Scope::Read);
-        assert_eq!(
-            read(Route::ProjectBuilds("p"), Method::POST),
-            Scope::Trigger
-        );
-        assert_eq!(read(Route::Build("u"), Method::GET), Scope::Read);
-        assert_eq!(read(Route::BuildLogs("u"), Method::GET), Scope::Read);
-        assert_eq!(read(Route::BuildCancel("u"), Method::POST), Scope::Trigger);
-        assert_eq!(
-            read(Route::BuildRedeploy("u"), Method::POST),
-            Scope::Trigger
-        );
-        assert_eq!(read(Route::BuildWait("u"), Method::GET), Scope::Read);
-        assert_eq!(read(Route::Metrics, Method::GET), Scope::Admin);
-        assert_eq!(Route::Metrics.needs(&Method::GET).1, About::Everything);
-        assert_eq!(
-            Route::ProjectBuilds("p").needs(&Method::POST).1,
-            About::Project("p")
+            about("/api/builds/u/cancel").as_deref(),
+            Some("Build(\"u\")")
         );
         assert_eq!(
-            Route::BuildCancel("u").needs(&Method::POST).1,
-            About::Build("u")
+            about("/api/notifications/test").as_deref(),
+            Some("Everything")
         );
     }
 
