@@ -247,6 +247,27 @@ fn exit_if_a_failed_store_stalls_the_stop(store: &Store, drain: Duration) {
     }
 }
 
+/// The listen backlog asked for; the kernel caps it at `net.core.somaxconn` (4096 by default
+/// since Linux 5.4).
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the HTTP listener with a deep backlog. `TcpListener::bind` asks for 128, as std
+/// does: while the server is at its connection cap it accepts only as connections close,
+/// and a flood of a few hundred connections then filled the queue, so the kernel dropped
+/// the SYN of the next client — a `/healthz` probe too — which retried only after a second
+/// (HOSTILE 7; seen as a 1.04 s `/healthz` in the test suite).
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restart can bind while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Runs the daemon until SIGTERM/SIGINT (or a fatal database error). `tunables` are the
 /// production defaults except in tests (see [`crate::tunables`]).
 pub async fn run(
@@ -282,12 +303,10 @@ pub async fn run(
     // been started that the failed start would then leave half-done. (Connections wait in the
     // backlog until the server accepts.)
     let listen = config.server.listen;
-    let listener = TcpListener::bind(listen)
-        .await
-        .map_err(|source| DaemonError::Listen {
-            addr: listen,
-            source,
-        })?;
+    let listener = bind(listen).map_err(|source| DaemonError::Listen {
+        addr: listen,
+        source,
+    })?;
     let body_budget = AppState::body_budget(config.server.max_git_body_bytes);
     let shared = Arc::new(SharedConfig::new(config));
     let metrics = Arc::new(Metrics::new());
