@@ -117,6 +117,9 @@ struct Args {
     /// webhook's 404 (about a minute): for trying a change, not for the README table.
     #[arg(long)]
     wrk_only: bool,
+    /// Only phase (d), POST → exec against bare spawns (a few seconds): for trying a change.
+    #[arg(long)]
+    latency_only: bool,
 }
 
 // ---- the load client -----------------------------------------------------------------------
@@ -789,6 +792,11 @@ fn wait_idle(
 
 // ---- (d): POST → exec ------------------------------------------------------------------------
 
+/// A (p50, p99) pair of milliseconds, as printed.
+fn ms((p50, p99): (f64, f64)) -> String {
+    format!("p50 {p50:.3} ms  p99 {p99:.3} ms")
+}
+
 fn now_ns() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1236,6 +1244,25 @@ fn run(args: Args) -> Result<(), String> {
     // Well-formed (so it is looked up) but unknown.
     let unknown_token = format!("dh_{}", "x".repeat(hot.len().saturating_sub(3)));
 
+    if args.latency_only {
+        let l = exec_latency(
+            &rt,
+            addr,
+            &admin,
+            &lat,
+            &dir.join("stamps"),
+            args.latency_builds,
+        )?;
+        println!("(d) POST -> exec of a build       {}", ms(l.build));
+        println!("    bare spawn sh -c 'exec date'   {}", ms(l.spawn_sh));
+        println!("    bare spawn + wait /bin/true    {}", ms(l.spawn_true));
+        println!(
+            "POST->exec p50 / sh -c spawn p50  {:.2}  (<= 1.5)\nload at end: {}",
+            l.build.0 / l.spawn_sh.0,
+            load_average()
+        );
+        return Ok(());
+    }
     let post = |to: &str| Req::post(to, hook_body);
     let mut kinds: Vec<(SocketAddr, Req)> = vec![
         (bare_server.addr, post("/hooks/anything")),
@@ -1500,7 +1527,6 @@ fn run(args: Args) -> Result<(), String> {
     row(&format!("deployhook (f) hot path, {total} hooks"), &hot_f);
     row("  (f) before that restart, after bursts", &hot_burst);
     println!();
-    let ms = |(a, b): (f64, f64)| format!("p50 {a:.3} ms  p99 {b:.3} ms");
     println!("(d) POST -> exec of a build       {}", ms(lat_runs.build));
     println!(
         "    bare spawn+wait /bin/true      {}",
