@@ -215,8 +215,7 @@ fn a_param_value_with_a_newline_or_too_long_gets_400() {
         &format!("env={}", "x".repeat(257)),
     ] {
         let r = d.post(&format!("{hook}?{bad}"), b"");
-        assert_eq!(r.status, 400, "{bad}");
-        assert_eq!(r.json()["errors"][0]["code"], 1400);
+        r.assert_error(400, 1400, "", bad);
     }
     let r = d.post(&hook, br#"{"env": "a\nb"}"#);
     assert_eq!(r.status, 400);
@@ -332,9 +331,8 @@ fn get_fires_only_a_hook_created_with_allow_get() {
     let d = Daemon::start(&workdir_project("site", work.path(), "true", ""));
     let (_, post_only) = d.create_hook("site", "cms", "main");
     let r = request(d.addr, "GET", &post_only, &[], b"");
-    assert_eq!(r.status, 405);
+    r.assert_error(405, 1405, "", "GET of a hook without allow_get");
     assert_eq!(r.header("allow"), Some("POST"));
-    assert_eq!(r.json()["errors"][0]["code"], 1405);
     assert!(builds_of(&d, "site").is_empty());
     // An unknown token answers a GET exactly like a hook without allow_get.
     let unknown = request(
@@ -451,13 +449,7 @@ fn allow_from_refuses_other_addresses_and_ignores_forwarded_headers_without_a_tr
     let (_, local_hook) = d.create_hook("local", "cms", "main");
 
     let r = d.post(&site_hook, b"");
-    assert_eq!(r.status, 403);
-    assert_eq!(r.json()["errors"][0]["code"], 1403);
-    assert!(
-        r.error_message().contains("127.0.0.1"),
-        "{}",
-        r.error_message()
-    );
+    r.assert_error(403, 1403, "127.0.0.1", "site's hook from 127.0.0.1");
     // A spoofed X-Forwarded-For from an untrusted peer changes nothing.
     let r = request(
         d.addr,
@@ -681,8 +673,7 @@ fn each_scope_is_allowed_and_refused_on_every_endpoint_class() {
                         String::from_utf8_lossy(&r.body)
                     );
                 } else {
-                    assert_eq!(r.status, 403, "{} on {p} with {name}", c.name);
-                    assert_eq!(r.json()["errors"][0]["code"], 1403);
+                    r.assert_error(403, 1403, "", &format!("{} on {p} with {name}", c.name));
                 }
             }
         }

@@ -339,8 +339,7 @@ fn cancel_queued_running_and_stopped() {
     }
     // Stopped: 409.
     let r = d.api("POST", &format!("/api/builds/{running}/cancel"), None);
-    assert_eq!(r.status, 409);
-    assert_eq!(r.json()["errors"][0]["code"], 1409);
+    r.assert_error(409, 1409, "", "cancel of a stopped build");
     assert_eq!(
         d.api(
             "POST",
@@ -550,8 +549,7 @@ fn sigterm_drains_then_interrupts_and_exits_zero() {
         .unwrap();
     let _ = conn.read_to_end(&mut buf);
     let r = parse_response(&buf);
-    assert_eq!(r.status, 503);
-    assert_eq!(r.json()["errors"][0]["code"], 1503);
+    r.assert_error(503, 1503, "", "a request after the signal");
     assert_eq!(d.wait_exit(30), Some(0));
     for pid in pids_in(&wd.path().join("pids")) {
         assert!(!alive(pid), "{pid} survived shutdown");

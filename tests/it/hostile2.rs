@@ -79,18 +79,7 @@ fn http11_without_host_or_with_two_gets_400_and_http10_without_host_is_served() 
         ),
     ] {
         let r = raw(d.addr, req);
-        assert_eq!(
-            r.status,
-            400,
-            "{what}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
-        assert_eq!(r.json()["errors"][0]["code"], 1400, "{what}");
-        assert!(
-            r.error_message().contains("Host"),
-            "{what}: {}",
-            r.error_message()
-        );
+        r.assert_error(400, 1400, "Host", what);
     }
     // HTTP/1.0 predates Host; an empty Host (no authority) is allowed too.
     assert_eq!(raw(d.addr, b"GET /healthz HTTP/1.0\r\n\r\n").status, 200);

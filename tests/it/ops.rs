@@ -124,8 +124,7 @@ fn metrics_need_the_admin_token_unless_public() {
     let project = workdir_project("site", wd.path(), "true", "");
     let d = Daemon::start(&project);
     let r = request(d.addr, "GET", "/metrics", &[], b"");
-    assert_eq!(r.status, 401);
-    assert_eq!(r.json()["errors"][0]["code"], 1401);
+    r.assert_error(401, 1401, "", "/metrics without a token");
     let r = request(
         d.addr,
         "GET",

@@ -337,11 +337,12 @@ fn json_notifications_are_signed_and_say_started_failed_and_recovered() {
         "/api/notifications/test",
         br#"{"sink": "ops"}"#,
     );
-    assert_eq!(
-        r.status, 403,
-        "an admin token limited to projects cannot send tests"
+    r.assert_error(
+        403,
+        1403,
+        "",
+        "an admin token limited to projects cannot send tests",
     );
-    assert_eq!(r.json()["errors"][0]["code"], 1403);
     let r = with(
         "ro.token",
         "POST",
@@ -907,8 +908,7 @@ fn notification_test_endpoint_and_cli() {
         "/api/notifications/test",
         Some(serde_json::json!({"sink": "nope"})),
     );
-    assert_eq!(r.status, 404);
-    assert_eq!(r.json()["errors"][0]["code"], 1404);
+    r.assert_error(404, 1404, "", "a test of an unknown sink");
     // Slack: a body with text and blocks; the URL's secret path never reaches the log.
     let r = d.api(
         "POST",

@@ -810,8 +810,7 @@ fn a_session_has_its_token_scope_and_projects() {
         200
     );
     let r = request(d.addr, "GET", "/badge/docs.svg", &h, b"");
-    assert_eq!(r.status, 403);
-    assert_eq!(r.json()["errors"][0]["code"], 1403);
+    r.assert_error(403, 1403, "", "the badge of another project");
 
     // A reload that removes the token ends its sessions.
     let c = sign_in(&d, read_token.trim());

@@ -39,6 +39,24 @@ impl Resp {
             .to_string()
     }
 
+    /// Asserts an error envelope: the status, the code of its first error, and a message
+    /// containing `needle` (an empty needle is in every message). Each failure names `what`
+    /// and shows the whole body.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, code: u64, needle: &str, what: &str) {
+        let body = String::from_utf8_lossy(&self.body);
+        assert_eq!(self.status, status, "{what}: status of {body}");
+        assert_eq!(
+            self.json()["errors"][0]["code"],
+            code,
+            "{what}: code of {body}"
+        );
+        assert!(
+            self.error_message().contains(needle),
+            "{what}: message without {needle:?}: {body}"
+        );
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
