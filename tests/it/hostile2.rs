@@ -386,13 +386,7 @@ fn nofile_of(pid: u32) -> String {
 
 #[test]
 fn healthz_answers_within_a_second_beside_a_flood_at_nofile_64() {
-    let wd = tempfile::tempdir().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    write_config(
-        tmp.path(),
-        "",
-        &workdir_project("site", wd.path(), "echo built", ""),
-    );
+    let (tmp, _wd) = site_dirs("", "echo built");
     let d = Daemon::spawn_limited(tmp.path(), &[], Some(64)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(nofile_of(d.pid()), "64");
     // Far more connections than there are descriptors.

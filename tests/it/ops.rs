@@ -404,13 +404,7 @@ fn no_token_or_secret_reaches_the_log_even_at_trace_level() {
 
 #[test]
 fn json_log_lines_carry_trigger_and_build_fields() {
-    let tmp = tempfile::tempdir().unwrap();
-    let wd = tempfile::tempdir().unwrap();
-    write_config(
-        tmp.path(),
-        "",
-        &workdir_project("site", wd.path(), "true", ""),
-    );
+    let (tmp, _wd) = site_dirs("", "true");
     let mut d = Daemon::spawn(tmp.path(), &[("DEPLOYHOOK_LOG_FORMAT", "json")])
         .unwrap_or_else(|e| panic!("{e}"));
     let id = d.trigger_id("site", "main");

@@ -299,13 +299,10 @@ fn a_store_write_failure_answers_503_exits_non_zero_and_loses_nothing() {
     // writes fail the same way (a sticky I/O error, here EFBIG instead of ENOSPC). SIGXFSZ
     // is ignored so that the write fails instead of killing the daemon. /bin/sh counts
     // `ulimit -f` in 512- or 1024-byte blocks: either way the database outgrows it soon.
-    let wd = tempfile::tempdir().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    write_config(
-        tmp.path(),
+    let (tmp, _wd) = site_dirs(
         "builds_per_minute = 1000000\nproject_builds_per_minute = 1000000\nkeep_builds = 100000\n\
          shutdown_timeout = \"500ms\"",
-        &workdir_project("site", wd.path(), "sleep 60", ""),
+        "sleep 60",
     );
     // The database failure is noticed at the next health check: 100 ms apart instead of 1 s.
     let mut d = Daemon::spawn_after(

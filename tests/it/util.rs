@@ -251,6 +251,15 @@ pub fn workdir_project(name: &str, dir: &Path, command: &str, extra: &str) -> St
     )
 }
 
+/// A config dir and a work dir: `deploy.toml` (`write_config` with `server_extra`) holds one
+/// project `site` (`workdir_project` with `command`) working in the work dir.
+pub fn site_dirs(server_extra: &str, command: &str) -> (tempfile::TempDir, tempfile::TempDir) {
+    let (tmp, wd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let project = workdir_project("site", wd.path(), command, "");
+    write_config(tmp.path(), server_extra, &project);
+    (tmp, wd)
+}
+
 pub fn toml_str(s: &str) -> String {
     serde_json::to_string(s).unwrap()
 }

@@ -195,16 +195,10 @@ fn clients_that_hang_up_free_their_waits() {
 /// SPEC §4.3: a daemon shutting down answers held waits at once with the build as it is.
 #[test]
 fn shutdown_answers_held_waits_at_once() {
-    let tmp = tempfile::tempdir().unwrap();
-    let wd = tempfile::tempdir().unwrap();
     // The build ignores TERM for a while, so a wait that held on would see it stopped. The
     // drain is short: the build is interrupted (and stops a kill grace later) before the
     // server closes, whatever the drain's length.
-    write_config(
-        tmp.path(),
-        "shutdown_timeout = \"500ms\"",
-        &workdir_project("site", wd.path(), "trap '' TERM; sleep 30", ""),
-    );
+    let (tmp, _wd) = site_dirs("shutdown_timeout = \"500ms\"", "trap '' TERM; sleep 30");
     let mut d = Daemon::spawn(tmp.path(), &[]).unwrap_or_else(|e| panic!("{e}"));
     let id = d.trigger_id("site", "main");
     d.wait_status(&id, "running", 30);
