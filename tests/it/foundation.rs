@@ -276,8 +276,7 @@ fn bad_json_names_the_field() {
 
 #[test]
 fn listing_pages_with_a_cursor() {
-    let wd = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project("site", wd.path(), "true", ""));
+    let (d, _wd) = Daemon::start_workdir("site", "true", "");
     let mut ids = Vec::new();
     for _ in 0..5 {
         let b = d.trigger("site", "main");
@@ -316,8 +315,7 @@ fn listing_pages_with_a_cursor() {
 
 #[test]
 fn hooks_and_builds_survive_a_restart() {
-    let wd = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project("site", wd.path(), "true", ""));
+    let (d, _wd) = Daemon::start_workdir("site", "true", "");
     let (hook_id, path) = d.create_hook("site", "cms", "main");
     let b = d.post(&path, b"payload").json()["result"].clone();
     let id = b["build_uuid"].as_str().unwrap().to_string();
@@ -332,9 +330,8 @@ fn hooks_and_builds_survive_a_restart() {
 
 #[test]
 fn acknowledged_builds_survive_kill_9() {
-    let wd = tempfile::tempdir().unwrap();
     // Busy project: the acknowledged builds stay queued behind a long one.
-    let d = Daemon::start(&workdir_project("site", wd.path(), "sleep 30", ""));
+    let (d, _wd) = Daemon::start_workdir("site", "sleep 30", "");
     let first = d.trigger_id("site", "other");
     let queued = d.trigger_id("site", "main");
     let d2 = d.restart(true);

@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 use crate::util::*;
 
 fn daemon() -> (Daemon, tempfile::TempDir) {
-    let wd = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project("site", wd.path(), "true", ""));
-    (d, wd)
+    Daemon::start_workdir("site", "true", "")
 }
 
 fn healthy(d: &Daemon) {

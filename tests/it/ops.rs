@@ -39,8 +39,7 @@ fn value(text: &str, series: &str) -> Option<f64> {
 
 #[test]
 fn metrics_count_a_hook_build_and_a_deduplicated_trigger() {
-    let wd = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project("site", wd.path(), BLOCK_OTHER, ""));
+    let (d, wd) = Daemon::start_workdir("site", BLOCK_OTHER, "");
     // Occupy the project so that the hook's build stays queued (pending) for the dedupe.
     let blocker = d.trigger_id("site", "other");
     d.wait_status(&blocker, "running", 20);
@@ -512,13 +511,7 @@ fn under_journald_lines_have_no_timestamp_and_no_colour() {
 }
 #[test]
 fn metrics_count_rate_limited_triggers() {
-    let wd = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project(
-        "site",
-        wd.path(),
-        "true",
-        "project_builds_per_minute = 1",
-    ));
+    let (d, _wd) = Daemon::start_workdir("site", "true", "project_builds_per_minute = 1");
     let (_, hook) = d.create_hook("site", "cms", "main");
     assert_eq!(d.post(&hook, b"").status, 200);
     let r = d.api(

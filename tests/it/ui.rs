@@ -274,14 +274,8 @@ fn user_supplied_text_is_escaped() {
 
 #[test]
 fn actions_need_the_session_csrf_token() {
-    let wd = tempfile::tempdir().unwrap();
     // Without supersede, the second trigger queues behind the running one.
-    let d = Daemon::start(&workdir_project(
-        "site",
-        wd.path(),
-        "sleep 30",
-        "cancel_superseded = false",
-    ));
+    let (d, _wd) = Daemon::start_workdir("site", "sleep 30", "cancel_superseded = false");
     let c = sign_in(&d, &d.token);
     let page = text(&get(&d, "/ui/projects/site", Some(&c)));
     let csrf = csrf_of(&page);
@@ -679,13 +673,7 @@ fn redeploy_repeats_a_build_and_needs_the_csrf_token() {
 
 #[test]
 fn a_project_page_lists_builds_newest_first_in_pages() {
-    let wd = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project(
-        "site",
-        wd.path(),
-        "true",
-        "project_builds_per_minute = 100",
-    ));
+    let (d, _wd) = Daemon::start_workdir("site", "true", "project_builds_per_minute = 100");
     let mut ids = Vec::new();
     for _ in 0..27 {
         let id = d.trigger_id("site", "main");

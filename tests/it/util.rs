@@ -271,6 +271,14 @@ impl Daemon {
         Self::start_with_server("", rest)
     }
 
+    /// Starts a daemon whose one project is a `workdir_project` named `name` running
+    /// `command` (with the project lines `extra`) in a fresh work dir, returned with it.
+    pub fn start_workdir(name: &str, command: &str, extra: &str) -> (Daemon, tempfile::TempDir) {
+        let wd = tempfile::tempdir().unwrap();
+        let d = Self::start(&workdir_project(name, wd.path(), command, extra));
+        (d, wd)
+    }
+
     /// Like `start`, with extra `[server]` lines.
     pub fn start_with_server(server_extra: &str, rest: &str) -> Daemon {
         Self::start_tuned("", server_extra, rest)

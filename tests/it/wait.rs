@@ -11,9 +11,7 @@ use crate::util::*;
 /// A workdir project whose command depends on the branch: `main` runs `$MAIN_CMD`-like
 /// commands chosen per test through the branch name.
 fn daemon(command: &str, extra: &str) -> (Daemon, tempfile::TempDir) {
-    let wd = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project("site", wd.path(), command, extra));
-    (d, wd)
+    Daemon::start_workdir("site", command, extra)
 }
 
 fn api_trigger_wait(d: &Daemon, branch: &str, wait: &str) -> Resp {
