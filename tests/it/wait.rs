@@ -31,6 +31,17 @@ fn held_waits(d: &Daemon) -> u64 {
         .expect("deployhook_held_waits in /metrics")
 }
 
+/// A `GET /api/builds/{id}/wait?timeout=120` on another thread, once the daemon holds it
+/// (the only wait held); join the thread for the answer.
+fn held_wait(d: &Daemon, id: &str) -> std::thread::JoinHandle<Resp> {
+    let (addr, path) = (d.addr, format!("/api/builds/{id}/wait?timeout=120"));
+    let auth = format!("Bearer {}", d.token);
+    let waiter =
+        std::thread::spawn(move || request(addr, "GET", &path, &[("Authorization", &auth)], b""));
+    eventually(20, "the wait is held", || held_waits(d) == 1);
+    waiter
+}
+
 #[test]
 fn a_wait_answers_each_row_of_the_status_table() {
     let (d, _wd) = daemon(
@@ -104,21 +115,7 @@ fn timed_out_cancelled_interrupted_and_time_up() {
     assert_eq!(v["success"], true);
     assert_ne!(v["result"]["status"], "stopped");
     // cancelled by the API: 409, code 1409.
-    let waiter = {
-        let addr = d.addr;
-        let token = d.token.clone();
-        let id = id.clone();
-        std::thread::spawn(move || {
-            request(
-                addr,
-                "GET",
-                &format!("/api/builds/{id}/wait?timeout=120"),
-                &[("Authorization", &format!("Bearer {token}"))],
-                b"",
-            )
-        })
-    };
-    eventually(20, "the wait is held", || held_waits(&d) == 1);
+    let waiter = held_wait(&d, &id);
     assert_eq!(
         d.api("POST", &format!("/api/builds/{id}/cancel"), None)
             .status,
@@ -143,19 +140,7 @@ fn a_wait_follows_supersedes_to_the_build_that_ships_the_code() {
     let (d, _wd) = daemon("sleep 2", "");
     let first = d.trigger_id("site", "main");
     d.wait_status(&first, "running", 30);
-    let waiter = {
-        let (addr, token, first) = (d.addr, d.token.clone(), first.clone());
-        std::thread::spawn(move || {
-            request(
-                addr,
-                "GET",
-                &format!("/api/builds/{first}/wait?timeout=120"),
-                &[("Authorization", &format!("Bearer {token}"))],
-                b"",
-            )
-        })
-    };
-    eventually(20, "the wait is held", || held_waits(&d) == 1);
+    let waiter = held_wait(&d, &first);
     let second = d.trigger_id("site", "main");
     let r = waiter.join().unwrap();
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
