@@ -7,16 +7,14 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
+/// The answer to the sign-in form sent with `token`.
+pub fn log_in(d: &Daemon, token: &str) -> Resp {
+    post_form(d, "/ui/login", None, &format!("token={}", urlencode(token)))
+}
+
 /// Signs in with `token`; returns the `Cookie` header value of the session.
 pub fn sign_in(d: &Daemon, token: &str) -> String {
-    let body = format!("token={}", urlencode(token));
-    let r = request(
-        d.addr,
-        "POST",
-        "/ui/login",
-        &[("Content-Type", "application/x-www-form-urlencoded")],
-        body.as_bytes(),
-    );
+    let r = log_in(d, token);
     assert_eq!(r.status, 303, "{}", String::from_utf8_lossy(&r.body));
     let set = r.header("set-cookie").expect("a session cookie");
     set.split(';').next().unwrap().to_string()
@@ -107,12 +105,7 @@ fn pages_without_a_session_redirect_to_the_login_page() {
 fn signing_in_sets_the_session_cookie_of_the_spec() {
     let wd = tempfile::tempdir().unwrap();
     let d = Daemon::start(&project(wd.path(), "true"));
-    let r = post_form(
-        &d,
-        "/ui/login",
-        None,
-        &format!("token={}", urlencode(&d.token)),
-    );
+    let r = log_in(&d, &d.token);
     assert_eq!(r.status, 303);
     assert_eq!(r.header("location"), Some("/ui/"));
     let set = r.header("set-cookie").unwrap();
@@ -154,12 +147,7 @@ fn the_cookie_is_secure_when_public_url_is_https() {
         "public_url = \"https://deploy.example.com\"\n",
         &project(wd.path(), "true"),
     );
-    let r = post_form(
-        &d,
-        "/ui/login",
-        None,
-        &format!("token={}", urlencode(&d.token)),
-    );
+    let r = log_in(&d, &d.token);
     let set = r.header("set-cookie").unwrap();
     assert!(set.split(';').any(|a| a.trim() == "Secure"), "{set}");
 }
@@ -457,12 +445,7 @@ fn disabled_pages_answer_404() {
     for path in ["/ui/", "/ui", "/ui/login", "/ui/projects/site"] {
         assert_eq!(get(&d, path, None).status, 404, "{path}");
     }
-    let r = post_form(
-        &d,
-        "/ui/login",
-        None,
-        &format!("token={}", urlencode(&d.token)),
-    );
+    let r = log_in(&d, &d.token);
     assert_eq!(r.status, 404);
     assert!(r.header("set-cookie").is_none());
 }
