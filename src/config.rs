@@ -1325,7 +1325,8 @@ fn validate_project(
 mod tests {
     use super::*;
 
-    fn parse(text: &str) -> Result<Config, ConfigError> {
+    /// `text` parsed as if read from `/tmp/deploy.toml`; shared with the submodules' tests.
+    pub(super) fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("/tmp/deploy.toml"))
     }
 

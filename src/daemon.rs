@@ -528,6 +528,7 @@ mod tests {
 
     #[test]
     fn log_style_follows_the_format_and_where_stderr_goes() {
+        use LogFormat::{Auto, Json, Text};
         let style = |ansi, timestamps, priority| {
             Some(TextStyle {
                 ansi,
@@ -535,33 +536,24 @@ mod tests {
                 priority,
             })
         };
+        // (format, stderr a terminal, stderr journald, the style wanted).
         // auto: colours on a terminal only; journald adds its own timestamps and reads
         // each line's priority from a `<N>` prefix.
-        assert_eq!(
-            text_style(LogFormat::Auto, true, false),
-            style(true, true, false)
-        );
-        assert_eq!(
-            text_style(LogFormat::Auto, false, false),
-            style(false, true, false)
-        );
-        assert_eq!(
-            text_style(LogFormat::Auto, false, true),
-            style(false, false, true)
-        );
-        assert_eq!(
-            text_style(LogFormat::Auto, true, true),
-            style(false, false, true)
-        );
-        assert_eq!(
-            text_style(LogFormat::Text, true, true),
-            style(false, true, true)
-        );
-        assert_eq!(
-            text_style(LogFormat::Text, false, false),
-            style(false, true, false)
-        );
-        assert_eq!(text_style(LogFormat::Json, true, false), None);
+        for (format, terminal, journald, want) in [
+            (Auto, true, false, style(true, true, false)),
+            (Auto, false, false, style(false, true, false)),
+            (Auto, false, true, style(false, false, true)),
+            (Auto, true, true, style(false, false, true)),
+            (Text, true, true, style(false, true, true)),
+            (Text, false, false, style(false, true, false)),
+            (Json, true, false, None),
+        ] {
+            assert_eq!(
+                text_style(format, terminal, journald),
+                want,
+                "{format:?}, terminal {terminal}, journald {journald}"
+            );
+        }
     }
 
     /// A writer into a shared buffer, for reading back what a subscriber wrote.

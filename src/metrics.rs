@@ -238,20 +238,14 @@ impl Metrics {
                 "sink",
                 "Notification delivery attempts by sink and result (delivered, retried, failed).",
                 &self.notifications,
-                sinks
-                    .into_iter()
-                    .map(str::to_owned)
-                    .collect::<BTreeSet<_>>(),
+                owned_set(sinks),
             ),
             (
                 "deployhook_commit_statuses_total",
                 "project",
                 "Commit-status delivery attempts by project and result (delivered, retried, failed).",
                 &self.commit_statuses,
-                status_projects
-                    .into_iter()
-                    .map(str::to_owned)
-                    .collect::<BTreeSet<_>>(),
+                owned_set(status_projects),
             ),
         ] {
             family(&mut out, name, "counter", help);
@@ -428,6 +422,11 @@ pub fn ran_for(build: &Build) -> Option<Duration> {
     Some(Duration::from_micros(
         u64::try_from(stop.0.saturating_sub(start.0)).unwrap_or(0),
     ))
+}
+
+/// The names, owned and in order, without repeats.
+fn owned_set<'a>(names: impl IntoIterator<Item = &'a str>) -> BTreeSet<String> {
+    names.into_iter().map(str::to_owned).collect()
 }
 
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {

@@ -359,35 +359,42 @@ mod tests {
         );
     }
 
+    /// The first `n` runs of `cron` in Berlin after `from`, each found from the one before.
+    fn berlin_runs(cron: &str, from: &str, n: usize) -> Vec<Timestamp> {
+        let s = Schedule::new(cron, "Europe/Berlin", "main").unwrap();
+        let mut t = ts(from);
+        (0..n)
+            .map(|_| {
+                t = s
+                    .next_after(t)
+                    .unwrap_or_else(|| panic!("{cron}: no run after {t:?}"));
+                t
+            })
+            .collect()
+    }
+
     #[test]
     fn a_fixed_time_in_the_spring_gap_runs_once_right_after_it() {
         // Berlin skips 02:00-03:00 on 2026-03-29: 02:30 does not exist that day. croner runs
         // a fixed-time job at the first valid time after the gap, 03:00 CEST (01:00 UTC).
-        let s = Schedule::new("30 2 * * *", "Europe/Berlin", "main").unwrap();
-        let first = s.next_after(ts("2026-03-28T12:00:00Z")).unwrap();
-        assert_eq!(first, ts("2026-03-29T01:00:00Z"));
         // Once that day, and back to 02:30 CEST the next.
-        assert_eq!(s.next_after(first), Some(ts("2026-03-30T00:30:00Z")));
+        assert_eq!(
+            berlin_runs("30 2 * * *", "2026-03-28T12:00:00Z", 2),
+            vec![ts("2026-03-29T01:00:00Z"), ts("2026-03-30T00:30:00Z")]
+        );
     }
 
     #[test]
     fn a_fixed_time_in_the_autumn_repeat_runs_once_and_wildcards_run_in_both_passes() {
         // Berlin repeats 02:00-03:00 on 2026-10-25 (first CEST = 00:xx UTC, then CET =
         // 01:xx UTC). A fixed 02:30 runs once, the first time.
-        let s = Schedule::new("30 2 * * *", "Europe/Berlin", "main").unwrap();
-        let first = s.next_after(ts("2026-10-24T12:00:00Z")).unwrap();
-        assert_eq!(first, ts("2026-10-25T00:30:00Z"));
-        assert_eq!(s.next_after(first), Some(ts("2026-10-26T01:30:00Z")));
-        // An every-30-minutes job runs at each wall-clock :00 and :30 of both passes.
-        let w = Schedule::new("*/30 2 * * *", "Europe/Berlin", "main").unwrap();
-        let mut t = ts("2026-10-24T23:59:00Z");
-        let mut runs = Vec::new();
-        for _ in 0..4 {
-            t = w.next_after(t).unwrap();
-            runs.push(t);
-        }
         assert_eq!(
-            runs,
+            berlin_runs("30 2 * * *", "2026-10-24T12:00:00Z", 2),
+            vec![ts("2026-10-25T00:30:00Z"), ts("2026-10-26T01:30:00Z")]
+        );
+        // An every-30-minutes job runs at each wall-clock :00 and :30 of both passes.
+        assert_eq!(
+            berlin_runs("*/30 2 * * *", "2026-10-24T23:59:00Z", 4),
             vec![
                 ts("2026-10-25T00:00:00Z"),
                 ts("2026-10-25T00:30:00Z"),

@@ -1880,47 +1880,30 @@ mod tests {
         assert!(decode_cursor("zz").is_none());
     }
 
+    /// What reserving `project`/`delivery` at `now` finds, with the window reaching back to
+    /// time 0 and no claim stale.
+    fn reserve(s: &Store, project: &str, delivery: &str, now: Timestamp) -> DeliverySeen {
+        s.reserve_delivery(project, delivery, now, Timestamp(0), Timestamp(0))
+            .unwrap()
+    }
+
     #[test]
     fn deliveries_are_remembered_once() {
         let dir = tempfile::tempdir().unwrap();
         let s = open(dir.path()).unwrap();
         let a = BuildId::new();
         let t = Timestamp(1_000);
-        assert_eq!(
-            s.reserve_delivery("site", "d1", t, Timestamp(0), Timestamp(0))
-                .unwrap(),
-            DeliverySeen::New
-        );
-        assert_eq!(
-            s.reserve_delivery("site", "d1", t, Timestamp(0), Timestamp(0))
-                .unwrap(),
-            DeliverySeen::InFlight
-        );
+        assert_eq!(reserve(&s, "site", "d1", t), DeliverySeen::New);
+        assert_eq!(reserve(&s, "site", "d1", t), DeliverySeen::InFlight);
         s.complete_delivery("site", "d1", &[a], t).unwrap();
-        assert_eq!(
-            s.reserve_delivery("site", "d1", t, Timestamp(0), Timestamp(0))
-                .unwrap(),
-            DeliverySeen::Built(vec![a])
-        );
+        assert_eq!(reserve(&s, "site", "d1", t), DeliverySeen::Built(vec![a]));
         assert_eq!(s.delivery_builds("site", "d1").unwrap(), Some(vec![a]));
         // Another project's delivery ids are its own.
-        assert_eq!(
-            s.reserve_delivery("other", "d1", t, Timestamp(0), Timestamp(0))
-                .unwrap(),
-            DeliverySeen::New
-        );
+        assert_eq!(reserve(&s, "other", "d1", t), DeliverySeen::New);
         s.release_delivery("other", "d1").unwrap();
-        assert_eq!(
-            s.reserve_delivery("other", "d1", t, Timestamp(0), Timestamp(0))
-                .unwrap(),
-            DeliverySeen::New
-        );
+        assert_eq!(reserve(&s, "other", "d1", t), DeliverySeen::New);
         // A claim in flight for too long is stale and taken over.
-        assert_eq!(
-            s.reserve_delivery("stale", "d", Timestamp(10), Timestamp(0), Timestamp(0))
-                .unwrap(),
-            DeliverySeen::New
-        );
+        assert_eq!(reserve(&s, "stale", "d", Timestamp(10)), DeliverySeen::New);
         assert_eq!(
             s.reserve_delivery("stale", "d", Timestamp(20), Timestamp(0), Timestamp(15))
                 .unwrap(),
@@ -1954,11 +1937,7 @@ mod tests {
         let s = open(dir.path()).unwrap();
         let (a, b) = (BuildId::new(), BuildId::new());
         let t = Timestamp(1_000);
-        assert_eq!(
-            s.reserve_delivery("site", "multi", t, Timestamp(0), Timestamp(0))
-                .unwrap(),
-            DeliverySeen::New
-        );
+        assert_eq!(reserve(&s, "site", "multi", t), DeliverySeen::New);
         assert_eq!(
             s.delivery_builds("site", "multi").unwrap(),
             None,
@@ -1966,8 +1945,7 @@ mod tests {
         );
         s.complete_delivery("site", "multi", &[a, b], t).unwrap();
         assert_eq!(
-            s.reserve_delivery("site", "multi", t, Timestamp(0), Timestamp(0))
-                .unwrap(),
+            reserve(&s, "site", "multi", t),
             DeliverySeen::Built(vec![a, b])
         );
         // The v1 layout, written by hand: seen-at, then exactly one build id.
@@ -1977,11 +1955,7 @@ mod tests {
             .deliveries
             .insert(name_key("site", "old"), old)
             .unwrap();
-        assert_eq!(
-            s.reserve_delivery("site", "old", t, Timestamp(0), Timestamp(0))
-                .unwrap(),
-            DeliverySeen::Built(vec![a])
-        );
+        assert_eq!(reserve(&s, "site", "old", t), DeliverySeen::Built(vec![a]));
         assert_eq!(s.delivery_builds("site", "old").unwrap(), Some(vec![a]));
     }
 

@@ -379,17 +379,26 @@ pub(super) fn summarize_api(out: &mut String, c: &super::Config) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::Config;
+    use super::super::tests::parse;
     use crate::access::Scope;
     use std::path::Path;
     use std::time::Duration;
 
-    fn parse(text: &str) -> Result<Config, super::ConfigError> {
-        Config::parse(text, Path::new("/tmp/deploy.toml"))
-    }
-
+    /// Config's `MINIMAL` project with a second branch, `dev`, for schedules to name.
     const SITE: &str =
         "[projects.site]\nbranches = [\"main\", \"dev\"]\ncommand = \"true\"\nworkdir = \"/tmp\"\n";
+
+    /// Each case `(extra, key, line)`: the config `text(extra)` fails to parse, naming `key`
+    /// and `line`, and the message leads with the file.
+    #[track_caller]
+    fn assert_each_fails_at(cases: &[(&str, &str, usize)], text: impl Fn(&str) -> String) {
+        for (extra, key, line) in cases {
+            let e = parse(&text(extra)).unwrap_err();
+            assert_eq!(&e.key, key, "{extra}: {e}");
+            assert_eq!(e.position.map(|p| p.0), Some(*line), "{extra}: {e}");
+            assert!(e.to_string().starts_with("/tmp/deploy.toml:"), "{e}");
+        }
+    }
 
     #[test]
     fn defaults_are_off() {
@@ -500,12 +509,7 @@ mod tests {
                 7,
             ),
         ];
-        for (extra, key, line) in cases {
-            let e = parse(&format!("{SITE}{extra}")).unwrap_err();
-            assert_eq!(&e.key, key, "{extra}: {e}");
-            assert_eq!(e.position.map(|p| p.0), Some(*line), "{extra}: {e}");
-            assert!(e.to_string().starts_with("/tmp/deploy.toml:"), "{e}");
-        }
+        assert_each_fails_at(cases, |extra| format!("{SITE}{extra}"));
         let e = parse(&format!("[server]\ntrusted_proxies = [\"proxy\"]\n{SITE}")).unwrap_err();
         assert_eq!(e.key, "server.trusted_proxies", "{e}");
         assert_eq!(e.position.map(|p| p.0), Some(2), "{e}");
@@ -559,10 +563,6 @@ mod tests {
                 4,
             ),
         ];
-        for (extra, key, line) in cases {
-            let e = parse(&format!("[api]\n{extra}{SITE}")).unwrap_err();
-            assert_eq!(&e.key, key, "{extra}: {e}");
-            assert_eq!(e.position.map(|p| p.0), Some(*line), "{extra}: {e}");
-        }
+        assert_each_fails_at(cases, |extra| format!("[api]\n{extra}{SITE}"));
     }
 }

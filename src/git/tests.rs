@@ -21,13 +21,18 @@ fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
     h
 }
 
+/// Project `name` of the config `text`.
+fn project_of(text: &str, name: &str) -> ProjectConfig {
+    let c = Config::parse(text, Path::new("/tmp/deploy.toml")).unwrap();
+    c.project(name).unwrap().as_ref().clone()
+}
+
 /// Project `site` of a config whose project table ends with `extra`.
 fn project(extra: &str) -> ProjectConfig {
     let text = format!(
         "[projects.site]\ncommand = \"true\"\nrepo = \"https://gitlab.example.com/Mike/diaspora.git\"\n{extra}\n"
     );
-    let c = Config::parse(&text, Path::new("/tmp/deploy.toml")).unwrap();
-    c.project("site").unwrap().as_ref().clone()
+    project_of(&text, "site")
 }
 
 fn main_and_staging() -> ProjectConfig {
@@ -603,18 +608,73 @@ fn system_hook_paths() {
     }
 }
 
+/// What `decide` makes of fixture `name` sent with headers `h` to project `p`.
+fn decided(h: &HeaderMap, name: &str, p: &ProjectConfig) -> (Vec<RefBuild>, Vec<String>) {
+    outcome(decide(h, &fixture(name), p))
+}
+
+/// Fixture `name`, sent with headers `h` to project `p`, is ignored for exactly `why`.
+#[track_caller]
+fn assert_ignored(h: &HeaderMap, name: &str, p: &ProjectConfig, why: &str) {
+    assert_eq!(decided(h, name, p).1, vec![why.to_string()], "{name}");
+}
+
 /// Each host's own payload, with the event header it sends.
 #[test]
 fn the_hosts_own_payloads() {
+    // octokit/webhooks (GitHub), Gitea (try.gitea.io), Gogs, GitLab docs, Bitbucket Cloud
+    // and Data Center, each with the event header it sends.
     let gh = headers(&[("x-github-event", "push")]);
-    // octokit/webhooks: a new branch `master` with one commit adding README.md.
+    let gitea = headers(&[("x-gitea-event", "push"), ("x-github-event", "push")]);
+    let gogs = headers(&[("x-gogs-event", "push")]);
+    let gl = headers(&[("x-gitlab-event", "Push Hook")]);
+    let tph = headers(&[("x-gitlab-event", "Tag Push Hook")]);
+    let sys = headers(&[("x-gitlab-event", "System Hook")]);
+    let bb = headers(&[("x-event-key", "repo:push")]);
+    let dc = headers(&[("x-event-key", "repo:refs_changed")]);
     let master = project("branches = [\"master\"]");
+    let tags = project("branches = [\"master\"]\ntags = [\"simple-*\"]");
+    let d = project("branches = [\"d\"]");
+    let nothing_matches = project("branches = [\"master\"]\npaths = [\"nothing/**\"]");
+    let v_tags = project("branches = [\"master\"]\ntags = [\"v*\"]");
+    // GitLab System Hooks are matched to the project's repo path.
+    let diaspora = project("branches = [\"master\"]");
+    let example = project_of(
+        "[projects.ex]\nbranches = [\"master\"]\ntags = [\"v*\"]\ncommand = \"true\"\nrepo = \"git@gitlab.example.com:jsmith/example.git\"\n",
+        "ex",
+    );
+    let a_tags = project("branches = [\"master\"]\ntags = [\"a\"]");
+    let both = project("branches = [\"master\", \"branch*\"]");
+
+    // Fixture, headers, project, and the builds it makes. One row a line.
+    #[rustfmt::skip]
+    let cases = [
+        // octokit/webhooks (GHES 3.5): tag simple-tag created; head_commit.id is its commit.
+        ("github-push-tag-created.json", &gh, &tags, vec![tag("simple-tag", "6113728f27ae82c7b1a177c8d03f9e96e0adf246")]),
+        // Gitea: five commits to branch `d`, each modifying 1.c.
+        ("gitea-push-5-commits.json", &gitea, &d, vec![branch("d", "2ec0c971d04723523aa20f2b378f8b419b47d4ec")]),
+        // Gogs: one commit to master.
+        ("gogs-push.json", &gogs, &master, vec![branch("master", "0a05129851238652bf806a400af89fa974ade739")]),
+        // GitLab: Push Hook listing 2 of 4 commits: never ignored for paths.
+        ("gitlab-push-hook.json", &gl, &nothing_matches, vec![branch("master", "da1560886d4f094c3e6c9ef40349f7d38b5d27d7")]),
+        ("gitlab-tag-push-hook.json", &tph, &v_tags, vec![tag("v1.0.0", "82b3d5ae55f7080f1e6022629cdb57bfae7cccc7")]),
+        ("gitlab-system-hook-push.json", &sys, &diaspora, vec![branch("master", "da1560886d4f094c3e6c9ef40349f7d38b5d27d7")]),
+        // An annotated tag: `after` is the tag object, `checkout_sha` its commit.
+        ("gitlab-system-hook-tag-push.json", &sys, &example, vec![tag("v1.0.0", "5937ac0a7beb003549fc5fd26fc247adbce4a52e")]),
+        // Bitbucket Data Center.
+        ("bitbucket-dc-refs-changed.json", &dc, &master, vec![branch("master", "22671f0349857934857983457983475ec39f196b")]),
+        ("bitbucket-dc-multi-branch.json", &dc, &both, vec![
+            branch("branch1", "3980c2be32a7e23c795741d5dc1a2eecb9b85d6d"),
+            branch("master", "fc43d13cff1abb28631196944ba4fc4ad06a2cf2"),
+        ]),
+    ];
+    for (name, h, p, want) in cases {
+        assert_eq!(decided(h, name, p).0, want, "{name}");
+    }
+
+    // octokit/webhooks: a new branch `master` with one commit adding README.md.
     assert_eq!(
-        outcome(decide(
-            &gh,
-            &fixture("github-push-new-branch.json"),
-            &master
-        )),
+        decided(&gh, "github-push-new-branch.json", &master),
         (
             vec![branch("master", "6113728f27ae82c7b1a177c8d03f9e96e0adf246")],
             vec![]
@@ -622,43 +682,21 @@ fn the_hosts_own_payloads() {
     );
     let docs_only = project("branches = [\"master\"]\npaths = [\"docs/**\"]");
     assert!(
-        outcome(decide(
-            &gh,
-            &fixture("github-push-new-branch.json"),
-            &docs_only
-        ))
-        .0
-        .is_empty()
+        decided(&gh, "github-push-new-branch.json", &docs_only)
+            .0
+            .is_empty()
     );
     let readme = project("branches = [\"master\"]\npaths = [\"README.md\"]");
     assert_eq!(
-        outcome(decide(
-            &gh,
-            &fixture("github-push-new-branch.json"),
-            &readme
-        ))
-        .0
-        .len(),
+        decided(&gh, "github-push-new-branch.json", &readme).0.len(),
         1
     );
     // octokit/webhooks: tag simple-tag deleted.
-    assert_eq!(
-        outcome(decide(
-            &gh,
-            &fixture("github-push-tag-deleted.json"),
-            &master
-        ))
-        .1,
-        vec!["tag simple-tag was deleted; nothing to build".to_string()]
-    );
-    // octokit/webhooks (GHES 3.5): tag simple-tag created; head_commit.id is its commit.
-    let tags = project("branches = [\"master\"]\ntags = [\"simple-*\"]");
-    assert_eq!(
-        outcome(decide(&gh, &fixture("github-push-tag-created.json"), &tags)).0,
-        vec![tag(
-            "simple-tag",
-            "6113728f27ae82c7b1a177c8d03f9e96e0adf246"
-        )]
+    assert_ignored(
+        &gh,
+        "github-push-tag-deleted.json",
+        &master,
+        "tag simple-tag was deleted; nothing to build",
     );
     assert_eq!(
         decide(
@@ -668,104 +706,26 @@ fn the_hosts_own_payloads() {
         ),
         Ok(Decision::Ping)
     );
-    // Gitea (try.gitea.io): five commits to branch `d`, each modifying 1.c.
-    let gitea = headers(&[("x-gitea-event", "push"), ("x-github-event", "push")]);
-    let d = project("branches = [\"d\"]");
-    assert_eq!(
-        outcome(decide(&gitea, &fixture("gitea-push-5-commits.json"), &d)).0,
-        vec![branch("d", "2ec0c971d04723523aa20f2b378f8b419b47d4ec")]
-    );
+    // Gitea: only 1.c changed.
     let c_only = project("branches = [\"d\"]\npaths = [\"*.c\"]");
     assert_eq!(
-        outcome(decide(
-            &gitea,
-            &fixture("gitea-push-5-commits.json"),
-            &c_only
-        ))
-        .0
-        .len(),
+        decided(&gitea, "gitea-push-5-commits.json", &c_only)
+            .0
+            .len(),
         1
     );
     let h_only = project("branches = [\"d\"]\npaths = [\"*.h\"]");
     assert!(
-        outcome(decide(
-            &gitea,
-            &fixture("gitea-push-5-commits.json"),
-            &h_only
-        ))
-        .0
-        .is_empty()
+        decided(&gitea, "gitea-push-5-commits.json", &h_only)
+            .0
+            .is_empty()
     );
-    // Gogs: one commit to master.
-    let gogs = headers(&[("x-gogs-event", "push")]);
-    assert_eq!(
-        outcome(decide(&gogs, &fixture("gogs-push.json"), &master)).0,
-        vec![branch("master", "0a05129851238652bf806a400af89fa974ade739")]
-    );
-    // GitLab docs: Push Hook listing 2 of 4 commits: never ignored for paths.
-    let gl = headers(&[("x-gitlab-event", "Push Hook")]);
-    let nothing_matches = project("branches = [\"master\"]\npaths = [\"nothing/**\"]");
-    assert_eq!(
-        outcome(decide(
-            &gl,
-            &fixture("gitlab-push-hook.json"),
-            &nothing_matches
-        ))
-        .0,
-        vec![branch("master", "da1560886d4f094c3e6c9ef40349f7d38b5d27d7")]
-    );
-    let v_tags = project("branches = [\"master\"]\ntags = [\"v*\"]");
-    let tph = headers(&[("x-gitlab-event", "Tag Push Hook")]);
-    assert_eq!(
-        outcome(decide(&tph, &fixture("gitlab-tag-push-hook.json"), &v_tags)).0,
-        vec![tag("v1.0.0", "82b3d5ae55f7080f1e6022629cdb57bfae7cccc7")]
-    );
-    // GitLab docs: System Hooks, matched to the project's repo path.
-    let sys = headers(&[("x-gitlab-event", "System Hook")]);
-    let diaspora = project("branches = [\"master\"]");
-    assert_eq!(
-        outcome(decide(
-            &sys,
-            &fixture("gitlab-system-hook-push.json"),
-            &diaspora
-        ))
-        .0,
-        vec![branch("master", "da1560886d4f094c3e6c9ef40349f7d38b5d27d7")]
-    );
-    let (b, why) = outcome(decide(
-        &sys,
-        &fixture("gitlab-system-hook-tag-push.json"),
-        &diaspora,
-    ));
+    // A System Hook tag push for another repo path.
+    let (b, why) = decided(&sys, "gitlab-system-hook-tag-push.json", &diaspora);
     assert!(b.is_empty() && why[0].contains("jsmith/example"), "{why:?}");
-    let example = Config::parse(
-        "[projects.ex]\nbranches = [\"master\"]\ntags = [\"v*\"]\ncommand = \"true\"\nrepo = \"git@gitlab.example.com:jsmith/example.git\"\n",
-        Path::new("/tmp/deploy.toml"),
-    )
-    .unwrap()
-    .project("ex")
-    .unwrap()
-    .as_ref()
-    .clone();
-    // An annotated tag: `after` is the tag object, `checkout_sha` its commit.
-    assert_eq!(
-        outcome(decide(
-            &sys,
-            &fixture("gitlab-system-hook-tag-push.json"),
-            &example
-        ))
-        .0,
-        vec![tag("v1.0.0", "5937ac0a7beb003549fc5fd26fc247adbce4a52e")]
-    );
     // Bitbucket Cloud: branch master and tag a in one push.
-    let bb = headers(&[("x-event-key", "repo:push")]);
-    let a_tags = project("branches = [\"master\"]\ntags = [\"a\"]");
     assert_eq!(
-        outcome(decide(
-            &bb,
-            &fixture("bitbucket-cloud-branch-and-tag.json"),
-            &a_tags
-        )),
+        decided(&bb, "bitbucket-cloud-branch-and-tag.json", &a_tags),
         (
             vec![
                 branch("master", "84b96adc644a30fd6465b3d196369d880762afed"),
@@ -774,58 +734,24 @@ fn the_hosts_own_payloads() {
             vec![]
         )
     );
-    let (b, why) = outcome(decide(
-        &bb,
-        &fixture("bitbucket-cloud-branch-and-tag.json"),
-        &master,
-    ));
+    let (b, why) = decided(&bb, "bitbucket-cloud-branch-and-tag.json", &master);
     assert_eq!(b.len(), 1);
     assert!(
         why[0].contains("tag a was pushed, but this project builds no tags"),
         "{why:?}"
     );
     // Bitbucket Data Center.
-    let dc = headers(&[("x-event-key", "repo:refs_changed")]);
-    assert_eq!(
-        outcome(decide(
-            &dc,
-            &fixture("bitbucket-dc-refs-changed.json"),
-            &master
-        ))
-        .0,
-        vec![branch("master", "22671f0349857934857983457983475ec39f196b")]
-    );
-    let both = project("branches = [\"master\", \"branch*\"]");
-    assert_eq!(
-        outcome(decide(
-            &dc,
-            &fixture("bitbucket-dc-multi-branch.json"),
-            &both
-        ))
-        .0,
-        vec![
-            branch("branch1", "3980c2be32a7e23c795741d5dc1a2eecb9b85d6d"),
-            branch("master", "fc43d13cff1abb28631196944ba4fc4ad06a2cf2")
-        ]
-    );
-    let (b, why) = outcome(decide(
-        &dc,
-        &fixture("bitbucket-dc-multi-branch.json"),
-        &master,
-    ));
+    let (b, why) = decided(&dc, "bitbucket-dc-multi-branch.json", &master);
     assert_eq!(
         b,
         vec![branch("master", "fc43d13cff1abb28631196944ba4fc4ad06a2cf2")]
     );
     assert!(why[0].contains("branch branch1 is not one of"), "{why:?}");
-    assert_eq!(
-        outcome(decide(
-            &dc,
-            &fixture("bitbucket-dc-tag-deleted.json"),
-            &a_tags
-        ))
-        .1,
-        vec!["tag test-tag was deleted; nothing to build".to_string()]
+    assert_ignored(
+        &dc,
+        "bitbucket-dc-tag-deleted.json",
+        &a_tags,
+        "tag test-tag was deleted; nothing to build",
     );
     assert_eq!(
         decide(
@@ -903,15 +829,10 @@ fn gitlab_system_hook_events() {
         r#"{{"event_name":"push","ref":"refs/heads/main","after":"{SHA}"}}"#
     ));
     assert!(decide(&sys, &no_path, &p).is_err());
-    let workdir = Config::parse(
+    let workdir = project_of(
         "[projects.w]\nbranches = [\"main\"]\ncommand = \"true\"\nworkdir = \"/tmp\"\n",
-        Path::new("/tmp/deploy.toml"),
-    )
-    .unwrap()
-    .project("w")
-    .unwrap()
-    .as_ref()
-    .clone();
+        "w",
+    );
     let push = body(&format!(
         r#"{{"event_name":"push","ref":"refs/heads/main","after":"{SHA}","project":{{"path_with_namespace":"mike/diaspora"}}}}"#
     ));

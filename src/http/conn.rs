@@ -653,13 +653,9 @@ mod tests {
         let r = Arc::new(Registry::default());
         let busy = Arc::new(Activity::default());
         let _guard = busy.begin();
-        let idle_old = Arc::new(Activity::default());
-        idle_old.in_head.store(true, Ordering::SeqCst);
-        let idle_new = Arc::new(Activity::default());
-        idle_new.in_head.store(true, Ordering::SeqCst);
         let b = r.register(busy);
-        let o = r.register(idle_old);
-        let n = r.register(idle_new);
+        let o = r.register(idle());
+        let n = r.register(idle());
         assert_eq!(r.len(), 3);
         assert!(r.evict_oldest_idle());
         assert_eq!(r.len(), 2);
@@ -676,9 +672,7 @@ mod tests {
     #[test]
     fn a_connection_just_opened_is_not_evicted_under_descriptor_pressure() {
         let r = Arc::new(Registry::default());
-        let new = Arc::new(Activity::default());
-        new.in_head.store(true, Ordering::SeqCst);
-        let n = r.register(new);
+        let n = r.register(idle());
         let a_second_ago = Instant::now() - std::time::Duration::from_secs(1);
         assert!(!r.evict_oldest_idle_under_pressure(a_second_ago));
         assert!(!futures_ready(&n.evict));
@@ -762,9 +756,7 @@ mod tests {
     #[test]
     fn an_evicted_connection_counts_as_open_until_its_socket_is_dropped() {
         let r = Arc::new(Registry::default());
-        let idle = Arc::new(Activity::default());
-        idle.in_head.store(true, Ordering::SeqCst);
-        let a = r.register(idle);
+        let a = r.register(idle());
         let _b = r.register(Arc::new(Activity::default()));
         assert_eq!((r.len(), r.open()), (2, 2));
         assert!(!r.is_closing());
@@ -775,6 +767,13 @@ mod tests {
         assert_eq!((r.len(), r.open()), (1, 1));
         assert!(!r.is_closing());
         assert!(futures_ready(&r.closed), "the close was announced");
+    }
+
+    /// The activity of a connection idle between requests, waiting for a head.
+    fn idle() -> Arc<Activity> {
+        let a = Arc::new(Activity::default());
+        a.in_head.store(true, Ordering::SeqCst);
+        a
     }
 
     fn futures_ready(n: &Notify) -> bool {

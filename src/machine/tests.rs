@@ -696,13 +696,20 @@ fn quiet_trigger(w: &mut World, t: &Target, exact: Option<&str>) -> (Build, bool
     }
 }
 
-#[test]
-fn a_quiet_build_waits_until_no_trigger_joined_it_for_the_quiet_period() {
+/// A new world in which a quiet trigger of `a`/`main` has just created a build: the world,
+/// the target, when the build was created, and the build.
+fn one_quiet_build() -> (World, Target, i64, Build) {
     let mut w = World::new();
     let t = target("a", "main");
     let created = w.now;
     let (b, joined, _) = quiet_trigger(&mut w, &t, None);
-    assert!(!joined);
+    assert!(!joined, "the first trigger creates its build");
+    (w, t, created, b)
+}
+
+#[test]
+fn a_quiet_build_waits_until_no_trigger_joined_it_for_the_quiet_period() {
+    let (mut w, t, created, b) = one_quiet_build();
     assert_eq!(b.not_before, Some(Timestamp(created + 10 * SEC)));
     assert!(
         w.starts.is_empty(),
@@ -742,10 +749,7 @@ fn a_quiet_build_waits_until_no_trigger_joined_it_for_the_quiet_period() {
 
 #[test]
 fn joins_never_push_a_quiet_build_past_its_max_quiet_period() {
-    let mut w = World::new();
-    let t = target("a", "main");
-    let created = w.now;
-    let (b, _, _) = quiet_trigger(&mut w, &t, None);
+    let (mut w, t, created, b) = one_quiet_build();
     // A never-ending burst: a join every 2 s for a minute.
     for i in 1..30 {
         w.now = created + i * 2 * SEC;
@@ -771,9 +775,7 @@ fn joins_never_push_a_quiet_build_past_its_max_quiet_period() {
 
 #[test]
 fn a_join_that_changes_nothing_writes_nothing_and_exact_commit_builds_never_wait() {
-    let mut w = World::new();
-    let t = target("a", "main");
-    let (b, _, _) = quiet_trigger(&mut w, &t, None);
+    let (mut w, t, _, b) = one_quiet_build();
     // A join a second later moves not_before (a write); a second join at the very same
     // instant moves nothing and has no effect at all.
     w.now += SEC;

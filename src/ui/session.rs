@@ -237,12 +237,20 @@ mod tests {
         }
     }
 
+    /// Admin rights for the token whose digest is `t`, and no other token.
+    fn admin(t: [u8; 32]) -> Tokens {
+        Tokens(vec![(t, Access::admin())])
+    }
+
+    /// An empty store, the digest of token `secret`, and the time to open sessions at.
+    fn fresh(secret: &[u8]) -> (Sessions, [u8; 32], Instant) {
+        (Sessions::default(), token_digest(secret), Instant::now())
+    }
+
     #[test]
     fn a_session_lasts_twelve_hours() {
-        let s = Sessions::default();
-        let t = token_digest(b"secret");
-        let tokens = Tokens(vec![(t, Access::admin())]);
-        let now = Instant::now();
+        let (s, t, now) = fresh(b"secret");
+        let tokens = admin(t);
         let id = s.open(t, now).unwrap();
         assert!(
             s.find(&id, now + SESSION_TTL - Duration::from_secs(1), &tokens)
@@ -255,28 +263,18 @@ mod tests {
 
     #[test]
     fn a_rotated_token_ends_its_sessions() {
-        let s = Sessions::default();
-        let old = token_digest(b"old");
-        let now = Instant::now();
+        let (s, old, now) = fresh(b"old");
         let id = s.open(old, now).unwrap();
-        assert!(
-            s.find(&id, now, &Tokens(vec![(old, Access::admin())]))
-                .is_some()
-        );
-        let rotated = Tokens(vec![(token_digest(b"new"), Access::admin())]);
+        assert!(s.find(&id, now, &admin(old)).is_some());
+        let rotated = admin(token_digest(b"new"));
         assert!(s.find(&id, now, &rotated).is_none());
         // Even if the old token came back, the session is gone.
-        assert!(
-            s.find(&id, now, &Tokens(vec![(old, Access::admin())]))
-                .is_none()
-        );
+        assert!(s.find(&id, now, &admin(old)).is_none());
     }
 
     #[test]
     fn a_session_has_the_token_rights_in_force_now() {
-        let s = Sessions::default();
-        let t = token_digest(b"ci");
-        let now = Instant::now();
+        let (s, t, now) = fresh(b"ci");
         let id = s.open(t, now).unwrap();
         let read = Access {
             scope: Scope::Read,
@@ -286,18 +284,14 @@ mod tests {
         assert!(found.access.can_read("site"));
         assert!(!found.access.can_read("blog"));
         assert!(!found.access.can_act("site"));
-        let found = s
-            .find(&id, now, &Tokens(vec![(t, Access::admin())]))
-            .unwrap();
+        let found = s.find(&id, now, &admin(t)).unwrap();
         assert!(found.access.can_act("blog"));
     }
 
     #[test]
     fn logout_ends_the_session_and_ids_are_unguessable() {
-        let s = Sessions::default();
-        let t = token_digest(b"x");
-        let tokens = Tokens(vec![(t, Access::admin())]);
-        let now = Instant::now();
+        let (s, t, now) = fresh(b"x");
+        let tokens = admin(t);
         let a = s.open(t, now).unwrap();
         let b = s.open(t, now).unwrap();
         assert_ne!(a, b);
@@ -318,9 +312,7 @@ mod tests {
 
     #[test]
     fn the_store_is_bounded() {
-        let s = Sessions::default();
-        let t = token_digest(b"x");
-        let now = Instant::now();
+        let (s, t, now) = fresh(b"x");
         for i in 0..MAX_SESSIONS + 5 {
             s.open(t, now + Duration::from_millis(i as u64)).unwrap();
         }

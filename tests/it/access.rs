@@ -43,13 +43,7 @@ fn api_as(d: &Daemon, token: &str, method: &str, path: &str, body: Option<Value>
 
 #[test]
 fn a_burst_of_twenty_triggers_with_a_quiet_period_yields_one_build_that_starts_after_it() {
-    let work = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project(
-        "cms",
-        work.path(),
-        "true",
-        "quiet_period = \"1s\"\n",
-    ));
+    let (d, _work) = Daemon::start_workdir("cms", "true", "quiet_period = \"1s\"\n");
     let mut ids = Vec::new();
     let mut last = None;
     for _ in 0..20 {
@@ -81,13 +75,11 @@ fn a_burst_of_twenty_triggers_with_a_quiet_period_yields_one_build_that_starts_a
 
 #[test]
 fn max_quiet_period_caps_a_never_ending_burst() {
-    let work = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project(
+    let (d, _work) = Daemon::start_workdir(
         "cms",
-        work.path(),
         "true",
         "quiet_period = \"1s\"\nmax_quiet_period = \"2s\"\n",
-    ));
+    );
     let first = d.trigger("cms", "main");
     let id = first["build_uuid"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -121,13 +113,7 @@ const PARAM_COMMAND: &str = "if [ \"$DEPLOYHOOK_PARAM_ENV\" = block ]; then slee
 
 #[test]
 fn params_reach_the_build_environment_exactly() {
-    let work = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project(
-        "site",
-        work.path(),
-        PARAM_COMMAND,
-        "params = [\"env\", \"msg\"]\n",
-    ));
+    let (d, _work) = Daemon::start_workdir("site", PARAM_COMMAND, "params = [\"env\", \"msg\"]\n");
     let (_, hook) = d.create_hook("site", "cms", "main");
     // From the query (percent-decoded, `+` a space), a JSON body member the query does not
     // override, and names not listed ignored. `$(id)` must arrive as text, never run.
@@ -200,13 +186,7 @@ fn params_reach_the_build_environment_exactly() {
 
 #[test]
 fn a_param_value_with_a_newline_or_too_long_gets_400() {
-    let work = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project(
-        "site",
-        work.path(),
-        "true",
-        "params = [\"env\"]\n",
-    ));
+    let (d, _work) = Daemon::start_workdir("site", "true", "params = [\"env\"]\n");
     let (_, hook) = d.create_hook("site", "cms", "main");
     for bad in [
         "env=a%0Ab",
@@ -215,8 +195,7 @@ fn a_param_value_with_a_newline_or_too_long_gets_400() {
         &format!("env={}", "x".repeat(257)),
     ] {
         let r = d.post(&format!("{hook}?{bad}"), b"");
-        assert_eq!(r.status, 400, "{bad}");
-        assert_eq!(r.json()["errors"][0]["code"], 1400);
+        r.assert_error(400, 1400, "", bad);
     }
     let r = d.post(&hook, br#"{"env": "a\nb"}"#);
     assert_eq!(r.status, 400);
@@ -241,13 +220,7 @@ fn a_param_value_with_a_newline_or_too_long_gets_400() {
 
 #[test]
 fn different_params_are_different_targets() {
-    let work = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project(
-        "site",
-        work.path(),
-        PARAM_COMMAND,
-        "params = [\"env\"]\n",
-    ));
+    let (d, _work) = Daemon::start_workdir("site", PARAM_COMMAND, "params = [\"env\"]\n");
     let trigger = |env: &str| {
         let r = d.api(
             "POST",
@@ -328,13 +301,11 @@ fn a_git_push_takes_params_from_its_webhook_url() {
 
 #[test]
 fn get_fires_only_a_hook_created_with_allow_get() {
-    let work = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project("site", work.path(), "true", ""));
+    let (d, _work) = Daemon::start_workdir("site", "true", "");
     let (_, post_only) = d.create_hook("site", "cms", "main");
     let r = request(d.addr, "GET", &post_only, &[], b"");
-    assert_eq!(r.status, 405);
+    r.assert_error(405, 1405, "", "GET of a hook without allow_get");
     assert_eq!(r.header("allow"), Some("POST"));
-    assert_eq!(r.json()["errors"][0]["code"], 1405);
     assert!(builds_of(&d, "site").is_empty());
     // An unknown token answers a GET exactly like a hook without allow_get.
     let unknown = request(
@@ -451,13 +422,7 @@ fn allow_from_refuses_other_addresses_and_ignores_forwarded_headers_without_a_tr
     let (_, local_hook) = d.create_hook("local", "cms", "main");
 
     let r = d.post(&site_hook, b"");
-    assert_eq!(r.status, 403);
-    assert_eq!(r.json()["errors"][0]["code"], 1403);
-    assert!(
-        r.error_message().contains("127.0.0.1"),
-        "{}",
-        r.error_message()
-    );
+    r.assert_error(403, 1403, "127.0.0.1", "site's hook from 127.0.0.1");
     // A spoofed X-Forwarded-For from an untrusted peer changes nothing.
     let r = request(
         d.addr,
@@ -582,107 +547,51 @@ fn each_scope_is_allowed_and_refused_on_every_endpoint_class() {
         build_ids.insert(p, d.trigger_id(p, "main"));
     }
 
-    // (class, method, path for project p, body) → which tokens may, per project.
-    struct Class {
-        name: &'static str,
-        method: &'static str,
-        path: fn(&str, &str, &str) -> String,
-        body: Option<Value>,
-        /// Which of reader, ci, ops, root may do it on project a; on b, the unlimited ones.
-        allowed_a: [bool; 4],
-    }
-    let classes = vec![
-        Class {
-            name: "list hooks",
-            method: "GET",
-            path: |p, _, _| format!("/api/projects/{p}/hooks"),
-            body: None,
-            allowed_a: [true, true, true, true],
-        },
-        Class {
-            name: "list builds",
-            method: "GET",
-            path: |p, _, _| format!("/api/projects/{p}/builds"),
-            body: None,
-            allowed_a: [true, true, true, true],
-        },
-        Class {
-            name: "get build",
-            method: "GET",
-            path: |_, _, b| format!("/api/builds/{b}"),
-            body: None,
-            allowed_a: [true, true, true, true],
-        },
-        Class {
-            name: "build logs",
-            method: "GET",
-            path: |_, _, b| format!("/api/builds/{b}/logs"),
-            body: None,
-            allowed_a: [true, true, true, true],
-        },
-        Class {
-            name: "wait",
-            method: "GET",
-            path: |_, _, b| format!("/api/builds/{b}/wait?timeout=1"),
-            body: None,
-            allowed_a: [true, true, true, true],
-        },
-        Class {
-            name: "redeploy",
-            method: "POST",
-            path: |_, _, b| format!("/api/builds/{b}/redeploy"),
-            body: None,
-            allowed_a: [false, true, true, true],
-        },
-        Class {
-            name: "trigger",
-            method: "POST",
-            path: |p, _, _| format!("/api/projects/{p}/builds"),
-            body: Some(json!({"branch": "other"})),
-            allowed_a: [false, true, true, true],
-        },
-        Class {
-            name: "create hook",
-            method: "POST",
-            path: |p, _, _| format!("/api/projects/{p}/hooks"),
-            body: None, // filled per token below (names must differ)
-            allowed_a: [false, false, true, true],
-        },
-        Class {
-            name: "rotate hook",
-            method: "POST",
-            path: |p, h, _| format!("/api/projects/{p}/hooks/{h}/rotate"),
-            body: None,
-            allowed_a: [false, false, true, true],
-        },
+    // (class, method, path with project p, hook h and build b, the least of reader, ci, ops,
+    // root that may do it on project a; on b, the unlimited ones from there may).
+    const READER: usize = 0;
+    const CI: usize = 1;
+    const OPS: usize = 2;
+    let classes = [
+        ("list hooks", "GET", "/api/projects/{p}/hooks", READER),
+        ("list builds", "GET", "/api/projects/{p}/builds", READER),
+        ("get build", "GET", "/api/builds/{b}", READER),
+        ("build logs", "GET", "/api/builds/{b}/logs", READER),
+        ("wait", "GET", "/api/builds/{b}/wait?timeout=1", READER),
+        ("redeploy", "POST", "/api/builds/{b}/redeploy", CI),
+        ("trigger", "POST", "/api/projects/{p}/builds", CI),
+        ("create hook", "POST", "/api/projects/{p}/hooks", OPS),
+        ("rotate", "POST", "/api/projects/{p}/hooks/{h}/rotate", OPS),
     ];
-    for c in &classes {
+    for (class, method, path, least) in classes {
         for p in ["a", "b"] {
             for (i, name) in names.iter().enumerate() {
                 let allowed = if p == "a" {
-                    c.allowed_a[i]
+                    i >= least
                 } else {
                     // Only unlimited tokens reach b: reader (read) and root (admin).
-                    c.allowed_a[i] && (*name == "reader" || *name == "root")
+                    i >= least && (*name == "reader" || *name == "root")
                 };
-                let body = if c.name == "create hook" {
-                    Some(json!({"name": format!("by-{name}-{p}")}))
-                } else {
-                    c.body.clone()
+                let body = match class {
+                    "trigger" => Some(json!({"branch": "other"})),
+                    // Hook names must differ.
+                    "create hook" => Some(json!({"name": format!("by-{name}-{p}")})),
+                    _ => None,
                 };
-                let path = (c.path)(p, &hook_ids[p], &build_ids[p]);
-                let r = api_as(&d, &secrets[i], c.method, &path, body);
+                let path = path
+                    .replace("{p}", p)
+                    .replace("{h}", &hook_ids[p])
+                    .replace("{b}", &build_ids[p]);
+                let r = api_as(&d, &secrets[i], method, &path, body);
                 if allowed {
                     assert!(
                         r.status < 400,
-                        "{} on {p} with {name}: {} {}",
-                        c.name,
+                        "{class} on {p} with {name}: {} {}",
                         r.status,
                         String::from_utf8_lossy(&r.body)
                     );
                 } else {
-                    assert_eq!(r.status, 403, "{} on {p} with {name}", c.name);
-                    assert_eq!(r.json()["errors"][0]["code"], 1403);
+                    r.assert_error(403, 1403, "", &format!("{class} on {p} with {name}"));
                 }
             }
         }

@@ -197,8 +197,7 @@ fn failed_fetch_fails_the_build_with_gits_error() {
 
 #[test]
 fn hundred_concurrent_identical_triggers_make_one_build() {
-    let wd = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project("site", wd.path(), "sleep 20", ""));
+    let (d, _wd) = Daemon::start_workdir("site", "sleep 20", "");
     // Keep the project busy so the main build stays pending (queued).
     d.trigger("site", "other");
     let (_, path) = d.create_hook("site", "cms", "main");
@@ -286,13 +285,7 @@ fn supersede_cancels_the_running_build_and_kills_its_group() {
 
 #[test]
 fn no_supersede_when_disabled() {
-    let wd = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project(
-        "site",
-        wd.path(),
-        "sleep 2",
-        "cancel_superseded = false",
-    ));
+    let (d, _wd) = Daemon::start_workdir("site", "sleep 2", "cancel_superseded = false");
     let old = d.trigger_id("site", "main");
     d.wait_status(&old, "running", 20);
     let new = d.trigger_id("site", "main");
@@ -339,8 +332,7 @@ fn cancel_queued_running_and_stopped() {
     }
     // Stopped: 409.
     let r = d.api("POST", &format!("/api/builds/{running}/cancel"), None);
-    assert_eq!(r.status, 409);
-    assert_eq!(r.json()["errors"][0]["code"], 1409);
+    r.assert_error(409, 1409, "", "cancel of a stopped build");
     assert_eq!(
         d.api(
             "POST",
@@ -550,8 +542,7 @@ fn sigterm_drains_then_interrupts_and_exits_zero() {
         .unwrap();
     let _ = conn.read_to_end(&mut buf);
     let r = parse_response(&buf);
-    assert_eq!(r.status, 503);
-    assert_eq!(r.json()["errors"][0]["code"], 1503);
+    r.assert_error(503, 1503, "", "a request after the signal");
     assert_eq!(d.wait_exit(30), Some(0));
     for pid in pids_in(&wd.path().join("pids")) {
         assert!(!alive(pid), "{pid} survived shutdown");
@@ -788,8 +779,7 @@ fn sighup_during_shutdown_does_not_cut_the_drain_short() {
 /// an acknowledged build started, then `interrupted`, never built.
 #[test]
 fn a_taken_port_does_not_consume_queued_builds() {
-    let wd = tempfile::tempdir().unwrap();
-    let mut d = Daemon::start(&workdir_project("site", wd.path(), "sleep 30", ""));
+    let (mut d, _wd) = Daemon::start_workdir("site", "sleep 30", "");
     d.trigger("site", "other");
     let queued = d.trigger_id("site", "main");
     let dir = d.dir.clone();
@@ -870,13 +860,7 @@ fn a_lock_left_by_a_killed_fetch_does_not_break_the_mirror() {
 
 #[test]
 fn builds_carry_a_higher_oom_score_adj_than_the_daemon() {
-    let wd = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project(
-        "site",
-        wd.path(),
-        "cat /proc/self/oom_score_adj",
-        "",
-    ));
+    let (d, _wd) = Daemon::start_workdir("site", "cat /proc/self/oom_score_adj", "");
     let id = d.trigger_id("site", "main");
     d.wait_status(&id, "stopped", 20);
     let build: i32 = d.log_text(&id, "stdout").trim().parse().unwrap();

@@ -212,8 +212,7 @@ fn ci_trigger_follows_a_supersede_and_exits_3_when_time_runs_out() {
 /// instead of 3). Here a `date` on `PATH` steps at exactly that moment.
 #[test]
 fn ci_trigger_reads_the_clock_once_per_wait() {
-    let work = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project("site", work.path(), "sleep 30", ""));
+    let (d, work) = Daemon::start_workdir("site", "sleep 30", "");
     let bin = work.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
     let calls = work.path().join("date-calls");

@@ -92,8 +92,7 @@ fn every_unknown_token_gets_the_same_404_body() {
         format!("/hooks/{token}x"),
     ];
     let first = d.post(&cases[0], b"");
-    assert_eq!(first.status, 404);
-    assert_eq!(first.json()["errors"][0]["code"], 1404);
+    first.assert_error(404, 1404, "", &cases[0]);
     for c in &cases[1..] {
         let r = d.post(c, b"");
         assert_eq!(r.status, 404, "{c}");
@@ -124,8 +123,7 @@ fn admin_api_needs_the_token() {
         ("GET", "/api/builds/00000000-0000-4000-8000-000000000000"),
     ] {
         let r = request(d.addr, method, path, &[], b"");
-        assert_eq!(r.status, 401, "{method} {path}");
-        assert_eq!(r.json()["errors"][0]["code"], 1401);
+        r.assert_error(401, 1401, "", &format!("{method} {path}"));
         let r = request(
             d.addr,
             method,
@@ -165,9 +163,8 @@ fn wrong_methods_get_405_with_allow() {
     let wd = tempfile::tempdir().unwrap();
     let d = Daemon::start(&busy_project(&wd));
     let r = request(d.addr, "GET", "/hooks/dh_x", &[], b"");
-    assert_eq!(r.status, 405);
+    r.assert_error(405, 1405, "", "GET of a hook");
     assert_eq!(r.header("allow"), Some("POST"));
-    assert_eq!(r.json()["errors"][0]["code"], 1405);
     let r = request(d.addr, "POST", "/healthz", &[], b"");
     assert_eq!(r.status, 405);
     assert_eq!(r.header("allow"), Some("GET"));
@@ -184,8 +181,7 @@ fn oversized_bodies_get_413() {
     let d = Daemon::start_with_server("max_body_bytes = 1000", &busy_project(&wd));
     let (_, path) = d.create_hook("site", "cms", "main");
     let r = d.post(&path, &vec![b'x'; 1001]);
-    assert_eq!(r.status, 413);
-    assert_eq!(r.json()["errors"][0]["code"], 1413);
+    r.assert_error(413, 1413, "", "a body over max_body_bytes");
     // A huge Content-Length is refused before any body is sent.
     let r = raw(
         d.addr,
@@ -213,8 +209,7 @@ fn bad_json_names_the_field() {
     let auth = format!("Bearer {}", d.token);
     let h = [("Authorization", auth.as_str())];
     let r = request(d.addr, "POST", "/api/projects/site/hooks", &h, b"{not json");
-    assert_eq!(r.status, 400);
-    assert_eq!(r.json()["errors"][0]["code"], 1400);
+    r.assert_error(400, 1400, "", "a body that is not JSON");
     let r = d.api("POST", "/api/projects/site/hooks", Some(json!({"name": 5})));
     assert_eq!(r.status, 400);
     assert!(r.error_message().contains("\"name\""));
@@ -281,8 +276,7 @@ fn bad_json_names_the_field() {
 
 #[test]
 fn listing_pages_with_a_cursor() {
-    let wd = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project("site", wd.path(), "true", ""));
+    let (d, _wd) = Daemon::start_workdir("site", "true", "");
     let mut ids = Vec::new();
     for _ in 0..5 {
         let b = d.trigger("site", "main");
@@ -321,8 +315,7 @@ fn listing_pages_with_a_cursor() {
 
 #[test]
 fn hooks_and_builds_survive_a_restart() {
-    let wd = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project("site", wd.path(), "true", ""));
+    let (d, _wd) = Daemon::start_workdir("site", "true", "");
     let (hook_id, path) = d.create_hook("site", "cms", "main");
     let b = d.post(&path, b"payload").json()["result"].clone();
     let id = b["build_uuid"].as_str().unwrap().to_string();
@@ -337,9 +330,8 @@ fn hooks_and_builds_survive_a_restart() {
 
 #[test]
 fn acknowledged_builds_survive_kill_9() {
-    let wd = tempfile::tempdir().unwrap();
     // Busy project: the acknowledged builds stay queued behind a long one.
-    let d = Daemon::start(&workdir_project("site", wd.path(), "sleep 30", ""));
+    let (d, _wd) = Daemon::start_workdir("site", "sleep 30", "");
     let first = d.trigger_id("site", "other");
     let queued = d.trigger_id("site", "main");
     let d2 = d.restart(true);

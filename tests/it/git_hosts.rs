@@ -45,9 +45,36 @@ fn form_encode(json: &str) -> String {
     .replace("%20", "+")
 }
 
-/// One delivery: `headers_file` is the host's header set, with its placeholders filled in.
-/// The Gitea family signs the JSON; every other host signs the body as sent.
-fn deliver(
+/// One host's deliveries to daemon `d`, as JSON with the host's header set `headers_file`.
+struct Host<'a> {
+    d: &'a Daemon,
+    headers_file: &'a str,
+}
+
+impl<'a> Host<'a> {
+    fn new(d: &'a Daemon, headers_file: &'a str) -> Self {
+        Host { d, headers_file }
+    }
+
+    /// One delivery of `json` for `event` to `project`, with delivery id `delivery`.
+    fn deliver(&self, project: &str, event: &str, json: &str, delivery: &str) -> Resp {
+        let Host { d, headers_file } = *self;
+        deliver_encoded(
+            d,
+            project,
+            headers_file,
+            event,
+            json,
+            delivery,
+            Encoding::Json,
+        )
+    }
+}
+
+/// One delivery, its body encoded as `encoding` says: `headers_file` is the host's header
+/// set, with its placeholders filled in. The Gitea family signs the JSON; every other host
+/// signs the body as sent.
+fn deliver_encoded(
     d: &Daemon,
     project: &str,
     headers_file: &str,
@@ -211,6 +238,25 @@ fn built(d: &Daemon, r: &Resp) -> Value {
     b
 }
 
+/// The builds of a 200 answer to a two-ref delivery: its first build (see [`built`]), the one
+/// entry of its `more_builds`, and that entry's build once stopped.
+fn built_two(d: &Daemon, r: &Resp) -> (Value, Value, Value) {
+    let first = built(d, r);
+    let more = r.json()["result"]["more_builds"].clone();
+    assert_eq!(more.as_array().unwrap().len(), 1, "{more}");
+    let second = d.wait_status(more[0]["build_uuid"].as_str().unwrap(), "stopped", 60);
+    (first, more[0].clone(), second)
+}
+
+/// A 200 answer that made one build only: its body and its first message.
+fn one_build(r: &Resp) -> (Value, String) {
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let v = r.json();
+    assert_eq!(v["result"]["more_builds"], json!([]), "{v}");
+    let message = v["messages"][0]["message"].as_str().unwrap_or_default();
+    (v.clone(), message.to_owned())
+}
+
 fn ignored(r: &Resp) -> Vec<String> {
     assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
     let v = r.json();
@@ -233,31 +279,17 @@ fn github_deliveries_replayed() {
     let head = repo.commit("README.md", "hello\n");
     let out = tempfile::tempdir().unwrap();
     let d = daemon(&repo, out.path());
+    let gh = Host::new(&d, "github.headers");
+    let ghe = Host::new(&d, "github-enterprise-sha1.headers");
 
-    let r = deliver(
-        &d,
-        "site",
-        "github.headers",
-        "ping",
-        &fixture("github-ping.json"),
-        "gh-ping",
-        Encoding::Json,
-    );
+    let r = gh.deliver("site", "ping", &fixture("github-ping.json"), "gh-ping");
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["result"], json!({"event": "ping"}));
 
     // A new branch with one commit: built at exactly that commit.
     let push = fixture("github-push-new-branch.json")
         .replace("6113728f27ae82c7b1a177c8d03f9e96e0adf246", &head);
-    let r = deliver(
-        &d,
-        "site",
-        "github.headers",
-        "push",
-        &push,
-        "gh-1",
-        Encoding::Json,
-    );
+    let r = gh.deliver("site", "push", &push, "gh-1");
     let b = built(&d, &r);
     assert_eq!(b["commit"], head.as_str());
     assert_eq!(b["requested_commit"], head.as_str());
@@ -271,27 +303,11 @@ fn github_deliveries_replayed() {
     assert_eq!(payload, push.as_bytes());
 
     // Older GitHub Enterprise: only X-Hub-Signature: sha1=.
-    let r = deliver(
-        &d,
-        "site",
-        "github-enterprise-sha1.headers",
-        "push",
-        &push,
-        "ghe-1",
-        Encoding::Json,
-    );
+    let r = ghe.deliver("site", "push", &push, "ghe-1");
     assert_eq!(built(&d, &r)["commit"], head.as_str());
 
     // The README only: ignored by `mono` (paths = ["web/**"]) in the words of the case.
-    let r = deliver(
-        &d,
-        "mono",
-        "github.headers",
-        "push",
-        &push,
-        "gh-mono",
-        Encoding::Json,
-    );
+    let r = gh.deliver("mono", "push", &push, "gh-mono");
     assert_eq!(
         ignored(&r),
         vec!["no file changed on branch master matches this project's paths; nothing to build"]
@@ -300,15 +316,7 @@ fn github_deliveries_replayed() {
     // A skip marker in the head commit's message, in any case.
     let skip = push.replace("\"Initial commit\"", "\"Initial commit [Skip CI]\"");
     assert_ne!(skip, push);
-    let r = deliver(
-        &d,
-        "site",
-        "github.headers",
-        "push",
-        &skip,
-        "gh-skip",
-        Encoding::Json,
-    );
+    let r = gh.deliver("site", "push", &skip, "gh-skip");
     assert!(ignored(&r)[0].contains("the head commit of branch master says [skip ci]"));
 
     // A tag push (GitHub Enterprise's example) of an annotated tag: `after` is the tag
@@ -323,15 +331,7 @@ fn github_deliveries_replayed() {
             &format!("\"after\": \"{tag_object}\""),
         )
         .replace("6113728f27ae82c7b1a177c8d03f9e96e0adf246", &head);
-    let r = deliver(
-        &d,
-        "site",
-        "github.headers",
-        "push",
-        &tag_push,
-        "gh-tag",
-        Encoding::Json,
-    );
+    let r = gh.deliver("site", "push", &tag_push, "gh-tag");
     let b = built(&d, &r);
     assert_eq!(b["ref"], "refs/tags/simple-tag");
     assert_eq!(b["tag"], "simple-tag");
@@ -351,14 +351,11 @@ fn github_deliveries_replayed() {
     assert!(env.lines().any(|l| l == "DEPLOYHOOK_BRANCH="), "{env}");
 
     // A deleted tag is a deleted tag.
-    let r = deliver(
-        &d,
+    let r = gh.deliver(
         "site",
-        "github.headers",
         "push",
         &fixture("github-push-tag-deleted.json"),
         "gh-del",
-        Encoding::Json,
     );
     assert_eq!(
         ignored(&r),
@@ -389,7 +386,7 @@ fn gitea_forgejo_and_gogs_deliveries_replayed() {
     ] {
         for encoding in [Encoding::Json, Encoding::Form] {
             n += 1;
-            let r = deliver(
+            let r = deliver_encoded(
                 &d,
                 "site",
                 headers,
@@ -412,7 +409,7 @@ fn gitea_forgejo_and_gogs_deliveries_replayed() {
         }
     }
     // Every commit modified 1.c only: `mono` (paths = ["web/**"]) ignores the push.
-    let r = deliver(
+    let r = deliver_encoded(
         &d,
         "mono",
         "gitea.headers",
@@ -431,44 +428,21 @@ fn gitlab_deliveries_replayed() {
     let head = repo.commit("app/controller/application.rb", "two\n");
     let out = tempfile::tempdir().unwrap();
     let d = daemon(&repo, out.path());
+    let gl = Host::new(&d, "gitlab.headers");
 
     let push = fixture("gitlab-push-hook.json")
         .replace("b6568db1bc1dcd7f8b4d5a946b0b91f9dacd7327", &first)
         .replace("da1560886d4f094c3e6c9ef40349f7d38b5d27d7", &head);
-    let r = deliver(
-        &d,
-        "site",
-        "gitlab.headers",
-        "Push Hook",
-        &push,
-        "idem-1",
-        Encoding::Json,
-    );
+    let r = gl.deliver("site", "Push Hook", &push, "idem-1");
     let b = built(&d, &r);
     assert_eq!(b["commit"], head.as_str());
     // "Resend Request": a new X-Gitlab-Event-UUID, the same Idempotency-Key: no new build.
-    let r = deliver(
-        &d,
-        "site",
-        "gitlab.headers",
-        "Push Hook",
-        &push,
-        "idem-1",
-        Encoding::Json,
-    );
+    let r = gl.deliver("site", "Push Hook", &push, "idem-1");
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["result"]["build_uuid"], b["build_uuid"]);
     assert_eq!(r.json()["result"]["already_exists"], true);
     // 2 of 4 commits listed: never ignored for paths.
-    let r = deliver(
-        &d,
-        "mono",
-        "gitlab.headers",
-        "Push Hook",
-        &push,
-        "idem-mono",
-        Encoding::Json,
-    );
+    let r = gl.deliver("mono", "Push Hook", &push, "idem-mono");
     built(&d, &r);
 
     // Tags: a Tag Push Hook builds the tag's commit; a System Hook's annotated tag (`after` is
@@ -477,30 +451,14 @@ fn gitlab_deliveries_replayed() {
     let tag_object = repo.git(&["rev-parse", "v1.0.0"]);
     let tag_push = fixture("gitlab-tag-push-hook.json")
         .replace("82b3d5ae55f7080f1e6022629cdb57bfae7cccc7", &first);
-    let r = deliver(
-        &d,
-        "site",
-        "gitlab.headers",
-        "Tag Push Hook",
-        &tag_push,
-        "tag-1",
-        Encoding::Json,
-    );
+    let r = gl.deliver("site", "Tag Push Hook", &tag_push, "tag-1");
     let b = built(&d, &r);
     assert_eq!(b["ref"], "refs/tags/v1.0.0");
     assert_eq!(b["commit"], first.as_str());
     let sys_tag = fixture("gitlab-system-hook-tag-push.json")
         .replace("82b3d5ae55f7080f1e6022629cdb57bfae7cccc7", &tag_object)
         .replace("5937ac0a7beb003549fc5fd26fc247adbce4a52e", &first);
-    let r = deliver(
-        &d,
-        "example",
-        "gitlab.headers",
-        "System Hook",
-        &sys_tag,
-        "sys-tag",
-        Encoding::Json,
-    );
+    let r = gl.deliver("example", "System Hook", &sys_tag, "sys-tag");
     let b = built(&d, &r);
     assert_eq!(b["project"], "example");
     assert_eq!(b["tag"], "v1.0.0");
@@ -511,15 +469,7 @@ fn gitlab_deliveries_replayed() {
         &format!("\"after\": \"{first}\""),
         "\"after\": \"0000000000000000000000000000000000000000\"",
     );
-    let r = deliver(
-        &d,
-        "site",
-        "gitlab.headers",
-        "Tag Push Hook",
-        &deleted,
-        "tag-2",
-        Encoding::Json,
-    );
+    let r = gl.deliver("site", "Tag Push Hook", &deleted, "tag-2");
     assert_eq!(
         ignored(&r),
         vec!["tag v1.0.0 was deleted; nothing to build"]
@@ -528,25 +478,9 @@ fn gitlab_deliveries_replayed() {
     // System Hooks build only the project whose repo path ends with path_with_namespace.
     let sys = fixture("gitlab-system-hook-push.json")
         .replace("da1560886d4f094c3e6c9ef40349f7d38b5d27d7", &head);
-    let r = deliver(
-        &d,
-        "site",
-        "gitlab.headers",
-        "System Hook",
-        &sys,
-        "sys-1",
-        Encoding::Json,
-    );
+    let r = gl.deliver("site", "System Hook", &sys, "sys-1");
     assert_eq!(built(&d, &r)["commit"], head.as_str());
-    let r = deliver(
-        &d,
-        "example",
-        "gitlab.headers",
-        "System Hook",
-        &sys,
-        "sys-2",
-        Encoding::Json,
-    );
+    let r = gl.deliver("example", "System Hook", &sys, "sys-2");
     assert!(
         ignored(&r)[0].contains("GitLab project mike/diaspora, which is not this project's repo")
     );
@@ -560,95 +494,47 @@ fn bitbucket_deliveries_replayed() {
     let master = repo.commit("a.txt", "a\n");
     let out = tempfile::tempdir().unwrap();
     let d = daemon(&repo, out.path());
+    let bb = Host::new(&d, "bitbucket-cloud.headers");
+    let dc = Host::new(&d, "bitbucket-dc.headers");
 
     // Cloud: branch master and tag a in one push: two builds, in payload order.
     repo.git(&["tag", "a", &first]);
     let cloud = fixture("bitbucket-cloud-branch-and-tag.json")
         .replace("84b96adc644a30fd6465b3d196369d880762afed", &master)
         .replace("450118afff93569d1ce362174e9f1a7f104f9166", &first);
-    let r = deliver(
-        &d,
-        "site",
-        "bitbucket-cloud.headers",
-        "repo:push",
-        &cloud,
-        "{cloud-1}",
-        Encoding::Json,
-    );
-    let b = built(&d, &r);
+    let r = bb.deliver("site", "repo:push", &cloud, "{cloud-1}");
+    let (b, more, t) = built_two(&d, &r);
     assert_eq!(b["branch"], "master");
     assert_eq!(b["commit"], master.as_str());
-    let more = r.json()["result"]["more_builds"].clone();
-    assert_eq!(more[0]["tag"], "a", "{more}");
-    assert_eq!(more[0]["already_exists"], false);
-    let t = d.wait_status(more[0]["build_uuid"].as_str().unwrap(), "stopped", 60);
+    assert_eq!(more["tag"], "a", "{more}");
+    assert_eq!(more["already_exists"], false);
     assert_eq!(t["build_outcome"], "success", "{t}");
     assert_eq!(t["commit"], first.as_str());
     // `mono` builds no tags: master builds, the tag is listed in messages.
-    let r = deliver(
-        &d,
-        "mono",
-        "bitbucket-cloud.headers",
-        "repo:push",
-        &cloud,
-        "{cloud-2}",
-        Encoding::Json,
-    );
-    assert_eq!(r.status, 200);
-    let v = r.json();
-    assert_eq!(v["result"]["more_builds"], json!([]));
+    let r = bb.deliver("mono", "repo:push", &cloud, "{cloud-2}");
+    let (v, message) = one_build(&r);
     assert!(
-        v["messages"][0]["message"]
-            .as_str()
-            .unwrap()
-            .contains("tag a was pushed, but this project builds no tags"),
+        message.contains("tag a was pushed, but this project builds no tags"),
         "{v}"
     );
 
     // Data Center: one branch; then two branches in one push.
     let one = fixture("bitbucket-dc-refs-changed.json")
         .replace("22671f0349857934857983457983475ec39f196b", &master);
-    let r = deliver(
-        &d,
-        "site",
-        "bitbucket-dc.headers",
-        "repo:refs_changed",
-        &one,
-        "dc-1",
-        Encoding::Json,
-    );
+    let r = dc.deliver("site", "repo:refs_changed", &one, "dc-1");
     assert_eq!(built(&d, &r)["commit"], master.as_str());
     let two = fixture("bitbucket-dc-multi-branch.json")
         .replace("3980c2be32a7e23c795741d5dc1a2eecb9b85d6d", &first)
         .replace("fc43d13cff1abb28631196944ba4fc4ad06a2cf2", &master);
-    let r = deliver(
-        &d,
-        "site",
-        "bitbucket-dc.headers",
-        "repo:refs_changed",
-        &two,
-        "dc-2",
-        Encoding::Json,
-    );
-    let b1 = built(&d, &r);
+    let r = dc.deliver("site", "repo:refs_changed", &two, "dc-2");
+    let (b1, more, b2) = built_two(&d, &r);
     assert_eq!(b1["branch"], "branch1");
     assert_eq!(b1["commit"], first.as_str());
-    let more = r.json()["result"]["more_builds"].clone();
-    assert_eq!(more.as_array().unwrap().len(), 1, "{more}");
-    assert_eq!(more[0]["branch"], "master");
-    assert_eq!(more[0]["requested_commit"], master.as_str());
-    let b2 = d.wait_status(more[0]["build_uuid"].as_str().unwrap(), "stopped", 60);
+    assert_eq!(more["branch"], "master", "{more}");
+    assert_eq!(more["requested_commit"], master.as_str());
     assert_eq!(b2["commit"], master.as_str());
     // Redelivered: both builds again, already_exists, nothing new.
-    let r = deliver(
-        &d,
-        "site",
-        "bitbucket-dc.headers",
-        "repo:refs_changed",
-        &two,
-        "dc-2",
-        Encoding::Json,
-    );
+    let r = dc.deliver("site", "repo:refs_changed", &two, "dc-2");
     assert_eq!(r.status, 200);
     let v = r.json();
     assert_eq!(v["result"]["build_uuid"], b1["build_uuid"]);
@@ -663,48 +549,29 @@ fn bitbucket_deliveries_replayed() {
         .json();
     assert_eq!(all["result"].as_array().unwrap().len(), 5);
     // A project without `branch*`: master builds, branch1 is listed in messages.
-    let r = deliver(
-        &d,
-        "mono",
-        "bitbucket-dc.headers",
-        "repo:refs_changed",
-        &two,
-        "dc-3",
-        Encoding::Json,
-    );
-    assert_eq!(r.status, 200);
-    let v = r.json();
+    let r = dc.deliver("mono", "repo:refs_changed", &two, "dc-3");
+    let (v, message) = one_build(&r);
     assert_eq!(v["result"]["branch"], "master", "{v}");
-    assert_eq!(v["result"]["more_builds"], json!([]));
     assert!(
-        v["messages"][0]["message"]
-            .as_str()
-            .unwrap()
-            .starts_with("branch branch1 is not one of this project's branches"),
+        message.starts_with("branch branch1 is not one of this project's branches"),
         "{v}"
     );
 
-    let r = deliver(
-        &d,
+    let r = dc.deliver(
         "site",
-        "bitbucket-dc.headers",
         "repo:refs_changed",
         &fixture("bitbucket-dc-tag-deleted.json"),
         "dc-4",
-        Encoding::Json,
     );
     assert_eq!(
         ignored(&r),
         vec!["tag test-tag was deleted; nothing to build"]
     );
-    let r = deliver(
-        &d,
+    let r = dc.deliver(
         "site",
-        "bitbucket-dc.headers",
         "diagnostics:ping",
         &fixture("bitbucket-dc-diagnostics-ping.json"),
         "dc-5",
-        Encoding::Json,
     );
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["result"], json!({"event": "ping"}));
@@ -760,13 +627,7 @@ fn oversized_git_bodies_get_a_readable_413() {
         ],
         &body,
     );
-    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(r.json()["errors"][0]["code"], 1413);
-    assert!(
-        r.error_message().contains("4000000"),
-        "{}",
-        r.error_message()
-    );
+    r.assert_error(413, 1413, "4000000", "a Git body over its limit");
     // Under the limit, the same endpoint reads the body (and refuses the bad signature).
     let r = request(
         d.addr,
@@ -822,18 +683,11 @@ fn an_ignored_delivery_is_judged_again() {
     repo.git(&["branch", "later"]);
     let out = tempfile::tempdir().unwrap();
     let d = daemon(&repo, out.path());
+    let gh = Host::new(&d, "github.headers");
     let push = fixture("github-push-new-branch.json")
         .replace("6113728f27ae82c7b1a177c8d03f9e96e0adf246", &head)
         .replace("refs/heads/master", "refs/heads/later");
-    let r = deliver(
-        &d,
-        "site",
-        "github.headers",
-        "push",
-        &push,
-        "again-1",
-        Encoding::Json,
-    );
+    let r = gh.deliver("site", "push", &push, "again-1");
     assert!(ignored(&r)[0].contains("branch later is not one of"));
     let cfg = std::fs::read_to_string(&d.config).unwrap().replace(
         "branches = [\"master\", \"d\", \"branch*\"]",
@@ -844,15 +698,7 @@ fn an_ignored_delivery_is_judged_again() {
     eventually(10, "config reloaded", || {
         d.logs().contains("config reloaded")
     });
-    let r = deliver(
-        &d,
-        "site",
-        "github.headers",
-        "push",
-        &push,
-        "again-1",
-        Encoding::Json,
-    );
+    let r = gh.deliver("site", "push", &push, "again-1");
     let b = built(&d, &r);
     assert_eq!(b["branch"], "later");
     assert_eq!(r.json()["result"]["already_exists"], false);
@@ -916,13 +762,7 @@ fn api_triggers_a_tag_and_names_concrete_branches() {
         ),
     ] {
         let r = trigger(project, body.clone());
-        assert_eq!(r.status, 400, "{body}");
-        assert_eq!(r.json()["errors"][0]["code"], 1400);
-        assert!(
-            r.error_message().contains(why),
-            "{body}: {}",
-            r.error_message()
-        );
+        r.assert_error(400, 1400, why, &body.to_string());
     }
     // A branch matching a glob is a branch of the project.
     repo.git(&["branch", "branch7"]);

@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 use crate::util::*;
 
 fn daemon() -> (Daemon, tempfile::TempDir) {
-    let wd = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project("site", wd.path(), "true", ""));
-    (d, wd)
+    Daemon::start_workdir("site", "true", "")
 }
 
 fn healthy(d: &Daemon) {
@@ -205,13 +203,7 @@ fn a_trickled_body_times_out_and_frees_the_connection() {
 
 #[test]
 fn a_flood_of_idle_connections_does_not_lock_out_healthz() {
-    let wd = tempfile::tempdir().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    write_config(
-        tmp.path(),
-        "",
-        &workdir_project("site", wd.path(), "true", ""),
-    );
+    let (tmp, _wd) = site_dirs("", "true");
     // nofile 400 → a cap of a few hundred connections (what is free minus a reserve).
     let d = Daemon::spawn_limited(tmp.path(), &[], Some(400)).unwrap();
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", d.pid())).unwrap();
@@ -332,13 +324,7 @@ fn unauthenticated_git_bodies_are_bounded_in_memory() {
 #[test]
 fn half_open_connections_far_beyond_the_cap_do_not_stop_healthz() {
     const FLOOD: usize = 500;
-    let wd = tempfile::tempdir().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    write_config(
-        tmp.path(),
-        "",
-        &workdir_project("site", wd.path(), "true", ""),
-    );
+    let (tmp, _wd) = site_dirs("", "true");
     let d = Daemon::spawn_limited(tmp.path(), &[], Some(200)).unwrap();
     let cap: usize = d
         .logs()

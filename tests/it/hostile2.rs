@@ -79,18 +79,7 @@ fn http11_without_host_or_with_two_gets_400_and_http10_without_host_is_served() 
         ),
     ] {
         let r = raw(d.addr, req);
-        assert_eq!(
-            r.status,
-            400,
-            "{what}: {}",
-            String::from_utf8_lossy(&r.body)
-        );
-        assert_eq!(r.json()["errors"][0]["code"], 1400, "{what}");
-        assert!(
-            r.error_message().contains("Host"),
-            "{what}: {}",
-            r.error_message()
-        );
+        r.assert_error(400, 1400, "Host", what);
     }
     // HTTP/1.0 predates Host; an empty Host (no authority) is allowed too.
     assert_eq!(raw(d.addr, b"GET /healthz HTTP/1.0\r\n\r\n").status, 200);
@@ -397,13 +386,7 @@ fn nofile_of(pid: u32) -> String {
 
 #[test]
 fn healthz_answers_within_a_second_beside_a_flood_at_nofile_64() {
-    let wd = tempfile::tempdir().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    write_config(
-        tmp.path(),
-        "",
-        &workdir_project("site", wd.path(), "echo built", ""),
-    );
+    let (tmp, _wd) = site_dirs("", "echo built");
     let d = Daemon::spawn_limited(tmp.path(), &[], Some(64)).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(nofile_of(d.pid()), "64");
     // Far more connections than there are descriptors.

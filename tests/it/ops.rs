@@ -39,8 +39,7 @@ fn value(text: &str, series: &str) -> Option<f64> {
 
 #[test]
 fn metrics_count_a_hook_build_and_a_deduplicated_trigger() {
-    let wd = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project("site", wd.path(), BLOCK_OTHER, ""));
+    let (d, wd) = Daemon::start_workdir("site", BLOCK_OTHER, "");
     // Occupy the project so that the hook's build stays queued (pending) for the dedupe.
     let blocker = d.trigger_id("site", "other");
     d.wait_status(&blocker, "running", 20);
@@ -124,8 +123,7 @@ fn metrics_need_the_admin_token_unless_public() {
     let project = workdir_project("site", wd.path(), "true", "");
     let d = Daemon::start(&project);
     let r = request(d.addr, "GET", "/metrics", &[], b"");
-    assert_eq!(r.status, 401);
-    assert_eq!(r.json()["errors"][0]["code"], 1401);
+    r.assert_error(401, 1401, "", "/metrics without a token");
     let r = request(
         d.addr,
         "GET",
@@ -405,13 +403,7 @@ fn no_token_or_secret_reaches_the_log_even_at_trace_level() {
 
 #[test]
 fn json_log_lines_carry_trigger_and_build_fields() {
-    let tmp = tempfile::tempdir().unwrap();
-    let wd = tempfile::tempdir().unwrap();
-    write_config(
-        tmp.path(),
-        "",
-        &workdir_project("site", wd.path(), "true", ""),
-    );
+    let (tmp, _wd) = site_dirs("", "true");
     let mut d = Daemon::spawn(tmp.path(), &[("DEPLOYHOOK_LOG_FORMAT", "json")])
         .unwrap_or_else(|e| panic!("{e}"));
     let id = d.trigger_id("site", "main");
@@ -519,13 +511,7 @@ fn under_journald_lines_have_no_timestamp_and_no_colour() {
 }
 #[test]
 fn metrics_count_rate_limited_triggers() {
-    let wd = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project(
-        "site",
-        wd.path(),
-        "true",
-        "project_builds_per_minute = 1",
-    ));
+    let (d, _wd) = Daemon::start_workdir("site", "true", "project_builds_per_minute = 1");
     let (_, hook) = d.create_hook("site", "cms", "main");
     assert_eq!(d.post(&hook, b"").status, 200);
     let r = d.api(

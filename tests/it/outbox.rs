@@ -194,6 +194,22 @@ fn daemon_env(dir: &tempfile::TempDir, rest: &str, env: &[(&str, &str)]) -> Daem
 
 const SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
+/// A daemon whose project `site` fails (exit 3) and whose sink `ops` tells `rcv` of failed
+/// builds, its retry schedule divided by `scale`; one build of main, whose id is returned, has
+/// failed.
+fn a_failed_build_told_to(rcv: &Receiver, scale: &str) -> (Daemon, tempfile::TempDir, String) {
+    let tmp = tempfile::tempdir().unwrap();
+    let rest = format!(
+        "{}{}",
+        json_sink("ops", &rcv.url("http"), "[\"failed\"]", tmp.path()),
+        workdir_project("site", tmp.path(), "exit 3", "")
+    );
+    let d = daemon_env(&tmp, &rest, &[("DEPLOYHOOK_TEST_OUTBOX_SCALE", scale)]);
+    let id = d.trigger_id("site", "main");
+    d.wait_status(&id, "stopped", 30);
+    (d, tmp, id)
+}
+
 fn json_sink(name: &str, url: &str, events: &str, dir: &Path) -> String {
     std::fs::write(dir.join(format!("{name}.whsec")), format!("{SECRET}\n")).unwrap();
     format!(
@@ -337,11 +353,12 @@ fn json_notifications_are_signed_and_say_started_failed_and_recovered() {
         "/api/notifications/test",
         br#"{"sink": "ops"}"#,
     );
-    assert_eq!(
-        r.status, 403,
-        "an admin token limited to projects cannot send tests"
+    r.assert_error(
+        403,
+        1403,
+        "",
+        "an admin token limited to projects cannot send tests",
     );
-    assert_eq!(r.json()["errors"][0]["code"], 1403);
     let r = with(
         "ro.token",
         "POST",
@@ -360,16 +377,8 @@ fn failures_are_retried_on_the_schedule_then_delivered_or_failed() {
         Ans::Status(408),
         Ans::Status(200),
     ]);
-    let tmp = tempfile::tempdir().unwrap();
-    let rest = format!(
-        "{}{}",
-        json_sink("ops", &rcv.url("http"), "[\"failed\"]", tmp.path()),
-        workdir_project("site", tmp.path(), "exit 3", "")
-    );
     // Test-only: the schedule divided by 100 (50 ms, 300 ms, 1.2 s, ...).
-    let d = daemon_env(&tmp, &rest, &[("DEPLOYHOOK_TEST_OUTBOX_SCALE", "100")]);
-    let id = d.trigger_id("site", "main");
-    d.wait_status(&id, "stopped", 30);
+    let (d, _tmp, id) = a_failed_build_told_to(&rcv, "100");
     // A second failure while the first is being retried waits behind it (order per sink).
     rcv.wait_for(1, 30);
     let id2 = d.trigger_id("site", "main");
@@ -457,16 +466,8 @@ fn failures_are_retried_on_the_schedule_then_delivered_or_failed() {
 #[test]
 fn a_receiver_failing_for_24h_is_given_up() {
     let rcv = Receiver::start(Ans::Status(503));
-    let tmp = tempfile::tempdir().unwrap();
-    let rest = format!(
-        "{}{}",
-        json_sink("ops", &rcv.url("http"), "[\"failed\"]", tmp.path()),
-        workdir_project("site", tmp.path(), "exit 3", "")
-    );
     // Divided by 20 000: 24 h is 4.32 s; hourly retries every 180 ms after the first five.
-    let d = daemon_env(&tmp, &rest, &[("DEPLOYHOOK_TEST_OUTBOX_SCALE", "20000")]);
-    let id = d.trigger_id("site", "main");
-    d.wait_status(&id, "stopped", 30);
+    let (d, _tmp, _) = a_failed_build_told_to(&rcv, "20000");
     eventually(30, "failed", || notifications(&d)[0]["status"] == "failed");
     let n = rcv.requests().len();
     // Tries at 0, 5 s, 35 s, 2 m 35 s, 12 m 35 s, 42 m 35 s, then hourly while under 24 h:
@@ -907,8 +908,7 @@ fn notification_test_endpoint_and_cli() {
         "/api/notifications/test",
         Some(serde_json::json!({"sink": "nope"})),
     );
-    assert_eq!(r.status, 404);
-    assert_eq!(r.json()["errors"][0]["code"], 1404);
+    r.assert_error(404, 1404, "", "a test of an unknown sink");
     // Slack: a body with text and blocks; the URL's secret path never reaches the log.
     let r = d.api(
         "POST",

@@ -52,12 +52,14 @@ fn project_rate_limit_refuses_with_an_exact_retry_after_and_survives_restarts() 
     let before_req = Instant::now();
     let r = try_trigger(&d, "site", "main");
     let after_req = Instant::now();
-    assert_eq!(r.status, 429, "{}", String::from_utf8_lossy(&r.body));
-    let v = r.json();
-    assert_eq!(v["success"], false);
-    assert_eq!(v["errors"][0]["code"], 1429);
+    r.assert_error(
+        429,
+        1429,
+        "project_builds_per_minute = 2",
+        "a third new build",
+    );
+    assert_eq!(r.json()["success"], false);
     let msg = r.error_message();
-    assert!(msg.contains("project_builds_per_minute = 2"), "{msg}");
     // The first build's event expires 60 s after it was created, which happened between
     // `before_first` and `after_first`; the answer was computed between `before_req` and
     // `after_req`. Retry-After is that wait rounded up to whole seconds.
@@ -297,13 +299,10 @@ fn a_store_write_failure_answers_503_exits_non_zero_and_loses_nothing() {
     // writes fail the same way (a sticky I/O error, here EFBIG instead of ENOSPC). SIGXFSZ
     // is ignored so that the write fails instead of killing the daemon. /bin/sh counts
     // `ulimit -f` in 512- or 1024-byte blocks: either way the database outgrows it soon.
-    let wd = tempfile::tempdir().unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    write_config(
-        tmp.path(),
+    let (tmp, _wd) = site_dirs(
         "builds_per_minute = 1000000\nproject_builds_per_minute = 1000000\nkeep_builds = 100000\n\
          shutdown_timeout = \"500ms\"",
-        &workdir_project("site", wd.path(), "sleep 60", ""),
+        "sleep 60",
     );
     // The database failure is noticed at the next health check: 100 ms apart instead of 1 s.
     let mut d = Daemon::spawn_after(
@@ -347,12 +346,11 @@ fn a_store_write_failure_answers_503_exits_non_zero_and_loses_nothing() {
         }
     }
     let r = refusal.expect("the store never failed");
-    assert_eq!(r.status, 503, "{}", String::from_utf8_lossy(&r.body));
-    assert_eq!(r.json()["errors"][0]["code"], 1503);
-    assert!(
-        r.error_message().contains("storage is failing"),
-        "{}",
-        r.error_message()
+    r.assert_error(
+        503,
+        1503,
+        "storage is failing",
+        "a request while the store fails",
     );
     // sled's errors are sticky: the daemon exits non-zero for systemd to restart it.
     let code = d.wait_exit(30);
@@ -558,7 +556,7 @@ fn fifty_concurrent_triggers_for_distinct_branches_create_exactly_the_project_li
         assert_eq!(r.json()["result"]["already_exists"], false);
     }
     for r in &limited {
-        assert_eq!(r.json()["errors"][0]["code"], 1429);
+        r.assert_error(429, 1429, "", "a trigger over the limit");
         assert!((1..=60).contains(&retry_after(r)));
     }
     // Exactly the answered builds exist: a refused trigger left nothing behind.

@@ -7,16 +7,14 @@ use std::time::{Duration, Instant};
 
 use crate::util::*;
 
+/// The answer to the sign-in form sent with `token`.
+pub fn log_in(d: &Daemon, token: &str) -> Resp {
+    post_form(d, "/ui/login", None, &format!("token={}", urlencode(token)))
+}
+
 /// Signs in with `token`; returns the `Cookie` header value of the session.
 pub fn sign_in(d: &Daemon, token: &str) -> String {
-    let body = format!("token={}", urlencode(token));
-    let r = request(
-        d.addr,
-        "POST",
-        "/ui/login",
-        &[("Content-Type", "application/x-www-form-urlencoded")],
-        body.as_bytes(),
-    );
+    let r = log_in(d, token);
     assert_eq!(r.status, 303, "{}", String::from_utf8_lossy(&r.body));
     let set = r.header("set-cookie").expect("a session cookie");
     set.split(';').next().unwrap().to_string()
@@ -107,12 +105,7 @@ fn pages_without_a_session_redirect_to_the_login_page() {
 fn signing_in_sets_the_session_cookie_of_the_spec() {
     let wd = tempfile::tempdir().unwrap();
     let d = Daemon::start(&project(wd.path(), "true"));
-    let r = post_form(
-        &d,
-        "/ui/login",
-        None,
-        &format!("token={}", urlencode(&d.token)),
-    );
+    let r = log_in(&d, &d.token);
     assert_eq!(r.status, 303);
     assert_eq!(r.header("location"), Some("/ui/"));
     let set = r.header("set-cookie").unwrap();
@@ -154,12 +147,7 @@ fn the_cookie_is_secure_when_public_url_is_https() {
         "public_url = \"https://deploy.example.com\"\n",
         &project(wd.path(), "true"),
     );
-    let r = post_form(
-        &d,
-        "/ui/login",
-        None,
-        &format!("token={}", urlencode(&d.token)),
-    );
+    let r = log_in(&d, &d.token);
     let set = r.header("set-cookie").unwrap();
     assert!(set.split(';').any(|a| a.trim() == "Secure"), "{set}");
 }
@@ -274,14 +262,8 @@ fn user_supplied_text_is_escaped() {
 
 #[test]
 fn actions_need_the_session_csrf_token() {
-    let wd = tempfile::tempdir().unwrap();
     // Without supersede, the second trigger queues behind the running one.
-    let d = Daemon::start(&workdir_project(
-        "site",
-        wd.path(),
-        "sleep 30",
-        "cancel_superseded = false",
-    ));
+    let (d, _wd) = Daemon::start_workdir("site", "sleep 30", "cancel_superseded = false");
     let c = sign_in(&d, &d.token);
     let page = text(&get(&d, "/ui/projects/site", Some(&c)));
     let csrf = csrf_of(&page);
@@ -463,12 +445,7 @@ fn disabled_pages_answer_404() {
     for path in ["/ui/", "/ui", "/ui/login", "/ui/projects/site"] {
         assert_eq!(get(&d, path, None).status, 404, "{path}");
     }
-    let r = post_form(
-        &d,
-        "/ui/login",
-        None,
-        &format!("token={}", urlencode(&d.token)),
-    );
+    let r = log_in(&d, &d.token);
     assert_eq!(r.status, 404);
     assert!(r.header("set-cookie").is_none());
 }
@@ -679,13 +656,7 @@ fn redeploy_repeats_a_build_and_needs_the_csrf_token() {
 
 #[test]
 fn a_project_page_lists_builds_newest_first_in_pages() {
-    let wd = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project(
-        "site",
-        wd.path(),
-        "true",
-        "project_builds_per_minute = 100",
-    ));
+    let (d, _wd) = Daemon::start_workdir("site", "true", "project_builds_per_minute = 100");
     let mut ids = Vec::new();
     for _ in 0..27 {
         let id = d.trigger_id("site", "main");
@@ -810,8 +781,7 @@ fn a_session_has_its_token_scope_and_projects() {
         200
     );
     let r = request(d.addr, "GET", "/badge/docs.svg", &h, b"");
-    assert_eq!(r.status, 403);
-    assert_eq!(r.json()["errors"][0]["code"], 1403);
+    r.assert_error(403, 1403, "", "the badge of another project");
 
     // A reload that removes the token ends its sessions.
     let c = sign_in(&d, read_token.trim());

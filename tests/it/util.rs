@@ -39,6 +39,24 @@ impl Resp {
             .to_string()
     }
 
+    /// Asserts an error envelope: the status, the code of its first error, and a message
+    /// containing `needle` (an empty needle is in every message). Each failure names `what`
+    /// and shows the whole body.
+    #[track_caller]
+    pub fn assert_error(&self, status: u16, code: u64, needle: &str, what: &str) {
+        let body = String::from_utf8_lossy(&self.body);
+        assert_eq!(self.status, status, "{what}: status of {body}");
+        assert_eq!(
+            self.json()["errors"][0]["code"],
+            code,
+            "{what}: code of {body}"
+        );
+        assert!(
+            self.error_message().contains(needle),
+            "{what}: message without {needle:?}: {body}"
+        );
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
@@ -233,6 +251,15 @@ pub fn workdir_project(name: &str, dir: &Path, command: &str, extra: &str) -> St
     )
 }
 
+/// A config dir and a work dir: `deploy.toml` (`write_config` with `server_extra`) holds one
+/// project `site` (`workdir_project` with `command`) working in the work dir.
+pub fn site_dirs(server_extra: &str, command: &str) -> (tempfile::TempDir, tempfile::TempDir) {
+    let (tmp, wd) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let project = workdir_project("site", wd.path(), command, "");
+    write_config(tmp.path(), server_extra, &project);
+    (tmp, wd)
+}
+
 pub fn toml_str(s: &str) -> String {
     serde_json::to_string(s).unwrap()
 }
@@ -242,6 +269,14 @@ impl Daemon {
     /// use `start_with_server` for those).
     pub fn start(rest: &str) -> Daemon {
         Self::start_with_server("", rest)
+    }
+
+    /// Starts a daemon whose one project is a `workdir_project` named `name` running
+    /// `command` (with the project lines `extra`) in a fresh work dir, returned with it.
+    pub fn start_workdir(name: &str, command: &str, extra: &str) -> (Daemon, tempfile::TempDir) {
+        let wd = tempfile::tempdir().unwrap();
+        let d = Self::start(&workdir_project(name, wd.path(), command, extra));
+        (d, wd)
     }
 
     /// Like `start`, with extra `[server]` lines.

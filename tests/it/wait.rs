@@ -11,9 +11,7 @@ use crate::util::*;
 /// A workdir project whose command depends on the branch: `main` runs `$MAIN_CMD`-like
 /// commands chosen per test through the branch name.
 fn daemon(command: &str, extra: &str) -> (Daemon, tempfile::TempDir) {
-    let wd = tempfile::tempdir().unwrap();
-    let d = Daemon::start(&workdir_project("site", wd.path(), command, extra));
-    (d, wd)
+    Daemon::start_workdir("site", command, extra)
 }
 
 fn api_trigger_wait(d: &Daemon, branch: &str, wait: &str) -> Resp {
@@ -33,6 +31,17 @@ fn held_waits(d: &Daemon) -> u64 {
         .expect("deployhook_held_waits in /metrics")
 }
 
+/// A `GET /api/builds/{id}/wait?timeout=120` on another thread, once the daemon holds it
+/// (the only wait held); join the thread for the answer.
+fn held_wait(d: &Daemon, id: &str) -> std::thread::JoinHandle<Resp> {
+    let (addr, path) = (d.addr, format!("/api/builds/{id}/wait?timeout=120"));
+    let auth = format!("Bearer {}", d.token);
+    let waiter =
+        std::thread::spawn(move || request(addr, "GET", &path, &[("Authorization", &auth)], b""));
+    eventually(20, "the wait is held", || held_waits(d) == 1);
+    waiter
+}
+
 #[test]
 fn a_wait_answers_each_row_of_the_status_table() {
     let (d, _wd) = daemon(
@@ -49,12 +58,11 @@ fn a_wait_answers_each_row_of_the_status_table() {
     assert_eq!(v["result"]["followed_from"], Value::Null);
     // fail: 422, code 1422, a message with outcome and exit code, the build in result.
     let r = api_trigger_wait(&d, "other", "60");
-    assert_eq!(r.status, 422);
+    r.assert_error(422, 1422, "exit code 3", "a wait for a failing build");
     let v = r.json();
     assert_eq!(v["success"], false);
-    assert_eq!(v["errors"][0]["code"], 1422);
     let msg = v["errors"][0]["message"].as_str().unwrap();
-    assert!(msg.contains("fail") && msg.contains("exit code 3"), "{msg}");
+    assert!(msg.contains("fail"), "{msg}");
     assert_eq!(v["result"]["build_outcome"], "fail");
     let failed = v["result"]["build_uuid"].as_str().unwrap().to_string();
     // The same through GET /wait on a stopped build: at once.
@@ -64,8 +72,7 @@ fn a_wait_answers_each_row_of_the_status_table() {
     // Bad values: 400.
     for bad in ["0", "3601", "x", "-1", "1.5", ""] {
         let r = api_trigger_wait(&d, "main", bad);
-        assert_eq!(r.status, 400, "wait={bad}");
-        assert_eq!(r.json()["errors"][0]["code"], 1400);
+        r.assert_error(400, 1400, "", &format!("wait={bad}"));
         let r = d.api(
             "GET",
             &format!("/api/builds/{failed}/wait?timeout={bad}"),
@@ -108,37 +115,21 @@ fn timed_out_cancelled_interrupted_and_time_up() {
     assert_eq!(v["success"], true);
     assert_ne!(v["result"]["status"], "stopped");
     // cancelled by the API: 409, code 1409.
-    let waiter = {
-        let addr = d.addr;
-        let token = d.token.clone();
-        let id = id.clone();
-        std::thread::spawn(move || {
-            request(
-                addr,
-                "GET",
-                &format!("/api/builds/{id}/wait?timeout=120"),
-                &[("Authorization", &format!("Bearer {token}"))],
-                b"",
-            )
-        })
-    };
-    eventually(20, "the wait is held", || held_waits(&d) == 1);
+    let waiter = held_wait(&d, &id);
     assert_eq!(
         d.api("POST", &format!("/api/builds/{id}/cancel"), None)
             .status,
         200
     );
     let r = waiter.join().unwrap();
-    assert_eq!(r.status, 409);
-    assert_eq!(r.json()["errors"][0]["code"], 1409);
+    r.assert_error(409, 1409, "", "a wait for a cancelled build");
     assert_eq!(r.json()["result"]["cancel_reason"], "api");
     // interrupted: 503 with the build, for a build a crash interrupted.
     let id = d.trigger_id("site", "main");
     d.wait_status(&id, "running", 30);
     let d = d.restart(true);
     let r = d.api("GET", &format!("/api/builds/{id}/wait?timeout=5"), None);
-    assert_eq!(r.status, 503);
-    assert_eq!(r.json()["errors"][0]["code"], 1503);
+    r.assert_error(503, 1503, "", "a wait for an interrupted build");
     assert_eq!(r.json()["result"]["build_outcome"], "interrupted");
 }
 
@@ -149,19 +140,7 @@ fn a_wait_follows_supersedes_to_the_build_that_ships_the_code() {
     let (d, _wd) = daemon("sleep 2", "");
     let first = d.trigger_id("site", "main");
     d.wait_status(&first, "running", 30);
-    let waiter = {
-        let (addr, token, first) = (d.addr, d.token.clone(), first.clone());
-        std::thread::spawn(move || {
-            request(
-                addr,
-                "GET",
-                &format!("/api/builds/{first}/wait?timeout=120"),
-                &[("Authorization", &format!("Bearer {token}"))],
-                b"",
-            )
-        })
-    };
-    eventually(20, "the wait is held", || held_waits(&d) == 1);
+    let waiter = held_wait(&d, &first);
     let second = d.trigger_id("site", "main");
     let r = waiter.join().unwrap();
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
@@ -199,16 +178,10 @@ fn clients_that_hang_up_free_their_waits() {
 /// SPEC §4.3: a daemon shutting down answers held waits at once with the build as it is.
 #[test]
 fn shutdown_answers_held_waits_at_once() {
-    let tmp = tempfile::tempdir().unwrap();
-    let wd = tempfile::tempdir().unwrap();
     // The build ignores TERM for a while, so a wait that held on would see it stopped. The
     // drain is short: the build is interrupted (and stops a kill grace later) before the
     // server closes, whatever the drain's length.
-    write_config(
-        tmp.path(),
-        "shutdown_timeout = \"500ms\"",
-        &workdir_project("site", wd.path(), "trap '' TERM; sleep 30", ""),
-    );
+    let (tmp, _wd) = site_dirs("shutdown_timeout = \"500ms\"", "trap '' TERM; sleep 30");
     let mut d = Daemon::spawn(tmp.path(), &[]).unwrap_or_else(|e| panic!("{e}"));
     let id = d.trigger_id("site", "main");
     d.wait_status(&id, "running", 30);
