@@ -766,6 +766,13 @@ impl Ctx<'_> {
         }
     }
 
+    /// An error about the string `value` at `key`: its value, quoted and clipped, then `is`
+    /// ("is not a configured project").
+    fn err_about(&self, value: &Spanned<String>, key: impl Into<String>, is: &str) -> ConfigError {
+        let quoted = format!("{:?} {is}", crate::model::clip(value.get_ref(), 80));
+        self.err(Some(value.span()), key, quoted)
+    }
+
     /// Turns a TOML/serde error into our one-line form, recovering the key path from the
     /// table header above the error position.
     fn toml_error(&self, e: &toml::de::Error) -> ConfigError {

@@ -194,13 +194,10 @@ pub(super) fn project_access(
         let branch = match &s.branch {
             Some(b) => {
                 if !any_matches(branches, b.get_ref()) {
-                    return Err(ctx.err(
-                        span_of(b),
+                    return Err(ctx.err_about(
+                        b,
                         format!("{skey}.branch"),
-                        format!(
-                            "{:?} is not a branch name the project's branches match",
-                            crate::model::clip(b.get_ref(), 80)
-                        ),
+                        "is not a branch name the project's branches match",
                     ));
                 }
                 b.get_ref().clone()
@@ -290,13 +287,10 @@ pub(super) fn api_tokens(
                 let mut set = BTreeSet::new();
                 for p in list.get_ref() {
                     if !projects.contains(p.get_ref()) {
-                        return Err(ctx.err(
-                            span_of(p),
+                        return Err(ctx.err_about(
+                            p,
                             format!("{key}.projects"),
-                            format!(
-                                "{:?} is not a configured project",
-                                crate::model::clip(p.get_ref(), 80)
-                            ),
+                            "is not a configured project",
                         ));
                     }
                     set.insert(p.get_ref().clone());
