@@ -443,10 +443,10 @@ mod tests {
         assert_eq!(p.schedules[0].timezone, "Europe/Berlin");
         assert_eq!(p.schedules[1].branch, "dev");
         assert_eq!(p.schedules[1].timezone, "UTC");
+        let summary = c.summary();
         assert!(
-            c.summary().contains("schedule \"0 3 * * *\" Europe/Berlin"),
-            "{}",
-            c.summary()
+            summary.contains("schedule \"0 3 * * *\" Europe/Berlin"),
+            "{summary}"
         );
     }
 
