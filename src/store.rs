@@ -1376,7 +1376,11 @@ impl Drop for Inner {
             slot.take();
         }
         if let Some(h) = self.flush_thread.lock().ok().and_then(|mut s| s.take()) {
-            let _ = h.join();
+            // After a failure its flush may be stuck in sled for good (see `# Hangs`): the
+            // daemon is exiting then, and must not wait for it.
+            if !*self.failed.borrow() || h.is_finished() {
+                let _ = h.join();
+            }
         }
     }
 }
