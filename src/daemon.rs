@@ -224,10 +224,12 @@ const FAILED_STOP_SLACK: Duration = Duration::from_secs(20);
 
 /// After a database error the daemon stops so that the service manager restarts it. sled's
 /// calls are synchronous, and one that hangs after an I/O error can hold the runtime's threads
-/// (the stop never ran in 1 of ~30 test runs with a full disk: no "the database failed" line
-/// in 90 s). A plain thread watches for the failure and, if the process still runs
-/// `shutdown_timeout` + 27 s later, exits with status 1 itself. Nothing is lost by it: every
-/// acknowledged trigger was flushed before its answer, and builds die with the daemon.
+/// and the queue's mutex, which the stop needs: with a full disk, a transaction queued in sled
+/// behind a flush that never returned (see `store`'s `# Hangs`, which keeps that one from
+/// happening). Against any other such hang a plain thread watches for the failure and, if the
+/// process still runs `shutdown_timeout` + 27 s later, exits with status 1 itself. Nothing is
+/// lost by it: every acknowledged trigger was flushed before its answer, and builds die with
+/// the daemon.
 fn exit_if_a_failed_store_stalls_the_stop(store: &Store, drain: Duration) {
     let failed = store.failure_watch();
     let deadline = drain + OUTBOX_STOP_GRACE + crate::http::CLOSE_DEADLINE + FAILED_STOP_SLACK;
@@ -370,7 +372,10 @@ pub async fn run(
     ));
 
     let reloading = Arc::new(tokio::sync::Mutex::new(()));
-    let mut health = tokio::time::interval(tunables.health_check_interval);
+    // Heard at once, and without the runtime's threads or timers: this future runs on the
+    // thread that called `block_on`, and the store's failure wakes it directly (see
+    // `exit_if_a_failed_store_stalls_the_stop`).
+    let mut failed = store.failure_watch();
     let mut fatal = None;
     loop {
         tokio::select! {
@@ -385,12 +390,10 @@ pub async fn run(
                     break;
                 }
             },
-            _ = health.tick() => {
-                if store.has_failed() {
-                    tracing::error!("the database failed; stopping so that the service manager can restart deployhook");
-                    fatal = Some("the database reported an error".to_owned());
-                    break;
-                }
+            Ok(_) = failed.wait_for(|f| *f) => {
+                tracing::error!("the database failed; stopping so that the service manager can restart deployhook");
+                fatal = Some("the database reported an error".to_owned());
+                break;
             }
         }
     }

@@ -57,6 +57,23 @@
 //! reported as [`StoreError::Db`] and the daemon treats it as fatal: it answers 503 and exits
 //! non-zero so that systemd restarts it once the disk has space again.
 //!
+//! # Hangs
+//! sled 0.34.7 guards every tree operation with one process-wide lock: transactions take it
+//! exclusively, everything else (inserts, reads, `Db::flush`) shares it, and a transaction
+//! that waits for it holds back every later sharer. `Db::flush` keeps its share while it waits
+//! for the log to reach the disk, and after a failed write it can wait forever: a log write
+//! that fails in the I/O task `Log::exit_reservation` starts records sled's error without
+//! waking the waiters (sled's other failure paths do wake them). With a full disk that
+//! happened in about 1 run in 20 of the full-disk test beside a CPU hog: our flush waited in
+//! `make_stable` with no write in flight, a new build's transaction queued behind it while
+//! holding the queue's mutex, every later sled call queued behind the transaction, and both
+//! runtime threads stopped, so the daemon never noticed the failure.
+//!
+//! So no transaction of ours enters sled while our flush is inside it: [`FlushGate`] lets in
+//! one flush or any number of transactions. A transaction waiting at the gate gives up as
+//! soon as the store has failed (or after [`FLUSH_DEADLINE`]), and plain writes, which the
+//! gate does not hold back, meet sled's error and wake the stuck flush with it.
+//!
 //! # Exclusive use
 //! [`Store::open`] takes an exclusive `flock` on `state_dir/lock` before opening sled, so a
 //! second daemon on the same state dir fails at once with a clear message instead of waiting
@@ -66,7 +83,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock, mpsc};
+use std::sync::{Arc, Condvar, Mutex, RwLock, mpsc};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{Flock, FlockArg};
@@ -256,6 +273,8 @@ struct Inner {
     hook_index: RwLock<HookIndex>,
     /// Held by whoever changes hooks, across the transaction and the update of `hook_index`.
     hook_writes: Mutex<()>,
+    /// Keeps our transactions out of sled while our flush is in it (see `# Hangs`).
+    gate: Arc<FlushGate>,
     /// The flush thread, joined on drop so that its handle on the database is gone before the
     /// state dir lock is released.
     flush_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -600,6 +619,7 @@ impl Store {
             fired: Arc::default(),
             hook_index: RwLock::new(index),
             hook_writes: Mutex::new(()),
+            gate: Arc::default(),
             failed: Arc::new(tokio::sync::watch::Sender::new(false)),
             state_dir: state_dir.to_path_buf(),
             db: db.clone(),
@@ -610,10 +630,10 @@ impl Store {
             .store(inner.outbox.len() as i64, Ordering::SeqCst);
         let (tx, rx) = mpsc::channel::<FlushWaiter>();
         let (hooks, fired) = (inner.hooks.clone(), inner.fired.clone());
-        let failed = inner.failed.clone();
+        let (failed, gate) = (inner.failed.clone(), inner.gate.clone());
         let handle = std::thread::Builder::new()
             .name("deployhook-flush".into())
-            .spawn(move || flusher(db, rx, hooks, fired, failed))
+            .spawn(move || flusher(db, rx, hooks, fired, failed, gate))
             .map_err(|e| dir_err(format!("cannot start the flush thread: {e}")))?;
         if let Ok(mut slot) = inner.flush_tx.lock() {
             *slot = Some(tx);
@@ -644,9 +664,15 @@ impl Store {
 
     fn check<T>(&self, r: Result<T, StoreError>) -> Result<T, StoreError> {
         if let Err(StoreError::Db(_)) = &r {
-            self.inner.failed.send_replace(true);
+            fail(&self.inner.failed, &self.inner.gate);
         }
         r
+    }
+
+    /// Runs `tx`, a sled transaction, once no flush of ours is inside sled (see `# Hangs`).
+    fn transact<T>(&self, tx: impl FnOnce() -> TxResult<T>) -> Result<T, StoreError> {
+        let _pass = self.check(self.inner.gate.enter_transaction(&self.inner.failed))?;
+        self.check(tx().map_err(tx_err))
     }
 
     /// Waits until everything written so far is on disk. See the module doc.
@@ -683,10 +709,16 @@ impl Store {
     }
 
     /// Flushes synchronously (shutdown), hook firings counted in memory included.
+    /// A failed store is not flushed: nothing written after sled's error can be trusted, and
+    /// the flush could wait forever (see `# Hangs`).
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
+        if self.has_failed() {
+            return Err(failed_earlier());
+        }
         self.write_fired()?;
-        let r = self.inner.db.flush().map(|_| ()).map_err(StoreError::from);
-        self.check(r)
+        let db = &self.inner.db;
+        let r = self.inner.gate.flush(|| db.flush());
+        self.check(r.map(|_| ()).map_err(StoreError::from))
     }
 
     /// Stops the flush thread (after a final flush). Later `durable` calls fail.
@@ -704,7 +736,7 @@ impl Store {
         let nkey = name_key(&hook.project, &hook.name);
         let i = &self.inner;
         let _writing = lock(&i.hook_writes);
-        let r: TxResult<HookInsert> =
+        let r = self.transact(|| {
             (&i.hooks, &i.hook_tokens, &i.hook_names).transaction(|(hooks, tokens, names)| {
                 if names.get(&nkey)?.is_some() {
                     return Ok(HookInsert::NameTaken);
@@ -713,8 +745,8 @@ impl Store {
                 tokens.insert(&hook.token_hash[..], hook.id.as_bytes())?;
                 hooks.insert(hook.id.as_bytes(), value.as_slice())?;
                 Ok(HookInsert::Created)
-            });
-        let r = self.check(r.map_err(tx_err))?;
+            })
+        })?;
         if let HookInsert::Created = r {
             write_lock(&i.hook_index).insert(hook);
         }
@@ -770,7 +802,7 @@ impl Store {
     pub fn delete_hook(&self, project: &str, id: HookId) -> Result<Option<Hook>, StoreError> {
         let i = &self.inner;
         let _writing = lock(&i.hook_writes);
-        let r: TxResult<Option<Hook>> =
+        let r = self.transact(|| {
             (&i.hooks, &i.hook_tokens, &i.hook_names).transaction(|(hooks, tokens, names)| {
                 let Some(v) = hooks.get(id.as_bytes())? else {
                     return Ok(None);
@@ -783,8 +815,8 @@ impl Store {
                 tokens.remove(&h.token_hash[..])?;
                 names.remove(name_key(&h.project, &h.name))?;
                 Ok(Some(h))
-            });
-        let r = self.check(r.map_err(tx_err))?;
+            })
+        })?;
         if let Some(h) = &r {
             write_lock(&i.hook_index).by_token.remove(&h.token_hash);
         }
@@ -800,7 +832,7 @@ impl Store {
     ) -> Result<Option<Hook>, StoreError> {
         let i = &self.inner;
         let _writing = lock(&i.hook_writes);
-        let r: TxResult<Option<(Hook, [u8; 32])>> =
+        let r = self.transact(|| {
             (&i.hooks, &i.hook_tokens).transaction(|(hooks, tokens)| {
                 let Some(v) = hooks.get(id.as_bytes())? else {
                     return Ok(None);
@@ -815,8 +847,8 @@ impl Store {
                 tokens.insert(&h.token_hash[..], id.as_bytes())?;
                 hooks.insert(id.as_bytes(), encode_hook(&h).map_err(abort)?)?;
                 Ok(Some((h, old)))
-            });
-        let r = self.check(r.map_err(tx_err))?;
+            })
+        })?;
         Ok(r.map(|(h, old)| {
             let mut index = write_lock(&i.hook_index);
             index.by_token.remove(&old);
@@ -895,24 +927,25 @@ impl Store {
         let rvalue = rate_value(&build.project, EventTime::now().boot);
         let staged = self.stage_entries(entries)?;
         let i = &self.inner;
-        let r: TxResult<i64> = (
-            &i.builds,
-            &i.build_index,
-            &i.payloads,
-            &i.rate_events,
-            &i.outbox,
-            &i.outbox_lanes,
-        )
-            .transaction(|(builds, index, payloads, rate, outbox, lanes)| {
-                builds.insert(build.id.as_bytes(), value.as_slice())?;
-                index.insert(ikey.as_slice(), &[] as &[u8])?;
-                if let Some(p) = payload {
-                    payloads.insert(build.id.as_bytes(), p)?;
-                }
-                rate.insert(rkey.as_slice(), rvalue.as_slice())?;
-                write_entries(outbox, lanes, &staged)
-            });
-        let added = self.check(r.map_err(tx_err))?;
+        let added = self.transact(|| {
+            (
+                &i.builds,
+                &i.build_index,
+                &i.payloads,
+                &i.rate_events,
+                &i.outbox,
+                &i.outbox_lanes,
+            )
+                .transaction(|(builds, index, payloads, rate, outbox, lanes)| {
+                    builds.insert(build.id.as_bytes(), value.as_slice())?;
+                    index.insert(ikey.as_slice(), &[] as &[u8])?;
+                    if let Some(p) = payload {
+                        payloads.insert(build.id.as_bytes(), p)?;
+                    }
+                    rate.insert(rkey.as_slice(), rvalue.as_slice())?;
+                    write_entries(outbox, lanes, &staged)
+                })
+        })?;
         self.inner.outbox_len.fetch_add(added, Ordering::SeqCst);
         Ok(())
     }
@@ -971,12 +1004,12 @@ impl Store {
         let value = encode_build(build)?;
         let staged = self.stage_entries(entries)?;
         let i = &self.inner;
-        let r: TxResult<i64> =
+        let added = self.transact(|| {
             (&i.builds, &i.outbox, &i.outbox_lanes).transaction(|(builds, outbox, lanes)| {
                 builds.insert(build.id.as_bytes(), value.as_slice())?;
                 write_entries(outbox, lanes, &staged)
-            });
-        let added = self.check(r.map_err(tx_err))?;
+            })
+        })?;
         self.inner.outbox_len.fetch_add(added, Ordering::SeqCst);
         Ok(())
     }
@@ -988,9 +1021,10 @@ impl Store {
         }
         let staged = self.stage_entries(entries)?;
         let i = &self.inner;
-        let r: TxResult<i64> = (&i.outbox, &i.outbox_lanes)
-            .transaction(|(outbox, lanes)| write_entries(outbox, lanes, &staged));
-        let added = self.check(r.map_err(tx_err))?;
+        let added = self.transact(|| {
+            (&i.outbox, &i.outbox_lanes)
+                .transaction(|(outbox, lanes)| write_entries(outbox, lanes, &staged))
+        })?;
         self.inner.outbox_len.fetch_add(added, Ordering::SeqCst);
         Ok(())
     }
@@ -1056,7 +1090,7 @@ impl Store {
         let value = encode(e)?;
         let lane = e.status_lane();
         let i = &self.inner;
-        let r: TxResult<i64> =
+        let delta = self.transact(|| {
             (&i.outbox, &i.outbox_lanes, &i.outbox_done).transaction(|(outbox, lanes, done)| {
                 let removed = outbox.remove(key.as_slice())?.is_some();
                 if let Some(lane) = &lane
@@ -1066,8 +1100,8 @@ impl Store {
                 }
                 done.insert(key.as_slice(), value.as_slice())?;
                 Ok(if removed { -1 } else { 0 })
-            });
-        let delta = self.check(r.map_err(tx_err))?;
+            })
+        })?;
         self.inner.outbox_len.fetch_add(delta, Ordering::SeqCst);
         while self.inner.outbox_done.len() > OUTBOX_HISTORY {
             match self.check(self.inner.outbox_done.pop_min().map_err(StoreError::from))? {
@@ -1230,14 +1264,14 @@ impl Store {
         };
         let ikey = index_key(&b);
         let i = &self.inner;
-        let r: TxResult<()> =
+        self.transact(|| {
             (&i.builds, &i.build_index, &i.payloads).transaction(|(builds, index, payloads)| {
                 builds.remove(id.as_bytes())?;
                 index.remove(ikey.as_slice())?;
                 payloads.remove(id.as_bytes())?;
                 Ok(())
-            });
-        self.check(r.map_err(tx_err))?;
+            })
+        })?;
         Ok(true)
     }
 
@@ -1342,7 +1376,11 @@ impl Drop for Inner {
             slot.take();
         }
         if let Some(h) = self.flush_thread.lock().ok().and_then(|mut s| s.take()) {
-            let _ = h.join();
+            // After a failure its flush may be stuck in sled for good (see `# Hangs`): the
+            // daemon is exiting then, and must not wait for it.
+            if !*self.failed.borrow() || h.is_finished() {
+                let _ = h.join();
+            }
         }
     }
 }
@@ -1418,6 +1456,135 @@ fn write_fired(hooks: &sled::Tree, fired: &Mutex<Fired>) -> Result<(), StoreErro
     Ok(())
 }
 
+/// Marks the store failed, and turns away the transactions waiting at the gate.
+fn fail(failed: &tokio::sync::watch::Sender<bool>, gate: &FlushGate) {
+    failed.send_replace(true);
+    gate.wake();
+}
+
+/// The gate between our flushes and our sled transactions (see the module doc's `# Hangs`):
+/// a flush goes in alone, transactions go in together. It is fair both ways: transactions
+/// that come while a flush waits go in after it, and those that waited for a flush go in
+/// before the next one.
+#[derive(Default)]
+struct FlushGate {
+    state: Mutex<GateState>,
+    /// Signalled when someone leaves the gate or the store fails.
+    changed: Condvar,
+    /// Runs inside the next flush, before sled's: a flush that hangs, for tests.
+    #[cfg(test)]
+    stall: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+#[derive(Default)]
+struct GateState {
+    /// A flush is inside sled.
+    flushing: bool,
+    /// Flushes waiting to go in.
+    flushes_waiting: usize,
+    /// Transactions inside sled.
+    transactions: usize,
+    /// Transactions waiting to go in.
+    transactions_waiting: usize,
+    /// Transactions to let in before the next flush: as many as waited for the last one.
+    admit: usize,
+}
+
+/// A transaction's way through the gate; it leaves when dropped.
+struct TransactionPass<'a>(&'a FlushGate);
+
+impl Drop for TransactionPass<'_> {
+    fn drop(&mut self) {
+        let mut st = lock(&self.0.state);
+        st.transactions -= 1;
+        if st.transactions == 0 {
+            self.0.changed.notify_all();
+        }
+    }
+}
+
+/// A flush's way through the gate; it leaves when dropped (a panic in sled included).
+struct FlushPass<'a>(&'a FlushGate);
+
+impl Drop for FlushPass<'_> {
+    fn drop(&mut self) {
+        let mut st = lock(&self.0.state);
+        st.flushing = false;
+        st.admit = st.transactions_waiting;
+        self.0.changed.notify_all();
+    }
+}
+
+impl FlushGate {
+    /// Runs `flush` alone: once the transactions inside have left, and before any that come
+    /// later. It waits without a deadline: it runs on a thread of its own (or at the end of a
+    /// stop, which the daemon's failed-store watch bounds).
+    fn flush<T>(&self, flush: impl FnOnce() -> T) -> T {
+        let mut st = lock(&self.state);
+        st.flushes_waiting += 1;
+        while st.flushing || st.transactions > 0 || st.admit > 0 {
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.flushes_waiting -= 1;
+        st.flushing = true;
+        drop(st);
+        let _pass = FlushPass(self);
+        #[cfg(test)]
+        if let Some(stall) = lock(&self.stall).take() {
+            stall();
+        }
+        flush()
+    }
+
+    /// Lets a transaction in when no flush is inside or waiting its turn. Refuses at once when
+    /// the store has failed (the flush inside may never come out), and after
+    /// [`FLUSH_DEADLINE`] (it has not come out: the disk is stuck).
+    fn enter_transaction(
+        &self,
+        failed: &tokio::sync::watch::Sender<bool>,
+    ) -> Result<TransactionPass<'_>, StoreError> {
+        let deadline = Instant::now() + FLUSH_DEADLINE;
+        let mut st = lock(&self.state);
+        st.transactions_waiting += 1;
+        let r = loop {
+            // Read under the state lock, as `wake` signals under it: no failure is missed.
+            if *failed.borrow() {
+                break Err(failed_earlier());
+            }
+            if !st.flushing && (st.flushes_waiting == 0 || st.admit > 0) {
+                st.admit = st.admit.saturating_sub(1);
+                st.transactions += 1;
+                break Ok(TransactionPass(self));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err(StoreError::Db(format!(
+                    "the disk has not confirmed a write within {} s",
+                    FLUSH_DEADLINE.as_secs()
+                )));
+            }
+            st = match self.changed.wait_timeout(st, left) {
+                Ok((st, _)) => st,
+                Err(p) => p.into_inner().0,
+            };
+        };
+        st.transactions_waiting -= 1;
+        if r.is_err() && st.admit > st.transactions_waiting {
+            // Fewer wait now than the flush that left let in: the next flush need not wait
+            // for this one.
+            st.admit = st.transactions_waiting;
+            self.changed.notify_all();
+        }
+        r
+    }
+
+    /// Wakes everyone waiting at the gate to look again (the store has failed).
+    fn wake(&self) {
+        let _st = lock(&self.state);
+        self.changed.notify_all();
+    }
+}
+
 /// The error of a store that failed before.
 fn failed_earlier() -> StoreError {
     StoreError::Db("the database failed earlier; restart deployhook".into())
@@ -1438,6 +1605,7 @@ fn flusher(
     hooks: sled::Tree,
     fired: Arc<Mutex<Fired>>,
     failed: Arc<tokio::sync::watch::Sender<bool>>,
+    gate: Arc<FlushGate>,
 ) {
     loop {
         let first = match rx.recv_timeout(FIRED_WRITE_INTERVAL) {
@@ -1452,9 +1620,12 @@ fn flusher(
         while let Ok(w) = rx.try_recv() {
             waiters.push(w);
         }
-        let r = db.flush().map(|_| ()).map_err(StoreError::from);
+        let r = gate
+            .flush(|| db.flush())
+            .map(|_| ())
+            .map_err(StoreError::from);
         if r.is_err() {
-            failed.send_replace(true);
+            fail(&failed, &gate);
         }
         for w in waiters {
             let _ = w.send(r.clone());
@@ -1626,6 +1797,172 @@ mod tests {
         assert!(matches!(r, Err(StoreError::Db(_))), "{r:?}");
         assert!(s.durable().await.is_err(), "later waiters fail at once");
         drop(stall);
+    }
+
+    /// Makes the store's next flush hang inside sled while holding sled's process-wide lock,
+    /// as `Db::flush` did after a failed write (see `# Hangs`): a merge operator that blocks
+    /// runs under that lock. Returns a receiver that hears when the flush hangs, and the handle
+    /// that lets it go on (at the latest when dropped).
+    fn hang_the_next_flush(s: &Store) -> (mpsc::Receiver<()>, LetGo) {
+        let tree = s.inner.db.open_tree("hang").unwrap();
+        let let_go = LetGo(Arc::default());
+        let (hung_tx, hung_rx) = mpsc::channel();
+        tree.set_merge_operator({
+            let gate = let_go.0.clone();
+            move |_: &[u8], _: Option<&[u8]>, new: &[u8]| {
+                let _ = hung_tx.send(());
+                let (open, opened) = &*gate;
+                let mut open = lock(open);
+                while !*open {
+                    open = opened.wait(open).unwrap_or_else(|p| p.into_inner());
+                }
+                Some(new.to_vec())
+            }
+        });
+        *lock(&s.inner.gate.stall) = Some(Box::new(move || {
+            let _ = tree.merge(b"k", b"v");
+        }));
+        (hung_rx, let_go)
+    }
+
+    /// Lets a flush hung by [`hang_the_next_flush`] go on.
+    struct LetGo(Arc<(Mutex<bool>, Condvar)>);
+
+    impl LetGo {
+        fn now(&self) {
+            *lock(&self.0.0) = true;
+            self.0.1.notify_all();
+        }
+    }
+
+    impl Drop for LetGo {
+        fn drop(&mut self) {
+            self.now();
+        }
+    }
+
+    /// Hands the flush thread a waiter, as [`Store::durable`] does, without a runtime.
+    fn flush_in_background(s: &Store) -> oneshot::Receiver<Result<(), StoreError>> {
+        let (tx, rx) = oneshot::channel();
+        lock(&s.inner.flush_tx).as_ref().unwrap().send(tx).unwrap();
+        rx
+    }
+
+    /// `s.insert_build` of a new build, on a thread of its own; the receiver hears its result.
+    fn insert_in_background(s: &Store, seq: u64) -> mpsc::Receiver<Result<(), StoreError>> {
+        let (tx, rx) = mpsc::channel();
+        let s = s.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(s.insert_build(&build("p", seq), None));
+        });
+        rx
+    }
+
+    /// A full disk hung the daemon (1 test run in 10): our flush waited forever inside sled
+    /// after a failed write, a new build's transaction queued in sled behind it while holding
+    /// the queue's mutex, and the runtime stopped. A transaction must wait outside sled and
+    /// give up as soon as the store fails, whether it came before the failure or after.
+    #[test]
+    fn a_transaction_behind_a_flush_that_hangs_fails_with_the_store_instead_of_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path()).unwrap();
+        let (hung, let_go) = hang_the_next_flush(&s);
+        let flushed = flush_in_background(&s);
+        hung.recv_timeout(Duration::from_secs(10))
+            .expect("the flush never started");
+        let before = insert_in_background(&s, 1);
+        std::thread::sleep(Duration::from_millis(100));
+        // Another write saw the disk full.
+        let _ = s.check::<()>(Err(StoreError::Db("disk full".into())));
+        let after = insert_in_background(&s, 2);
+        let answers = [before, after].map(|rx| rx.recv_timeout(Duration::from_secs(5)));
+        let_go.now();
+        for r in answers {
+            let r = r.expect("a transaction hung behind the stuck flush");
+            assert!(matches!(r, Err(StoreError::Db(_))), "{r:?}");
+        }
+        let _ = flushed.blocking_recv();
+        assert!(s.flush_blocking().is_err(), "a failed store is not flushed");
+    }
+
+    /// A slow flush on a working disk: the transaction waits for it, then goes in.
+    #[test]
+    fn a_transaction_waits_for_a_slow_flush_then_goes_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path()).unwrap();
+        let (hung, let_go) = hang_the_next_flush(&s);
+        let flushed = flush_in_background(&s);
+        hung.recv_timeout(Duration::from_secs(10))
+            .expect("the flush never started");
+        let inserted = insert_in_background(&s, 1);
+        assert!(
+            inserted.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the transaction went into sled beside the flush"
+        );
+        let_go.now();
+        inserted
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the transaction never went in")
+            .unwrap();
+        flushed.blocking_recv().unwrap().unwrap();
+        assert_eq!(s.all_builds().unwrap().len(), 1);
+    }
+
+    /// Transactions that waited for a flush go in before the next flush, and a flush that
+    /// waits goes in before transactions that come after it: neither side starves.
+    #[test]
+    fn the_gate_lets_one_flush_in_alone_and_takes_turns() {
+        let gate = Arc::new(FlushGate::default());
+        let failed = Arc::new(tokio::sync::watch::Sender::new(false));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let waiting = |what: fn(&GateState) -> usize| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while what(&lock(&gate.state)) == 0 {
+                assert!(Instant::now() < deadline, "nobody came to the gate");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        };
+        let (inside_tx, inside_rx) = mpsc::channel();
+        let (go_tx, go_rx) = mpsc::channel::<()>();
+        let first_flush = std::thread::spawn({
+            let (gate, order) = (gate.clone(), order.clone());
+            move || {
+                gate.flush(|| {
+                    let _ = inside_tx.send(());
+                    let _ = go_rx.recv();
+                    lock(&order).push("flush 1");
+                })
+            }
+        });
+        inside_rx.recv().unwrap();
+        let transaction = |name: &'static str| {
+            let (gate, order, failed) = (gate.clone(), order.clone(), failed.clone());
+            std::thread::spawn(move || {
+                let _pass = gate.enter_transaction(&failed).unwrap();
+                lock(&order).push(name);
+            })
+        };
+        let waited = transaction("transaction that waited");
+        waiting(|st| st.transactions_waiting);
+        let second_flush = std::thread::spawn({
+            let (gate, order) = (gate.clone(), order.clone());
+            move || gate.flush(|| lock(&order).push("flush 2"))
+        });
+        waiting(|st| st.flushes_waiting);
+        go_tx.send(()).unwrap();
+        first_flush.join().unwrap();
+        waited.join().unwrap();
+        second_flush.join().unwrap();
+        transaction("later transaction").join().unwrap();
+        assert_eq!(
+            *lock(&order),
+            [
+                "flush 1",
+                "transaction that waited",
+                "flush 2",
+                "later transaction"
+            ]
+        );
     }
 
     #[test]

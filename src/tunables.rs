@@ -28,8 +28,6 @@ pub struct Tunables {
     pub body_read_timeout: Duration,
     /// How long open connections get to finish once the server closes.
     pub close_deadline: Duration,
-    /// How often the daemon checks whether the database has failed (and stops if so).
-    pub health_check_interval: Duration,
     /// How long the process waits, once the daemon has stopped, for blocking tasks that
     /// still run (a config read stuck on a FIFO) before it exits anyway.
     pub runtime_shutdown_timeout: Duration,
@@ -41,7 +39,6 @@ impl Default for Tunables {
             header_read_timeout: crate::http::HEADER_READ_TIMEOUT,
             body_read_timeout: crate::http::BODY_READ_TIMEOUT,
             close_deadline: crate::http::CLOSE_DEADLINE,
-            health_check_interval: Duration::from_secs(1),
             runtime_shutdown_timeout: Duration::from_secs(5),
         }
     }
@@ -88,7 +85,6 @@ impl Tunables {
                 "header_read_timeout" => &mut t.header_read_timeout,
                 "body_read_timeout" => &mut t.body_read_timeout,
                 "close_deadline" => &mut t.close_deadline,
-                "health_check_interval" => &mut t.health_check_interval,
                 "runtime_shutdown_timeout" => &mut t.runtime_shutdown_timeout,
                 _ => return Err(TunablesError::UnknownKey(key.to_owned())),
             };
@@ -116,7 +112,6 @@ mod tests {
         assert_eq!(t.header_read_timeout, Duration::from_secs(10));
         assert_eq!(t.body_read_timeout, Duration::from_secs(30));
         assert_eq!(t.close_deadline, Duration::from_secs(5));
-        assert_eq!(t.health_check_interval, Duration::from_secs(1));
         assert_eq!(t.runtime_shutdown_timeout, Duration::from_secs(5));
         assert_eq!(Tunables::parse(""), Ok(t));
     }
