@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use tokio::net::TcpListener;
 use tokio::sync::RwLock;
 
 use crate::access::ApiTokens;
@@ -249,27 +248,6 @@ fn exit_if_a_failed_store_stalls_the_stop(store: &Store, drain: Duration) {
     }
 }
 
-/// The listen backlog asked for; the kernel caps it at `net.core.somaxconn` (4096 by default
-/// since Linux 5.4).
-const LISTEN_BACKLOG: u32 = 4096;
-
-/// Binds the HTTP listener with a deep backlog. `TcpListener::bind` asks for 128, as std
-/// does: while the server is at its connection cap it accepts only as connections close,
-/// and a flood of a few hundred connections then filled the queue, so the kernel dropped
-/// the SYN of the next client — a `/healthz` probe too — which retried only after a second
-/// (HOSTILE 7; seen as a 1.04 s `/healthz` in the test suite).
-fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    // As `TcpListener::bind` does: a restart can bind while old connections linger.
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(LISTEN_BACKLOG)
-}
-
 /// Runs the daemon until SIGTERM/SIGINT (or a fatal database error). `tunables` are the
 /// production defaults except in tests (see [`crate::tunables`]).
 pub async fn run(
@@ -305,7 +283,7 @@ pub async fn run(
     // been started that the failed start would then leave half-done. (Connections wait in the
     // backlog until the server accepts.)
     let listen = config.server.listen;
-    let listener = bind(listen).map_err(|source| DaemonError::Listen {
+    let listener = http::bind(listen).map_err(|source| DaemonError::Listen {
         addr: listen,
         source,
     })?;

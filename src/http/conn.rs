@@ -21,7 +21,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
@@ -42,8 +42,8 @@ pub struct Activity {
     /// Set when a request used `Transfer-Encoding`: its response closes the connection.
     close_after: AtomicBool,
     /// The first read of the connection has been tried: whatever the client had sent by then
-    /// was taken. Until then, closing it under descriptor pressure could drop a request that
-    /// is already waiting in the socket (see [`Registry::evict_oldest_idle_under_pressure`]).
+    /// was taken. Until then, closing it to make room could drop a request that
+    /// is already waiting in the socket (see [`Registry::evict_oldest_idle`]).
     looked: AtomicBool,
     /// Set when a head had both `Transfer-Encoding` and `Content-Length` (HOSTILE 2): hyper
     /// would frame it as chunked and drop the length, but a proxy in front may have used the
@@ -488,14 +488,8 @@ impl Registry {
         }
     }
 
-    /// Asks the oldest connection that is between requests to close. Returns whether there
-    /// was one.
-    pub fn evict_oldest_idle(&self) -> bool {
-        self.evict_oldest_idle_under_pressure(Instant::now())
-    }
-
     /// Whether a connection waits for its first read (after which, if it sent no complete
-    /// head, it could be closed under descriptor pressure).
+    /// head, it could be closed to make room).
     pub fn has_unread(&self) -> bool {
         self.conns.lock().is_ok_and(|m| {
             m.values().any(|e| {
@@ -504,36 +498,67 @@ impl Registry {
         })
     }
 
-    /// Like [`Registry::evict_oldest_idle`], for when descriptors have run out (EMFILE):
-    /// only among connections whose first read has been tried, or that were opened before
-    /// `before`. The client that just connected has usually already written its request, and
-    /// closing it unread would turn a slow moment into a failed request; but a grace in time
-    /// alone let a few hundred queued connections through at only a few dozen per grace
-    /// period, so `/healthz` behind them waited seconds (issue 11: 6.8 s at nofile 64 with
-    /// twelve builds holding their descriptors).
-    pub fn evict_oldest_idle_under_pressure(&self, before: Instant) -> bool {
+    /// Asks the oldest idle connection to close: one that is between requests and has been
+    /// open [`MIN_IDLE_AGE`] once its first read was tried, or [`FIRST_READ_GRACE`] if that
+    /// read has not been tried yet. A client that just connected has usually written its
+    /// request already, or is about to: closing it then turned a slow moment into a failed
+    /// request (a burst at the cap, EMFILE while builds started; issue 11). But a grace in
+    /// time alone, before the first read, let a few hundred queued connections through at
+    /// only a few dozen per grace period, so `/healthz` behind them waited seconds (issue 11:
+    /// 6.8 s at nofile 64 with twelve builds holding their descriptors).
+    pub fn evict_oldest_idle(&self, now: Instant) -> Eviction {
         let Ok(mut m) = self.conns.lock() else {
-            return false;
+            return Eviction::Nothing;
         };
-        let victim = m
-            .iter()
-            .filter(|(_, e)| {
-                (e.opened < before || e.activity.looked.load(Ordering::SeqCst))
-                    && e.activity.is_between_requests()
-            })
-            .min_by_key(|(_, e)| e.opened)
-            .map(|(id, _)| *id);
-        match victim.and_then(|id| m.remove(&id)) {
+        let mut victim: Option<(u64, Instant)> = None;
+        let mut soonest: Option<Duration> = None;
+        for (id, e) in m.iter() {
+            if !e.activity.is_between_requests() {
+                continue;
+            }
+            let needed = if e.activity.looked.load(Ordering::SeqCst) {
+                MIN_IDLE_AGE
+            } else {
+                FIRST_READ_GRACE
+            };
+            let age = now.saturating_duration_since(e.opened);
+            if age >= needed {
+                if victim.is_none_or(|(_, opened)| e.opened < opened) {
+                    victim = Some((*id, e.opened));
+                }
+            } else {
+                soonest = Some(soonest.map_or(needed - age, |s| s.min(needed - age)));
+            }
+        }
+        match victim.and_then(|(id, _)| m.remove(&id)) {
             Some(e) => {
                 // notify_one stores a permit, so the connection sees it even if it is not
                 // waiting at this instant.
                 e.evict.notify_one();
-                true
+                Eviction::Evicted
             }
-            None => false,
+            None => soonest.map_or(Eviction::Nothing, Eviction::NotYet),
         }
     }
 }
+
+/// What [`Registry::evict_oldest_idle`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Eviction {
+    /// A connection was asked to close.
+    Evicted,
+    /// None is idle long enough yet; the first will be after this long.
+    NotYet(Duration),
+    /// None is idle.
+    Nothing,
+}
+
+/// How long a connection must have been open, once its first read was tried and found no
+/// complete head, before it may be closed to make room: a client that has connected but not
+/// yet written its request (microseconds, more on a loaded machine) is not idle.
+pub const MIN_IDLE_AGE: Duration = Duration::from_millis(50);
+/// How long a connection may wait for its first read before it may be closed to make room.
+pub const FIRST_READ_GRACE: Duration = Duration::from_millis(250);
 
 #[cfg(test)]
 mod tests {
@@ -657,14 +682,14 @@ mod tests {
         let o = r.register(idle());
         let n = r.register(idle());
         assert_eq!(r.len(), 3);
-        assert!(r.evict_oldest_idle());
+        assert!(evicts(&r, any_age()));
         assert_eq!(r.len(), 2);
         // The old idle one was told; the busy one and the newer one were not.
         assert!(futures_ready(&o.evict));
         assert!(!futures_ready(&b.evict));
         assert!(!futures_ready(&n.evict));
-        assert!(r.evict_oldest_idle());
-        assert!(!r.evict_oldest_idle(), "only the busy one is left");
+        assert!(evicts(&r, any_age()));
+        assert!(!evicts(&r, any_age()), "only the busy one is left");
     }
 
     /// Regression: at nofile 64, EMFILE while builds started closed the one connection just
@@ -673,35 +698,31 @@ mod tests {
     fn a_connection_just_opened_is_not_evicted_under_descriptor_pressure() {
         let r = Arc::new(Registry::default());
         let n = r.register(idle());
-        let a_second_ago = Instant::now() - std::time::Duration::from_secs(1);
-        assert!(!r.evict_oldest_idle_under_pressure(a_second_ago));
+        let now = Instant::now();
+        assert!(matches!(r.evict_oldest_idle(now), Eviction::NotYet(d) if d <= FIRST_READ_GRACE));
         assert!(!futures_ready(&n.evict));
-        assert!(r.evict_oldest_idle_under_pressure(
-            Instant::now() + std::time::Duration::from_millis(1)
-        ));
+        assert!(evicts(&r, now + FIRST_READ_GRACE));
     }
 
-    /// Under descriptor pressure a new connection may be closed once its first read found no
-    /// complete head, however young it is; one whose head was there is never closed.
+    /// A new connection may be closed once its first read found no complete head and it has
+    /// been open `MIN_IDLE_AGE`; one whose head was there is never closed.
     #[tokio::test]
     async fn under_pressure_a_connection_can_be_closed_once_it_was_read() {
         use tokio::io::AsyncWriteExt as _;
         let r = Arc::new(Registry::default());
-        let a_second_ago = Instant::now() - std::time::Duration::from_secs(1);
-        // Silent: evictable after its first (pending) read.
+        let now = Instant::now();
+        // Silent: evictable after its first (pending) read, once it is old enough.
         let (_client, server) = tokio::io::duplex(1024);
         let silent = Arc::new(Activity::default());
         let _reg = r.register(silent.clone());
         let mut io = StrictIo::new(server, silent.clone());
-        assert!(!r.evict_oldest_idle_under_pressure(a_second_ago), "unread");
+        assert!(!evicts(&r, now + MIN_IDLE_AGE), "unread");
         assert!(r.has_unread());
         let read = tokio::time::timeout(std::time::Duration::from_millis(50), io.read_first_head());
         assert!(read.await.is_err(), "nothing to read");
         assert!(!r.has_unread());
-        assert!(
-            r.evict_oldest_idle_under_pressure(a_second_ago),
-            "read, silent"
-        );
+        assert!(!evicts(&r, now), "read, silent, young");
+        assert!(evicts(&r, Instant::now() + MIN_IDLE_AGE), "read, silent");
         // Its request already waiting: read whole, and busy, never evictable.
         let (mut client, server) = tokio::io::duplex(1024);
         client
@@ -713,7 +734,7 @@ mod tests {
         let mut io = StrictIo::new(server, spoke.clone());
         io.read_first_head().await.unwrap();
         assert!(spoke.looked.load(Ordering::SeqCst));
-        assert!(!r.evict_oldest_idle_under_pressure(a_second_ago), "busy");
+        assert!(!evicts(&r, any_age()), "busy");
     }
 
     #[tokio::test]
@@ -760,7 +781,7 @@ mod tests {
         let _b = r.register(Arc::new(Activity::default()));
         assert_eq!((r.len(), r.open()), (2, 2));
         assert!(!r.is_closing());
-        assert!(r.evict_oldest_idle());
+        assert!(evicts(&r, any_age()));
         assert_eq!((r.len(), r.open()), (1, 2), "asked to close, still open");
         assert!(r.is_closing());
         drop(a);
@@ -770,6 +791,16 @@ mod tests {
     }
 
     /// The activity of a connection idle between requests, waiting for a head.
+    /// An instant long after every connection of the test was opened: any idle one may be
+    /// evicted.
+    fn any_age() -> Instant {
+        Instant::now() + std::time::Duration::from_secs(1)
+    }
+
+    fn evicts(r: &Registry, now: Instant) -> bool {
+        r.evict_oldest_idle(now) == Eviction::Evicted
+    }
+
     fn idle() -> Arc<Activity> {
         let a = Arc::new(Activity::default());
         a.in_head.store(true, Ordering::SeqCst);

@@ -68,11 +68,8 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 pub const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
 /// Largest header block (plus request line) accepted.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
-/// Under descriptor pressure (EMFILE), how long a new connection may wait for its first head
-/// before it counts as idle and may be closed to make room.
-pub const EMFILE_EVICTION_GRACE: Duration = Duration::from_millis(250);
-/// Out of descriptors, how many times in a row the accept loop yields to let connections
-/// just accepted be read (so that they may be closed to make room) before it pauses.
+/// How many times in a row the accept loop yields to let connections just accepted be read
+/// (so that they may be closed to make room) before it pauses.
 const MAX_UNREAD_YIELDS: u32 = 64;
 /// Most headers accepted in one request.
 pub const MAX_HEADERS: usize = 100;
@@ -197,24 +194,41 @@ pub async fn serve(
         .max_header_size(MAX_HEADER_BYTES)
         .max_buf_size(MAX_HEADER_BYTES)
         .keep_alive(true);
+    let connection_shutdown = shutdown.clone();
+    let connections = Connections {
+        builder: &builder,
+        graceful: &graceful,
+        state: &state,
+        registry: &registry,
+        shutdown: &connection_shutdown,
+    };
     let mut last_accept_warning: Option<tokio::time::Instant> = None;
     // Yields in a row while out of descriptors, waiting for new connections to be read.
     let mut unread_yields = 0;
     'accept: loop {
-        // At the cap, the oldest connection that is between requests makes room, and the
-        // next accept waits until its socket is really closed (see `conn::Registry`). If
-        // every connection is in the middle of a request, newcomers wait in the backlog
-        // until one finishes (checked again on every close, and every 100 ms).
+        // At the cap, the oldest idle connection makes room (see `make_room`), and the next
+        // accept waits until its socket is really closed (see `conn::Registry`). If every
+        // connection is in the middle of a request, newcomers wait in the backlog until one
+        // finishes (checked again on every close, and every 100 ms).
         while registry.open() >= state.max_connections {
-            if !registry.is_closing() && !registry.evict_oldest_idle() {
-                tracing::debug!(
-                    "all {} connection slots are busy; new connections wait",
-                    state.max_connections
-                );
+            let mut pause = Duration::from_millis(100);
+            if !registry.is_closing() {
+                match make_room(&registry, &mut unread_yields) {
+                    Room::Yield => {
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    Room::Made => {}
+                    Room::Wait(d) => pause = pause.min(d),
+                    Room::None => tracing::debug!(
+                        "all {} connection slots are busy; new connections wait",
+                        state.max_connections
+                    ),
+                }
             }
             tokio::select! {
                 _ = registry.wait_closed() => {}
-                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                _ = tokio::time::sleep(pause) => {}
                 _ = shutdown.draining() => break 'accept,
             }
         }
@@ -227,24 +241,19 @@ pub async fn serve(
                         // their reserve): an idle connection makes room, as at the cap, so
                         // that `/healthz` still gets in. With none to close, back off
                         // instead of spinning.
-                        let grace = std::time::Instant::now()
-                            .checked_sub(EMFILE_EVICTION_GRACE)
-                            .unwrap_or_else(std::time::Instant::now);
-                        let evicted = registry.evict_oldest_idle_under_pressure(grace);
                         if last_accept_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
                             tracing::warn!("accept failed: {e}; closing idle connections, else pausing accepts for 100 ms at a time");
                             last_accept_warning = Some(tokio::time::Instant::now());
                         }
-                        if !evicted && registry.has_unread() && unread_yields < MAX_UNREAD_YIELDS {
-                            // A connection just accepted has not been read yet; once it has,
-                            // it may make room. Its task usually runs next on this worker.
-                            // With builds holding all but one descriptor, pausing here let
-                            // only ~3 queued connections through a second (issue 11).
-                            unread_yields += 1;
-                            tokio::task::yield_now().await;
-                            continue;
-                        }
-                        unread_yields = 0;
+                        let (evicted, pause) = match make_room(&registry, &mut unread_yields) {
+                            Room::Yield => {
+                                tokio::task::yield_now().await;
+                                continue;
+                            }
+                            Room::Made => (true, Duration::from_millis(100)),
+                            Room::Wait(d) => (false, d.min(Duration::from_millis(100))),
+                            Room::None => (false, Duration::from_millis(100)),
+                        };
                         // Until the evicted socket is really closed: a wake-up left by an
                         // earlier close must not send the loop back to a failing accept.
                         let open = registry.open();
@@ -255,7 +264,7 @@ pub async fn serve(
                         };
                         tokio::select! {
                             _ = closed, if evicted => {}
-                            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                            _ = tokio::time::sleep(pause) => {}
                         }
                     }
                     continue;
@@ -263,17 +272,114 @@ pub async fn serve(
             },
             _ = shutdown.draining() => break,
         };
+        connections.serve(stream, peer);
+    }
+    // Connections the kernel completed before the stop wait in the listen backlog: they are
+    // answered (a trigger gets 503 "shutting down"), not reset by closing the listener under
+    // them. Those that arrive from here on are refused.
+    for (stream, peer) in accept_backlog(listener) {
+        connections.serve(stream, peer);
+    }
+    shutdown.closing().await;
+    let close_deadline = state.tunables.close_deadline;
+    if tokio::time::timeout(close_deadline, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "some HTTP connections did not close within {close_deadline:?}; dropping them"
+        );
+    }
+    Ok(())
+}
+
+/// The listen backlog asked for; the kernel caps it at `net.core.somaxconn` (4096 by default
+/// since Linux 5.4).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds the HTTP listener with a deep backlog. `TcpListener::bind` asks for 128, as std
+/// does: while the server is at its connection cap it accepts only as connections close,
+/// and a flood of a few hundred connections then filled the queue, so the kernel dropped
+/// the SYN of the next client — a `/healthz` probe too — which retried only after a second
+/// (HOSTILE 7; seen as a 1.04 s `/healthz` in the test suite).
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restart can bind while old connections linger.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// What [`make_room`] did.
+enum Room {
+    /// Asked the oldest idle connection to close.
+    Made,
+    /// Found none to close, but a connection just accepted has not been read yet: yield so
+    /// that its task reads it, then try again.
+    Yield,
+    /// Found none to close yet: an idle connection may be closed after this long.
+    Wait(Duration),
+    /// Found none to close.
+    None,
+}
+
+/// Makes room for a new connection (at the cap, or out of descriptors) by closing the oldest
+/// idle connection (see [`conn::Registry::evict_oldest_idle`]). A connection just accepted
+/// usually has its request in the socket already, and its task usually runs next on this
+/// worker, so the accept loop yields (up to [`MAX_UNREAD_YIELDS`] times in a row) instead
+/// of pausing: with builds holding all but one descriptor, pausing let only ~3 queued
+/// connections through a second.
+fn make_room(registry: &conn::Registry, unread_yields: &mut u32) -> Room {
+    let eviction = registry.evict_oldest_idle(std::time::Instant::now());
+    if eviction == conn::Eviction::Evicted {
+        *unread_yields = 0;
+        return Room::Made;
+    }
+    if registry.has_unread() && *unread_yields < MAX_UNREAD_YIELDS {
+        *unread_yields += 1;
+        return Room::Yield;
+    }
+    *unread_yields = 0;
+    match eviction {
+        conn::Eviction::NotYet(d) => Room::Wait(d),
+        _ => Room::None,
+    }
+}
+
+/// What the task of each accepted connection needs.
+struct Connections<'a> {
+    builder: &'a http1::Builder,
+    graceful: &'a GracefulShutdown,
+    state: &'a Arc<AppState>,
+    registry: &'a Arc<conn::Registry>,
+    shutdown: &'a ShutdownWatch,
+}
+
+impl Connections<'_> {
+    /// Serves `stream` on a task of its own until it closes, is evicted or the stop closes it.
+    fn serve(&self, stream: tokio::net::TcpStream, peer: std::net::SocketAddr) {
         let _ = stream.set_nodelay(true);
         let activity = Arc::new(conn::Activity::default());
-        let registered = registry.register(activity.clone());
+        let registered = self.registry.register(activity.clone());
         let mut io = conn::StrictIo::new(stream, activity.clone());
-        let (builder, watcher, st) = (builder.clone(), graceful.watcher(), state.clone());
-        let mut closing = shutdown.clone();
-        let header_timeout = state.tunables.header_read_timeout;
+        let (builder, watcher, st) = (
+            self.builder.clone(),
+            self.graceful.watcher(),
+            self.state.clone(),
+        );
+        let mut closing = self.shutdown.clone();
+        let header_timeout = self.state.tunables.header_read_timeout;
         tokio::spawn(async move {
             // Until its first request head is complete, a connection costs only the bytes
             // it sent: see `StrictIo::read_first_head`. The same header timeout applies.
             let spoke = tokio::select! {
+                // A head already in the socket wins: a connection taken from the backlog at
+                // the stop is answered, not closed unread.
+                biased;
                 r = tokio::time::timeout(header_timeout, io.read_first_head()) => {
                     matches!(r, Ok(Ok(())))
                 }
@@ -301,21 +407,29 @@ pub async fn serve(
             drop(registered);
         });
     }
-    // New connections are refused from here on.
-    drop(listener);
-    shutdown.closing().await;
-    let close_deadline = state.tunables.close_deadline;
-    if tokio::time::timeout(close_deadline, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            "some HTTP connections did not close within {close_deadline:?}; dropping them"
-        );
-    }
-    Ok(())
 }
 
+/// Takes every connection waiting in `listener`'s backlog (at most [`LISTEN_BACKLOG`], its
+/// depth) and closes the listener.
+fn accept_backlog(listener: TcpListener) -> Vec<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    let mut taken = Vec::new();
+    // Non-blocking, as tokio leaves it: `accept` says `WouldBlock` once the backlog is empty.
+    let Ok(listener) = listener.into_std() else {
+        return taken;
+    };
+    while taken.len() < LISTEN_BACKLOG as usize {
+        let Ok((stream, peer)) = listener.accept() else {
+            // Empty, or out of descriptors: what is left is reset with the listener.
+            break;
+        };
+        if stream.set_nonblocking(true).is_ok()
+            && let Ok(stream) = tokio::net::TcpStream::from_std(stream)
+        {
+            taken.push((stream, peer));
+        }
+    }
+    taken
+}
 fn is_per_connection_error(e: &std::io::Error) -> bool {
     use std::io::ErrorKind::*;
     matches!(

@@ -612,7 +612,7 @@ fn send(addr: std::net::SocketAddr, method: &str, path: &str, auth: &str, body: 
         return Sent::Refused;
     }
     let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
+    let read = s.read_to_end(&mut buf);
     let complete = buf
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -624,7 +624,7 @@ fn send(addr: std::net::SocketAddr, method: &str, path: &str, auth: &str, body: 
     if complete {
         Sent::Answered(parse_response(&buf))
     } else {
-        Sent::Dropped(String::from_utf8_lossy(&buf).into_owned())
+        Sent::Dropped(format!("{:?} ({read:?})", String::from_utf8_lossy(&buf)))
     }
 }
 
@@ -666,7 +666,7 @@ fn every_request_in_flight_when_the_disk_fills_gets_an_answer() {
                         match r {
                             Sent::Refused => None,
                             Sent::Dropped(text) => {
-                                dropped.push(format!("{what}: {text:?}"));
+                                dropped.push(format!("{what}: {text}"));
                                 stop.store(true, Ordering::SeqCst);
                                 None
                             }
@@ -714,7 +714,8 @@ fn every_request_in_flight_when_the_disk_fills_gets_an_answer() {
     );
     assert!(
         dropped.is_empty(),
-        "requests without an answer: {dropped:?}"
+        "requests without an answer: {dropped:?}\n{}",
+        d.logs()
     );
     assert!(!refusals.is_empty(), "the store never failed");
     assert!(refusals.iter().all(|s| *s == 503), "{refusals:?}");
