@@ -834,7 +834,14 @@ struct ExecLatency {
     new_builds: Vec<String>,
 }
 
-/// Fires the `lat` hook `n` times, one build after another, alternating with bare spawns.
+/// The pause before each build and each bare spawn of phase (d): the daemon starts its next
+/// spare supervisor in the background when a build ends, and a spawn timed beside that
+/// would measure the machine's contention, not the spawn (it flattered the ratio). Triggers
+/// from a CMS or cron come seconds apart.
+const SETTLE: Duration = Duration::from_millis(30);
+
+/// Fires the `lat` hook `n` times, one build after another, alternating with bare spawns,
+/// each after a pause ([`SETTLE`]).
 fn exec_latency(
     rt: &tokio::runtime::Runtime,
     addr: SocketAddr,
@@ -893,8 +900,11 @@ fn exec_latency(
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        std::thread::sleep(SETTLE);
         let t = spawn_true();
+        std::thread::sleep(SETTLE);
         let s = spawn_sh(i);
+        std::thread::sleep(SETTLE);
         if i >= warm {
             builds.push(stamp.saturating_sub(t0) as f64 / 1e6);
             trues.push(t);

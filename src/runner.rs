@@ -679,29 +679,37 @@ async fn step_failed(ctx: &mut Ctx<'_>, what: &str, end: &StepEnd) -> RunEnd {
     FAILED
 }
 
+/// Payloads up to this size are written on the runtime's thread: a thread of their own cost
+/// more than the write (a start and two wake-ups before the build's command could start).
+const PAYLOAD_WRITTEN_INLINE: usize = 64 * 1024;
+
 async fn write_payload(queue: &Queue, build: &Build, path: &Path) -> std::io::Result<()> {
-    let store = queue.store().clone();
-    let id = build.id;
+    let body = queue
+        .store()
+        .payload(build.id)
+        .map_err(std::io::Error::other)?
+        .unwrap_or_default();
     let path = path.to_path_buf();
-    fs_op(move || {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let body = store
-            .payload(id)
-            .map_err(std::io::Error::other)?
-            .unwrap_or_default();
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)?;
-        f.write_all(&body)
-    })
-    .await
+    if body.len() <= PAYLOAD_WRITTEN_INLINE {
+        return write_private_file(&path, &body);
+    }
+    fs_op(move || write_private_file(&path, &body)).await
+}
+
+/// Writes `body` to `path` (mode 0600), creating its directory.
+fn write_private_file(path: &Path, body: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(body)
 }
 
 /// File-system work off the runtime's threads; no thread to run it on (the service at its
