@@ -58,6 +58,11 @@ impl ShutdownWatch {
     pub async fn closing(&mut self) {
         self.reach(Phase::Closing).await;
     }
+
+    /// Whether connections are to be closed.
+    pub fn is_closing(&self) -> bool {
+        *self.0.borrow() >= Phase::Closing
+    }
 }
 
 /// A new shutdown channel, in phase `Running`.

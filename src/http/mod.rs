@@ -71,6 +71,9 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// How many times in a row the accept loop yields to let connections just accepted be read
 /// (so that they may be closed to make room) before it pauses.
 const MAX_UNREAD_YIELDS: u32 = 64;
+/// At a stop, how long a connection that has not sent its first head yet is kept open for it
+/// (see `serve`).
+const STOP_HEAD_GRACE: Duration = Duration::from_millis(500);
 /// Most headers accepted in one request.
 pub const MAX_HEADERS: usize = 100;
 /// Most connections the server keeps open at once, however many descriptors there are.
@@ -384,20 +387,41 @@ impl Connections<'_> {
                     matches!(r, Ok(Ok(())))
                 }
                 _ = registered.evict.notified() => false,
-                _ = closing.closing() => false,
+                // A client that connected just before the stop may not have sent its request
+                // yet (on a busy machine its write comes late): it gets `STOP_HEAD_GRACE` to,
+                // so that the request is answered instead of meeting a closed connection.
+                // The stop's graceful close waits for it, as this task holds a watcher.
+                _ = async {
+                    closing.closing().await;
+                    tokio::time::sleep(STOP_HEAD_GRACE).await;
+                } => false,
             };
             if spoke {
+                let service = service_fn(move |mut req: Request<Incoming>| {
+                    let st = st.clone();
+                    let act = activity.clone();
+                    req.extensions_mut().insert(ClientPeer(peer));
+                    async move { Ok::<_, Infallible>(handle(req, st, act).await) }
+                });
                 // Boxed: a connection waiting for its first head keeps a small task, and
                 // only one that spoke carries hyper's (large) connection state.
-                let connection = Box::pin(watcher.watch(builder.serve_connection(
-                    TokioIo::new(io),
-                    service_fn(move |mut req: Request<Incoming>| {
-                        let st = st.clone();
-                        let act = activity.clone();
-                        req.extensions_mut().insert(ClientPeer(peer));
-                        async move { Ok::<_, Infallible>(handle(req, st, act).await) }
-                    }),
-                )));
+                let connection: std::pin::Pin<Box<dyn Future<Output = _> + Send>> =
+                    if closing.is_closing() {
+                        // Spoke during the stop's grace. The graceful close has been signalled,
+                        // and hyper closes a watched connection that has not begun a request
+                        // unread; so it is served unwatched, for one request, while the
+                        // watcher held here keeps the close waiting for it.
+                        let mut one = builder.clone();
+                        one.keep_alive(false);
+                        let connection = one.serve_connection(TokioIo::new(io), service);
+                        Box::pin(async move {
+                            let r = connection.await;
+                            drop(watcher);
+                            r
+                        })
+                    } else {
+                        Box::pin(watcher.watch(builder.serve_connection(TokioIo::new(io), service)))
+                    };
                 tokio::select! {
                     _ = connection => {}
                     // Dropping the connection closes its socket.
