@@ -117,6 +117,10 @@ struct Args {
     /// webhook's 404 (about a minute): for trying a change, not for the README table.
     #[arg(long)]
     wrk_only: bool,
+    /// After the idle period, have gdb call `malloc_trim(0)` in the daemon and read its RSS
+    /// again (to compare glibc's malloc with `malloc_trim` against the other allocators).
+    #[arg(long)]
+    trim_with_gdb: bool,
     /// Only phase (d), POST → exec against bare spawns (a few seconds): for trying a change.
     #[arg(long)]
     latency_only: bool,
@@ -1429,6 +1433,25 @@ fn run(args: Args) -> Result<(), String> {
         rss_idle_min = rss_idle_min.min(rss_kib(dh.pid()).0);
     }
     let (rss_after_idle, _) = rss_kib(dh.pid());
+    // What glibc's malloc would give back if asked: the daemon cannot call `malloc_trim`
+    // itself (`#![forbid(unsafe_code)]`), so gdb calls it in the stopped process. Only for
+    // comparing allocators (a glibc build); jemalloc and mimalloc do not hold their free
+    // memory in glibc's arenas.
+    let rss_trimmed = args.trim_with_gdb.then(|| {
+        let _ = Command::new("gdb")
+            .args([
+                "-p",
+                &dh.pid().to_string(),
+                "-batch",
+                "-ex",
+                "call (int) malloc_trim(0)",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        std::thread::sleep(Duration::from_secs(1));
+        rss_kib(dh.pid()).0
+    });
 
     // The hot path again in the same process, right after the bursts of (c) and of creating
     // the hooks: shows what those bursts left behind (allocator state), not the store's size.
@@ -1558,6 +1581,9 @@ fn run(args: Args) -> Result<(), String> {
         mb(rss_idle_min),
         mb(rss_after)
     );
+    if let Some(t) = rss_trimmed {
+        println!("    after malloc_trim(0) (gdb): {:.1} MB", mb(t));
+    }
     println!(
         "    connection burst: {} of {} connections open at once, each answered",
         burst, args.burst_connections
