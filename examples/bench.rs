@@ -1258,15 +1258,18 @@ fn run(args: Args) -> Result<(), String> {
     // Well-formed (so it is looked up) but unknown.
     let unknown_token = format!("dh_{}", "x".repeat(hot.len().saturating_sub(3)));
 
-    if args.latency_only {
-        let l = exec_latency(
+    let exec_latency = || {
+        exec_latency(
             &rt,
             addr,
             &admin,
             &lat,
             &dir.join("stamps"),
             args.latency_builds,
-        )?;
+        )
+    };
+    if args.latency_only {
+        let l = exec_latency()?;
         println!("(d) POST -> exec of a build       {}", ms(l.build));
         println!("    bare spawn sh -c 'exec date'   {}", ms(l.spawn_sh));
         println!("    bare spawn + wait /bin/true    {}", ms(l.spawn_true));
@@ -1353,14 +1356,7 @@ fn run(args: Args) -> Result<(), String> {
     let webhook = webhook_exe.as_ref().map(|_| (next(), next()));
     announced.extend(new_build_ids(&hot_a.kept));
 
-    let lat_runs = exec_latency(
-        &rt,
-        addr,
-        &admin,
-        &lat,
-        &dir.join("stamps"),
-        args.latency_builds,
-    )?;
+    let lat_runs = exec_latency()?;
     announced.extend(lat_runs.new_builds.iter().cloned());
 
     // Hooks: one per (project, branch) of (c), then the rest in `many` up to `--hooks`.

@@ -1848,6 +1848,23 @@ mod tests {
         rx
     }
 
+    /// A store whose flush (started in the background, its answer in the receiver) hangs
+    /// inside sled until `LetGo::now`.
+    fn a_store_whose_flush_hangs() -> (
+        tempfile::TempDir,
+        Store,
+        LetGo,
+        oneshot::Receiver<Result<(), StoreError>>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path()).unwrap();
+        let (hung, let_go) = hang_the_next_flush(&s);
+        let flushed = flush_in_background(&s);
+        hung.recv_timeout(Duration::from_secs(10))
+            .expect("the flush never started");
+        (dir, s, let_go, flushed)
+    }
+
     /// `s.insert_build` of a new build, on a thread of its own; the receiver hears its result.
     fn insert_in_background(s: &Store, seq: u64) -> mpsc::Receiver<Result<(), StoreError>> {
         let (tx, rx) = mpsc::channel();
@@ -1864,14 +1881,16 @@ mod tests {
     /// give up as soon as the store fails, whether it came before the failure or after.
     #[test]
     fn a_transaction_behind_a_flush_that_hangs_fails_with_the_store_instead_of_hanging() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = open(dir.path()).unwrap();
-        let (hung, let_go) = hang_the_next_flush(&s);
-        let flushed = flush_in_background(&s);
-        hung.recv_timeout(Duration::from_secs(10))
-            .expect("the flush never started");
+        let (_dir, s, let_go, flushed) = a_store_whose_flush_hangs();
         let before = insert_in_background(&s, 1);
-        std::thread::sleep(Duration::from_millis(100));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lock(&s.inner.gate.state).transactions_waiting == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the transaction never came to the gate"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
         // Another write saw the disk full.
         let _ = s.check::<()>(Err(StoreError::Db("disk full".into())));
         let after = insert_in_background(&s, 2);
@@ -1888,12 +1907,7 @@ mod tests {
     /// A slow flush on a working disk: the transaction waits for it, then goes in.
     #[test]
     fn a_transaction_waits_for_a_slow_flush_then_goes_in() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = open(dir.path()).unwrap();
-        let (hung, let_go) = hang_the_next_flush(&s);
-        let flushed = flush_in_background(&s);
-        hung.recv_timeout(Duration::from_secs(10))
-            .expect("the flush never started");
+        let (_dir, s, let_go, flushed) = a_store_whose_flush_hangs();
         let inserted = insert_in_background(&s, 1);
         assert!(
             inserted.recv_timeout(Duration::from_millis(300)).is_err(),

@@ -324,14 +324,7 @@ fn unauthenticated_git_bodies_are_bounded_in_memory() {
 #[test]
 fn half_open_connections_far_beyond_the_cap_do_not_stop_healthz() {
     const FLOOD: usize = 500;
-    let (tmp, _wd) = site_dirs("", "true");
-    let d = Daemon::spawn_limited(tmp.path(), &[], Some(200)).unwrap();
-    let cap: usize = d
-        .logs()
-        .lines()
-        .find(|l| l.contains("connections (open-file limit"))
-        .and_then(|l| l.split("at most ").nth(1)?.split(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no connection cap in the log:\n{}", d.logs()));
+    let (_dirs, d, cap) = capped_daemon("true");
     assert!(3 * cap <= FLOOD, "a cap of {cap} is not far below {FLOOD}");
     let mut flood = Vec::with_capacity(FLOOD);
     let opening = Instant::now();
@@ -394,14 +387,7 @@ fn half_open_connections_far_beyond_the_cap_do_not_stop_healthz() {
 #[test]
 fn connections_waiting_in_the_backlog_at_a_stop_are_answered() {
     const WAITING: usize = 12;
-    let (tmp, _wd) = site_dirs("", "sleep 60");
-    let d = Daemon::spawn_limited(tmp.path(), &[], Some(200)).unwrap();
-    let cap: usize = d
-        .logs()
-        .lines()
-        .find(|l| l.contains("connections (open-file limit"))
-        .and_then(|l| l.split("at most ").nth(1)?.split(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no connection cap in the log:\n{}", d.logs()));
+    let (_dirs, d, cap) = capped_daemon("sleep 60");
     // A running build keeps the stop draining (shutdown_timeout, 3 s in tests).
     let id = d.trigger_id("site", "main");
     d.wait_status(&id, "running", 10);
@@ -466,14 +452,7 @@ fn connections_waiting_in_the_backlog_at_a_stop_are_answered() {
 /// closed connection; those are left out, and said.
 #[test]
 fn a_burst_of_requests_beyond_the_connection_cap_is_answered_in_full() {
-    let (tmp, _wd) = site_dirs("", "true");
-    let d = Daemon::spawn_limited(tmp.path(), &[], Some(200)).unwrap();
-    let cap: usize = d
-        .logs()
-        .lines()
-        .find(|l| l.contains("connections (open-file limit"))
-        .and_then(|l| l.split("at most ").nth(1)?.split(' ').next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no connection cap in the log:\n{}", d.logs()));
+    let (_dirs, d, cap) = capped_daemon("true");
     let mut late_writes = 0;
     // Several bursts: whether a request is read before the cap is reached is a race, which
     // the old eviction lost in about one burst in three.
@@ -530,4 +509,19 @@ fn a_request_written_just_after_the_stop_began_is_answered() {
     assert_eq!(r.status, 503, "{r:?}");
     assert_eq!(r.header("connection"), Some("close"), "{r:?}");
     assert_eq!(d.wait_exit(20), Some(0));
+}
+
+/// A daemon of one project running `command` at open-file limit 200, and the connection
+/// cap it logged at start (about a hundred). The directories come first, so that a test
+/// binding all three drops the daemon before them.
+fn capped_daemon(command: &str) -> ((tempfile::TempDir, tempfile::TempDir), Daemon, usize) {
+    let (tmp, wd) = site_dirs("", command);
+    let d = Daemon::spawn_limited(tmp.path(), &[], Some(200)).unwrap();
+    let cap = d
+        .logs()
+        .lines()
+        .find(|l| l.contains("connections (open-file limit"))
+        .and_then(|l| l.split("at most ").nth(1)?.split(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no connection cap in the log:\n{}", d.logs()));
+    ((tmp, wd), d, cap)
 }
