@@ -469,20 +469,34 @@ fn capped_daemon(command: &str) -> ((tempfile::TempDir, tempfile::TempDir), Daem
 }
 
 /// Fills every connection slot of `d` (its cap is `cap`) with a request whose body has not
-/// all arrived: the server accepts no more connections until these end.
+/// all arrived: the server accepts no more connections until these end. Each is confirmed
+/// busy by the `100 Continue` the server sends when the handler starts reading the body; one
+/// whose head came too late (a loaded machine delays the test thread between connect and
+/// write) may have been closed as idle first, and is replaced.
 fn every_slot_busy(d: &Daemon, cap: usize) -> Vec<TcpStream> {
     let busy_head = format!(
         "POST /api/projects/site/builds HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
-         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{",
+         Content-Type: application/json\r\nExpect: 100-continue\r\nContent-Length: 100\r\n\r\n",
         d.token
     );
-    (0..cap)
-        .map(|_| {
-            let mut s = TcpStream::connect(d.addr).expect("connect");
-            s.write_all(busy_head.as_bytes()).unwrap();
-            s
-        })
-        .collect()
+    let mut busy = Vec::with_capacity(cap);
+    let mut replaced = 0;
+    while busy.len() < cap {
+        assert!(
+            replaced < cap,
+            "{replaced} connections were closed before their head was read"
+        );
+        let mut s = TcpStream::connect(d.addr).expect("connect");
+        s.write_all(busy_head.as_bytes()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 25];
+        match s.read_exact(&mut b) {
+            Ok(()) if b.starts_with(b"HTTP/1.1 100 Continue") => busy.push(s),
+            Ok(()) => panic!("not a 100 Continue: {:?}", String::from_utf8_lossy(&b)),
+            Err(_) => replaced += 1,
+        }
+    }
+    busy
 }
 
 /// Opens `n` connections that each send a whole `GET /healthz` while every slot is busy (see
