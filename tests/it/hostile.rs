@@ -329,7 +329,7 @@ fn half_open_connections_far_beyond_the_cap_do_not_stop_healthz() {
     let mut flood = Vec::with_capacity(FLOOD);
     let opening = Instant::now();
     // Connects that waited for a SYN retransmission: the kernel dropped the first SYN
-    // because the listen backlog was full (it was 128 once; see `daemon::bind`).
+    // because the listen backlog was full (it was 128 once; see `http::bind`).
     let mut retried = vec![];
     for i in 0..FLOOD {
         let connecting = Instant::now();
