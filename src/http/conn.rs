@@ -488,16 +488,6 @@ impl Registry {
         }
     }
 
-    /// Whether a connection waits for its first read (after which, if it sent no complete
-    /// head, it could be closed to make room).
-    pub fn has_unread(&self) -> bool {
-        self.conns.lock().is_ok_and(|m| {
-            m.values().any(|e| {
-                !e.activity.looked.load(Ordering::SeqCst) && e.activity.is_between_requests()
-            })
-        })
-    }
-
     /// Asks the oldest idle connection to close: one that is between requests and has been
     /// open [`MIN_IDLE_AGE`] once its first read was tried, or [`FIRST_READ_GRACE`] if that
     /// read has not been tried yet. A client that just connected has usually written its
@@ -512,6 +502,7 @@ impl Registry {
         };
         let mut victim: Option<(u64, Instant)> = None;
         let mut soonest: Option<Duration> = None;
+        let mut unread = false;
         for (id, e) in m.iter() {
             if !e.activity.is_between_requests() {
                 continue;
@@ -519,6 +510,7 @@ impl Registry {
             let needed = if e.activity.looked.load(Ordering::SeqCst) {
                 MIN_IDLE_AGE
             } else {
+                unread = true;
                 FIRST_READ_GRACE
             };
             let age = now.saturating_duration_since(e.opened);
@@ -537,7 +529,10 @@ impl Registry {
                 e.evict.notify_one();
                 Eviction::Evicted
             }
-            None => soonest.map_or(Eviction::Nothing, Eviction::NotYet),
+            None => soonest.map_or(Eviction::Nothing, |after| Eviction::NotYet {
+                after,
+                unread,
+            }),
         }
     }
 }
@@ -547,8 +542,14 @@ impl Registry {
 pub enum Eviction {
     /// A connection was asked to close.
     Evicted,
-    /// None is idle long enough yet; the first will be after this long.
-    NotYet(Duration),
+    /// None is idle long enough yet.
+    NotYet {
+        /// When the first will be.
+        after: Duration,
+        /// Whether one of them waits for its first read (after which, if it sent no
+        /// complete head, it may be closed sooner).
+        unread: bool,
+    },
     /// None is idle.
     Nothing,
 }
@@ -699,7 +700,10 @@ mod tests {
         let r = Arc::new(Registry::default());
         let n = r.register(idle());
         let now = Instant::now();
-        assert!(matches!(r.evict_oldest_idle(now), Eviction::NotYet(d) if d <= FIRST_READ_GRACE));
+        assert!(matches!(
+            r.evict_oldest_idle(now),
+            Eviction::NotYet { after, unread: true } if after <= FIRST_READ_GRACE
+        ));
         assert!(!futures_ready(&n.evict));
         assert!(evicts(&r, now + FIRST_READ_GRACE));
     }
@@ -716,12 +720,22 @@ mod tests {
         let silent = Arc::new(Activity::default());
         let _reg = r.register(silent.clone());
         let mut io = StrictIo::new(server, silent.clone());
-        assert!(!evicts(&r, now + MIN_IDLE_AGE), "unread");
-        assert!(r.has_unread());
+        assert!(
+            matches!(
+                r.evict_oldest_idle(now + MIN_IDLE_AGE),
+                Eviction::NotYet { unread: true, .. }
+            ),
+            "unread"
+        );
         let read = tokio::time::timeout(std::time::Duration::from_millis(50), io.read_first_head());
         assert!(read.await.is_err(), "nothing to read");
-        assert!(!r.has_unread());
-        assert!(!evicts(&r, now), "read, silent, young");
+        assert!(
+            matches!(
+                r.evict_oldest_idle(now),
+                Eviction::NotYet { unread: false, .. }
+            ),
+            "read, silent, young"
+        );
         assert!(evicts(&r, Instant::now() + MIN_IDLE_AGE), "read, silent");
         // Its request already waiting: read whole, and busy, never evictable.
         let (mut client, server) = tokio::io::duplex(1024);

@@ -337,20 +337,17 @@ enum Room {
 /// of pausing: with builds holding all but one descriptor, pausing let only ~3 queued
 /// connections through a second.
 fn make_room(registry: &conn::Registry, unread_yields: &mut u32) -> Room {
-    let eviction = registry.evict_oldest_idle(std::time::Instant::now());
-    if eviction == conn::Eviction::Evicted {
-        *unread_yields = 0;
-        return Room::Made;
-    }
-    if registry.has_unread() && *unread_yields < MAX_UNREAD_YIELDS {
-        *unread_yields += 1;
-        return Room::Yield;
-    }
+    let room = match registry.evict_oldest_idle(std::time::Instant::now()) {
+        conn::Eviction::Evicted => Room::Made,
+        conn::Eviction::NotYet { unread: true, .. } if *unread_yields < MAX_UNREAD_YIELDS => {
+            *unread_yields += 1;
+            return Room::Yield;
+        }
+        conn::Eviction::NotYet { after, .. } => Room::Wait(after),
+        conn::Eviction::Nothing => Room::None,
+    };
     *unread_yields = 0;
-    match eviction {
-        conn::Eviction::NotYet(d) => Room::Wait(d),
-        _ => Room::None,
-    }
+    room
 }
 
 /// What the task of each accepted connection needs.
