@@ -214,20 +214,21 @@ pub async fn serve(
         // connection is in the middle of a request, newcomers wait in the backlog until one
         // finishes (checked again on every close, and every 100 ms).
         while registry.open() >= state.max_connections {
-            let mut pause = Duration::from_millis(100);
+            let mut pause = ACCEPT_PAUSE;
             if !registry.is_closing() {
-                match make_room(&registry, &mut unread_yields) {
+                let room = make_room(&registry, &mut unread_yields);
+                match room {
                     Room::Yield => {
                         tokio::task::yield_now().await;
                         continue;
                     }
-                    Room::Made => {}
-                    Room::Wait(d) => pause = pause.min(d),
                     Room::None => tracing::debug!(
                         "all {} connection slots are busy; new connections wait",
                         state.max_connections
                     ),
+                    Room::Made | Room::Wait(_) => {}
                 }
+                pause = room.pause();
             }
             tokio::select! {
                 _ = registry.wait_closed() => {}
@@ -248,15 +249,12 @@ pub async fn serve(
                             tracing::warn!("accept failed: {e}; closing idle connections, else pausing accepts for 100 ms at a time");
                             last_accept_warning = Some(tokio::time::Instant::now());
                         }
-                        let (evicted, pause) = match make_room(&registry, &mut unread_yields) {
-                            Room::Yield => {
-                                tokio::task::yield_now().await;
-                                continue;
-                            }
-                            Room::Made => (true, Duration::from_millis(100)),
-                            Room::Wait(d) => (false, d.min(Duration::from_millis(100))),
-                            Room::None => (false, Duration::from_millis(100)),
-                        };
+                        let room = make_room(&registry, &mut unread_yields);
+                        if let Room::Yield = room {
+                            tokio::task::yield_now().await;
+                            continue;
+                        }
+                        let evicted = matches!(room, Room::Made);
                         // Until the evicted socket is really closed: a wake-up left by an
                         // earlier close must not send the loop back to a failing accept.
                         let open = registry.open();
@@ -267,7 +265,7 @@ pub async fn serve(
                         };
                         tokio::select! {
                             _ = closed, if evicted => {}
-                            _ = tokio::time::sleep(pause) => {}
+                            _ = tokio::time::sleep(room.pause()) => {}
                         }
                     }
                     continue;
@@ -329,6 +327,21 @@ enum Room {
     /// Found none to close.
     None,
 }
+
+impl Room {
+    /// How long the accept loop may wait before it looks again (it wakes sooner when a
+    /// connection closes).
+    fn pause(&self) -> Duration {
+        match self {
+            Room::Wait(d) => (*d).min(ACCEPT_PAUSE),
+            Room::Made | Room::Yield | Room::None => ACCEPT_PAUSE,
+        }
+    }
+}
+
+/// The accept loop's longest pause while it cannot accept (at the cap, or out of
+/// descriptors).
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
 /// Makes room for a new connection (at the cap, or out of descriptors) by closing the oldest
 /// idle connection (see [`conn::Registry::evict_oldest_idle`]). A connection just accepted
