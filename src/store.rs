@@ -719,9 +719,8 @@ impl Store {
             return Err(failed_earlier());
         }
         self.write_fired()?;
-        let db = &self.inner.db;
-        let r = self.inner.gate.flush(|| db.flush());
-        self.check(r.map(|_| ()).map_err(StoreError::from))
+        let i = &self.inner;
+        flush_through_the_gate(&i.db, &i.gate, &i.failed)
     }
 
     /// Stops the flush thread (after a final flush). Later `durable` calls fail.
@@ -1459,6 +1458,23 @@ fn write_fired(hooks: &sled::Tree, fired: &Mutex<Fired>) -> Result<(), StoreErro
     Ok(())
 }
 
+/// Flushes `db` once no transaction of ours is inside sled (see `# Hangs`); a failure marks
+/// the store failed. The flush thread and the stop's last flush both go through here.
+fn flush_through_the_gate(
+    db: &sled::Db,
+    gate: &FlushGate,
+    failed: &tokio::sync::watch::Sender<bool>,
+) -> Result<(), StoreError> {
+    let r = gate
+        .flush(|| db.flush())
+        .map(|_| ())
+        .map_err(StoreError::from);
+    if r.is_err() {
+        fail(failed, gate);
+    }
+    r
+}
+
 /// Marks the store failed, and turns away the transactions waiting at the gate.
 fn fail(failed: &tokio::sync::watch::Sender<bool>, gate: &FlushGate) {
     failed.send_replace(true);
@@ -1623,13 +1639,7 @@ fn flusher(
         while let Ok(w) = rx.try_recv() {
             waiters.push(w);
         }
-        let r = gate
-            .flush(|| db.flush())
-            .map(|_| ())
-            .map_err(StoreError::from);
-        if r.is_err() {
-            fail(&failed, &gate);
-        }
+        let r = flush_through_the_gate(&db, &gate, &failed);
         for w in waiters {
             let _ = w.send(r.clone());
         }
